@@ -1,6 +1,7 @@
-//! The `sidemesh` command: one binary for every part of the mesh.
+//! The `sidemesh` command: one binary for every part of the mesh. Thin: parse flags, set up
+//! logging and the runtime, hand over to the part's crate.
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -9,8 +10,25 @@ use clap::{Parser, Subcommand};
     about = "A service mesh modelled on Rainbond's plugin system"
 )]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        env = "SIDEMESH_LOG_FORMAT",
+        default_value = "human"
+    )]
+    log_format: LogFormat,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long, global = true, env = "SIDEMESH_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -27,9 +45,35 @@ struct CheckArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let registry = prometheus::Registry::new();
+    let runtime = runtime(cli.worker_threads)?;
+    let _ = (&registry, &runtime);
     match cli.command {
         Command::Check(args) => check(&args),
     }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all();
+    if let Some(n) = worker_threads {
+        anyhow::ensure!(n >= 1, "--worker-threads must be at least 1");
+        b.worker_threads(n);
+    }
+    Ok(b.build()?)
 }
 
 fn check(args: &CheckArgs) -> anyhow::Result<()> {
