@@ -5,10 +5,19 @@
 //! - [`render`]: the pure function from cluster state to one sidecar's config.
 //! - [`registry`]: the TTL registry of self-announced instances.
 //! - [`statefile`]: the YAML state file source and its watcher.
+//! - [`server`]: [`Discover`], the service other parts host in-process, and its HTTP API.
+//! - [`rainbond`]: the Rainbond plugin-config shape of a config.
+//! - [`metrics`]: the `sidemesh_discover_*` metrics.
 //! - [`addresses`]: the stable loopback address of each service.
 
 pub mod addresses;
+pub mod cli;
+pub mod metrics;
+pub mod rainbond;
 pub mod registry;
 pub mod render;
+pub mod server;
 pub mod statefile;
 pub mod store;
+
+pub use server::{Discover, Options, Serving};

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sidemesh_api::state::ClusterState;
 use sidemesh_api::{SidecarConfig, ValidationError};
@@ -30,20 +31,23 @@ pub struct Sidecar {
     /// The config (with `version` set).
     pub config: SidecarConfig,
     /// The config as JSON, as served.
-    pub json: Vec<u8>,
-    gzip: OnceLock<Vec<u8>>,
+    pub json: Bytes,
+    gzip: OnceLock<Bytes>,
 }
 
 impl Sidecar {
     /// The JSON, gzip-compressed (computed once, on first use).
-    pub fn gzip(&self) -> &[u8] {
-        self.gzip.get_or_init(|| {
-            use std::io::Write;
-            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            // Writing to a Vec cannot fail.
-            let _ = enc.write_all(&self.json);
-            enc.finish().unwrap_or_default()
-        })
+    pub fn gzip(&self) -> Bytes {
+        self.gzip
+            .get_or_init(|| {
+                use std::io::Write;
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                // Writing to a Vec cannot fail.
+                let _ = enc.write_all(&self.json);
+                Bytes::from(enc.finish().unwrap_or_default())
+            })
+            .clone()
     }
 }
 
@@ -297,7 +301,7 @@ impl Store {
                 Some(s) => s,
                 None => {
                     config.version = version;
-                    let json = serde_json::to_vec(&config).unwrap_or_default();
+                    let json = Bytes::from(serde_json::to_vec(&config).unwrap_or_default());
                     changes.changed.push(key.clone());
                     Arc::new(Sidecar {
                         version,
@@ -408,7 +412,8 @@ mod tests {
         let sidecar = st.sidecar(&key("demo", "web")).unwrap();
         let parsed = sidemesh_api::Snapshot::from_json(&sidecar.json).unwrap();
         assert_eq!(parsed.version(), web3);
-        let mut gz = flate2::read::GzDecoder::new(sidecar.gzip());
+        let gzipped = sidecar.gzip();
+        let mut gz = flate2::read::GzDecoder::new(&gzipped[..]);
         let mut back = Vec::new();
         std::io::Read::read_to_end(&mut gz, &mut back).unwrap();
         assert_eq!(back, sidecar.json);

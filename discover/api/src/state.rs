@@ -516,6 +516,14 @@ mod tests {
         assert!(s.services[0].allow_clients.is_none());
         assert!(s.check().is_ok());
         assert!(s.service("demo", "web").is_some());
+        // An absent policy means the same as an empty one.
+        let absent: Dependency =
+            serde_json::from_value(serde_json::json!({"service": "x"})).unwrap();
+        let empty: Dependency = serde_json::from_value(
+            serde_json::json!({"service": "x", "balancer": {}, "timeouts": {}, "retry": {}}),
+        )
+        .unwrap();
+        assert_eq!(absent, empty);
         assert!(s.service("demo", "nope").is_none());
     }
 
