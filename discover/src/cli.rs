@@ -108,7 +108,7 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
     shutdown_signal().await;
     tracing::info!("discover stopping");
     serving.task.abort();
-    discover.save_now();
+    discover.stop();
     Ok(())
 }
 

@@ -82,6 +82,7 @@ struct Shared {
     ready: AtomicBool,
     save: Notify,
     background: AtomicBool,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl std::fmt::Debug for Discover {
@@ -142,6 +143,7 @@ impl Discover {
                 ready: AtomicBool::new(false),
                 save: Notify::new(),
                 background: AtomicBool::new(false),
+                tasks: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -270,7 +272,7 @@ impl Discover {
         }
         // Registry expiry: an instance that misses its TTL leaves within one interval.
         let d = self.clone();
-        tokio::spawn(async move {
+        let expiry = tokio::spawn(async move {
             let mut tick = tokio::time::interval(d.shared.opts.expiry_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -280,10 +282,11 @@ impl Discover {
                 }
             }
         });
+        lock(&self.shared.tasks).push(expiry.abort_handle());
         // Versions and addresses: saved after changes, coalesced.
         if let Some(dir) = self.shared.opts.data_dir.clone() {
             let d = self.clone();
-            tokio::spawn(async move {
+            let saver = tokio::spawn(async move {
                 loop {
                     d.shared.save.notified().await;
                     let mut p = lock(&d.shared.store).persisted();
@@ -297,7 +300,17 @@ impl Discover {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             });
+            lock(&self.shared.tasks).push(saver.abort_handle());
         }
+    }
+
+    /// Stops the background tasks (registry expiry, saving) and saves everything now. The
+    /// caller aborts its [`Serving`] tasks.
+    pub fn stop(&self) {
+        for t in lock(&self.shared.tasks).drain(..) {
+            t.abort();
+        }
+        self.save_now();
     }
 
     /// Saves versions, addresses and the registry to the data directory now (at shutdown).
