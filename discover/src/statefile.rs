@@ -69,6 +69,15 @@ fn join(errors: &[ValidationError]) -> String {
 /// Parses and validates state file text.
 pub fn parse(file: &Path, text: &str) -> Result<ClusterState, StateFileError> {
     let name = file.display().to_string();
+    if text.trim().is_empty() {
+        // Almost always a file caught mid-write; dropping every service would be worse.
+        return Err(StateFileError::Parse {
+            file: name,
+            line: 0,
+            column: 0,
+            message: "the file is empty; write `services: []` for an empty state".to_owned(),
+        });
+    }
     let state: ClusterState = match serde_norway::from_str(text) {
         Ok(s) => s,
         Err(direct) => {
@@ -87,6 +96,11 @@ pub fn parse(file: &Path, text: &str) -> Result<ClusterState, StateFileError> {
                         .map(|l| (l.line(), l.column()))
                         .unwrap_or((0, 0));
                     let direct_message = direct.to_string();
+                    // The place leads the line already; do not say it twice.
+                    let direct_message = direct_message
+                        .strip_suffix(&format!(" at line {line} column {column}"))
+                        .map(str::to_owned)
+                        .unwrap_or(direct_message);
                     let message = if direct_message.contains("expected a YAML tag") {
                         json_message
                     } else {
@@ -268,10 +282,21 @@ pub fn watch(
                 _ = tick.tick() => false,
                 m = rx.recv() => m.is_some(),
             };
-            let now = stamp(&file);
+            let mut now = stamp(&file);
             if !notified && now == last_stamp {
                 continue;
             }
+            // Let a writer finish: wait until the file holds still for 50 ms (at most
+            // 500 ms), so a file being rewritten in place is not read half-written.
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let later = stamp(&file);
+                if later == now {
+                    break;
+                }
+                now = later;
+            }
+            while rx.try_recv().is_ok() {} // events of the write just waited out
             last_stamp = now;
             let f = file.clone();
             let read = tokio::task::spawn_blocking(move || {
@@ -327,6 +352,28 @@ mod tests {
         assert!(line.starts_with("s.yaml:4:"), "{line}");
         assert!(line.contains("prots"), "{line}");
         assert!(line.contains("services[0]"), "{line}");
+    }
+
+    #[test]
+    fn empty_files_are_rejected_and_json_style_enums_accepted() {
+        assert!(parse(Path::new("s.yaml"), " \n").is_err());
+        assert!(
+            parse(Path::new("s.yaml"), "services: []")
+                .unwrap()
+                .services
+                .is_empty()
+        );
+        // Both the YAML tag and the JSON map form of an enum.
+        for path in ["!prefix /api", "{prefix: /api}"] {
+            let text = format!(
+                "services:\n- {{namespace: a, name: b, use_services: [{{service: c, routes: [{{name: r, match: {{path: {path}}}}}]}}]}}\n- {{namespace: a, name: c, ports: [{{port: 1}}]}}\n"
+            );
+            parse(Path::new("s.yaml"), &text).unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
+        // With the map form, an unknown field elsewhere is still named.
+        let text = "services:\n- {namespace: a, name: b, colour: x, use_services: [{service: c, routes: [{name: r, match: {path: {prefix: /a}}}]}]}\n";
+        let e = parse(Path::new("s.yaml"), text).unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
     }
 
     #[test]
