@@ -10,7 +10,7 @@
 //!
 //! No I/O and no clock here: time is passed in, so every rule is a plain unit test.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, OnceLock};
 
@@ -113,6 +113,8 @@ pub struct Store {
     max_version: u64,
     sidecars: HashMap<SidecarKey, Arc<Sidecar>>,
     services: Vec<ServiceSummary>,
+    /// The merged state of the last rebuild, to find what the next one must re-render.
+    previous: Option<ClusterState>,
 }
 
 impl Store {
@@ -253,12 +255,22 @@ impl Store {
                 .map(|s| (s.namespace.as_str(), s.name.as_str())),
         );
         let cluster = Cluster::new(&merged);
+        let affected = self.affected(&merged);
         let mut changes = Changes::default();
         let mut next: HashMap<SidecarKey, Arc<Sidecar>> =
             HashMap::with_capacity(self.sidecars.len());
         let mut keys: Vec<SidecarKey> = cluster.sidecars().collect();
         keys.sort();
         for key in keys {
+            // A sidecar none of whose inputs changed keeps its config as it is.
+            if let Some(affected) = &affected {
+                if !affected.contains(&(key.namespace.as_str(), key.service.as_str())) {
+                    if let Some(s) = self.sidecars.get(&key) {
+                        next.insert(key, s.clone());
+                        continue;
+                    }
+                }
+            }
             let rendered = match cluster.render(&key, &self.addresses) {
                 Ok(r) => r,
                 Err(e) => {
@@ -280,7 +292,8 @@ impl Store {
                     .or_insert(rendered.dropped);
             }
             let mut config = rendered.config;
-            let hash = fnv1a(&serde_json::to_vec(&config).unwrap_or_default());
+            let unversioned = serde_json::to_vec(&config).unwrap_or_default();
+            let hash = fnv1a(&unversioned);
             let name = key.to_string();
             let version = match self.versions.get(&name) {
                 Some(r) if r.hash == hash => r.version,
@@ -301,7 +314,7 @@ impl Store {
                 Some(s) => s,
                 None => {
                     config.version = version;
-                    let json = Bytes::from(serde_json::to_vec(&config).unwrap_or_default());
+                    let json = Bytes::from(with_version(unversioned, version, &config));
                     changes.changed.push(key.clone());
                     Arc::new(Sidecar {
                         version,
@@ -357,7 +370,79 @@ impl Store {
         }
         self.services = services;
         self.sidecars = next;
+        self.previous = Some(merged);
         changes
+    }
+
+    /// The services whose sidecars must be re-rendered after `merged` replaces the previous
+    /// state: those that changed, appeared or went, and those that use one of them (a
+    /// dependency or a route backend). `None` means all (first build, DNS or plugins
+    /// changed).
+    fn affected<'a>(&self, merged: &'a ClusterState) -> Option<HashSet<(&'a str, &'a str)>> {
+        let previous = self.previous.as_ref()?;
+        if previous.dns != merged.dns || previous.plugins != merged.plugins {
+            return None;
+        }
+        let index = |state: &ClusterState| {
+            let mut by_key: HashMap<(String, String), usize> = HashMap::new();
+            for (i, s) in state.services.iter().enumerate() {
+                by_key
+                    .entry((s.namespace.clone(), s.name.clone()))
+                    .or_insert(i);
+            }
+            by_key
+        };
+        let before = index(previous);
+        let after = index(merged);
+        let mut changed: HashSet<(String, String)> = HashSet::new();
+        for (key, &i) in &after {
+            let same = before
+                .get(key)
+                .is_some_and(|&j| previous.services[j] == merged.services[i]);
+            if !same {
+                changed.insert(key.clone());
+            }
+        }
+        for key in before.keys() {
+            if !after.contains_key(key) {
+                changed.insert(key.clone());
+            }
+        }
+        let mut affected = HashSet::new();
+        for s in &merged.services {
+            let key = (s.namespace.as_str(), s.name.as_str());
+            let touches =
+                |ns: &str, name: &str| changed.contains(&(ns.to_owned(), name.to_owned()));
+            let uses_changed = s.use_services.iter().any(|d| {
+                let (ns, name) = d.target(&s.namespace);
+                touches(ns, name)
+                    || d.routes.iter().flat_map(|r| &r.backends).any(|b| {
+                        b.service
+                            .as_deref()
+                            .and_then(|t| t.split_once('/'))
+                            .is_some_and(|(ns, name)| touches(ns, name))
+                    })
+            });
+            if uses_changed || touches(key.0, key.1) {
+                affected.insert(key);
+            }
+        }
+        Some(affected)
+    }
+}
+
+/// The served JSON: the unversioned JSON (`{"version":0,...`, version being the first
+/// field) with the version put in, without serializing the config a second time.
+fn with_version(unversioned: Vec<u8>, version: u64, config: &SidecarConfig) -> Vec<u8> {
+    const PREFIX: &[u8] = b"{\"version\":0,";
+    match unversioned.strip_prefix(PREFIX) {
+        Some(rest) => {
+            let mut out = Vec::with_capacity(unversioned.len() + 20);
+            out.extend_from_slice(format!("{{\"version\":{version},").as_bytes());
+            out.extend_from_slice(rest);
+            out
+        }
+        None => serde_json::to_vec(config).unwrap_or_default(),
     }
 }
 
@@ -466,6 +551,53 @@ mod tests {
         let web = st.sidecar(&key("demo", "web")).unwrap();
         assert_eq!(web.config.outbound[0].ports[0].endpoints.len(), 1);
         assert!(st.registry_delete(&k, 6_000).is_none());
+    }
+
+    #[test]
+    fn only_sidecars_whose_inputs_changed_are_rendered_again() {
+        let yaml = "services:
+- {namespace: demo, name: web, use_services: [{service: api}]}
+- {namespace: demo, name: canary, use_services: [{service: other, routes: [{name: r, backends: [{weight: 1}, {service: demo/api, weight: 1}]}]}]}
+- {namespace: demo, name: other, ports: [{port: 82}]}
+- {namespace: demo, name: api, ports: [{port: 80}], instances: [{address: 10.0.0.1}]}
+- {namespace: demo, name: lone, ports: [{port: 81}]}
+";
+        let mut st = Store::default();
+        st.set_source("file", state(yaml), 1);
+        let keep: Vec<Arc<Sidecar>> = ["lone", "other"]
+            .iter()
+            .map(|s| st.sidecar(&key("demo", s)).unwrap())
+            .collect();
+        let edited = state(&yaml.replace("10.0.0.1", "10.0.0.2"));
+        let mut m2 = edited.clone();
+        st.registry.merge_into(&mut m2);
+        let mut affected: Vec<_> = st.affected(&m2).unwrap().into_iter().collect();
+        affected.sort();
+        assert_eq!(
+            affected,
+            [("demo", "api"), ("demo", "canary"), ("demo", "web")]
+        );
+        let c = st.set_source("file", edited, 2);
+        let mut changed: Vec<&str> = c.changed.iter().map(|k| k.service.as_str()).collect();
+        changed.sort();
+        assert_eq!(changed, ["canary", "web"]);
+        // Untouched sidecars are the very same values.
+        assert!(Arc::ptr_eq(
+            &keep[0],
+            &st.sidecar(&key("demo", "lone")).unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            &keep[1],
+            &st.sidecar(&key("demo", "other")).unwrap()
+        ));
+        // The spliced JSON is what serializing the versioned config gives.
+        let web = st.sidecar(&key("demo", "web")).unwrap();
+        assert_eq!(web.json, serde_json::to_vec(&web.config).unwrap());
+        // DNS changes re-render everything.
+        let mut dns = state(yaml);
+        dns.dns.ttl_seconds = 9;
+        let c = st.set_source("file", dns, 3);
+        assert_eq!(c.changed.len(), 5);
     }
 
     #[test]
