@@ -248,14 +248,22 @@ impl Store {
     /// Re-renders every sidecar and assigns versions to changed configs.
     pub fn rebuild(&mut self, now_ms: u64) -> Changes {
         let merged = self.merged();
-        self.addresses.sync(
-            merged
-                .services
-                .iter()
-                .map(|s| (s.namespace.as_str(), s.name.as_str())),
-        );
+        let affected = affected(self.previous.as_ref(), &merged);
+        if !matches!(
+            affected,
+            Affected::Some {
+                set_changed: false,
+                ..
+            }
+        ) {
+            self.addresses.sync(
+                merged
+                    .services
+                    .iter()
+                    .map(|s| (s.namespace.as_str(), s.name.as_str())),
+            );
+        }
         let cluster = Cluster::new(&merged);
-        let affected = self.affected(&merged);
         let mut changes = Changes::default();
         let mut next: HashMap<SidecarKey, Arc<Sidecar>> =
             HashMap::with_capacity(self.sidecars.len());
@@ -263,12 +271,10 @@ impl Store {
         keys.sort();
         for key in keys {
             // A sidecar none of whose inputs changed keeps its config as it is.
-            if let Some(affected) = &affected {
-                if !affected.contains(&(key.namespace.as_str(), key.service.as_str())) {
-                    if let Some(s) = self.sidecars.get(&key) {
-                        next.insert(key, s.clone());
-                        continue;
-                    }
+            if !affected.contains(&key.namespace, &key.service) {
+                if let Some(s) = self.sidecars.get(&key) {
+                    next.insert(key, s.clone());
+                    continue;
                 }
             }
             let rendered = match cluster.render(&key, &self.addresses) {
@@ -331,18 +337,24 @@ impl Store {
                 changes.removed.push(key.clone());
             }
         }
-        // Forget records of sidecars that are gone; max_version still guards their return.
-        self.versions.retain(|k, _| {
-            let mut parts = k.splitn(3, '/');
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(namespace), Some(service), Some(plugin)) => next.contains_key(&SidecarKey {
-                    namespace: namespace.to_owned(),
-                    service: service.to_owned(),
-                    plugin: plugin.to_owned(),
-                }),
-                _ => false,
-            }
-        });
+        // Forget records of sidecars that are gone (max_version still guards their return);
+        // also, on the first build, records restored for sidecars that no longer exist.
+        let first = self.previous.is_none();
+        if first || !changes.removed.is_empty() {
+            self.versions.retain(|k, _| {
+                let mut parts = k.splitn(3, '/');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(namespace), Some(service), Some(plugin)) => {
+                        next.contains_key(&SidecarKey {
+                            namespace: namespace.to_owned(),
+                            service: service.to_owned(),
+                            plugin: plugin.to_owned(),
+                        })
+                    }
+                    _ => false,
+                }
+            });
+        }
         let mut services: Vec<ServiceSummary> = merged
             .services
             .iter()
@@ -373,61 +385,93 @@ impl Store {
         self.previous = Some(merged);
         changes
     }
+}
 
-    /// The services whose sidecars must be re-rendered after `merged` replaces the previous
-    /// state: those that changed, appeared or went, and those that use one of them (a
-    /// dependency or a route backend). `None` means all (first build, DNS or plugins
-    /// changed).
-    fn affected<'a>(&self, merged: &'a ClusterState) -> Option<HashSet<(&'a str, &'a str)>> {
-        let previous = self.previous.as_ref()?;
-        if previous.dns != merged.dns || previous.plugins != merged.plugins {
-            return None;
+/// What a new state changes, relative to the previous one.
+#[derive(Debug)]
+pub enum Affected<'a> {
+    /// Everything must be re-rendered (first build, DNS settings or plugins changed).
+    All,
+    /// Only these services' sidecars.
+    Some {
+        /// Services that changed, appeared, or use (directly or as a route backend) a
+        /// service that changed, appeared or went.
+        services: HashSet<(&'a str, &'a str)>,
+        /// Whether a service appeared or went (the address table must follow).
+        set_changed: bool,
+    },
+}
+
+impl Affected<'_> {
+    /// Whether the sidecars of `namespace/name` must be re-rendered.
+    pub fn contains(&self, namespace: &str, name: &str) -> bool {
+        match self {
+            Affected::All => true,
+            Affected::Some { services, .. } => services.contains(&(namespace, name)),
         }
-        let index = |state: &ClusterState| {
-            let mut by_key: HashMap<(String, String), usize> = HashMap::new();
-            for (i, s) in state.services.iter().enumerate() {
-                by_key
-                    .entry((s.namespace.clone(), s.name.clone()))
-                    .or_insert(i);
-            }
+    }
+}
+
+/// The services of `current` whose sidecars a change from `previous` may have changed.
+pub fn affected<'a>(previous: Option<&ClusterState>, current: &'a ClusterState) -> Affected<'a> {
+    let Some(previous) = previous else {
+        return Affected::All;
+    };
+    if previous.dns != current.dns || previous.plugins != current.plugins {
+        return Affected::All;
+    }
+    fn index(state: &ClusterState) -> HashMap<(&str, &str), usize> {
+        let mut by_key = HashMap::with_capacity(state.services.len());
+        for (i, s) in state.services.iter().enumerate() {
             by_key
+                .entry((s.namespace.as_str(), s.name.as_str()))
+                .or_insert(i);
+        }
+        by_key
+    }
+    let before = index(previous);
+    let after = index(current);
+    let mut changed: HashSet<(&str, &str)> = HashSet::new();
+    for (key, &i) in &after {
+        let same = before
+            .get(key)
+            .is_some_and(|&j| previous.services[j] == current.services[i]);
+        if !same {
+            changed.insert(*key);
+        }
+    }
+    let mut set_changed = after.keys().any(|k| !before.contains_key(k));
+    for key in before.keys() {
+        if !after.contains_key(key) {
+            changed.insert(*key);
+            set_changed = true;
+        }
+    }
+    let mut services = HashSet::new();
+    if changed.is_empty() {
+        return Affected::Some {
+            services,
+            set_changed,
         };
-        let before = index(previous);
-        let after = index(merged);
-        let mut changed: HashSet<(String, String)> = HashSet::new();
-        for (key, &i) in &after {
-            let same = before
-                .get(key)
-                .is_some_and(|&j| previous.services[j] == merged.services[i]);
-            if !same {
-                changed.insert(key.clone());
-            }
+    }
+    for s in &current.services {
+        let key = (s.namespace.as_str(), s.name.as_str());
+        let uses_changed = s.use_services.iter().any(|d| {
+            changed.contains(&d.target(&s.namespace))
+                || d.routes.iter().flat_map(|r| &r.backends).any(|b| {
+                    b.service
+                        .as_deref()
+                        .and_then(|t| t.split_once('/'))
+                        .is_some_and(|t| changed.contains(&t))
+                })
+        });
+        if uses_changed || changed.contains(&key) {
+            services.insert(key);
         }
-        for key in before.keys() {
-            if !after.contains_key(key) {
-                changed.insert(key.clone());
-            }
-        }
-        let mut affected = HashSet::new();
-        for s in &merged.services {
-            let key = (s.namespace.as_str(), s.name.as_str());
-            let touches =
-                |ns: &str, name: &str| changed.contains(&(ns.to_owned(), name.to_owned()));
-            let uses_changed = s.use_services.iter().any(|d| {
-                let (ns, name) = d.target(&s.namespace);
-                touches(ns, name)
-                    || d.routes.iter().flat_map(|r| &r.backends).any(|b| {
-                        b.service
-                            .as_deref()
-                            .and_then(|t| t.split_once('/'))
-                            .is_some_and(|(ns, name)| touches(ns, name))
-                    })
-            });
-            if uses_changed || touches(key.0, key.1) {
-                affected.insert(key);
-            }
-        }
-        Some(affected)
+    }
+    Affected::Some {
+        services,
+        set_changed,
     }
 }
 
@@ -571,7 +615,15 @@ mod tests {
         let edited = state(&yaml.replace("10.0.0.1", "10.0.0.2"));
         let mut m2 = edited.clone();
         st.registry.merge_into(&mut m2);
-        let mut affected: Vec<_> = st.affected(&m2).unwrap().into_iter().collect();
+        let Affected::Some {
+            services,
+            set_changed,
+        } = affected(st.previous.as_ref(), &m2)
+        else {
+            panic!("expected some");
+        };
+        assert!(!set_changed);
+        let mut affected: Vec<_> = services.into_iter().collect();
         affected.sort();
         assert_eq!(
             affected,
