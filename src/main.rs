@@ -35,6 +35,8 @@ enum LogFormat {
 enum Command {
     /// Validate a sidecar config (JSON, as discover serves it) and print what is wrong.
     Check(CheckArgs),
+    /// Run the DNS shim on its own: mesh names answered locally, the rest forwarded.
+    Dns(Box<sidemesh_dns::cli::Args>),
 }
 
 #[derive(clap::Args)]
@@ -51,6 +53,7 @@ fn main() -> anyhow::Result<()> {
     let _ = (&registry, &runtime);
     match cli.command {
         Command::Check(args) => check(&args),
+        Command::Dns(args) => runtime.block_on(sidemesh_dns::cli::run(*args, registry)),
     }
 }
 
