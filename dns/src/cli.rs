@@ -124,7 +124,7 @@ impl Args {
 /// the discover crate, so the `sidemesh` binary renders it and calls [`serve`].)
 pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<()> {
     let snapshots = if let Some(path) = &args.config {
-        watch_config_file(path.clone()).await?
+        watch_config_file(path.clone(), &registry).await?
     } else if args.discover_url.is_some() {
         anyhow::bail!("--discover-url is not available in this build yet; use --config FILE")
     } else if args.state.is_some() {
@@ -189,7 +189,16 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 
 /// Reads `path` now (it must hold a valid config) and then every [`CONFIG_POLL`]; a new
 /// valid config is published, an invalid one is reported and the last good one stays.
-pub async fn watch_config_file(path: PathBuf) -> anyhow::Result<watch::Receiver<Option<Snapshot>>> {
+/// Rejected versions are counted in `sidemesh_dns_config_rejected_total`.
+pub async fn watch_config_file(
+    path: PathBuf,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<watch::Receiver<Option<Snapshot>>> {
+    let rejected = prometheus::IntCounter::new(
+        "sidemesh_dns_config_rejected_total",
+        "Config file contents rejected as invalid (the last good config stays).",
+    )?;
+    registry.register(Box::new(rejected.clone()))?;
     let bytes = read_capped(&path).await?;
     let first = Snapshot::from_json(&bytes)
         .with_context(|| format!("invalid config in {}", path.display()))?;
@@ -220,6 +229,7 @@ pub async fn watch_config_file(path: PathBuf) -> anyhow::Result<watch::Receiver<
                 }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "config rejected, keeping the last good one");
+                    rejected.inc();
                     last = bytes;
                 }
             }
