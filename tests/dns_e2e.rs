@@ -2,6 +2,9 @@
 //! (package bind9-dnsutils, installed by scripts/test.sh), fed by a config file that the
 //! test rewrites, forwarding to a tiny fake upstream on loopback.
 
+// Test helpers (here and in tests/common) are test code; clippy.toml only covers #[test] fns.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};
