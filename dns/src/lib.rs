@@ -21,6 +21,8 @@
 pub mod cache;
 pub mod cli;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handler;
 pub mod metrics;
 pub mod resolv;
