@@ -177,7 +177,7 @@ fn dig_resolves_mesh_names_follows_config_and_forwards_the_rest() {
     let metrics_addr = sm.addr("metrics");
     let rejected = eventually(Duration::from_secs(10), || {
         get_metrics(&metrics_addr)
-            .contains("sidemesh_dns_config_rejected_total 1")
+            .contains("sidemesh_dns_config_rejected_total{reason=\"invalid\"} 1")
             .then_some(())
     });
     assert!(

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sidemesh_api::Snapshot;
+use sidemesh_api::client::{Client, ClientConfig};
 use sidemesh_api::snapshot::parse_upstream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -125,8 +126,14 @@ impl Args {
 pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<()> {
     let snapshots = if let Some(path) = &args.config {
         watch_config_file(path.clone(), &registry).await?
-    } else if args.discover_url.is_some() {
-        anyhow::bail!("--discover-url is not available in this build yet; use --config FILE")
+    } else if let Some(url) = &args.discover_url {
+        let mut cfg = ClientConfig::new(url.clone());
+        cfg.state_dir = args.state_dir.clone();
+        cfg.metrics_prefix = "sidemesh_dns".to_owned();
+        // Polls in its own task; until the first config (or the disk copy) arrives the
+        // table is empty and every name is forwarded.
+        let (rx, _poller) = Client::new(cfg, &registry)?.spawn();
+        rx
     } else if args.state.is_some() {
         anyhow::bail!("--state is handled by the sidemesh binary, not by sidemesh_dns::cli::run")
     } else {
@@ -189,16 +196,22 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 
 /// Reads `path` now (it must hold a valid config) and then every [`CONFIG_POLL`]; a new
 /// valid config is published, an invalid one is reported and the last good one stays.
-/// Rejected versions are counted in `sidemesh_dns_config_rejected_total`.
+/// Rejected contents are counted in `sidemesh_dns_config_rejected_total{reason="invalid"}`.
 pub async fn watch_config_file(
     path: PathBuf,
     registry: &prometheus::Registry,
 ) -> anyhow::Result<watch::Receiver<Option<Snapshot>>> {
-    let rejected = prometheus::IntCounter::new(
-        "sidemesh_dns_config_rejected_total",
-        "Config file contents rejected as invalid (the last good config stays).",
+    // Same name and label as the DISCOVER_URL client's counter with the `sidemesh_dns`
+    // prefix, so dashboards work with either source.
+    let rejected_vec = prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "sidemesh_dns_config_rejected_total",
+            "Configs received and not applied (the last good config stays).",
+        ),
+        &["reason"],
     )?;
-    registry.register(Box::new(rejected.clone()))?;
+    registry.register(Box::new(rejected_vec.clone()))?;
+    let rejected = rejected_vec.with_label_values(&["invalid"]);
     let bytes = read_capped(&path).await?;
     let first = Snapshot::from_json(&bytes)
         .with_context(|| format!("invalid config in {}", path.display()))?;
