@@ -37,6 +37,8 @@ enum Command {
     Check(CheckArgs),
     /// Serve sidecar configs (DISCOVER_URL) from a YAML state file and the TTL registry.
     Discover(sidemesh_discover::cli::Args),
+    /// Run the DNS shim on its own: mesh names answered locally, the rest forwarded.
+    Dns(Box<sidemesh_dns::cli::Args>),
 }
 
 #[derive(clap::Args)]
@@ -54,6 +56,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Check(args) => check(&args),
         Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
+        Command::Dns(args) => runtime.block_on(sidemesh_dns::cli::run(*args, registry)),
     }
 }
 
