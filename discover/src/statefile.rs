@@ -293,7 +293,7 @@ pub fn watch(
     file: PathBuf,
     last_hash: u64,
     last_good: ClusterState,
-    apply: impl Fn(ClusterState) + Send + 'static,
+    apply: impl Fn(ClusterState) + Send + Sync + 'static,
     rejected: impl Fn(&StateFileError) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     use notify::Watcher;
@@ -320,6 +320,7 @@ pub fn watch(
     };
     tokio::spawn(async move {
         let _watcher = watcher; // kept alive as long as the task
+        let apply = std::sync::Arc::new(apply);
         let mut last_hash = last_hash;
         let mut last_good = last_good;
         let mut last_stamp = stamp(&file);
@@ -371,21 +372,41 @@ pub fn watch(
                 continue;
             }
             last_hash = hash;
-            let parsed = match String::from_utf8(bytes) {
-                Ok(text) => parse_after(&file, &text, Some(&last_good)),
-                Err(e) => Err(StateFileError::Parse {
-                    file: file.display().to_string(),
-                    line: 0,
-                    column: 0,
-                    message: format!("not UTF-8: {e}"),
-                }),
-            };
-            match parsed {
-                Ok(state) => {
-                    last_good = state.clone();
-                    apply(state);
+            // Parsing a large file and re-rendering take a while: keep them off the
+            // async workers. The last good state moves in and comes back out.
+            let f = file.clone();
+            let apply = apply.clone();
+            let previous = std::mem::take(&mut last_good);
+            let outcome = tokio::task::spawn_blocking(move || {
+                let parsed = match String::from_utf8(bytes) {
+                    Ok(text) => parse_after(&f, &text, Some(&previous)),
+                    Err(e) => Err(StateFileError::Parse {
+                        file: f.display().to_string(),
+                        line: 0,
+                        column: 0,
+                        message: format!("not UTF-8: {e}"),
+                    }),
+                };
+                match parsed {
+                    Ok(state) => {
+                        apply(state.clone());
+                        (state, None)
+                    }
+                    Err(e) => (previous, Some(e)),
                 }
-                Err(e) => rejected(&e),
+            })
+            .await;
+            match outcome {
+                Ok((good, error)) => {
+                    last_good = good;
+                    if let Some(e) = error {
+                        rejected(&e);
+                    }
+                }
+                Err(e) => {
+                    // Only a panic gets here; the next edit is validated in full.
+                    tracing::error!(error = %e, "state file reload task failed");
+                }
             }
         }
     })
