@@ -9,12 +9,14 @@
 //! This crate knows nothing of Kubernetes or of the server; the proxy, the DNS shim, the
 //! controller and plugins all depend on it. The reference is `docs/discover-api.md`.
 
+#[cfg(feature = "client")]
 pub mod client;
 pub mod config;
 pub mod name;
 pub mod port;
 pub mod snapshot;
 
+#[cfg(feature = "client")]
 pub use client::{Client, ClientConfig, ClientError};
 pub use config::SidecarConfig;
 pub use port::{AppPort, OuterPort, ServicePort};
