@@ -35,6 +35,8 @@ enum LogFormat {
 enum Command {
     /// Validate a sidecar config (JSON, as discover serves it) and print what is wrong.
     Check(CheckArgs),
+    /// Serve sidecar configs (DISCOVER_URL) from a YAML state file and the TTL registry.
+    Discover(sidemesh_discover::cli::Args),
 }
 
 #[derive(clap::Args)]
@@ -51,6 +53,7 @@ fn main() -> anyhow::Result<()> {
     let _ = (&registry, &runtime);
     match cli.command {
         Command::Check(args) => check(&args),
+        Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
     }
 }
 

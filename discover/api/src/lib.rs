@@ -4,6 +4,7 @@
 //! - [`snapshot`]: validation of a whole config into an immutable, indexed [`Snapshot`].
 //! - [`name`]: the rules for names that become URL segments, file names or DNS labels.
 //! - [`port`]: newtypes that keep app ports, remapped ports and service ports apart.
+//! - [`state`]: the source-agnostic cluster-state model that discover renders configs from.
 //! - [`client`]: the polling loop that sidecars and plugins run against `DISCOVER_URL`.
 //!
 //! This crate knows nothing of Kubernetes or of the server; the proxy, the DNS shim, the
@@ -15,6 +16,7 @@ pub mod config;
 pub mod name;
 pub mod port;
 pub mod snapshot;
+pub mod state;
 
 #[cfg(feature = "client")]
 pub use client::{Client, ClientConfig, ClientError};
