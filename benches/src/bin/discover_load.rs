@@ -416,6 +416,16 @@ async fn main() -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
     let before_rounds = usage(pid, tps)?;
+    let me = std::process::id();
+    let clients_before = usage(me, tps)?;
+    let rebuild = |addr| {
+        (
+            discover_metric(addr, "sidemesh_discover_rebuild_duration_seconds_sum").unwrap_or(0.0),
+            discover_metric(addr, "sidemesh_discover_rebuild_duration_seconds_count")
+                .unwrap_or(0.0),
+        )
+    };
+    let rebuilds_before = rebuild(discover.addr);
 
     let mut all = Vec::new();
     for round in 1..=a.rounds {
@@ -467,6 +477,21 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let after = usage(pid, tps)?;
+    let rebuilds_after = rebuild(discover.addr);
+    let clients_after = usage(me, tps)?;
+    println!(
+        "clients (this process): CPU {:.2} s during the rounds, RSS {:.0} MiB",
+        clients_after.cpu_seconds - clients_before.cpu_seconds,
+        clients_after.rss_mib
+    );
+    let rebuilds = rebuilds_after.1 - rebuilds_before.1;
+    if rebuilds > 0.0 {
+        // Where the time goes: discover's own rebuild (render every sidecar) per change.
+        println!(
+            "discover: {rebuilds} rebuilds during the rounds, {:.0} ms each on average",
+            (rebuilds_after.0 - rebuilds_before.0) / rebuilds * 1000.0
+        );
+    }
     println!("{}", summary("all rounds", all.clone()));
     println!(
         "discover: RSS {:.0} MiB, HWM {:.0} MiB; CPU {:.2} s in all, {:.2} s during the {} rounds",
