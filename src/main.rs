@@ -35,6 +35,8 @@ enum LogFormat {
 enum Command {
     /// Validate a sidecar config (JSON, as discover serves it) and print what is wrong.
     Check(CheckArgs),
+    /// Run the sidecar: inbound and outbound proxying from the config at DISCOVER_URL.
+    Proxy(Box<sidemesh_proxy::cli::Args>),
 }
 
 #[derive(clap::Args)]
@@ -51,6 +53,7 @@ fn main() -> anyhow::Result<()> {
     let _ = (&registry, &runtime);
     match cli.command {
         Command::Check(args) => check(&args),
+        Command::Proxy(args) => runtime.block_on(sidemesh_proxy::cli::run(*args, registry)),
     }
 }
 

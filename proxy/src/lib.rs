@@ -17,7 +17,9 @@
 //! - [`admin`]: the admin server (`/ready`, `/live`, `/metrics`).
 //! - [`cli`]: the `sidemesh proxy` subcommand.
 
+pub mod admin;
 pub mod balance;
+pub mod cli;
 pub mod detect;
 pub mod http;
 pub mod metrics;
@@ -169,7 +171,17 @@ impl Proxy {
                         open = false;
                     }
                 }
-                _ = tick.tick() => self.update_health_gauges(),
+                _ = tick.tick() => {
+                    self.update_health_gauges();
+                    // Listeners that could not be bound are retried, so a port freed
+                    // later is picked up without a new config.
+                    let retry = self.applied.borrow().as_ref().is_some_and(|a| !a.failed.is_empty());
+                    if retry {
+                        if let Some(state) = self.shared.state.load_full() {
+                            self.bind_missing(&state, &mut listeners);
+                        }
+                    }
+                }
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -217,6 +229,21 @@ impl Proxy {
                 });
             }
         }
+        m.config_version.set(snap.version() as i64);
+        m.config_applies.inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        m.config_applied.set(now);
+        self.bind_missing(&state, listeners);
+        self.update_health_gauges();
+    }
+
+    /// Binds every listener of the current state that is not bound yet (new ones, and
+    /// those that failed before), then publishes what is bound.
+    fn bind_missing(&self, state: &State, listeners: &mut HashMap<SocketAddr, ListenerHandle>) {
+        let m = &self.shared.metrics;
         let mut failed = Vec::new();
         for (addr, target) in &state.listeners {
             if listeners.contains_key(addr) {
@@ -252,16 +279,9 @@ impl Proxy {
             let n = listeners.values().filter(|h| h.direction == d).count();
             m.listeners.with_label_values(&[d.as_str()]).set(n as i64);
         }
-        m.config_version.set(snap.version() as i64);
-        m.config_applies.inc();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        m.config_applied.set(now);
-        self.update_health_gauges();
+        let version = state.snapshot.version();
         tracing::info!(
-            version = snap.version(),
+            version,
             listeners = listeners.len(),
             failed = failed.len(),
             "config applied"
@@ -270,7 +290,7 @@ impl Proxy {
         listening.sort();
         failed.sort();
         self.applied.send_replace(Some(Applied {
-            version: snap.version(),
+            version,
             listening,
             failed,
         }));

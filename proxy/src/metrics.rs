@@ -78,17 +78,17 @@ impl Metrics {
         )?;
         registry.register(Box::new(request_duration.clone()))?;
         let config_version = IntGauge::new(
-            "sidemesh_proxy_config_version",
-            "Version of the config in use.",
+            "sidemesh_proxy_dataplane_config_version",
+            "Version of the config the data plane has applied.",
         )?;
         registry.register(Box::new(config_version.clone()))?;
         let config_applied = IntGauge::new(
-            "sidemesh_proxy_config_applied_timestamp_seconds",
-            "Unix time the config in use was applied.",
+            "sidemesh_proxy_dataplane_applied_timestamp_seconds",
+            "Unix time the data plane applied the config in use.",
         )?;
         registry.register(Box::new(config_applied.clone()))?;
         let config_applies = IntCounter::new(
-            "sidemesh_proxy_config_applies_total",
+            "sidemesh_proxy_dataplane_config_applies_total",
             "Configs applied since start.",
         )?;
         registry.register(Box::new(config_applies.clone()))?;
