@@ -88,8 +88,19 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
         let ctx = svc_ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    // Idle client connections are closed (gracefully: a request in flight finishes).
+    let idle_ms = ctx.target.service.timeouts.idle_ms;
+    let origin = Instant::now();
+    let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let io = crate::tcp::Timed::new(stream, last.clone(), origin);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
+    let idle = async {
+        match idle_ms {
+            0 => std::future::pending().await,
+            ms => crate::tcp::idle_watch(&last, origin, Duration::from_millis(ms)).await,
+        }
+    };
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
@@ -98,6 +109,9 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
             return;
         }
         _ = drain.soft.cancelled() => {}
+        _ = idle => {
+            ctx.shared.metrics.timeouts.with_label_values(&[&*ctx.target.service.label, "idle"]).inc();
+        }
     }
     conn.as_mut().graceful_shutdown();
     tokio::select! {

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod balance;
 pub mod cli;
 pub mod detect;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod resilience;
@@ -155,13 +156,22 @@ impl Proxy {
         let mut listeners: HashMap<SocketAddr, ListenerHandle> = HashMap::new();
         let mut current: Option<u64> = None;
         let mut open = true;
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(5),
+            Duration::from_secs(5),
+        );
+        let mut checks = CancellationToken::new();
         loop {
             let snap = snapshots.borrow_and_update().clone();
             if let Some(snap) = snap {
                 if current != Some(snap.version()) {
                     self.apply(&snap, &mut listeners);
                     current = Some(snap.version());
+                    checks.cancel();
+                    checks = CancellationToken::new();
+                    if let Some(state) = self.shared.state.load_full() {
+                        health::spawn(&state, &checks);
+                    }
                 }
             }
             tokio::select! {
@@ -185,6 +195,7 @@ impl Proxy {
                 _ = shutdown.cancelled() => break,
             }
         }
+        checks.cancel();
         let started = Instant::now();
         let drains: Vec<_> = listeners
             .drain()

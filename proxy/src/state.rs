@@ -14,7 +14,8 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use sidemesh_api::Snapshot;
 use sidemesh_api::config::{
-    BalancePolicy, HashOn, HeaderRewrite, Limits, OutlierDetection, Protocol, RetryPolicy, Timeouts,
+    BalancePolicy, HashOn, HeaderRewrite, HealthCheck, Limits, OutlierDetection, Protocol,
+    RetryPolicy, Timeouts,
 };
 use sidemesh_api::snapshot::RouteMatcher;
 
@@ -90,6 +91,8 @@ pub struct Service {
     pub outlier: Option<OutlierDetection>,
     /// What consistent hashing hashes on.
     pub hash_on: Option<HashOn>,
+    /// Active health checking.
+    pub health_check: Option<HealthCheck>,
     /// State shared across versions.
     pub shared: Arc<ServiceShared>,
     /// The pooled clients.
@@ -234,6 +237,7 @@ impl State {
                 limits: p.limits.clone(),
                 outlier: None,
                 hash_on: None,
+                health_check: None,
                 shared,
                 clients,
             });
@@ -281,6 +285,7 @@ impl State {
                 limits: s.limits.clone(),
                 outlier: s.outlier_detection.clone(),
                 hash_on: s.balancer.hash_on.clone(),
+                health_check: s.health_check.clone(),
                 shared,
                 clients,
             }));

@@ -130,19 +130,9 @@ where
             false
         }
         Some(idle) => {
-            let watchdog = async {
-                loop {
-                    let since = Duration::from_millis(last.load(Ordering::Relaxed));
-                    let deadline = origin + since + idle;
-                    if Instant::now() >= deadline {
-                        return;
-                    }
-                    tokio::time::sleep_until(deadline.into()).await;
-                }
-            };
             tokio::select! {
                 _ = copy => false,
-                _ = watchdog => true,
+                _ = idle_watch(&last, origin, idle) => true,
             }
         }
     };
@@ -151,6 +141,100 @@ where
         ba_count.load(Ordering::Relaxed),
         timed_out,
     )
+}
+
+/// Completes once `last` (milliseconds after `origin` of the latest activity) is more
+/// than `idle` in the past.
+pub(crate) async fn idle_watch(last: &AtomicU64, origin: Instant, idle: Duration) {
+    loop {
+        let since = Duration::from_millis(last.load(Ordering::Relaxed));
+        let deadline = origin + since + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// A stream that notes the time of its latest read or write, for idle timeouts.
+pub(crate) struct Timed<S> {
+    inner: S,
+    last: Arc<AtomicU64>,
+    origin: Instant,
+}
+
+impl<S> Timed<S> {
+    /// Wraps `inner`; activity is written to `last` as milliseconds after `origin`.
+    pub(crate) fn new(inner: S, last: Arc<AtomicU64>, origin: Instant) -> Timed<S> {
+        Timed {
+            inner,
+            last,
+            origin,
+        }
+    }
+
+    fn touch(&self) {
+        self.last
+            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Timed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 async fn one_way<R, W>(

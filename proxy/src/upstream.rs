@@ -88,42 +88,39 @@ impl Connector {
         addr: SocketAddr,
     ) -> Result<(TcpStream, Option<OwnedSemaphorePermit>), ConnectError> {
         let c = &self.inner.config;
-        let work = async {
-            let permit = match &self.inner.slots {
-                None => None,
-                Some(slots) => match slots.clone().try_acquire_owned() {
-                    Ok(p) => Some(p),
-                    Err(_) => {
-                        let waiting = self.inner.pending.fetch_add(1, Ordering::AcqRel);
-                        let _undo = PendingGuard(&self.inner.pending);
-                        if c.max_pending > 0 && waiting >= c.max_pending {
-                            return Err(ConnectError::Overloaded("max_pending_requests"));
-                        }
-                        let p = slots
-                            .clone()
-                            .acquire_owned()
-                            .await
-                            .map_err(|_| ConnectError::Overloaded("max_connections"))?;
-                        Some(p)
+        let permit = match &self.inner.slots {
+            None => None,
+            Some(slots) => match slots.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let waiting = self.inner.pending.fetch_add(1, Ordering::AcqRel);
+                    let _undo = PendingGuard(&self.inner.pending);
+                    if c.max_pending > 0 && waiting >= c.max_pending {
+                        return Err(ConnectError::Overloaded("max_pending_requests"));
                     }
-                },
-            };
-            let stream = TcpStream::connect(addr).await?;
-            // Small requests and responses must not wait for Nagle.
-            let _ = stream.set_nodelay(true);
-            Ok((stream, permit))
-        };
-        match c.connect_timeout {
-            None => work.await,
-            Some(t) => match tokio::time::timeout(t, work).await {
-                Ok(r) => r,
-                Err(_) if self.inner.pending.load(Ordering::Acquire) > 0 => {
-                    // We timed out waiting for a slot, not on the network.
-                    Err(ConnectError::Overloaded("max_connections"))
+                    // Waiting for a slot is bounded by the connect timeout too.
+                    let wait = slots.clone().acquire_owned();
+                    let p = match c.connect_timeout {
+                        None => wait.await.ok(),
+                        Some(t) => tokio::time::timeout(t, wait)
+                            .await
+                            .ok()
+                            .and_then(Result::ok),
+                    };
+                    Some(p.ok_or(ConnectError::Overloaded("max_connections"))?)
                 }
-                Err(_) => Err(ConnectError::Timeout),
             },
-        }
+        };
+        let connect = TcpStream::connect(addr);
+        let stream = match c.connect_timeout {
+            None => connect.await?,
+            Some(t) => tokio::time::timeout(t, connect)
+                .await
+                .map_err(|_| ConnectError::Timeout)??,
+        };
+        // Small requests and responses must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        Ok((stream, permit))
     }
 
     /// The idle timeout of pooled connections.
