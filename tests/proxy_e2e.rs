@@ -229,3 +229,54 @@ fn sigterm_turns_ready_503_drains_in_flight_and_exits_0() {
     let exit = p.terminate(WAIT).expect("exited after drain");
     assert!(exit.success(), "{exit:?}");
 }
+
+#[test]
+fn metrics_pass_promtool_check() {
+    let ip = loopback();
+    let (a, _) = backend(ip, "alpha", Duration::ZERO);
+    let svc = loopback();
+    let discover = fake_discover(config(1, svc, &[a]));
+    let p = start_proxy(&discover, &[]);
+    let admin = p.addr("admin");
+    assert!(
+        eventually(WAIT, || http_get(&admin, "/ready")
+            .ok()
+            .filter(|(s, _)| *s == 200))
+        .is_some()
+    );
+    for _ in 0..5 {
+        assert_eq!(http_get(&format!("{svc}:80"), "/").unwrap().0, 200);
+    }
+    let (status, metrics) = http_get(&admin, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for name in [
+        "sidemesh_proxy_requests_total",
+        "sidemesh_proxy_request_duration_seconds_bucket",
+        "sidemesh_proxy_tcp_connections_total",
+        "sidemesh_proxy_healthy_endpoints",
+        "sidemesh_proxy_config_version",
+        "sidemesh_proxy_discover_poll_errors_total",
+    ] {
+        assert!(metrics.contains(name), "missing {name}:\n{metrics}");
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/test.sh installs the Debian package prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
