@@ -37,6 +37,8 @@ enum Command {
     Check(CheckArgs),
     /// Run the sidecar: inbound and outbound proxying from the config at DISCOVER_URL.
     Proxy(Box<sidemesh_proxy::cli::Args>),
+    /// Serve sidecar configs (DISCOVER_URL) from a YAML state file and the TTL registry.
+    Discover(sidemesh_discover::cli::Args),
 }
 
 #[derive(clap::Args)]
@@ -54,6 +56,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Check(args) => check(&args),
         Command::Proxy(args) => runtime.block_on(sidemesh_proxy::cli::run(*args, registry)),
+        Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
     }
 }
 
