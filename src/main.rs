@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod up;
+
 #[derive(Parser)]
 #[command(
     name = "sidemesh",
@@ -37,6 +39,11 @@ enum Command {
     Check(CheckArgs),
     /// Run the sidecar: inbound and outbound proxying from the config at DISCOVER_URL.
     Proxy(Box<sidemesh_proxy::cli::Args>),
+    /// Run a whole mesh locally from a state file: discover, demo backends behind inbound
+    /// sidecars, and client sidecars; prints what to curl.
+    Up(up::Args),
+    /// A tiny HTTP server answering "hello from <name>", for demos and tests.
+    DemoBackend(sidemesh_proxy::demo::Args),
     /// Serve sidecar configs (DISCOVER_URL) from a YAML state file and the TTL registry.
     Discover(sidemesh_discover::cli::Args),
 }
@@ -56,6 +63,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Check(args) => check(&args),
         Command::Proxy(args) => runtime.block_on(sidemesh_proxy::cli::run(*args, registry)),
+        Command::Up(args) => runtime.block_on(up::run(args, registry)),
+        Command::DemoBackend(args) => runtime.block_on(sidemesh_proxy::demo::run(args)),
         Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
     }
 }

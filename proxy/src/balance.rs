@@ -88,11 +88,17 @@ impl EndpointStats {
         }
     }
 
-    /// The current peak-EWMA latency in nanoseconds (a default before the first sample).
+    /// The current peak-EWMA latency in nanoseconds. It decays while no sample comes, so
+    /// an endpoint that was slow once is tried again later; an endpoint never tried
+    /// costs nothing, so new endpoints get their first requests at once.
     pub fn rtt_ns(&self) -> f64 {
         match self.ewma.lock() {
-            Ok(e) if e.rtt_ns > 0.0 => e.rtt_ns,
-            _ => DEFAULT_RTT_NS,
+            Ok(e) if e.rtt_ns > 0.0 => {
+                let idle = e.at.elapsed().as_secs_f64();
+                e.rtt_ns * (-idle / EWMA_DECAY.as_secs_f64()).exp()
+            }
+            Ok(_) => 0.0,
+            Err(_) => DEFAULT_RTT_NS,
         }
     }
 

@@ -40,6 +40,9 @@ pub struct Args {
     /// The workload's address: inbound listeners bind `<this>:<port_outer>`.
     #[arg(long, env = "SIDEMESH_INBOUND_ADDRESS", default_value = "0.0.0.0")]
     pub inbound_address: IpAddr,
+    /// The address the app listens on; inbound traffic goes to `<this>:<port>`.
+    #[arg(long, env = "SIDEMESH_APP_ADDRESS", default_value = "127.0.0.1")]
+    pub app_address: IpAddr,
     /// How long discover may hold a long poll (`0s` polls once a second).
     #[arg(long, env = "SIDEMESH_DISCOVER_WAIT", default_value = "30s", value_parser = parse_duration)]
     pub discover_wait: Duration,
@@ -85,22 +88,41 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// Runs `sidemesh proxy`.
-pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<()> {
-    run_with(args, registry, Vec::new()).await
+/// A sidecar running in this process.
+pub struct Running {
+    /// The bound admin address.
+    pub admin: SocketAddr,
+    /// The configs the sidecar receives.
+    pub snapshots: watch::Receiver<Option<Snapshot>>,
+    /// What the data plane has applied.
+    pub applied: watch::Receiver<Option<crate::Applied>>,
+    draining: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
-/// Runs `sidemesh proxy` with extra in-process parts (the DNS shim).
-pub async fn run_with(
-    args: Args,
-    registry: prometheus::Registry,
-    sidecars: Vec<Sidecar>,
-) -> anyhow::Result<()> {
+impl Running {
+    /// Turns `/ready` to 503, stops accepting, drains (at most the drain timeout), stops.
+    pub async fn stop(self) {
+        self.draining.store(true, Ordering::Release);
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Completes when the sidecar has stopped (after [`Running::stop`] or a failure).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Starts a sidecar: the discover client, the data plane and the admin server. Its
+/// metrics go to `registry`, which its admin server serves.
+pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Result<Running> {
     let url = args
         .discover_url
         .clone()
         .filter(|u| !u.trim().is_empty())
-        .context("DISCOVER_URL is not set: give the URL of this sidecar's config (for example http://discover:8080/v1/sidecars/shop/web/sidemesh-proxy) in the DISCOVER_URL environment variable or --discover-url")?;
+        .context("DISCOVER_URL is not set: give the URL of this sidecar's config (for example http://discover:7070/v1/sidecars/shop/web/sidemesh-proxy) in the DISCOVER_URL environment variable or --discover-url")?;
     let client = Client::new(
         ClientConfig {
             url,
@@ -115,6 +137,7 @@ pub async fn run_with(
     let proxy = Proxy::new(
         ProxyConfig {
             inbound_address: args.inbound_address,
+            app_address: args.app_address,
             drain_timeout: args.drain_timeout,
             detect_timeout: args.detect_timeout,
             header_read_timeout: args.header_read_timeout,
@@ -124,62 +147,86 @@ pub async fn run_with(
         &registry,
     )
     .context("cannot register the proxy's metrics")?;
-
     let admin_listener = tokio::net::TcpListener::bind(args.admin)
         .await
         .with_context(|| format!("cannot bind the admin address {}", args.admin))?;
-    let admin_addr = admin_listener.local_addr()?;
-
+    let admin = admin_listener.local_addr()?;
     let (snapshots, poller) = client.spawn();
-    let mut fields = vec![("admin".to_owned(), admin_addr.to_string())];
-    for start in sidecars {
-        fields.extend(start(snapshots.clone()).await?);
-    }
-
     let draining = Arc::new(AtomicBool::new(false));
+    let applied = proxy.applied();
     let readiness = Readiness {
-        applied: proxy.applied(),
+        applied: applied.clone(),
         draining: draining.clone(),
     };
     let stop_admin = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
-        registry.clone(),
+        registry,
         readiness,
         stop_admin.clone(),
     ));
-
     let shutdown = CancellationToken::new();
-    let signals = tokio::spawn(wait_for_signal(shutdown.clone(), draining));
+    let (rx, stop) = (snapshots.clone(), shutdown.clone());
+    let task = tokio::spawn(async move {
+        proxy.run(rx, stop).await;
+        poller.abort();
+        stop_admin.cancel();
+        let _ = admin_task.await;
+    });
+    Ok(Running {
+        admin,
+        snapshots,
+        applied,
+        draining,
+        shutdown,
+        task,
+    })
+}
 
+/// Runs `sidemesh proxy`.
+pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<()> {
+    run_with(args, registry, Vec::new()).await
+}
+
+/// Runs `sidemesh proxy` with extra in-process parts (the DNS shim).
+pub async fn run_with(
+    args: Args,
+    registry: prometheus::Registry,
+    sidecars: Vec<Sidecar>,
+) -> anyhow::Result<()> {
+    let mut running = start(&args, registry).await?;
+    let mut fields = vec![("admin".to_owned(), running.admin.to_string())];
+    for start in sidecars {
+        fields.extend(start(running.snapshots.clone()).await?);
+    }
     println!("{}", ready_line("proxy", &fields));
-    tracing::info!(admin = %admin_addr, "sidecar started; waiting for config");
-
-    proxy.run(snapshots, shutdown).await;
+    tracing::info!(admin = %running.admin, "sidecar started; waiting for config");
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutdown signal: /ready now 503, draining");
+            running.stop().await;
+        }
+        _ = running.wait() => {}
+    }
     tracing::info!("drained; exiting");
-    poller.abort();
-    signals.abort();
-    stop_admin.cancel();
-    let _ = admin_task.await;
     Ok(())
 }
 
-async fn wait_for_signal(shutdown: CancellationToken, draining: Arc<AtomicBool>) {
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGTERM");
-            return;
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM; only SIGINT stops");
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
-    tracing::info!("shutdown signal: /ready now 503, draining");
-    draining.store(true, Ordering::Release);
-    shutdown.cancel();
 }
 
 /// The one JSON ready line: `{"ready":"<component>", "<name>":"<addr>", ...}`.

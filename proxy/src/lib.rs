@@ -15,11 +15,13 @@
 //! - [`health`]: active health checks.
 //! - [`metrics`]: the `sidemesh_proxy_*` metrics.
 //! - [`admin`]: the admin server (`/ready`, `/live`, `/metrics`).
-//! - [`cli`]: the `sidemesh proxy` subcommand.
+//! - [`cli`]: the `sidemesh proxy` subcommand (and in-process sidecars for `sidemesh up`).
+//! - [`demo`]: the demo backend of `sidemesh up`.
 
 pub mod admin;
 pub mod balance;
 pub mod cli;
+pub mod demo;
 pub mod detect;
 pub mod health;
 pub mod http;
@@ -52,6 +54,10 @@ use crate::state::{Cache, Direction, State};
 pub struct ProxyConfig {
     /// The address inbound listeners bind (the workload's address).
     pub inbound_address: IpAddr,
+    /// The address the app listens on; inbound traffic goes to `<this>:<port>`. It is
+    /// 127.0.0.1 in a pod; `sidemesh up` runs several apps on one host, each on its own
+    /// loopback address.
+    pub app_address: IpAddr,
     /// How long removed listeners and shutdown wait for connections to finish.
     pub drain_timeout: Duration,
     /// How long an `auto` port waits for the client's first bytes before treating the
@@ -73,6 +79,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             inbound_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            app_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             drain_timeout: Duration::from_secs(15),
             detect_timeout: Duration::from_millis(300),
             header_read_timeout: Duration::from_secs(10),
@@ -218,6 +225,7 @@ impl Proxy {
             Arc::new(State::build(
                 snap,
                 self.shared.config.inbound_address,
+                self.shared.config.app_address,
                 &mut cache,
             ))
         };

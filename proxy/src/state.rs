@@ -6,7 +6,7 @@
 //! keyed by service, port and endpoint, and is carried over while the key still exists.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -214,9 +214,15 @@ fn connector_config(t: &Timeouts, l: &Limits) -> ConnectorConfig {
 }
 
 impl State {
-    /// Derives the state of `snapshot`. Inbound listeners bind on `inbound_address`.
-    /// Entries of `cache` that the new version no longer has are dropped.
-    pub fn build(snapshot: &Snapshot, inbound_address: IpAddr, cache: &mut Cache) -> State {
+    /// Derives the state of `snapshot`. Inbound listeners bind on `inbound_address` and
+    /// forward to `app_address` (normally 127.0.0.1). Entries of `cache` that the new
+    /// version no longer has are dropped.
+    pub fn build(
+        snapshot: &Snapshot,
+        inbound_address: IpAddr,
+        app_address: IpAddr,
+        cache: &mut Cache,
+    ) -> State {
         let mut next = Cache::default();
         let own_zone = snapshot.identity().zone.clone();
         let mut listeners = HashMap::new();
@@ -241,7 +247,7 @@ impl State {
                 shared,
                 clients,
             });
-            let app = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p.port.get());
+            let app = SocketAddr::new(app_address, p.port.get());
             let stats = endpoint_stats(cache, &mut next, &key, p.port.get(), app);
             let balancer = Balancer::new(
                 BalancePolicy::RoundRobin,
@@ -415,6 +421,7 @@ fn endpoint_stats(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     /// A config with one inbound port and one outbound service, for tests here and in
     /// other modules.
@@ -427,6 +434,10 @@ pub(crate) mod tests {
         )
     }
 
+    fn localhost() -> IpAddr {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    }
+
     #[test]
     fn builds_listeners_and_keeps_stats_across_versions() {
         let eps = r#"[{"address":"10.0.0.1","port":28080,"zone":"a","labels":{"version":"v1"}},
@@ -434,7 +445,7 @@ pub(crate) mod tests {
         let snap = Snapshot::from_json(config_json(eps).as_bytes()).unwrap();
         let mut cache = Cache::default();
         let inbound_ip: IpAddr = "127.0.0.9".parse().unwrap();
-        let s1 = State::build(&snap, inbound_ip, &mut cache);
+        let s1 = State::build(&snap, inbound_ip, localhost(), &mut cache);
         assert_eq!(s1.listeners.len(), 2);
         let inbound = &s1.listeners[&"127.0.0.9:28080".parse().unwrap()];
         assert_eq!(inbound.direction, Direction::Inbound);
@@ -456,7 +467,7 @@ pub(crate) mod tests {
         // The same endpoint shares its stats between backends and across versions.
         let a = &out.default_backend.balancer.endpoints()[1].stats;
         assert!(Arc::ptr_eq(a, &v2.balancer.endpoints()[0].stats));
-        let s2 = State::build(&snap, inbound_ip, &mut cache);
+        let s2 = State::build(&snap, inbound_ip, localhost(), &mut cache);
         let out2 = &s2.listeners[&"127.1.0.7:80".parse().unwrap()];
         assert!(Arc::ptr_eq(
             a,
