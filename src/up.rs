@@ -51,6 +51,11 @@ fn sidecar_args(url: String, inbound: IpAddr, app: IpAddr, drain: Duration) -> s
         max_connections: 16_384,
         header_read_timeout: Duration::from_secs(10),
         detect_timeout: Duration::from_millis(300),
+        register: false,
+        registry_url: None,
+        instance_name: None,
+        register_address: None,
+        register_ttl: Duration::from_secs(30),
     }
 }
 

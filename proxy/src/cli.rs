@@ -59,6 +59,23 @@ pub struct Args {
     /// connection as raw TCP (server-speaks-first protocols).
     #[arg(long, env = "SIDEMESH_DETECT_TIMEOUT", default_value = "300ms", value_parser = parse_duration)]
     pub detect_timeout: Duration,
+    /// Universal mode: register this workload instance in discover's TTL registry, renew
+    /// it, and delete it on shutdown.
+    #[arg(long, env = "SIDEMESH_REGISTER")]
+    pub register: bool,
+    /// Discover's base URL for `--register` (default: scheme and host of DISCOVER_URL).
+    #[arg(long, env = "SIDEMESH_REGISTRY_URL")]
+    pub registry_url: Option<String>,
+    /// The instance name to register (default: the config's pod name, else one made from
+    /// the address).
+    #[arg(long, env = "SIDEMESH_INSTANCE_NAME")]
+    pub instance_name: Option<String>,
+    /// The address other sidecars dial (default: --inbound-address).
+    #[arg(long, env = "SIDEMESH_REGISTER_ADDRESS")]
+    pub register_address: Option<IpAddr>,
+    /// TTL of the registration; it is renewed every third of it.
+    #[arg(long, env = "SIDEMESH_REGISTER_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub register_ttl: Duration,
 }
 
 /// Something run beside the data plane (the DNS shim): given the config channel, it starts
@@ -99,12 +116,18 @@ pub struct Running {
     draining: Arc<AtomicBool>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    register: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 impl Running {
     /// Turns `/ready` to 503, stops accepting, drains (at most the drain timeout), stops.
     pub async fn stop(self) {
         self.draining.store(true, Ordering::Release);
+        // Leave the registry first, so clients stop picking this instance while it drains.
+        if let Some((stop, task)) = self.register {
+            stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
         self.shutdown.cancel();
         let _ = self.task.await;
     }
@@ -125,7 +148,7 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
         .context("DISCOVER_URL is not set: give the URL of this sidecar's config (for example http://discover:7070/v1/sidecars/shop/web/sidemesh-proxy) in the DISCOVER_URL environment variable or --discover-url")?;
     let client = Client::new(
         ClientConfig {
-            url,
+            url: url.clone(),
             state_dir: args.state_dir.clone(),
             wait: args.discover_wait,
             authorization: args.discover_authorization.clone(),
@@ -147,11 +170,43 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
         &registry,
     )
     .context("cannot register the proxy's metrics")?;
+    let register = match args.register {
+        false => None,
+        true => {
+            let base_url = match &args.registry_url {
+                Some(u) => u.trim_end_matches('/').to_owned(),
+                None => crate::register::base_of(&url).context(
+                    "cannot derive the registry URL from DISCOVER_URL; give --registry-url",
+                )?,
+            };
+            let address = args.register_address.unwrap_or(args.inbound_address);
+            anyhow::ensure!(
+                !address.is_unspecified(),
+                "--register needs the address other sidecars dial: give --register-address or a specific --inbound-address"
+            );
+            Some(crate::register::RegisterConfig {
+                base_url,
+                instance: args.instance_name.clone(),
+                address,
+                ttl: args.register_ttl,
+            })
+        }
+    };
     let admin_listener = tokio::net::TcpListener::bind(args.admin)
         .await
         .with_context(|| format!("cannot bind the admin address {}", args.admin))?;
     let admin = admin_listener.local_addr()?;
     let (snapshots, poller) = client.spawn();
+    let register = register.map(|cfg| {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(crate::register::run(
+            cfg,
+            snapshots.clone(),
+            stop.clone(),
+            proxy.metrics().registrations.clone(),
+        ));
+        (stop, task)
+    });
     let draining = Arc::new(AtomicBool::new(false));
     let applied = proxy.applied();
     let readiness = Readiness {
@@ -180,6 +235,7 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
         draining,
         shutdown,
         task,
+        register,
     })
 }
 

@@ -1,11 +1,12 @@
 //! HTTP proxying (HTTP/1.1, h2c, gRPC): the server side of a client connection, and per
 //! request: route, breaker, balance, forward over a pooled client, retry, rewrite.
 //!
-//! Requests are framed by hyper on both sides. We add our own guards where hyper leaves a
-//! choice: a request with both `Content-Length` and `Transfer-Encoding` is refused
-//! (RFC 9112 §6.1 allows rejecting it; forwarding it is how smuggling happens), and
-//! hop-by-hop headers, with every header named in `Connection`, are removed in both
-//! directions (RFC 9110 §7.6.1). A response body is streamed as it comes; if the upstream
+//! Requests are framed by hyper on both sides: it rejects bad chunking, duplicate
+//! `Content-Length`s and bad header bytes, and for `Content-Length` with
+//! `Transfer-Encoding` it lets chunked win, drops the length and closes the connection after
+//! answering (RFC 9112 §6.1), so nothing can hide behind the body. As a second guard a
+//! request that still carries both is refused. Hop-by-hop headers, with every header named
+//! in `Connection`, are removed in both directions (RFC 9110 §7.6.1). A response body is streamed as it comes; if the upstream
 //! fails mid-body, the error reaches hyper, which aborts the client's connection (or
 //! stream), so a cut response is never presented as complete.
 

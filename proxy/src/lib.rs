@@ -14,6 +14,7 @@
 //! - [`resilience`]: retry budget, backoff, outlier detection.
 //! - [`health`]: active health checks.
 //! - [`metrics`]: the `sidemesh_proxy_*` metrics.
+//! - [`register`]: universal mode, the instance's registration in discover's TTL registry.
 //! - [`admin`]: the admin server (`/ready`, `/live`, `/metrics`).
 //! - [`cli`]: the `sidemesh proxy` subcommand (and in-process sidecars for `sidemesh up`).
 //! - [`demo`]: the demo backend of `sidemesh up`.
@@ -26,6 +27,7 @@ pub mod detect;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod register;
 pub mod resilience;
 pub mod state;
 pub mod tcp;
@@ -146,6 +148,11 @@ impl Proxy {
             }),
             applied: watch::Sender::new(None),
         })
+    }
+
+    /// The data plane's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
     }
 
     /// Follows what config versions were applied (for readiness and tests).

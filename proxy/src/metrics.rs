@@ -49,6 +49,8 @@ pub struct Metrics {
     pub connection_limit_rejections: IntCounter,
     /// Time to drain on shutdown or listener removal, in seconds.
     pub drain_duration: Histogram,
+    /// Calls to discover's TTL registry (`--register`), by operation and result.
+    pub registrations: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -171,6 +173,11 @@ impl Metrics {
                 "sidemesh_proxy_listeners",
                 "Listeners open now.",
                 &["direction"],
+            )?,
+            registrations: counter(
+                "sidemesh_proxy_registry_calls_total",
+                "Calls to discover's TTL registry, by operation and result.",
+                &["op", "result"],
             )?,
             config_version,
             config_applied,
