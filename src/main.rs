@@ -46,6 +46,8 @@ enum Command {
     DemoBackend(sidemesh_proxy::demo::Args),
     /// Serve sidecar configs (DISCOVER_URL) from a YAML state file and the TTL registry.
     Discover(sidemesh_discover::cli::Args),
+    /// Run the DNS shim on its own: mesh names answered locally, the rest forwarded.
+    Dns(Box<sidemesh_dns::cli::Args>),
 }
 
 #[derive(clap::Args)]
@@ -66,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Up(args) => runtime.block_on(up::run(args, registry)),
         Command::DemoBackend(args) => runtime.block_on(sidemesh_proxy::demo::run(args)),
         Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
+        Command::Dns(args) => runtime.block_on(sidemesh_dns::cli::run(*args, registry)),
     }
 }
 
