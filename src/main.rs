@@ -64,12 +64,45 @@ fn main() -> anyhow::Result<()> {
     let _ = (&registry, &runtime);
     match cli.command {
         Command::Check(args) => check(&args),
-        Command::Proxy(args) => runtime.block_on(sidemesh_proxy::cli::run(*args, registry)),
+        Command::Proxy(args) => {
+            let sidecars = args
+                .dns
+                .map(|listen| dns_shim(listen, registry.clone()))
+                .into_iter()
+                .collect();
+            runtime.block_on(sidemesh_proxy::cli::run_with(*args, registry, sidecars))
+        }
         Command::Up(args) => runtime.block_on(up::run(args, registry)),
         Command::DemoBackend(args) => runtime.block_on(sidemesh_proxy::demo::run(args)),
         Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
         Command::Dns(args) => runtime.block_on(sidemesh_dns::cli::run(*args, registry)),
     }
+}
+
+/// The DNS shim run inside a sidecar (`sidemesh proxy --dns ADDR`): it answers the mesh
+/// names of the sidecar's own config and forwards the rest to the resolvers of
+/// /etc/resolv.conf (never to itself). Kept here because the proxy crate does not depend
+/// on the DNS crate.
+fn dns_shim(
+    listen: std::net::SocketAddr,
+    registry: prometheus::Registry,
+) -> sidemesh_proxy::cli::Sidecar {
+    Box::new(move |snapshots| {
+        Box::pin(async move {
+            let conf = sidemesh_dns::ResolvConf::read(std::path::Path::new("/etc/resolv.conf"))
+                .unwrap_or_default();
+            let mut opts = sidemesh_dns::ShimOptions::from_resolv_conf(listen, &conf);
+            opts.fallback_upstreams.retain(|u| *u != listen);
+            let shim = sidemesh_dns::Shim::start(opts, snapshots, &registry).await?;
+            let addr = shim.udp_addr();
+            // The shim serves while its handle lives: keep it for the life of the process.
+            tokio::spawn(async move {
+                let _shim = shim;
+                std::future::pending::<()>().await
+            });
+            Ok(vec![("dns".to_owned(), addr.to_string())])
+        })
+    })
 }
 
 fn init_logging(format: LogFormat) {

@@ -32,6 +32,10 @@ pub struct Args {
     /// sidecars' inbound listeners bind it.
     #[arg(long, env = "SIDEMESH_UP_CLIENT_ADDRESS", default_value = "127.0.0.10")]
     pub client_address: IpAddr,
+    /// Run the DNS shim for the (first) client sidecar on this address, answering the
+    /// mesh names it uses (e.g. `127.0.0.1:5353`; port 53 needs root).
+    #[arg(long, env = "SIDEMESH_UP_DNS")]
+    pub dns: Option<SocketAddr>,
     /// How long shutdown waits for connections to finish.
     #[arg(long, env = "SIDEMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = sidecar::parse_duration)]
     pub drain_timeout: Duration,
@@ -133,9 +137,21 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
             r.admin
         ));
     }
-    for &i in &clients {
+    for (k, &i) in clients.iter().enumerate() {
         let (name, r) = &sidecars[i];
         fields.push((format!("{name}.admin"), r.admin.to_string()));
+        if let (0, Some(listen)) = (k, args.dns) {
+            let registry = prometheus::Registry::new();
+            let started = crate::dns_shim(listen, registry)(r.snapshots.clone()).await?;
+            for (_, addr) in started {
+                lines.push(format!(
+                    "  dig @{} -p {} <service name>   # {name}'s DNS shim",
+                    listen.ip(),
+                    addr.rsplit(':').next().unwrap_or("53")
+                ));
+                fields.push(("dns".to_owned(), addr));
+            }
+        }
         let snapshot = r.snapshots.borrow().clone();
         for svc in snapshot.iter().flat_map(|s| s.outbound().to_vec()) {
             for p in &svc.ports {

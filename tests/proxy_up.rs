@@ -53,6 +53,8 @@ fn up_quickstart_answers_from_both_instances() {
             &client,
             "--drain-timeout",
             "1s",
+            "--dns",
+            "127.0.0.1:0",
         ],
         &[],
     );
@@ -72,6 +74,22 @@ fn up_quickstart_answers_from_both_instances() {
         seen.into_iter().collect::<Vec<_>>(),
         vec!["hello from backend-1", "hello from backend-2"]
     );
+    // The client's DNS shim answers the dependency's names with the same address.
+    let dns_port = up.addr("dns").rsplit(':').next().unwrap().to_owned();
+    let out = std::process::Command::new("dig")
+        .args([
+            "+short",
+            "+time=2",
+            "+tries=1",
+            "-p",
+            &dns_port,
+            "@127.0.0.1",
+            "backend.demo",
+        ])
+        .output()
+        .expect("dig is installed (scripts/test.sh installs bind9-dnsutils)");
+    let ip = hostport.split(':').next().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ip);
     let metrics = http_get(&up.addr("web.demo.admin"), "/metrics");
     assert!(
         metrics.contains(
