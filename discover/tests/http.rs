@@ -603,3 +603,40 @@ async fn a_poller_that_hangs_up_is_no_longer_counted() {
     poll.abort(); // drops the client connection
     eventually(Duration::from_secs(5), async || gauge(&d) == 0).await;
 }
+
+#[tokio::test]
+async fn oversized_headers_are_refused_and_slow_clients_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let opts = Options {
+        header_read_timeout: Duration::from_millis(300),
+        ..Options::default()
+    };
+    let (_d, addr, _s) = start(opts, Some(STATE)).await;
+    // 20 KiB of headers: over the 16 KiB limit.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    s.write_all(big.as_bytes()).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    // A client that never finishes its headers is disconnected after the timeout.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    // Closed (cleanly or by reset) well before the 5 s bound: the read ends.
+    let _closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+}
