@@ -70,6 +70,7 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
                 .state_reloads
                 .with_label_values(&["ok"])
                 .inc();
+            let state = std::sync::Arc::new(state);
             discover.set_state("file", state.clone());
             let ok = discover.clone();
             let bad = discover.clone();

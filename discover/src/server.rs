@@ -155,7 +155,8 @@ impl Discover {
 
     /// Replaces the state of source `source` (e.g. `file`, `kubernetes`), re-renders, and
     /// wakes the pollers of every sidecar whose config changed. Marks the service ready.
-    pub fn set_state(&self, source: &str, state: ClusterState) {
+    pub fn set_state(&self, source: &str, state: impl Into<Arc<ClusterState>>) {
+        let state = state.into();
         self.mutate(|s, now| s.set_source(source, state, now));
         self.set_ready();
     }

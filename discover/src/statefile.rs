@@ -524,8 +524,8 @@ fn stamp(file: &Path) -> Option<(std::time::SystemTime, u64)> {
 pub fn watch(
     file: PathBuf,
     last_hash: u64,
-    last_good: ClusterState,
-    apply: impl Fn(ClusterState) + Send + Sync + 'static,
+    last_good: std::sync::Arc<ClusterState>,
+    apply: impl Fn(std::sync::Arc<ClusterState>) + Send + Sync + 'static,
     rejected: impl Fn(&StateFileError) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     use notify::Watcher;
@@ -621,6 +621,7 @@ pub fn watch(
                 };
                 match parsed {
                     Ok(state) => {
+                        let state = std::sync::Arc::new(state);
                         apply(state.clone());
                         (state, None)
                     }

@@ -106,7 +106,8 @@ pub struct ServiceSummary {
 /// The store.
 #[derive(Debug, Default)]
 pub struct Store {
-    sources: BTreeMap<String, ClusterState>,
+    /// Shared with the source (the file watcher keeps the same value as its last good state).
+    sources: BTreeMap<String, Arc<ClusterState>>,
     registry: Registry,
     addresses: AddressTable,
     versions: BTreeMap<String, VersionRecord>,
@@ -141,8 +142,13 @@ impl Store {
     }
 
     /// Replaces the state of source `name` and rebuilds.
-    pub fn set_source(&mut self, name: &str, state: ClusterState, now_ms: u64) -> Changes {
-        self.sources.insert(name.to_owned(), state);
+    pub fn set_source(
+        &mut self,
+        name: &str,
+        state: impl Into<Arc<ClusterState>>,
+        now_ms: u64,
+    ) -> Changes {
+        self.sources.insert(name.to_owned(), state.into());
         self.rebuild(now_ms)
     }
 
