@@ -35,6 +35,11 @@ enum LogFormat {
 enum Command {
     /// Validate a sidecar config (JSON, as discover serves it) and print what is wrong.
     Check(CheckArgs),
+    /// Inject the sidecar and plugins into Kubernetes manifests offline (prints them).
+    Inject(sidemesh_controller::cli::InjectArgs),
+    /// Wait until a URL answers 200 (the legacy sidecar's postStart hook).
+    #[command(hide = true)]
+    WaitReady(sidemesh_controller::cli::WaitReadyArgs),
 }
 
 #[derive(clap::Args)]
@@ -51,6 +56,8 @@ fn main() -> anyhow::Result<()> {
     let _ = (&registry, &runtime);
     match cli.command {
         Command::Check(args) => check(&args),
+        Command::Inject(args) => sidemesh_controller::cli::inject(args),
+        Command::WaitReady(args) => runtime.block_on(sidemesh_controller::cli::wait_ready(args)),
     }
 }
 

@@ -6,5 +6,7 @@
 //!
 //! Watches, the admission webhook and the install manifests build on these.
 
+pub mod cli;
 pub mod crd;
 pub mod inject;
+pub mod manifest;

@@ -1,0 +1,176 @@
+//! The controller crate's command-line edge: `sidemesh inject`, `sidemesh install`,
+//! `sidemesh wait-ready` and `sidemesh controller`. Flags parse here; the work is in the
+//! library modules.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::inject::{Catalog, InjectConfig};
+use crate::manifest;
+
+/// Injection settings shared by the webhook and `sidemesh inject`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct InjectSettings {
+    /// The sidemesh image the proxy container runs (`sidemesh proxy`).
+    #[arg(
+        long,
+        env = "SIDEMESH_PROXY_IMAGE",
+        default_value = "ghcr.io/sidemesh/sidemesh:latest"
+    )]
+    pub proxy_image: String,
+    /// The discover service's base URL that plugins' `DISCOVER_URL`s start with.
+    #[arg(
+        long,
+        env = "SIDEMESH_DISCOVER_BASE",
+        default_value = "http://sidemesh-discover.sidemesh.svc:8080"
+    )]
+    pub discover_base: String,
+    /// Inject the proxy as a native sidecar (Kubernetes 1.29+). The controller detects this
+    /// from the API server's version unless set.
+    #[arg(long, env = "SIDEMESH_NATIVE_SIDECARS")]
+    pub native_sidecars: Option<bool>,
+    /// The proxy's admin port (`/ready`, `/metrics`).
+    #[arg(long, env = "SIDEMESH_PROXY_ADMIN_PORT", default_value_t = 15021)]
+    pub proxy_admin_port: u16,
+    /// Proxy memory request and limit, in MiB.
+    #[arg(long, env = "SIDEMESH_PROXY_MEMORY_MIB", default_value_t = 64)]
+    pub proxy_memory_mib: u32,
+    /// Proxy CPU request, in millicores.
+    #[arg(long, env = "SIDEMESH_PROXY_CPU_MILLIS", default_value_t = 50)]
+    pub proxy_cpu_millis: u32,
+    /// The cluster's DNS domain.
+    #[arg(long, env = "SIDEMESH_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+}
+
+impl InjectSettings {
+    /// The injection config, with `native` used when the flag was not given.
+    pub fn config(&self, native: bool) -> InjectConfig {
+        InjectConfig {
+            proxy_image: self.proxy_image.clone(),
+            proxy_memory_mib: self.proxy_memory_mib,
+            proxy_cpu_millis: self.proxy_cpu_millis,
+            discover_base: self.discover_base.clone(),
+            native_sidecars: self.native_sidecars.unwrap_or(native),
+            cluster_domain: self.cluster_domain.clone(),
+            admin_port: self.proxy_admin_port,
+            ..InjectConfig::default()
+        }
+    }
+}
+
+/// `sidemesh inject`: inject manifests offline and print them.
+#[derive(clap::Args, Debug)]
+pub struct InjectArgs {
+    /// The manifest file (multi-document YAML); `-` reads standard input.
+    #[arg(short = 'f', long = "filename", env = "SIDEMESH_INJECT_FILE")]
+    pub file: PathBuf,
+    /// The namespace of objects that name none.
+    #[arg(short, long, env = "SIDEMESH_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// YAML files with `Plugin` and `MeshConfig` objects to inject from (the manifest's own
+    /// such documents are read too).
+    #[arg(long, env = "SIDEMESH_CATALOG", value_delimiter = ',')]
+    pub catalog: Vec<PathBuf>,
+    /// Injection settings.
+    #[command(flatten)]
+    pub settings: InjectSettings,
+}
+
+fn read_input(path: &PathBuf) -> anyhow::Result<String> {
+    let mut text = String::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read standard input")?;
+    } else {
+        text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    Ok(text)
+}
+
+/// Runs `sidemesh inject`: the injected manifests go to stdout, one line per workload to
+/// stderr. Any workload that cannot be injected fails the command and prints nothing.
+pub fn inject(args: InjectArgs) -> anyhow::Result<()> {
+    let text = read_input(&args.file)?;
+    let mut catalog = Catalog::default();
+    for path in &args.catalog {
+        let c = read_input(path)?;
+        manifest::catalog_from_yaml(&c, &args.namespace, &mut catalog)
+            .with_context(|| format!("in {}", path.display()))?;
+    }
+    manifest::catalog_from_yaml(&text, &args.namespace, &mut catalog)?;
+    let cfg = args.settings.config(true);
+    match manifest::inject_yaml(&text, &args.namespace, &cfg, &catalog) {
+        Ok((out, reports)) => {
+            for r in &reports {
+                eprintln!("{}", manifest::describe(r));
+            }
+            std::io::stdout().write_all(out.as_bytes())?;
+            Ok(())
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            anyhow::bail!("{} object(s) could not be injected", errors.len())
+        }
+    }
+}
+
+/// `sidemesh wait-ready`: wait until a URL answers 200 (the legacy sidecar's `postStart`
+/// hook, which holds the app container until the proxy is ready).
+#[derive(clap::Args, Debug)]
+pub struct WaitReadyArgs {
+    /// The URL to poll, `http://host:port/path`.
+    #[arg(long, env = "SIDEMESH_WAIT_URL")]
+    pub url: String,
+    /// Give up after this many seconds.
+    #[arg(long, env = "SIDEMESH_WAIT_TIMEOUT_SECONDS", default_value_t = 120)]
+    pub timeout_seconds: u64,
+}
+
+/// Runs `sidemesh wait-ready`.
+pub async fn wait_ready(args: WaitReadyArgs) -> anyhow::Result<()> {
+    let rest = args
+        .url
+        .strip_prefix("http://")
+        .context("--url must start with http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_seconds);
+    loop {
+        if http_ok(authority, path).await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("{} not ready after {} s", args.url, args.timeout_seconds);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One bounded `GET`; true on a 200 status line.
+async fn http_ok(authority: &str, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        // The status line is all we need; read at most 64 bytes of it.
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.ok()?;
+        let line = std::str::from_utf8(&buf[..n]).ok()?;
+        Some(line.starts_with("HTTP/1.1 200") || line.starts_with("HTTP/1.0 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Some(true))
+    )
+}
