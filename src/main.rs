@@ -37,6 +37,8 @@ enum Command {
     Check(CheckArgs),
     /// Inject the sidecar and plugins into Kubernetes manifests offline (prints them).
     Inject(sidemesh_controller::cli::InjectArgs),
+    /// Print the manifests that install sidemesh into a cluster.
+    Install(sidemesh_controller::cli::InstallArgs),
     /// Wait until a URL answers 200 (the legacy sidecar's postStart hook).
     #[command(hide = true)]
     WaitReady(sidemesh_controller::cli::WaitReadyArgs),
@@ -57,6 +59,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Check(args) => check(&args),
         Command::Inject(args) => sidemesh_controller::cli::inject(args),
+        Command::Install(args) => sidemesh_controller::cli::install(args),
         Command::WaitReady(args) => runtime.block_on(sidemesh_controller::cli::wait_ready(args)),
     }
 }

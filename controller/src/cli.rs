@@ -174,3 +174,32 @@ async fn http_ok(authority: &str, path: &str) -> bool {
         Ok(Some(true))
     )
 }
+
+/// `sidemesh install`: print the install manifests.
+#[derive(clap::Args, Debug)]
+pub struct InstallArgs {
+    /// The sidemesh image for the controller and the proxies.
+    #[arg(long, env = "SIDEMESH_IMAGE", default_value_t = crate::install::default_image())]
+    pub image: String,
+    /// Let cert-manager issue the webhook certificate instead of generating one now (the
+    /// output then holds no private key; `deploy/sidemesh.yaml` is this form).
+    #[arg(long, env = "SIDEMESH_CERT_MANAGER")]
+    pub cert_manager: bool,
+}
+
+/// Runs `sidemesh install`.
+pub fn install(args: InstallArgs) -> anyhow::Result<()> {
+    use crate::install;
+    let opts = install::InstallOptions {
+        image: args.image,
+        cert_manager: args.cert_manager,
+    };
+    let certs = if opts.cert_manager {
+        None
+    } else {
+        Some(install::generate_certs(&install::webhook_dns_names())?)
+    };
+    let yaml = install::to_yaml(&install::manifests(&opts, certs.as_ref()));
+    std::io::stdout().write_all(yaml.as_bytes())?;
+    Ok(())
+}

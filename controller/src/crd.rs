@@ -57,7 +57,9 @@ pub struct PluginSpec {
     /// What the plugin is.
     pub kind: PluginKind,
     /// Published versions. A version is never changed or removed once published: publish a
-    /// new version instead.
+    /// new version instead. At most 64 (bounded so the API server can cost the
+    /// immutability rule).
+    #[schemars(length(min = 1, max = 64))]
     pub versions: Vec<PluginVersion>,
     /// The version attached when a workload names none; default: the last in `versions`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,8 +71,10 @@ pub struct PluginSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PluginVersion {
     /// The version's name (a DNS label), e.g. `v1`.
+    #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// The container image.
+    #[schemars(length(min = 1, max = 512))]
     pub image: String,
     /// Memory request and limit, in MiB.
     pub memory_mib: u32,
@@ -555,6 +559,10 @@ mod tests {
         let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         assert!(schema["properties"]["spec"]["properties"]["versions"].is_object());
         assert!(schema.to_string().contains("oldSelf.spec.versions.all"));
+        assert_eq!(
+            schema["properties"]["spec"]["properties"]["versions"]["maxItems"],
+            64
+        );
         let crd = serde_json::to_value(MeshConfig::crd()).unwrap();
         assert_eq!(crd["spec"]["scope"], "Namespaced");
         let deps = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]

@@ -9,4 +9,5 @@
 pub mod cli;
 pub mod crd;
 pub mod inject;
+pub mod install;
 pub mod manifest;
