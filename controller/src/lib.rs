@@ -11,3 +11,5 @@ pub mod crd;
 pub mod inject;
 pub mod install;
 pub mod manifest;
+pub mod tls;
+pub mod webhook;
