@@ -42,6 +42,8 @@ enum Command {
     /// Wait until a URL answers 200 (the legacy sidecar's postStart hook).
     #[command(hide = true)]
     WaitReady(sidemesh_controller::cli::WaitReadyArgs),
+    /// Serve sidecar configs (DISCOVER_URL) from a YAML state file and the TTL registry.
+    Discover(sidemesh_discover::cli::Args),
 }
 
 #[derive(clap::Args)]
@@ -61,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Command::Inject(args) => sidemesh_controller::cli::inject(args),
         Command::Install(args) => sidemesh_controller::cli::install(args),
         Command::WaitReady(args) => runtime.block_on(sidemesh_controller::cli::wait_ready(args)),
+        Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
     }
 }
 

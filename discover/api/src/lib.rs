@@ -4,6 +4,7 @@
 //! - [`snapshot`]: validation of a whole config into an immutable, indexed [`Snapshot`].
 //! - [`name`]: the rules for names that become URL segments, file names or DNS labels.
 //! - [`port`]: newtypes that keep app ports, remapped ports and service ports apart.
+//! - [`state`]: the source-agnostic cluster-state model that discover renders configs from.
 //!
 //! This crate knows nothing of Kubernetes or of the server; the proxy, the DNS shim, the
 //! controller and plugins all depend on it. The reference is `docs/discover-api.md`.
@@ -12,6 +13,7 @@ pub mod config;
 pub mod name;
 pub mod port;
 pub mod snapshot;
+pub mod state;
 
 pub use config::SidecarConfig;
 pub use port::{AppPort, OuterPort, ServicePort};
