@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod crd;
+pub mod index;
 pub mod inject;
 pub mod install;
 pub mod manifest;
