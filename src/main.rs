@@ -35,6 +35,9 @@ enum LogFormat {
 enum Command {
     /// Validate a sidecar config (JSON, as discover serves it) and print what is wrong.
     Check(CheckArgs),
+    /// Watch Kubernetes, serve every meshed pod's config (discover) and run the injection
+    /// webhook.
+    Controller(sidemesh_controller::cli::Args),
     /// Inject the sidecar and plugins into Kubernetes manifests offline (prints them).
     Inject(sidemesh_controller::cli::InjectArgs),
     /// Print the manifests that install sidemesh into a cluster.
@@ -60,6 +63,14 @@ fn main() -> anyhow::Result<()> {
     let _ = (&registry, &runtime);
     match cli.command {
         Command::Check(args) => check(&args),
+        Command::Controller(args) => runtime.block_on(async {
+            let discover = sidemesh_discover::server::Discover::new(
+                sidemesh_discover::server::Options::default(),
+                &registry,
+            )?;
+            let host = std::sync::Arc::new(DiscoverHost(discover));
+            sidemesh_controller::cli::run(args, registry, host).await
+        }),
         Command::Inject(args) => sidemesh_controller::cli::inject(args),
         Command::Install(args) => sidemesh_controller::cli::install(args),
         Command::WaitReady(args) => runtime.block_on(sidemesh_controller::cli::wait_ready(args)),
@@ -104,5 +115,19 @@ fn check(args: &CheckArgs) -> anyhow::Result<()> {
             anyhow::bail!("{} problem(s) in {}", errors.0.len(), args.file.display())
         }
         Err(e) => anyhow::bail!("{}: {e}", args.file.display()),
+    }
+}
+
+/// The controller's in-process discover server: the controller crate does not depend on
+/// `sidemesh-discover`, so the two meet here.
+struct DiscoverHost(sidemesh_discover::server::Discover);
+
+impl sidemesh_controller::cli::DiscoverHost for DiscoverHost {
+    fn serve(&self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        self.0.serve(listener).map(|_| ())
+    }
+
+    fn set_state(&self, state: sidemesh_api::state::ClusterState) {
+        self.0.set_state("kubernetes", state);
     }
 }

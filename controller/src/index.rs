@@ -66,6 +66,19 @@ pub struct Built {
     pub lookups: Lookups,
     /// Problems per sidemesh object; objects without problems map to an empty list.
     pub problems: BTreeMap<ObjectKey, Vec<String>>,
+    /// The status each sidemesh object should carry.
+    pub statuses: BTreeMap<ObjectKey, DesiredStatus>,
+}
+
+/// What the controller writes into a sidemesh object's status.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DesiredStatus {
+    /// Problems; empty means `Ready=True`.
+    pub problems: Vec<String>,
+    /// The generation these describe.
+    pub generation: Option<i64>,
+    /// Plugins only: the published versions' fingerprints (kept as they were while invalid).
+    pub published_versions: BTreeMap<String, String>,
 }
 
 /// Settings of the index.
@@ -112,6 +125,7 @@ pub fn port_protocol(app_protocol: Option<&str>, name: Option<&str>) -> Protocol
 /// Builds the cluster state, the injection lookups and the per-object problems.
 pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
     let mut problems: BTreeMap<ObjectKey, Vec<String>> = BTreeMap::new();
+    let mut statuses: BTreeMap<ObjectKey, DesiredStatus> = BTreeMap::new();
 
     // Plugins: validated; the invalid ones are left out (and reported).
     let mut catalog = Catalog::default();
@@ -124,6 +138,22 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
             .map(|s| s.published_versions.clone())
             .unwrap_or_default();
         let errs = p.spec.validate(&published);
+        statuses.insert(
+            ObjectKey::Plugin(name.clone()),
+            DesiredStatus {
+                problems: errs.clone(),
+                generation: p.metadata.generation,
+                published_versions: if errs.is_empty() {
+                    p.spec
+                        .versions
+                        .iter()
+                        .map(|v| (v.name.clone(), v.fingerprint()))
+                        .collect()
+                } else {
+                    published.clone()
+                },
+            },
+        );
         if errs.is_empty() {
             catalog.plugins.insert(name.clone(), p.spec.clone());
             if let Some(v) = p.spec.version(None) {
@@ -182,6 +212,14 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
             Err(errs) => errs,
         };
         errs.dedup();
+        statuses.insert(
+            key.clone(),
+            DesiredStatus {
+                problems: errs.clone(),
+                generation: m.metadata.generation,
+                published_versions: BTreeMap::new(),
+            },
+        );
         problems.insert(key, errs);
     }
     catalog.meshes = meshes
@@ -348,6 +386,7 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
             namespace_labels,
         },
         problems,
+        statuses,
     }
 }
 

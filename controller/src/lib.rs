@@ -6,6 +6,7 @@
 //!
 //! Watches, the admission webhook and the install manifests build on these.
 
+pub mod admin;
 pub mod cli;
 pub mod crd;
 pub mod index;
@@ -13,4 +14,5 @@ pub mod inject;
 pub mod install;
 pub mod manifest;
 pub mod tls;
+pub mod watch;
 pub mod webhook;
