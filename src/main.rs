@@ -42,6 +42,15 @@ enum Command {
     Inject(sidemesh_controller::cli::InjectArgs),
     /// Print the manifests that install sidemesh into a cluster.
     Install(sidemesh_controller::cli::InstallArgs),
+    /// Copy this binary (the Job fallback's init container).
+    #[command(hide = true)]
+    CopySelf(sidemesh_controller::job::CopySelfArgs),
+    /// Run an app command and leave a done file when it exits (the Job fallback).
+    #[command(hide = true)]
+    JobRun(sidemesh_controller::job::JobRunArgs),
+    /// Run the proxy until every done file exists (the Job fallback).
+    #[command(hide = true)]
+    JobSidecar(sidemesh_controller::job::JobSidecarArgs),
     /// Wait until a URL answers 200 (the legacy sidecar's postStart hook).
     #[command(hide = true)]
     WaitReady(sidemesh_controller::cli::WaitReadyArgs),
@@ -73,6 +82,15 @@ fn main() -> anyhow::Result<()> {
         }),
         Command::Inject(args) => sidemesh_controller::cli::inject(args),
         Command::Install(args) => sidemesh_controller::cli::install(args),
+        Command::CopySelf(args) => sidemesh_controller::job::copy_self(args),
+        Command::JobRun(args) => {
+            let code = runtime.block_on(sidemesh_controller::job::job_run(args))?;
+            std::process::exit(code)
+        }
+        Command::JobSidecar(args) => {
+            let code = runtime.block_on(sidemesh_controller::job::job_sidecar(args))?;
+            std::process::exit(code)
+        }
         Command::WaitReady(args) => runtime.block_on(sidemesh_controller::cli::wait_ready(args)),
         Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
     }

@@ -27,9 +27,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction, Lifecycle,
-    LifecycleHandler, ObjectFieldSelector, PodDNSConfig, PodDNSConfigOption, PodSpec, Probe,
-    ResourceRequirements,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodDNSConfig,
+    PodDNSConfigOption, PodSpec, Probe, ResourceRequirements, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -427,11 +427,13 @@ pub fn inject(
             }),
             ..Default::default()
         });
-        if is_job {
-            warnings.push(
-                "this cluster has no native sidecars (Kubernetes < 1.29): the sidemesh proxy keeps a Job's pod running after the app exits unless the app calls POST http://127.0.0.1:ADMIN/shutdown when done (see docs/controller.md)".replace("ADMIN", &cfg.admin_port.to_string()),
-            );
-        }
+    }
+    let job_wrap = !cfg.native_sidecars && is_job && netproxy.is_none();
+    if !cfg.native_sidecars && is_job && netproxy.is_some() {
+        warnings.push("this cluster has no native sidecars (Kubernetes < 1.29) and a netproxy plugin replaces the sidemesh proxy: its container keeps the Job's pod running after the app exits".to_owned());
+    }
+    if job_wrap && spec.volumes.iter().flatten().any(|v| v.name == JOB_VOLUME) {
+        return Err(InjectError::NameClash(JOB_VOLUME.to_owned()));
     }
 
     // Plugin containers.
@@ -458,6 +460,22 @@ pub fn inject(
     }
 
     // Apply.
+    if job_wrap {
+        let wrapped = wrap_job(spec, &mut proxy, &mut inits, cfg);
+        if wrapped.is_empty() {
+            warnings.push("this cluster has no native sidecars (Kubernetes < 1.29) and no app container sets `command`, so none can be wrapped: the sidemesh proxy keeps this Job's pod running after the app exits; set `command` (see docs/controller.md)".to_owned());
+        }
+        if !wrapped.is_empty() {
+            for c in &spec.containers {
+                if c.command.is_none() && c.name != PROXY && !c.name.starts_with("plugin-") {
+                    warnings.push(format!(
+                        "container {:?} sets no `command`, so the Job does not wait for it",
+                        c.name
+                    ));
+                }
+            }
+        }
+    }
     let init_containers = spec.init_containers.get_or_insert_with(Vec::new);
     let mut new_inits = Vec::new();
     if cfg.native_sidecars {
@@ -514,6 +532,89 @@ pub fn inject(
         ann.insert("prometheus.io/path".to_owned(), "/metrics".to_owned());
     }
     Ok(Outcome::Injected { port_map, warnings })
+}
+
+/// The shared volume of the Job fallback (see [`crate::job`]).
+pub const JOB_VOLUME: &str = "sidemesh-job";
+const JOB_DIR: &str = "/var/run/sidemesh-job";
+
+/// The Job fallback for clusters without native sidecars: app containers with a `command`
+/// run under `sidemesh job-run`, the proxy under `sidemesh job-sidecar`, which stops it once
+/// every wrapped container is done. Returns the wrapped containers' names. `inits` gets the
+/// init container that copies the binary into the shared volume, first.
+fn wrap_job(
+    spec: &mut PodSpec,
+    proxy: &mut Container,
+    inits: &mut Vec<Container>,
+    cfg: &InjectConfig,
+) -> Vec<String> {
+    let bin = format!("{JOB_DIR}/sidemesh");
+    let mount = VolumeMount {
+        name: JOB_VOLUME.to_owned(),
+        mount_path: JOB_DIR.to_owned(),
+        ..Default::default()
+    };
+    let mut wrapped = Vec::new();
+    for c in spec.containers.iter_mut() {
+        let Some(command) = c.command.take() else {
+            continue;
+        };
+        let done = format!("{JOB_DIR}/{}.done", c.name);
+        let mut cmd = vec![
+            bin.clone(),
+            "job-run".to_owned(),
+            "--done-file".to_owned(),
+            done,
+        ];
+        cmd.push("--".to_owned());
+        cmd.extend(command);
+        c.command = Some(cmd);
+        c.volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(mount.clone());
+        wrapped.push(c.name.clone());
+    }
+    if wrapped.is_empty() {
+        return wrapped;
+    }
+    let mut cmd = vec!["/sidemesh".to_owned(), "job-sidecar".to_owned()];
+    for name in &wrapped {
+        cmd.push("--done-file".to_owned());
+        cmd.push(format!("{JOB_DIR}/{name}.done"));
+    }
+    cmd.push("--".to_owned());
+    cmd.push("/sidemesh".to_owned());
+    proxy.command = Some(cmd);
+    proxy
+        .volume_mounts
+        .get_or_insert_with(Vec::new)
+        .push(mount.clone());
+    inits.insert(
+        0,
+        Container {
+            name: "sidemesh-job-init".to_owned(),
+            image: Some(cfg.proxy_image.clone()),
+            command: Some(vec![
+                "/sidemesh".to_owned(),
+                "copy-self".to_owned(),
+                "--to".to_owned(),
+                bin,
+            ]),
+            volume_mounts: Some(vec![mount]),
+            resources: Some(resources(32, Some(10))),
+            ..Default::default()
+        },
+    );
+    spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: JOB_VOLUME.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".to_owned()),
+            size_limit: Some(Quantity("128Mi".to_owned())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    wrapped
 }
 
 /// The `sidemesh.io/port-map` annotation value for a remapping.
@@ -847,7 +948,7 @@ mod tests {
     }
 
     #[test]
-    fn job_on_legacy_cluster_warns_about_finishing() {
+    fn job_on_legacy_cluster_without_command_warns() {
         let mut p = pod();
         let cfg = InjectConfig {
             native_sidecars: false,
@@ -858,7 +959,76 @@ mod tests {
         let Outcome::Injected { warnings, .. } = out else {
             panic!()
         };
-        assert!(warnings[0].contains("/shutdown"), "{warnings:?}");
+        assert!(warnings[0].contains("set `command`"), "{warnings:?}");
+        assert!(p.spec.unwrap().volumes.is_none());
+    }
+
+    #[test]
+    fn job_on_legacy_cluster_is_wrapped_so_it_finishes() {
+        let mut p = pod();
+        let cfg = InjectConfig {
+            native_sidecars: false,
+            ..Default::default()
+        };
+        let spec = p.spec.as_mut().unwrap();
+        spec.containers[0].command = Some(vec!["/web".into(), "migrate".into()]);
+        let out = inject("shop", &mut p.metadata, spec, true, &cfg, &catalog()).unwrap();
+        let Outcome::Injected { warnings, .. } = out else {
+            panic!()
+        };
+        assert_eq!(
+            warnings,
+            ["container \"helper\" sets no `command`, so the Job does not wait for it"]
+        );
+        let spec = p.spec.unwrap();
+        let app = spec.containers.iter().find(|c| c.name == "app").unwrap();
+        assert_eq!(
+            app.command.as_deref().unwrap(),
+            [
+                "/var/run/sidemesh-job/sidemesh",
+                "job-run",
+                "--done-file",
+                "/var/run/sidemesh-job/app.done",
+                "--",
+                "/web",
+                "migrate"
+            ]
+        );
+        let proxy = &spec.containers[0];
+        assert_eq!(
+            proxy.command.as_deref().unwrap(),
+            [
+                "/sidemesh",
+                "job-sidecar",
+                "--done-file",
+                "/var/run/sidemesh-job/app.done",
+                "--",
+                "/sidemesh"
+            ]
+        );
+        assert_eq!(proxy.args.as_deref().unwrap(), ["proxy"]);
+        assert_eq!(
+            init_names(&spec),
+            ["sidemesh-job-init", "plugin-code-pull", "plugin-warmup"]
+        );
+        assert_eq!(spec.volumes.unwrap()[0].name, JOB_VOLUME);
+        // Native sidecars need none of this.
+        let mut p = pod();
+        let spec = p.spec.as_mut().unwrap();
+        spec.containers[0].command = Some(vec!["/web".into()]);
+        inject(
+            "shop",
+            &mut p.metadata,
+            spec,
+            true,
+            &InjectConfig::default(),
+            &catalog(),
+        )
+        .unwrap();
+        assert_eq!(
+            p.spec.unwrap().containers[0].command.as_deref().unwrap(),
+            ["/web"]
+        );
     }
 
     #[test]

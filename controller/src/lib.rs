@@ -12,6 +12,7 @@ pub mod crd;
 pub mod index;
 pub mod inject;
 pub mod install;
+pub mod job;
 pub mod manifest;
 pub mod tls;
 pub mod watch;
