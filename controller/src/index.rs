@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sidemesh_api::config::{DnsSettings, Protocol};
-use sidemesh_api::port::{AppPort, ServicePort};
+use sidemesh_api::port::{AppPort, OuterPort, ServicePort};
 use sidemesh_api::state::{
     self, ClusterState, Dependency, Instance, InstancePort, PluginAttachment, ServicePortSpec,
 };
@@ -295,7 +295,7 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
                 name: p.name.clone(),
             });
         }
-        let instances = instances(
+        let (instances, remaps) = instances(
             spec.ports.as_deref().unwrap_or_default(),
             slices
                 .get(&(ns, name))
@@ -303,6 +303,14 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
                 .unwrap_or_default(),
             &pods,
         );
+        // The workload's own sidecar listens on port_outer and forwards to the app port; all
+        // pods of one template share the mapping (it is a function of the pod spec).
+        for p in &mut ports {
+            if let Some((app, outer)) = remaps.get(&p.port) {
+                p.target_port = Some(*app);
+                p.port_outer = Some(*outer);
+            }
+        }
         services.insert(
             (ns.to_owned(), name.to_owned()),
             empty_service(ns, name, ports, instances),
@@ -409,13 +417,16 @@ fn empty_service(
     }
 }
 
-/// The ready endpoints of a service's slices, each with the port to dial per service port.
+/// The ready endpoints of a service's slices, each with the port to dial per service port,
+/// and per service port the (app port, port_outer) of its meshed pods (the smallest, should
+/// pods disagree during a rollout).
 fn instances(
     service_ports: &[k8s_openapi::api::core::v1::ServicePort],
     slices: &[&EndpointSlice],
     pods: &BTreeMap<(&str, &str), &Pod>,
-) -> Vec<Instance> {
+) -> (Vec<Instance>, BTreeMap<ServicePort, (AppPort, OuterPort)>) {
     let mut out: BTreeMap<IpAddr, Instance> = BTreeMap::new();
+    let mut remaps: BTreeMap<ServicePort, (AppPort, OuterPort)> = BTreeMap::new();
     for slice in slices {
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             continue;
@@ -451,11 +462,22 @@ fn instances(
                     .and_then(|p| u16::try_from(p).ok());
                 let Some(resolved) = resolved else { continue };
                 let target = match &port_map {
-                    Some(map) => match map.get(&AppPort(resolved)) {
-                        Some(outer) => outer.get(),
-                        // Already the proxy's port (a named targetPort), or unmapped.
-                        None => resolved,
-                    },
+                    Some(map) => {
+                        // A numeric targetPort resolves to the app port; a named one to the
+                        // proxy's port already (the injector moved the name).
+                        let pair = match map.get(&AppPort(resolved)) {
+                            Some(outer) => Some((AppPort(resolved), *outer)),
+                            None => map
+                                .iter()
+                                .find(|(_, o)| o.get() == resolved)
+                                .map(|(a, o)| (*a, *o)),
+                        };
+                        if let Some(pair) = pair {
+                            let e = remaps.entry(ServicePort(port)).or_insert(pair);
+                            *e = (*e).min(pair);
+                        }
+                        pair.map(|(_, o)| o.get()).unwrap_or(resolved)
+                    }
                     None => resolved,
                 };
                 ports.push(InstancePort {
@@ -484,7 +506,7 @@ fn instances(
             }
         }
     }
-    out.into_values().collect()
+    (out.into_values().collect(), remaps)
 }
 
 #[cfg(test)]
@@ -504,11 +526,11 @@ mod tests {
         }
         Inputs {
             services: list(&v["services"]),
-            slices: list(&v["slices"]),
+            slices: list(&v["endpointslices"]),
             pods: list(&v["pods"]),
             namespaces: list(&v["namespaces"]),
             plugins: list(&v["plugins"]),
-            meshes: list(&v["meshes"]),
+            meshes: list(&v["meshconfigs"]),
         }
     }
 
@@ -558,6 +580,22 @@ mod tests {
         let targets: Vec<_> = i.ports.iter().map(|p| (p.port.get(), p.target)).collect();
         // Named targetPort resolved to the proxy's port already; numeric ones are mapped.
         assert_eq!(targets, [(80, 28080), (9000, 29000), (8081, 28081)]);
+        // The workload's own inbound: app port and port_outer per service port.
+        let remap: Vec<_> = web
+            .ports
+            .iter()
+            .map(|p| {
+                (
+                    p.port.get(),
+                    p.app_port().get(),
+                    p.port_outer.unwrap().get(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            remap,
+            [(80, 8080, 28080), (9000, 9000, 29000), (8081, 8081, 28081)]
+        );
         let mysql = b.state.service("shop", "mysql").unwrap();
         assert!(!mysql.instances[0].meshed);
         assert_eq!(mysql.instances[0].ports[0].target, 3306);

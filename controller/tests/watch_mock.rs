@@ -67,16 +67,9 @@ impl FakeApi {
             resource_version: 100,
             ..Default::default()
         };
-        for (field, res) in [
-            ("services", "services"),
-            ("slices", "endpointslices"),
-            ("pods", "pods"),
-            ("namespaces", "namespaces"),
-            ("plugins", "plugins"),
-            ("meshes", "meshconfigs"),
-        ] {
+        for res in RESOURCES {
             c.objects
-                .insert(res.to_owned(), fixture[field].as_array().unwrap().clone());
+                .insert(res.to_owned(), fixture[res].as_array().unwrap().clone());
         }
         let (pods_gate, _) = tokio::sync::watch::channel(true);
         FakeApi {
@@ -305,7 +298,7 @@ async fn lists_then_events_then_410_gone_without_half_states() {
     let services = first.services.len();
 
     // A watch event: the old web pod becomes ready again.
-    let mut slice = fixture["slices"][0].clone();
+    let mut slice = fixture["endpointslices"][0].clone();
     slice["endpoints"][1]["conditions"]["ready"] = true.into();
     api.apply("endpointslices", slice);
     eventually("two web instances", || {
@@ -322,9 +315,9 @@ async fn lists_then_events_then_410_gone_without_half_states() {
 
     // 410 Gone after events were lost: the slices are re-listed and the new list wins.
     let published_before = recorder.states.lock().unwrap().len();
-    let mut slice = fixture["slices"][0].clone();
+    let mut slice = fixture["endpointslices"][0].clone();
     slice["endpoints"][0]["addresses"] = json!(["10.244.7.7"]);
-    let mysql = fixture["slices"][1].clone();
+    let mysql = fixture["endpointslices"][1].clone();
     api.replace_then_gone("endpointslices", vec![slice, mysql]);
     eventually("re-listed slices", || {
         let s = recorder.states.lock().unwrap();

@@ -28,7 +28,10 @@ impl Sidemesh {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sidemesh"));
         cmd.args(args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -42,14 +45,20 @@ impl Sidemesh {
                 Ok(line) => {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                         if v.get("ready").is_some() {
-                            return Sidemesh { child, ready: v, stdout: rx };
+                            return Sidemesh {
+                                child,
+                                ready: v,
+                                stdout: rx,
+                            };
                         }
                     }
                 }
                 Err(_) => {
                     let _ = child.kill();
                     let status = child.wait().ok();
-                    panic!("sidemesh {args:?} printed no ready line within 30 s (exit: {status:?})");
+                    panic!(
+                        "sidemesh {args:?} printed no ready line within 30 s (exit: {status:?})"
+                    );
                 }
             }
         }
