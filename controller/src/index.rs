@@ -175,6 +175,7 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
 
     // MeshConfigs: validated, then attached to their workload's service.
     let mut meshes = BTreeMap::new();
+    let mut rejected = BTreeMap::new();
     for m in &inputs.meshes {
         let ns = m.metadata.namespace.clone().unwrap_or_default();
         let name = m.metadata.name.clone().unwrap_or_default();
@@ -212,6 +213,9 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
             Err(errs) => errs,
         };
         errs.dedup();
+        if !errs.is_empty() && !meshes.contains_key(&(ns.clone(), svc.clone())) {
+            rejected.insert((ns.clone(), svc.clone()), errs.join("; "));
+        }
         statuses.insert(
             key.clone(),
             DesiredStatus {
@@ -222,6 +226,7 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
         );
         problems.insert(key, errs);
     }
+    catalog.rejected = rejected;
     catalog.meshes = meshes
         .iter()
         .map(|(k, (m, _))| (k.clone(), m.spec.clone()))
@@ -635,6 +640,8 @@ mod tests {
                 .meshes
                 .contains_key(&("shop".to_owned(), "web".to_owned()))
         );
+        let rejected = &b.lookups.catalog.rejected[&("shop".to_owned(), "report".to_owned())];
+        assert!(rejected.contains("broken"), "{rejected}");
         b.state.check().unwrap();
     }
 

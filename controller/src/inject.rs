@@ -109,6 +109,9 @@ pub struct Catalog {
     pub plugins: BTreeMap<String, PluginSpec>,
     /// `MeshConfig` specs by (namespace, service).
     pub meshes: BTreeMap<(String, String), MeshConfigSpec>,
+    /// Invalid `MeshConfig`s by (namespace, service), with their problems: their pods are
+    /// denied rather than injected without what the config asks for.
+    pub rejected: BTreeMap<(String, String), String>,
 }
 
 /// Why a pod was left alone.
@@ -271,7 +274,11 @@ pub fn inject(
         return Err(InjectError::HostNetwork);
     }
     let service = service_name(meta)?;
-    let mesh = catalog.meshes.get(&(namespace.to_owned(), service.clone()));
+    let key = (namespace.to_owned(), service.clone());
+    if let Some(problems) = catalog.rejected.get(&key) {
+        return Err(InjectError::InvalidMeshConfig(problems.clone()));
+    }
+    let mesh = catalog.meshes.get(&key);
     if let Some(m) = mesh {
         m.validate(namespace)
             .map_err(|e| InjectError::InvalidMeshConfig(e.join("; ")))?;
@@ -873,6 +880,7 @@ mod tests {
         Catalog {
             plugins,
             meshes: BTreeMap::from([(("shop".to_owned(), "web".to_owned()), mesh)]),
+            rejected: BTreeMap::new(),
         }
     }
 
@@ -1275,6 +1283,21 @@ mod tests {
             assert!(err.to_string().contains(want), "{err} lacks {want:?}");
             assert_eq!(p, before);
         }
+    }
+
+    #[test]
+    fn rejected_mesh_config_denies_its_pods() {
+        let mut cat = catalog();
+        cat.rejected.insert(
+            ("shop".into(), "web".into()),
+            "spec.plugins[0]: no valid Plugin named \"x\"".into(),
+        );
+        let err = run(&mut pod(), &InjectConfig::default(), &cat).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("MeshConfig for this workload is invalid: spec.plugins[0]"),
+            "{err}"
+        );
     }
 
     #[test]
