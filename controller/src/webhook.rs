@@ -132,7 +132,7 @@ fn decide(
         Ok(v) => v,
         Err(e) => return (resp.deny(format!("cannot read the pod: {e}")), "denied"),
     };
-    let mut pod: Pod = match serde_json::from_value(original.clone()) {
+    let mut pod: Pod = match serde_json::from_value(original) {
         Ok(p) => p,
         Err(e) => return (resp.deny(format!("not a valid pod: {e}")), "denied"),
     };
@@ -146,6 +146,10 @@ fn decide(
     if inject::opted_in(&pod.metadata, ns_labels).is_err() {
         return (resp, "skipped");
     }
+    let typed_original = match serde_json::to_value(&pod) {
+        Ok(v) => v,
+        Err(e) => return (resp.deny(format!("cannot read the pod: {e}")), "denied"),
+    };
     let is_job = is_job_pod(&pod);
     let Some(spec) = pod.spec.as_mut() else {
         return (resp.deny("the pod has no spec"), "denied");
@@ -164,7 +168,9 @@ fn decide(
                 Ok(v) => v,
                 Err(e) => return (resp.deny(format!("cannot write the pod: {e}")), "denied"),
             };
-            let patch = json_patch::diff(&original, &mutated);
+            // Diff against the pod as k8s-openapi reads it, not the raw request: fields this
+            // version does not know (or nulls it drops) must not turn into `remove` ops.
+            let patch = json_patch::diff(&typed_original, &mutated);
             match resp.with_patch(patch) {
                 Ok(mut r) => {
                     if !warnings.is_empty() {
@@ -389,6 +395,33 @@ mod tests {
             pod.metadata.annotations.unwrap()[inject::PORT_MAP],
             r#"{"8080":28080}"#
         );
+    }
+
+    #[test]
+    fn fields_unknown_to_us_are_not_patched_away() {
+        let mut v: serde_json::Value = serde_json::from_str(REVIEW).unwrap();
+        v["request"]["object"]["spec"]["someFutureField"] = serde_json::json!({"x": 1});
+        v["request"]["object"]["metadata"]["creationTimestamp"] = serde_json::Value::Null;
+        let a = review(
+            &serde_json::to_vec(&v).unwrap(),
+            &InjectConfig::default(),
+            &lookups(true),
+        );
+        assert_eq!(a.result, "injected");
+        let r = response(&a);
+        let raw = general_purpose_decode(r["patch"].as_str().unwrap());
+        let patch: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        for op in patch.as_array().unwrap() {
+            let path = op["path"].as_str().unwrap();
+            // The only removal: the port name that moved to the proxy.
+            if op["op"] == "remove" {
+                assert_eq!(path, "/spec/containers/0/ports/0/name");
+            }
+            assert!(
+                !path.contains("someFutureField") && !path.contains("creationTimestamp"),
+                "{op}"
+            );
+        }
     }
 
     #[test]
