@@ -334,6 +334,7 @@ pub async fn start(
     let index_cfg = index::IndexConfig {
         cluster_domain: inject_cfg.cluster_domain.clone(),
         cluster_dns: (dns_ns.to_owned(), dns_name.to_owned()),
+        ..index::IndexConfig::default()
     };
 
     let cert = crate::tls::ReloadingCert::load(&args.tls_cert, &args.tls_key)?;

@@ -89,6 +89,8 @@ pub struct IndexConfig {
     /// The cluster DNS Service, as `namespace/name`, whose ClusterIP becomes the shims'
     /// upstream (the pod's resolv.conf points at the shim after injection).
     pub cluster_dns: (String, String),
+    /// The discover Service, as (namespace, name), whose ClusterIP goes into `DISCOVER_URL`s.
+    pub discover_service: (String, String),
 }
 
 impl Default for IndexConfig {
@@ -96,6 +98,7 @@ impl Default for IndexConfig {
         IndexConfig {
             cluster_domain: "cluster.local".to_owned(),
             cluster_dns: ("kube-system".to_owned(), "kube-dns".to_owned()),
+            discover_service: ("sidemesh".to_owned(), "sidemesh-discover".to_owned()),
         }
     }
 }
@@ -264,6 +267,7 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
 
     let mut services: BTreeMap<(String, String), state::Service> = BTreeMap::new();
     let mut upstreams = Vec::new();
+    let mut discover_ip = None;
     for ks in &inputs.services {
         let (Some(ns), Some(name)) = (
             ks.metadata.namespace.as_deref(),
@@ -272,6 +276,14 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
             continue;
         };
         let Some(spec) = &ks.spec else { continue };
+        if (ns, name)
+            == (
+                cfg.discover_service.0.as_str(),
+                cfg.discover_service.1.as_str(),
+            )
+        {
+            discover_ip = spec.cluster_ip.as_deref().and_then(|ip| ip.parse().ok());
+        }
         if (ns, name) == (cfg.cluster_dns.0.as_str(), cfg.cluster_dns.1.as_str()) {
             if let Some(ip) = spec.cluster_ip.as_deref().filter(|ip| *ip != "None") {
                 upstreams.push(format!("{ip}:53"));
@@ -397,6 +409,7 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
         lookups: Lookups {
             catalog,
             namespace_labels,
+            discover_ip,
         },
         problems,
         statuses,
@@ -620,6 +633,7 @@ mod tests {
         assert_eq!(web.plugins[0].variables["SINK_URL"], "http://logs.ops");
         assert_eq!(b.state.plugins.len(), 1, "the invalid plugin is left out");
         assert_eq!(b.state.dns.upstreams, ["10.96.0.10:53"]);
+        assert_eq!(b.lookups.discover_ip, Some("10.96.5.5".parse().unwrap()));
         // The injected report pod has no Service but gets an entry; its MeshConfig names a
         // broken plugin, so it is not applied and says why.
         let report = b.state.service("shop", "report").unwrap();

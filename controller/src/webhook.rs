@@ -35,6 +35,10 @@ pub struct Lookups {
     pub catalog: Catalog,
     /// Every namespace's labels (for the namespace opt-in).
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// The discover Service's ClusterIP. `DISCOVER_URL`s use it instead of the Service's DNS
+    /// name: the injected pod's resolver is the shim inside the proxy, which cannot answer
+    /// before the proxy has its first config from discover.
+    pub discover_ip: Option<std::net::IpAddr>,
 }
 
 /// The webhook's metrics.
@@ -151,6 +155,17 @@ fn decide(
         Err(e) => return (resp.deny(format!("cannot read the pod: {e}")), "denied"),
     };
     let is_job = is_job_pod(&pod);
+    let cfg_by_ip;
+    let cfg = match lookups.discover_ip {
+        Some(ip) => {
+            cfg_by_ip = InjectConfig {
+                discover_base: with_host(&cfg.discover_base, ip),
+                ..cfg.clone()
+            };
+            &cfg_by_ip
+        }
+        None => cfg,
+    };
     let Some(spec) = pod.spec.as_mut() else {
         return (resp.deny("the pod has no spec"), "denied");
     };
@@ -188,6 +203,21 @@ fn decide(
             resp.deny(format!("sidemesh cannot inject this pod: {e}")),
             "denied",
         ),
+    }
+}
+
+/// `base` (`http://host[:port][/path]`) with its host replaced by `ip`.
+fn with_host(base: &str, ip: std::net::IpAddr) -> String {
+    let (scheme, rest) = base.split_once("://").unwrap_or(("http", base));
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let port = authority.rsplit_once(':').map(|(_, p)| p);
+    let host = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    match port {
+        Some(p) => format!("{scheme}://{host}:{p}{path}"),
+        None => format!("{scheme}://{host}{path}"),
     }
 }
 
@@ -422,6 +452,29 @@ mod tests {
                 "{op}"
             );
         }
+    }
+
+    #[test]
+    fn discover_url_uses_the_service_ip_when_known() {
+        let mut l = lookups(true);
+        l.discover_ip = Some("10.96.5.5".parse().unwrap());
+        let a = review(REVIEW.as_bytes(), &InjectConfig::default(), &l);
+        let pod = patched(&a);
+        let proxy = &pod.spec.unwrap().init_containers.unwrap()[0];
+        let url = proxy
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "DISCOVER_URL")
+            .unwrap();
+        assert_eq!(
+            url.value.as_deref(),
+            Some("http://10.96.5.5:8080/v1/sidecars/shop/web/sidemesh-proxy")
+        );
+        assert_eq!(
+            with_host("https://d.x/p", "::1".parse().unwrap()),
+            "https://[::1]/p"
+        );
     }
 
     #[test]
