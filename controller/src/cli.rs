@@ -397,6 +397,7 @@ pub async fn start(
     let hook = Arc::new(webhook::Webhook {
         config: inject_cfg,
         lookups: lookups_rx,
+        ready: ready.clone(),
         metrics: webhook::Metrics::new(registry)?,
     });
     tasks.push(tokio::spawn(webhook::serve(webhook_listener, tls, hook)));

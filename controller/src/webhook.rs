@@ -240,6 +240,10 @@ pub struct Webhook {
     pub config: InjectConfig,
     /// The current lookups.
     pub lookups: watch::Receiver<Arc<Lookups>>,
+    /// False until the watches have synced: until then reviews get `503`, so the API server
+    /// applies the webhook's failure policy instead of the webhook skipping pods it cannot
+    /// yet tell are opted in.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// Metrics.
     pub metrics: Metrics,
 }
@@ -291,6 +295,13 @@ async fn handle(
         return Ok(plain(
             StatusCode::METHOD_NOT_ALLOWED,
             "POST an AdmissionReview",
+        ));
+    }
+    if !hook.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        hook.metrics.reviews.with_label_values(&["not_ready"]).inc();
+        return Ok(plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sidemesh is still syncing with the cluster",
         ));
     }
     let started = Instant::now();

@@ -20,6 +20,7 @@ const REVIEW: &str = include_str!("../testdata/admission-review.json");
 
 struct Server {
     addr: SocketAddr,
+    ready: Arc<std::sync::atomic::AtomicBool>,
     cert: Arc<ReloadingCert>,
     registry: prometheus::Registry,
     task: tokio::task::JoinHandle<()>,
@@ -50,10 +51,12 @@ async fn start(certs: &WebhookCerts) -> Server {
         BTreeMap::from([(INJECT.to_owned(), "enabled".to_owned())]),
     );
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(lookups));
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Keep the sender alive for the server's life by leaking it into the task.
     let hook = Arc::new(Webhook {
         config: InjectConfig::default(),
         lookups: rx,
+        ready: ready.clone(),
         metrics: Metrics::new(&registry).unwrap(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -64,6 +67,7 @@ async fn start(certs: &WebhookCerts) -> Server {
     });
     Server {
         addr,
+        ready,
         cert,
         registry,
         task,
@@ -141,6 +145,13 @@ async fn admission_reviews_over_https() {
     timed(async {
         let c = certs();
         let s = start(&c).await;
+
+        // Before the watches have synced: 503, so the failure policy applies.
+        let (status, _) = post(s.addr, &c.ca_pem, REVIEW.as_bytes().to_vec())
+            .await
+            .unwrap();
+        assert_eq!(status, 503);
+        s.ready.store(true, std::sync::atomic::Ordering::SeqCst);
 
         // Plain: injected, with a JSONPatch.
         let (status, body) = post(s.addr, &c.ca_pem, REVIEW.as_bytes().to_vec())
@@ -222,6 +233,7 @@ async fn certificate_is_reloaded_when_the_files_change() {
     timed(async {
         let old = certs();
         let s = start(&old).await;
+        s.ready.store(true, std::sync::atomic::Ordering::SeqCst);
         let watcher = tokio::spawn(s.cert.clone().watch(Duration::from_millis(50)));
         assert!(
             post(s.addr, &old.ca_pem, REVIEW.as_bytes().to_vec())
