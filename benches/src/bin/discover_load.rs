@@ -475,6 +475,11 @@ async fn main() -> anyhow::Result<()> {
                 collect(&a, round, t0, waiters, &mut all).await?;
             }
         }
+        let u = usage(pid, tps)?;
+        println!(
+            "  discover after round {round}: RSS {:.0} MiB, HWM {:.0} MiB, CPU {:.2} s",
+            u.rss_mib, u.hwm_mib, u.cpu_seconds
+        );
     }
     let after = usage(pid, tps)?;
     let rebuilds_after = rebuild(discover.addr);
