@@ -53,7 +53,7 @@ const REQUEST_SLACK: Duration = Duration::from_secs(15);
 const MAX_LOGGED_ERRORS: usize = 20;
 
 /// What the client polls and where it keeps its copy.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientConfig {
     /// The `DISCOVER_URL`, opaque: the client only appends `wait=SECONDS` to its query.
     pub url: String,
@@ -84,13 +84,29 @@ impl ClientConfig {
     }
 }
 
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL's query and user info and the Authorization value may be credentials.
+        f.debug_struct("ClientConfig")
+            .field("url", &redact(&self.url))
+            .field("state_dir", &self.state_dir)
+            .field("wait", &self.wait)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .field("metrics_prefix", &self.metrics_prefix)
+            .finish()
+    }
+}
+
 /// Why a [`Client`] could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The URL is empty, does not parse, or lacks a scheme or host.
     #[error("DISCOVER_URL {url:?} is not usable: {reason}")]
     Url {
-        /// The URL as given.
+        /// The URL as given, without its query or user info (they may hold credentials).
         url: String,
         /// What is wrong with it.
         reason: String,
@@ -176,6 +192,8 @@ impl Metrics {
 pub struct Client {
     base: Uri,
     url: String,
+    /// The URL as logged: without query or user info, which may hold credentials.
+    log_url: String,
     state_dir: Option<PathBuf>,
     wait_seconds: u64,
     authorization: Option<HeaderValue>,
@@ -189,7 +207,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The Authorization value is a credential: never show it.
         f.debug_struct("Client")
-            .field("url", &self.url)
+            .field("url", &self.log_url)
             .field("state_dir", &self.state_dir)
             .field("wait_seconds", &self.wait_seconds)
             .finish_non_exhaustive()
@@ -219,6 +237,7 @@ impl Client {
             .build(connector);
         Ok(Client {
             base,
+            log_url: redact(&cfg.url),
             url: cfg.url,
             state_dir: cfg.state_dir,
             wait_seconds: cfg.wait.as_secs(),
@@ -329,11 +348,11 @@ impl Client {
         let limit = Duration::from_secs(self.wait_seconds) + REQUEST_SLACK;
         let resp = match tokio::time::timeout(limit, self.http.request(req)).await {
             Err(_) => {
-                tracing::warn!(url = %self.url, timeout_s = limit.as_secs(), "discover did not answer in time");
+                tracing::warn!(url = %self.log_url, timeout_s = limit.as_secs(), "discover did not answer in time");
                 return Outcome::Failed(FailReason::Timeout);
             }
             Ok(Err(error)) => {
-                tracing::warn!(url = %self.url, error = %error_chain(&error), "cannot reach discover");
+                tracing::warn!(url = %self.log_url, error = %error_chain(&error), "cannot reach discover");
                 return Outcome::Failed(FailReason::Connect);
             }
             Ok(Ok(resp)) => resp,
@@ -355,13 +374,13 @@ impl Client {
         if !status.is_success() {
             let body = read_capped(resp.into_body(), MAX_ERROR_BYTES, limit).await;
             let message = error_message(body.as_deref().unwrap_or_default(), gzip);
-            tracing::warn!(url = %self.url, status = status.as_u16(), message = %message, "discover answered with an error");
+            tracing::warn!(url = %self.log_url, status = status.as_u16(), message = %message, "discover answered with an error");
             return Outcome::Failed(FailReason::Status);
         }
         let body = match read_capped(resp.into_body(), MAX_CONFIG_BYTES, limit).await {
             Ok(b) => b,
             Err(error) => {
-                tracing::warn!(url = %self.url, %error, "cannot read the config body");
+                tracing::warn!(url = %self.log_url, %error, "cannot read the config body");
                 return Outcome::Failed(FailReason::Body);
             }
         };
@@ -378,7 +397,7 @@ impl Client {
         let (json, parsed) = match parsed {
             Ok(Ok(p)) => p,
             Ok(Err(error)) => {
-                tracing::warn!(url = %self.url, %error, "cannot decode the config body");
+                tracing::warn!(url = %self.log_url, %error, "cannot decode the config body");
                 return Outcome::Failed(FailReason::Body);
             }
             Err(error) => {
@@ -390,7 +409,7 @@ impl Client {
             Ok(s) => s,
             Err(error) => {
                 self.metrics.rejected.with_label_values(&["invalid"]).inc();
-                log_rejected(&self.url, new_etag.as_deref(), &error);
+                log_rejected(&self.log_url, new_etag.as_deref(), &error);
                 // Long-poll on the rejected ETag: the next answer is a change, not the
                 // same bad config again.
                 if new_etag.is_some() {
@@ -409,7 +428,7 @@ impl Client {
             if same_sidecar && snapshot.version() < held.version() {
                 self.metrics.rejected.with_label_values(&["stale"]).inc();
                 tracing::warn!(
-                    url = %self.url,
+                    url = %self.log_url,
                     held = held.version(),
                     received = snapshot.version(),
                     "ignoring a config older than the one held"
@@ -617,10 +636,30 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The URL without what may be a credential: the query becomes `?<redacted>` and user
+/// info `<redacted>@`. For logs and error messages.
+pub(crate) fn redact(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, _)) => (b, "?<redacted>"),
+        None => (url, ""),
+    };
+    let (scheme, rest) = match base.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, base),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("<redacted>@{host}"),
+        None => authority.to_owned(),
+    };
+    let scheme = scheme.map(|s| format!("{s}://")).unwrap_or_default();
+    format!("{scheme}{authority}{path}{query}")
+}
+
 /// Checks a `DISCOVER_URL`: `http://host[:port]/path[?query]`.
 fn parse_url(url: &str) -> Result<Uri, ClientError> {
     let bad = |reason: &str| ClientError::Url {
-        url: url.to_owned(),
+        url: redact(url),
         reason: reason.to_owned(),
     };
     if url.trim().is_empty() {
@@ -636,7 +675,7 @@ fn parse_url(url: &str) -> Result<Uri, ClientError> {
         .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
     match uri.scheme_str() {
         Some("http") => {}
-        Some("https") => return Err(ClientError::HttpsUnsupported(url.to_owned())),
+        Some("https") => return Err(ClientError::HttpsUnsupported(redact(url))),
         Some(other) => return Err(bad(&format!("scheme {other:?} is not http"))),
         None => return Err(bad("it has no scheme; expected http://host:port/path")),
     }
@@ -730,6 +769,25 @@ mod tests {
         }
         let e = parse_url("https://discover/x").unwrap_err().to_string();
         assert!(e.contains("https DISCOVER_URL is not supported yet"), "{e}");
+    }
+
+    #[test]
+    fn credentials_stay_out_of_logs() {
+        assert_eq!(
+            redact("http://u:pw@h:1/v1/x?token=abc"),
+            "http://<redacted>@h:1/v1/x?<redacted>"
+        );
+        assert_eq!(redact("http://h/v1/x"), "http://h/v1/x");
+        assert_eq!(redact("h:80"), "h:80");
+        let mut cfg = ClientConfig::new("http://h/x?token=abc");
+        cfg.authorization = Some("Bearer s3cret".into());
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("abc") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        let e = parse_url("ftp://h/x?token=abc").unwrap_err().to_string();
+        assert!(!e.contains("abc"), "{e}");
     }
 
     #[test]
