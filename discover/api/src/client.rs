@@ -7,7 +7,8 @@
 //! older than the one it holds. It keeps the last good config on disk (written atomically)
 //! and starts from that copy, so a sidecar restarted while discover is down still serves.
 //! Errors back off exponentially with full jitter (100 ms doubling up to 30 s) and the
-//! backoff resets on the next success.
+//! backoff resets on the next success. It speaks HTTP/1.1, plain or over TLS (rustls, the
+//! system's trust roots plus any given with [`Client::with_root_certificates_pem`]).
 //!
 //! The reference for the behaviour is `docs/discover-api.md`.
 
@@ -21,11 +22,14 @@ use hyper::header::{
     ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, ETAG, HeaderValue, IF_NONE_MATCH,
 };
 use hyper::{Request, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use prometheus::{Gauge, IntCounterVec, IntGauge, Opts, Registry};
 use rand::Rng;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -111,9 +115,9 @@ pub enum ClientError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The URL is `https://`, which this client does not speak yet.
-    #[error("https DISCOVER_URL is not supported yet ({0:?}); use http:// on a trusted network")]
-    HttpsUnsupported(String),
+    /// The TLS setup for an `https://` URL failed (no trust roots, bad PEM).
+    #[error("cannot set up TLS for DISCOVER_URL: {0}")]
+    Tls(String),
     /// The `Authorization` value cannot be an HTTP header value.
     #[error("the Authorization value holds characters not allowed in an HTTP header")]
     Authorization,
@@ -200,7 +204,7 @@ pub struct Client {
     backoff_min: Duration,
     backoff_max: Duration,
     metrics: Metrics,
-    http: HttpClient<HttpConnector, Empty<Bytes>>,
+    http: HttpClient<HttpsConnector<HttpConnector>, Empty<Bytes>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -227,14 +231,14 @@ impl Client {
                 Ok::<_, ClientError>(v)
             })
             .transpose()?;
+        // Trust roots are read only for https, where they are needed.
+        let roots = if base.scheme_str() == Some("https") {
+            native_roots()?
+        } else {
+            rustls::RootCertStore::empty()
+        };
+        let http = http_client(roots)?;
         let metrics = Metrics::new(&cfg.metrics_prefix, registry)?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
-        let http = HttpClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1)
-            .build(connector);
         Ok(Client {
             base,
             log_url: redact(&cfg.url),
@@ -247,6 +251,27 @@ impl Client {
             metrics,
             http,
         })
+    }
+
+    /// Trusts the CA certificates in `pem` (PEM, one or more) for an `https://` URL, in
+    /// addition to the system's roots: for a discover behind a private CA.
+    pub fn with_root_certificates_pem(mut self, pem: &[u8]) -> Result<Client, ClientError> {
+        let mut roots = native_roots()?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| ClientError::Tls(format!("bad PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Tls(format!("bad CA certificate: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(ClientError::Tls(
+                "no certificate in the PEM data".to_owned(),
+            ));
+        }
+        self.http = http_client(roots)?;
+        Ok(self)
     }
 
     /// Changes the backoff bounds (default 100 ms .. 30 s): after the n-th error in a row
@@ -656,7 +681,51 @@ pub(crate) fn redact(url: &str) -> String {
     format!("{scheme}{authority}{path}{query}")
 }
 
-/// Checks a `DISCOVER_URL`: `http://host[:port]/path[?query]`.
+/// The system's trust roots (`SSL_CERT_FILE` / `SSL_CERT_DIR` honoured). Unreadable
+/// certificates are skipped, with a log line when none could be read.
+fn native_roots() -> Result<rustls::RootCertStore, ClientError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 && !found.errors.is_empty() {
+        let first = found
+            .errors
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        tracing::warn!(error = %first, "cannot read the system's trust roots");
+    }
+    Ok(roots)
+}
+
+/// The HTTP client: plain `http://`, or `https://` with rustls (ring) over `roots`.
+fn http_client(
+    roots: rustls::RootCertStore,
+) -> Result<HttpClient<HttpsConnector<HttpConnector>, Empty<Bytes>>, ClientError> {
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ClientError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tcp = HttpConnector::new();
+    tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    tcp.set_nodelay(true);
+    // The https layer handles the scheme; the TCP connector must accept both.
+    tcp.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    Ok(HttpClient::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1)
+        .build(connector))
+}
+
+/// Checks a `DISCOVER_URL`: `http[s]://host[:port]/path[?query]`.
 fn parse_url(url: &str) -> Result<Uri, ClientError> {
     let bad = |reason: &str| ClientError::Url {
         url: redact(url),
@@ -674,9 +743,8 @@ fn parse_url(url: &str) -> Result<Uri, ClientError> {
         .parse()
         .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(ClientError::HttpsUnsupported(redact(url))),
-        Some(other) => return Err(bad(&format!("scheme {other:?} is not http"))),
+        Some("http" | "https") => {}
+        Some(other) => return Err(bad(&format!("scheme {other:?} is not http or https"))),
         None => return Err(bad("it has no scheme; expected http://host:port/path")),
     }
     if uri.host().is_none_or(str::is_empty) {
@@ -754,6 +822,7 @@ mod tests {
     #[test]
     fn urls_are_checked() {
         assert!(parse_url("http://127.0.0.1:8080/v1/sidecars/a/b/c").is_ok());
+        assert!(parse_url("https://discover.example:8443/v1/sidecars/a/b/c").is_ok());
         for bad in [
             "",
             "  ",
@@ -767,8 +836,6 @@ mod tests {
                 "{bad:?}"
             );
         }
-        let e = parse_url("https://discover/x").unwrap_err().to_string();
-        assert!(e.contains("https DISCOVER_URL is not supported yet"), "{e}");
     }
 
     #[test]
