@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod up;
+
 #[derive(Parser)]
 #[command(
     name = "sidemesh",
@@ -35,8 +37,17 @@ enum LogFormat {
 enum Command {
     /// Validate a sidecar config (JSON, as discover serves it) and print what is wrong.
     Check(CheckArgs),
+    /// Run the sidecar: inbound and outbound proxying from the config at DISCOVER_URL.
+    Proxy(Box<sidemesh_proxy::cli::Args>),
+    /// Run a whole mesh locally from a state file: discover, demo backends behind inbound
+    /// sidecars, and client sidecars; prints what to curl.
+    Up(up::Args),
+    /// A tiny HTTP server answering "hello from <name>", for demos and tests.
+    DemoBackend(sidemesh_proxy::demo::Args),
     /// Serve sidecar configs (DISCOVER_URL) from a YAML state file and the TTL registry.
     Discover(sidemesh_discover::cli::Args),
+    /// Run the DNS shim on its own: mesh names answered locally, the rest forwarded.
+    Dns(Box<sidemesh_dns::cli::Args>),
 }
 
 #[derive(clap::Args)]
@@ -53,8 +64,45 @@ fn main() -> anyhow::Result<()> {
     let _ = (&registry, &runtime);
     match cli.command {
         Command::Check(args) => check(&args),
+        Command::Proxy(args) => {
+            let sidecars = args
+                .dns
+                .map(|listen| dns_shim(listen, registry.clone()))
+                .into_iter()
+                .collect();
+            runtime.block_on(sidemesh_proxy::cli::run_with(*args, registry, sidecars))
+        }
+        Command::Up(args) => runtime.block_on(up::run(args, registry)),
+        Command::DemoBackend(args) => runtime.block_on(sidemesh_proxy::demo::run(args)),
         Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
+        Command::Dns(args) => runtime.block_on(sidemesh_dns::cli::run(*args, registry)),
     }
+}
+
+/// The DNS shim run inside a sidecar (`sidemesh proxy --dns ADDR`): it answers the mesh
+/// names of the sidecar's own config and forwards the rest to the resolvers of
+/// /etc/resolv.conf (never to itself). Kept here because the proxy crate does not depend
+/// on the DNS crate.
+fn dns_shim(
+    listen: std::net::SocketAddr,
+    registry: prometheus::Registry,
+) -> sidemesh_proxy::cli::Sidecar {
+    Box::new(move |snapshots| {
+        Box::pin(async move {
+            let conf = sidemesh_dns::ResolvConf::read(std::path::Path::new("/etc/resolv.conf"))
+                .unwrap_or_default();
+            let mut opts = sidemesh_dns::ShimOptions::from_resolv_conf(listen, &conf);
+            opts.fallback_upstreams.retain(|u| *u != listen);
+            let shim = sidemesh_dns::Shim::start(opts, snapshots, &registry).await?;
+            let addr = shim.udp_addr();
+            // The shim serves while its handle lives: keep it for the life of the process.
+            tokio::spawn(async move {
+                let _shim = shim;
+                std::future::pending::<()>().await
+            });
+            Ok(vec![("dns".to_owned(), addr.to_string())])
+        })
+    })
 }
 
 fn init_logging(format: LogFormat) {
