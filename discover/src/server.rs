@@ -490,41 +490,23 @@ impl Discover {
         let held = if_none_match(req);
         let gzip = accepts_gzip(req);
         // Subscribe before reading, so a change between the two is never missed.
-        let mut rx = (wait > Duration::ZERO && held.is_some()).then(|| self.subscribe(&key));
+        let mut sub = (wait > Duration::ZERO && held.is_some()).then(|| self.subscribe(&key));
         let Some(mut sidecar) = self.sidecar(&key) else {
-            drop(rx);
-            self.unsubscribe(&key);
+            drop(sub);
             return self.missing(&key);
         };
-        let mut gone = false;
-        if let (Some(held_version), Some(waiter)) = (held, rx.as_mut()) {
+        if let (Some(held_version), Some(sub)) = (held, sub.as_mut()) {
             if sidecar.version == held_version {
-                self.shared.metrics.long_polls_waiting.inc();
-                let woke = tokio::time::timeout(wait, async {
-                    loop {
-                        if waiter.changed().await.is_err() {
-                            return;
-                        }
-                        if *waiter.borrow_and_update() != held_version {
-                            return;
-                        }
-                    }
-                })
-                .await;
-                self.shared.metrics.long_polls_waiting.dec();
+                let woke = tokio::time::timeout(wait, sub.changed_from(held_version)).await;
                 if woke.is_ok() {
                     match self.sidecar(&key) {
                         Some(s) => sidecar = s,
-                        None => gone = true,
+                        None => return self.missing(&key),
                     }
                 }
             }
         }
-        drop(rx);
-        self.unsubscribe(&key);
-        if gone {
-            return self.missing(&key);
-        }
+        drop(sub);
         let etag = format!("\"{}\"", sidecar.version);
         if held == Some(sidecar.version) {
             let mut r = Response::new(Full::new(Bytes::new()));
@@ -567,12 +549,18 @@ impl Discover {
         error(StatusCode::NOT_FOUND, e.to_string())
     }
 
-    fn subscribe(&self, key: &SidecarKey) -> watch::Receiver<u64> {
+    fn subscribe(&self, key: &SidecarKey) -> Subscription {
         let mut watchers = lock(&self.shared.watchers);
-        watchers
+        let rx = watchers
             .entry(key.clone())
             .or_insert_with(|| watch::channel(0).0)
-            .subscribe()
+            .subscribe();
+        Subscription {
+            discover: self.clone(),
+            key: key.clone(),
+            rx: Some(rx),
+            waiting: false,
+        }
     }
 
     fn unsubscribe(&self, key: &SidecarKey) {
@@ -818,6 +806,40 @@ fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Byte
     *r.status_mut() = status;
     set_header(&mut r, header::CONTENT_TYPE, "application/json");
     r
+}
+
+/// A long poller's wake-up channel. Dropping it (also when the client goes away mid-wait
+/// and hyper drops the request) fixes the waiting gauge and frees the sidecar's channel
+/// when it was the last poller.
+struct Subscription {
+    discover: Discover,
+    key: SidecarKey,
+    rx: Option<watch::Receiver<u64>>,
+    waiting: bool,
+}
+
+impl Subscription {
+    /// Waits until the sidecar's version is other than `held` (or its channel closes).
+    async fn changed_from(&mut self, held: u64) {
+        let Some(rx) = self.rx.as_mut() else { return };
+        self.waiting = true;
+        self.discover.shared.metrics.long_polls_waiting.inc();
+        loop {
+            if rx.changed().await.is_err() || *rx.borrow_and_update() != held {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.discover.shared.metrics.long_polls_waiting.dec();
+        }
+        self.rx = None;
+        self.discover.unsubscribe(&self.key);
+    }
 }
 
 /// A request rejected before any work: a status and a message for the client.

@@ -20,6 +20,9 @@ use crate::render::Cluster;
 /// The largest state file read, in bytes.
 pub const MAX_STATE_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Problems whose line and column are looked up (each lookup re-reads the file).
+const MAX_LOCATED: usize = 10;
+
 /// How often the file's metadata is polled.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -47,21 +50,38 @@ pub enum StateFileError {
         message: String,
     },
     /// Parsed, but breaks rules.
-    #[error("{file}: {count} problem(s): {}", join(errors))]
+    #[error("{count} problem(s): {}", join(file, errors))]
     Invalid {
         /// The file.
         file: String,
         /// How many problems.
         count: usize,
-        /// Each with its field path.
-        errors: Vec<ValidationError>,
+        /// Each with its field path and, when found, where it is in the file.
+        errors: Vec<Located>,
     },
 }
 
-fn join(errors: &[ValidationError]) -> String {
+/// A problem with the 1-based line and column of the field it names (0 when not found).
+#[derive(Debug, Clone)]
+pub struct Located {
+    /// Line of the field, 1-based; 0 when unknown.
+    pub line: usize,
+    /// Column of the field, 1-based; 0 when unknown.
+    pub column: usize,
+    /// The problem.
+    pub error: ValidationError,
+}
+
+fn join(file: &str, errors: &[Located]) -> String {
     errors
         .iter()
-        .map(ToString::to_string)
+        .map(|e| {
+            if e.line > 0 {
+                format!("{file}:{}:{}: {}", e.line, e.column, e.error)
+            } else {
+                format!("{file}: {}", e.error)
+            }
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -87,6 +107,19 @@ pub fn parse_after(
             column: 0,
             message: "the file is empty; write `services: []` for an empty state".to_owned(),
         });
+    }
+    // JSON is YAML too, but serde_json reads it several times faster than a YAML parser:
+    // large generated state files (a JSON object) take the fast path, with the same
+    // line/column errors.
+    if text.trim_start().starts_with('{') {
+        let state: ClusterState =
+            serde_json::from_str(text).map_err(|e| StateFileError::Parse {
+                file: name.clone(),
+                line: e.line(),
+                column: e.column(),
+                message: e.to_string(),
+            })?;
+        return check_parsed(name, text, state, previous);
     }
     let state: ClusterState = match serde_norway::from_str(text) {
         Ok(s) => s,
@@ -126,15 +159,235 @@ pub fn parse_after(
             }
         }
     };
+    check_parsed(name, text, state, previous)
+}
+
+fn check_parsed(
+    name: String,
+    text: &str,
+    state: ClusterState,
+    previous: Option<&ClusterState>,
+) -> Result<ClusterState, StateFileError> {
     let errors = validate_after(previous, &state);
     if errors.is_empty() {
-        Ok(state)
-    } else {
-        Err(StateFileError::Invalid {
-            file: name,
-            count: errors.len(),
-            errors,
+        return Ok(state);
+    }
+    let errors: Vec<Located> = errors
+        .into_iter()
+        .enumerate()
+        .map(|(i, error)| {
+            // Each lookup re-reads the file: locate the first few problems only.
+            let (line, column) = if i < MAX_LOCATED {
+                locate::find(text, &error.path).unwrap_or((0, 0))
+            } else {
+                (0, 0)
+            };
+            Located {
+                line,
+                column,
+                error,
+            }
         })
+        .collect();
+    Err(StateFileError::Invalid {
+        file: name,
+        count: errors.len(),
+        errors,
+    })
+}
+
+/// Finding where a field path (`services[1].use_services[0].routes[0].match`) is in the
+/// file: a serde seed walks the document along the path and fails at the target, and the
+/// parser's error carries the position. The longest prefix of the path that exists is
+/// located (an error about a map entry such as `variables["X"]` points at the map).
+mod locate {
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    #[derive(Debug, PartialEq)]
+    enum Seg {
+        Key(String),
+        Index(usize),
+    }
+
+    fn segments(path: &str) -> Vec<Seg> {
+        let mut out = Vec::new();
+        for part in path.split('.') {
+            let (key, mut rest) = match part.find('[') {
+                Some(i) => (&part[..i], &part[i..]),
+                None => (part, ""),
+            };
+            if !key.is_empty() {
+                out.push(Seg::Key(key.to_owned()));
+            }
+            while let Some(inner) = rest.strip_prefix('[') {
+                let Some(end) = inner.find(']') else {
+                    return out;
+                };
+                match inner[..end].parse() {
+                    Ok(i) => out.push(Seg::Index(i)),
+                    // `["NAME"]`: a map key; locating the map is close enough.
+                    Err(_) => return out,
+                }
+                rest = &inner[end + 1..];
+            }
+        }
+        out
+    }
+
+    /// The marker message of the error raised at the target.
+    const HERE: &str = "sidemesh-locate-here";
+
+    struct Walk<'a>(&'a [Seg]);
+
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            if self.0.is_empty() {
+                // Deserializing any value lets the parser attach the node's position.
+                return d.deserialize_any(Stop);
+            }
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map or a sequence")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                match self.0.first() {
+                    Some(Seg::Key(k)) if *k == key => {
+                        return map.next_value_seed(Walk(&self.0[1..]));
+                    }
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Err(de::Error::custom("not found"))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0;
+            loop {
+                if self.0.first() == Some(&Seg::Index(i)) {
+                    return seq
+                        .next_element_seed(Walk(&self.0[1..]))?
+                        .ok_or_else(|| de::Error::custom("not found"));
+                }
+                if seq.next_element::<IgnoredAny>()?.is_none() {
+                    return Err(de::Error::custom("not found"));
+                }
+                i += 1;
+            }
+        }
+    }
+
+    struct Stop;
+
+    impl<'de> Visitor<'de> for Stop {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(HERE)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+            Err(de::Error::custom(HERE))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+            Err(de::Error::custom(HERE))
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+            Err(E::custom(HERE))
+        }
+    }
+
+    /// The 1-based (line, column) of the value at `path`, or of its longest existing
+    /// prefix; `None` when not even the first segment is found.
+    pub fn find(text: &str, path: &str) -> Option<(usize, usize)> {
+        let segs = segments(path);
+        let json = text.trim_start().starts_with('{');
+        for len in (1..=segs.len()).rev() {
+            let walk = Walk(&segs[..len]);
+            let at = if json {
+                let mut d = serde_json::Deserializer::from_str(text);
+                match walk.deserialize(&mut d) {
+                    Err(e) if e.to_string().contains(HERE) => Some((e.line(), e.column())),
+                    _ => None,
+                }
+            } else {
+                let d = serde_norway::Deserializer::from_str(text);
+                match walk.deserialize(d) {
+                    Err(e) if e.to_string().contains(HERE) => {
+                        e.location().map(|l| (l.line(), l.column()))
+                    }
+                    _ => None,
+                }
+            };
+            if at.is_some() {
+                return at;
+            }
+        }
+        None
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn paths_split_into_segments() {
+            assert_eq!(
+                segments("services[1].use_services[0].routes"),
+                [
+                    Seg::Key("services".into()),
+                    Seg::Index(1),
+                    Seg::Key("use_services".into()),
+                    Seg::Index(0),
+                    Seg::Key("routes".into())
+                ]
+            );
+            assert_eq!(
+                segments("plugins[0].variables[\"1X\"]"),
+                [
+                    Seg::Key("plugins".into()),
+                    Seg::Index(0),
+                    Seg::Key("variables".into())
+                ]
+            );
+        }
+
+        #[test]
+        fn finds_fields_in_yaml_and_json() {
+            let yaml = "services:\n  - namespace: a\n    name: b\n  - namespace: c\n    name: d\n    ports:\n      - port: 0\n";
+            assert_eq!(
+                find(yaml, "services[1].ports[0].port").map(|p| p.0),
+                Some(7)
+            );
+            assert_eq!(find(yaml, "services[1].name").map(|p| p.0), Some(5));
+            // A missing tail: the longest prefix that exists.
+            assert_eq!(find(yaml, "services[1].nothing").map(|p| p.0), Some(4));
+            let json = "{\"services\": [\n {\"namespace\": \"a\"},\n {\"namespace\": \"c\"}]}";
+            assert_eq!(find(json, "services[1].namespace").map(|p| p.0), Some(3));
+            assert_eq!(find(yaml, "nowhere"), None);
+        }
     }
 }
 
@@ -272,7 +525,7 @@ pub fn watch(
     file: PathBuf,
     last_hash: u64,
     last_good: ClusterState,
-    apply: impl Fn(ClusterState) + Send + 'static,
+    apply: impl Fn(ClusterState) + Send + Sync + 'static,
     rejected: impl Fn(&StateFileError) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     use notify::Watcher;
@@ -299,6 +552,7 @@ pub fn watch(
     };
     tokio::spawn(async move {
         let _watcher = watcher; // kept alive as long as the task
+        let apply = std::sync::Arc::new(apply);
         let mut last_hash = last_hash;
         let mut last_good = last_good;
         let mut last_stamp = stamp(&file);
@@ -350,21 +604,41 @@ pub fn watch(
                 continue;
             }
             last_hash = hash;
-            let parsed = match String::from_utf8(bytes) {
-                Ok(text) => parse_after(&file, &text, Some(&last_good)),
-                Err(e) => Err(StateFileError::Parse {
-                    file: file.display().to_string(),
-                    line: 0,
-                    column: 0,
-                    message: format!("not UTF-8: {e}"),
-                }),
-            };
-            match parsed {
-                Ok(state) => {
-                    last_good = state.clone();
-                    apply(state);
+            // Parsing a large file and re-rendering take a while: keep them off the
+            // async workers. The last good state moves in and comes back out.
+            let f = file.clone();
+            let apply = apply.clone();
+            let previous = std::mem::take(&mut last_good);
+            let outcome = tokio::task::spawn_blocking(move || {
+                let parsed = match String::from_utf8(bytes) {
+                    Ok(text) => parse_after(&f, &text, Some(&previous)),
+                    Err(e) => Err(StateFileError::Parse {
+                        file: f.display().to_string(),
+                        line: 0,
+                        column: 0,
+                        message: format!("not UTF-8: {e}"),
+                    }),
+                };
+                match parsed {
+                    Ok(state) => {
+                        apply(state.clone());
+                        (state, None)
+                    }
+                    Err(e) => (previous, Some(e)),
                 }
-                Err(e) => rejected(&e),
+            })
+            .await;
+            match outcome {
+                Ok((good, error)) => {
+                    last_good = good;
+                    if let Some(e) = error {
+                        rejected(&e);
+                    }
+                }
+                Err(e) => {
+                    // Only a panic gets here; the next edit is validated in full.
+                    tracing::error!(error = %e, "state file reload task failed");
+                }
             }
         }
     })
@@ -407,6 +681,16 @@ mod tests {
     }
 
     #[test]
+    fn json_state_files_take_the_fast_path_with_positions() {
+        let ok = r#"{"services": [{"namespace": "a", "name": "b", "ports": [{"port": 80}]}]}"#;
+        assert_eq!(parse(Path::new("s.json"), ok).unwrap().services.len(), 1);
+        let bad = "{\"services\": [\n  {\"namespace\": \"a\", \"nme\": \"b\"}]}";
+        let e = parse(Path::new("s.json"), bad).unwrap_err().to_string();
+        assert!(e.starts_with("s.json:2:"), "{e}");
+        assert!(e.contains("nme"), "{e}");
+    }
+
+    #[test]
     fn invalid_values_name_the_field() {
         let text = "services:
   - namespace: demo
@@ -421,6 +705,10 @@ mod tests {
 ";
         let e = parse(Path::new("s.yaml"), text).unwrap_err();
         let line = e.to_string();
+        assert!(
+            line.contains("s.yaml:6:"),
+            "the line of the bad regex: {line}"
+        );
         assert!(
             line.contains("services[0].use_services[0].routes[0].match.path.regex"),
             "{line}"

@@ -582,3 +582,24 @@ async fn rainbond_resources_shape() {
     );
     assert!(v["base_normal"]["options"].is_object());
 }
+
+#[tokio::test]
+async fn a_poller_that_hangs_up_is_no_longer_counted() {
+    let (d, addr, _s) = start(Options::default(), Some(STATE)).await;
+    let tag = get(addr, "/v1/sidecars/demo/lone/sidemesh-proxy")
+        .await
+        .etag();
+    let poll = tokio::spawn(async move {
+        request(
+            addr,
+            "GET",
+            "/v1/sidecars/demo/lone/sidemesh-proxy?wait=60",
+            &[("if-none-match", &tag)],
+            b"",
+        )
+        .await
+    });
+    eventually(Duration::from_secs(5), async || gauge(&d) == 1).await;
+    poll.abort(); // drops the client connection
+    eventually(Duration::from_secs(5), async || gauge(&d) == 0).await;
+}
