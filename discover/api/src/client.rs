@@ -315,18 +315,18 @@ impl Client {
                 // Stop promptly, even in the middle of a long poll, once nobody listens.
                 () = tx.closed() => return,
             };
-            match outcome {
-                Outcome::Applied => state.backoff.reset(),
+            let next = match outcome {
+                Outcome::Applied => {
+                    state.backoff.reset();
+                    continue;
+                }
                 Outcome::Unchanged => {
                     state.backoff.reset();
-                    tokio::time::sleep_until(started + MIN_POLL_INTERVAL).await;
+                    started + MIN_POLL_INTERVAL
                 }
-                Outcome::Rejected => {
-                    // Paced like an error, so a server that keeps sending a bad config
-                    // (and ignores If-None-Match) is not hammered.
-                    let delay = state.backoff.next_delay(&mut rand::rng());
-                    tokio::time::sleep(delay).await;
-                }
+                // Paced like an error, so a server that keeps sending a bad config (and
+                // ignores If-None-Match) is not hammered.
+                Outcome::Rejected => Instant::now() + state.backoff.next_delay(&mut rand::rng()),
                 Outcome::Failed(reason) => {
                     self.metrics
                         .poll_errors
@@ -334,8 +334,13 @@ impl Client {
                         .inc();
                     let delay = state.backoff.next_delay(&mut rand::rng());
                     tracing::debug!(delay_ms = delay.as_millis() as u64, "backing off");
-                    tokio::time::sleep(delay).await;
+                    Instant::now() + delay
                 }
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                // A backoff may be long (30 s): do not wait it out once nobody listens.
+                () = tx.closed() => return,
             }
         }
     }

@@ -595,6 +595,27 @@ async fn the_task_ends_when_every_receiver_is_gone() {
         .unwrap();
 }
 
+#[tokio::test]
+async fn the_task_ends_during_a_backoff_when_every_receiver_is_gone() {
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let registry = prometheus::Registry::new();
+    // A long backoff: the task must not sit it out.
+    let (rx, task) = Client::new(client_config(format!("http://{addr}/x")), &registry)
+        .unwrap()
+        .with_backoff(Duration::from_secs(60), Duration::from_secs(60))
+        .spawn();
+    connect_errors_reach(&registry, 1.0).await;
+    drop(rx);
+    timeout(Duration::from_secs(2), task)
+        .await
+        .expect("the task ended")
+        .unwrap();
+}
+
 #[test]
 fn bad_urls_and_duplicate_metrics_are_clear_errors() {
     let registry = prometheus::Registry::new();
