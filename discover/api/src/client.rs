@@ -7,7 +7,8 @@
 //! older than the one it holds. It keeps the last good config on disk (written atomically)
 //! and starts from that copy, so a sidecar restarted while discover is down still serves.
 //! Errors back off exponentially with full jitter (100 ms doubling up to 30 s) and the
-//! backoff resets on the next success.
+//! backoff resets on the next success. It speaks HTTP/1.1, plain or over TLS (rustls, the
+//! system's trust roots plus any given with [`Client::with_root_certificates_pem`]).
 //!
 //! The reference for the behaviour is `docs/discover-api.md`.
 
@@ -21,11 +22,14 @@ use hyper::header::{
     ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, ETAG, HeaderValue, IF_NONE_MATCH,
 };
 use hyper::{Request, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use prometheus::{Gauge, IntCounterVec, IntGauge, Opts, Registry};
 use rand::Rng;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -53,7 +57,7 @@ const REQUEST_SLACK: Duration = Duration::from_secs(15);
 const MAX_LOGGED_ERRORS: usize = 20;
 
 /// What the client polls and where it keeps its copy.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientConfig {
     /// The `DISCOVER_URL`, opaque: the client only appends `wait=SECONDS` to its query.
     pub url: String,
@@ -84,20 +88,36 @@ impl ClientConfig {
     }
 }
 
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL's query and user info and the Authorization value may be credentials.
+        f.debug_struct("ClientConfig")
+            .field("url", &redact(&self.url))
+            .field("state_dir", &self.state_dir)
+            .field("wait", &self.wait)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .field("metrics_prefix", &self.metrics_prefix)
+            .finish()
+    }
+}
+
 /// Why a [`Client`] could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The URL is empty, does not parse, or lacks a scheme or host.
     #[error("DISCOVER_URL {url:?} is not usable: {reason}")]
     Url {
-        /// The URL as given.
+        /// The URL as given, without its query or user info (they may hold credentials).
         url: String,
         /// What is wrong with it.
         reason: String,
     },
-    /// The URL is `https://`, which this client does not speak yet.
-    #[error("https DISCOVER_URL is not supported yet ({0:?}); use http:// on a trusted network")]
-    HttpsUnsupported(String),
+    /// The TLS setup for an `https://` URL failed (no trust roots, bad PEM).
+    #[error("cannot set up TLS for DISCOVER_URL: {0}")]
+    Tls(String),
     /// The `Authorization` value cannot be an HTTP header value.
     #[error("the Authorization value holds characters not allowed in an HTTP header")]
     Authorization,
@@ -176,20 +196,22 @@ impl Metrics {
 pub struct Client {
     base: Uri,
     url: String,
+    /// The URL as logged: without query or user info, which may hold credentials.
+    log_url: String,
     state_dir: Option<PathBuf>,
     wait_seconds: u64,
     authorization: Option<HeaderValue>,
     backoff_min: Duration,
     backoff_max: Duration,
     metrics: Metrics,
-    http: HttpClient<HttpConnector, Empty<Bytes>>,
+    http: HttpClient<HttpsConnector<HttpConnector>, Empty<Bytes>>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The Authorization value is a credential: never show it.
         f.debug_struct("Client")
-            .field("url", &self.url)
+            .field("url", &self.log_url)
             .field("state_dir", &self.state_dir)
             .field("wait_seconds", &self.wait_seconds)
             .finish_non_exhaustive()
@@ -209,16 +231,17 @@ impl Client {
                 Ok::<_, ClientError>(v)
             })
             .transpose()?;
+        // Trust roots are read only for https, where they are needed.
+        let roots = if base.scheme_str() == Some("https") {
+            native_roots()?
+        } else {
+            rustls::RootCertStore::empty()
+        };
+        let http = http_client(roots)?;
         let metrics = Metrics::new(&cfg.metrics_prefix, registry)?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
-        let http = HttpClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1)
-            .build(connector);
         Ok(Client {
             base,
+            log_url: redact(&cfg.url),
             url: cfg.url,
             state_dir: cfg.state_dir,
             wait_seconds: cfg.wait.as_secs(),
@@ -228,6 +251,27 @@ impl Client {
             metrics,
             http,
         })
+    }
+
+    /// Trusts the CA certificates in `pem` (PEM, one or more) for an `https://` URL, in
+    /// addition to the system's roots: for a discover behind a private CA.
+    pub fn with_root_certificates_pem(mut self, pem: &[u8]) -> Result<Client, ClientError> {
+        let mut roots = native_roots()?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| ClientError::Tls(format!("bad PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Tls(format!("bad CA certificate: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(ClientError::Tls(
+                "no certificate in the PEM data".to_owned(),
+            ));
+        }
+        self.http = http_client(roots)?;
+        Ok(self)
     }
 
     /// Changes the backoff bounds (default 100 ms .. 30 s): after the n-th error in a row
@@ -271,18 +315,18 @@ impl Client {
                 // Stop promptly, even in the middle of a long poll, once nobody listens.
                 () = tx.closed() => return,
             };
-            match outcome {
-                Outcome::Applied => state.backoff.reset(),
+            let next = match outcome {
+                Outcome::Applied => {
+                    state.backoff.reset();
+                    continue;
+                }
                 Outcome::Unchanged => {
                     state.backoff.reset();
-                    tokio::time::sleep_until(started + MIN_POLL_INTERVAL).await;
+                    started + MIN_POLL_INTERVAL
                 }
-                Outcome::Rejected => {
-                    // Paced like an error, so a server that keeps sending a bad config
-                    // (and ignores If-None-Match) is not hammered.
-                    let delay = state.backoff.next_delay(&mut rand::rng());
-                    tokio::time::sleep(delay).await;
-                }
+                // Paced like an error, so a server that keeps sending a bad config (and
+                // ignores If-None-Match) is not hammered.
+                Outcome::Rejected => Instant::now() + state.backoff.next_delay(&mut rand::rng()),
                 Outcome::Failed(reason) => {
                     self.metrics
                         .poll_errors
@@ -290,8 +334,13 @@ impl Client {
                         .inc();
                     let delay = state.backoff.next_delay(&mut rand::rng());
                     tracing::debug!(delay_ms = delay.as_millis() as u64, "backing off");
-                    tokio::time::sleep(delay).await;
+                    Instant::now() + delay
                 }
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                // A backoff may be long (30 s): do not wait it out once nobody listens.
+                () = tx.closed() => return,
             }
         }
     }
@@ -329,11 +378,11 @@ impl Client {
         let limit = Duration::from_secs(self.wait_seconds) + REQUEST_SLACK;
         let resp = match tokio::time::timeout(limit, self.http.request(req)).await {
             Err(_) => {
-                tracing::warn!(url = %self.url, timeout_s = limit.as_secs(), "discover did not answer in time");
+                tracing::warn!(url = %self.log_url, timeout_s = limit.as_secs(), "discover did not answer in time");
                 return Outcome::Failed(FailReason::Timeout);
             }
             Ok(Err(error)) => {
-                tracing::warn!(url = %self.url, error = %error_chain(&error), "cannot reach discover");
+                tracing::warn!(url = %self.log_url, error = %error_chain(&error), "cannot reach discover");
                 return Outcome::Failed(FailReason::Connect);
             }
             Ok(Ok(resp)) => resp,
@@ -355,13 +404,13 @@ impl Client {
         if !status.is_success() {
             let body = read_capped(resp.into_body(), MAX_ERROR_BYTES, limit).await;
             let message = error_message(body.as_deref().unwrap_or_default(), gzip);
-            tracing::warn!(url = %self.url, status = status.as_u16(), message = %message, "discover answered with an error");
+            tracing::warn!(url = %self.log_url, status = status.as_u16(), message = %message, "discover answered with an error");
             return Outcome::Failed(FailReason::Status);
         }
         let body = match read_capped(resp.into_body(), MAX_CONFIG_BYTES, limit).await {
             Ok(b) => b,
             Err(error) => {
-                tracing::warn!(url = %self.url, %error, "cannot read the config body");
+                tracing::warn!(url = %self.log_url, %error, "cannot read the config body");
                 return Outcome::Failed(FailReason::Body);
             }
         };
@@ -378,7 +427,7 @@ impl Client {
         let (json, parsed) = match parsed {
             Ok(Ok(p)) => p,
             Ok(Err(error)) => {
-                tracing::warn!(url = %self.url, %error, "cannot decode the config body");
+                tracing::warn!(url = %self.log_url, %error, "cannot decode the config body");
                 return Outcome::Failed(FailReason::Body);
             }
             Err(error) => {
@@ -390,7 +439,7 @@ impl Client {
             Ok(s) => s,
             Err(error) => {
                 self.metrics.rejected.with_label_values(&["invalid"]).inc();
-                log_rejected(&self.url, new_etag.as_deref(), &error);
+                log_rejected(&self.log_url, new_etag.as_deref(), &error);
                 // Long-poll on the rejected ETag: the next answer is a change, not the
                 // same bad config again.
                 if new_etag.is_some() {
@@ -409,7 +458,7 @@ impl Client {
             if same_sidecar && snapshot.version() < held.version() {
                 self.metrics.rejected.with_label_values(&["stale"]).inc();
                 tracing::warn!(
-                    url = %self.url,
+                    url = %self.log_url,
                     held = held.version(),
                     received = snapshot.version(),
                     "ignoring a config older than the one held"
@@ -617,10 +666,74 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Checks a `DISCOVER_URL`: `http://host[:port]/path[?query]`.
+/// The URL without what may be a credential: the query becomes `?<redacted>` and user
+/// info `<redacted>@`. For logs and error messages.
+pub(crate) fn redact(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, _)) => (b, "?<redacted>"),
+        None => (url, ""),
+    };
+    let (scheme, rest) = match base.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, base),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("<redacted>@{host}"),
+        None => authority.to_owned(),
+    };
+    let scheme = scheme.map(|s| format!("{s}://")).unwrap_or_default();
+    format!("{scheme}{authority}{path}{query}")
+}
+
+/// The system's trust roots (`SSL_CERT_FILE` / `SSL_CERT_DIR` honoured). Unreadable
+/// certificates are skipped, with a log line when none could be read.
+fn native_roots() -> Result<rustls::RootCertStore, ClientError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 && !found.errors.is_empty() {
+        let first = found
+            .errors
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        tracing::warn!(error = %first, "cannot read the system's trust roots");
+    }
+    Ok(roots)
+}
+
+/// The HTTP client: plain `http://`, or `https://` with rustls (ring) over `roots`.
+fn http_client(
+    roots: rustls::RootCertStore,
+) -> Result<HttpClient<HttpsConnector<HttpConnector>, Empty<Bytes>>, ClientError> {
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ClientError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tcp = HttpConnector::new();
+    tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    tcp.set_nodelay(true);
+    // The https layer handles the scheme; the TCP connector must accept both.
+    tcp.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    Ok(HttpClient::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1)
+        .build(connector))
+}
+
+/// Checks a `DISCOVER_URL`: `http[s]://host[:port]/path[?query]`.
 fn parse_url(url: &str) -> Result<Uri, ClientError> {
     let bad = |reason: &str| ClientError::Url {
-        url: url.to_owned(),
+        url: redact(url),
         reason: reason.to_owned(),
     };
     if url.trim().is_empty() {
@@ -635,9 +748,8 @@ fn parse_url(url: &str) -> Result<Uri, ClientError> {
         .parse()
         .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(ClientError::HttpsUnsupported(url.to_owned())),
-        Some(other) => return Err(bad(&format!("scheme {other:?} is not http"))),
+        Some("http" | "https") => {}
+        Some(other) => return Err(bad(&format!("scheme {other:?} is not http or https"))),
         None => return Err(bad("it has no scheme; expected http://host:port/path")),
     }
     if uri.host().is_none_or(str::is_empty) {
@@ -715,6 +827,7 @@ mod tests {
     #[test]
     fn urls_are_checked() {
         assert!(parse_url("http://127.0.0.1:8080/v1/sidecars/a/b/c").is_ok());
+        assert!(parse_url("https://discover.example:8443/v1/sidecars/a/b/c").is_ok());
         for bad in [
             "",
             "  ",
@@ -728,8 +841,25 @@ mod tests {
                 "{bad:?}"
             );
         }
-        let e = parse_url("https://discover/x").unwrap_err().to_string();
-        assert!(e.contains("https DISCOVER_URL is not supported yet"), "{e}");
+    }
+
+    #[test]
+    fn credentials_stay_out_of_logs() {
+        assert_eq!(
+            redact("http://u:pw@h:1/v1/x?token=abc"),
+            "http://<redacted>@h:1/v1/x?<redacted>"
+        );
+        assert_eq!(redact("http://h/v1/x"), "http://h/v1/x");
+        assert_eq!(redact("h:80"), "h:80");
+        let mut cfg = ClientConfig::new("http://h/x?token=abc");
+        cfg.authorization = Some("Bearer s3cret".into());
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("abc") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        let e = parse_url("ftp://h/x?token=abc").unwrap_err().to_string();
+        assert!(!e.contains("abc"), "{e}");
     }
 
     #[test]

@@ -55,6 +55,11 @@ struct Fake {
 
 impl Fake {
     async fn start(reply: Reply) -> Fake {
+        Fake::start_with(reply, None).await
+    }
+
+    /// With `tls`, the fake speaks HTTPS.
+    async fn start_with(reply: Reply, tls: Option<tokio_rustls::TlsAcceptor>) -> Fake {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let fake = Fake {
             reply: Arc::new(watch::channel(reply).0),
@@ -70,14 +75,24 @@ impl Fake {
                     return;
                 };
                 let f = f.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let f = f.clone();
                         async move { Ok::<_, Infallible>(f.handle(req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(tls) => {
+                            // A failed handshake (an untrusting client) just ends it.
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -279,6 +294,13 @@ fn metric(registry: &prometheus::Registry, name: &str, reason: Option<&str>) -> 
     panic!("no metric {name} {reason:?}");
 }
 
+async fn connect_errors_reach(registry: &prometheus::Registry, n: f64) {
+    eventually("connect errors", || {
+        metric(registry, "test_discover_poll_errors_total", Some("connect")) >= n
+    })
+    .await;
+}
+
 fn version_on_disk(dir: &std::path::Path) -> u64 {
     let bytes = std::fs::read(dir.join(STATE_FILE)).unwrap();
     Snapshot::from_json(&bytes).unwrap().version()
@@ -449,14 +471,7 @@ async fn connect_errors_are_counted() {
         .local_addr()
         .unwrap();
     let (rx, registry) = start(client_config(format!("http://{addr}/v1/sidecars/a/b/c")));
-    eventually("connect errors", || {
-        metric(
-            &registry,
-            "test_discover_poll_errors_total",
-            Some("connect"),
-        ) >= 2.0
-    })
-    .await;
+    connect_errors_reach(&registry, 2.0).await;
     assert!(rx.borrow().is_none());
 }
 
@@ -580,6 +595,27 @@ async fn the_task_ends_when_every_receiver_is_gone() {
         .unwrap();
 }
 
+#[tokio::test]
+async fn the_task_ends_during_a_backoff_when_every_receiver_is_gone() {
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let registry = prometheus::Registry::new();
+    // A long backoff: the task must not sit it out.
+    let (rx, task) = Client::new(client_config(format!("http://{addr}/x")), &registry)
+        .unwrap()
+        .with_backoff(Duration::from_secs(60), Duration::from_secs(60))
+        .spawn();
+    connect_errors_reach(&registry, 1.0).await;
+    drop(rx);
+    timeout(Duration::from_secs(2), task)
+        .await
+        .expect("the task ended")
+        .unwrap();
+}
+
 #[test]
 fn bad_urls_and_duplicate_metrics_are_clear_errors() {
     let registry = prometheus::Registry::new();
@@ -590,10 +626,8 @@ fn bad_urls_and_duplicate_metrics_are_clear_errors() {
     };
     assert!(err("").contains("is empty"), "{}", err(""));
     assert!(err("discover:8080/x").contains("is not usable"));
-    assert_eq!(
-        err("https://discover/v1/sidecars/a/b/c"),
-        "https DISCOVER_URL is not supported yet (\"https://discover/v1/sidecars/a/b/c\"); use http:// on a trusted network"
-    );
+    assert!(err("ftp://discover/x?token=abc").contains("is not http or https"));
+    assert!(!err("ftp://discover/x?token=abc").contains("abc"));
     let mut cfg = client_config("http://127.0.0.1:1/x".to_owned());
     cfg.authorization = Some("Bearer \n".to_owned());
     assert!(matches!(
@@ -605,4 +639,61 @@ fn bad_urls_and_duplicate_metrics_are_clear_errors() {
         Client::new(client_config("http://127.0.0.1:1/x".to_owned()), &registry),
         Err(ClientError::Metrics(_))
     ));
+}
+
+/// A certificate for 127.0.0.1, self-signed: (TLS acceptor, the certificate as PEM).
+fn self_signed() -> (tokio_rustls::TlsAcceptor, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert = ck.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        ck.cert.pem(),
+    )
+}
+
+#[tokio::test]
+async fn https_with_a_trusted_ca_and_not_without() {
+    let (acceptor, pem) = self_signed();
+    let fake = Fake::start_with(config(8), Some(acceptor)).await;
+    let url = format!("https://{}/v1/sidecars/shop/web/sidemesh-proxy", fake.addr);
+
+    // Not trusted: every poll fails its handshake, nothing is published.
+    let (untrusting, registry) = start(client_config(url.clone()));
+    connect_errors_reach(&registry, 2.0).await;
+    assert!(untrusting.borrow().is_none());
+    assert!(
+        fake.seen().is_empty(),
+        "no request may pass an untrusted handshake"
+    );
+
+    // Trusted: the long poll works as over plain HTTP.
+    let registry = prometheus::Registry::new();
+    let (mut rx, _task) = Client::new(client_config(url), &registry)
+        .unwrap()
+        .with_root_certificates_pem(pem.as_bytes())
+        .unwrap()
+        .spawn();
+    holds(&mut rx, 8).await;
+    fake.set(config(9));
+    holds(&mut rx, 9).await;
+    assert_eq!(fake.seen()[1].if_none_match.as_deref(), Some("\"8\""));
+}
+
+#[test]
+fn bad_ca_pem_is_a_clear_error() {
+    let registry = prometheus::Registry::new();
+    let client = Client::new(client_config("https://127.0.0.1:1/x".to_owned()), &registry).unwrap();
+    let e = client
+        .with_root_certificates_pem(b"not a certificate")
+        .unwrap_err();
+    assert!(e.to_string().contains("no certificate"), "{e}");
 }
