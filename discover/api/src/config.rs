@@ -314,7 +314,7 @@ pub struct HeaderRewrite {
 }
 
 /// The load-balancing policy of a service.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Balancer {
     /// The algorithm.
@@ -334,6 +334,18 @@ pub struct Balancer {
 
 fn default_true() -> bool {
     true
+}
+
+// By hand, not derived: an absent `balancer` must mean the same as `balancer: {}`.
+impl Default for Balancer {
+    fn default() -> Self {
+        Balancer {
+            policy: BalancePolicy::default(),
+            hash_on: None,
+            zone_aware: default_true(),
+            zone_min_healthy_percent: default_zone_min_healthy(),
+        }
+    }
 }
 
 fn default_zone_min_healthy() -> u8 {

@@ -5,6 +5,7 @@
 //! - [`name`]: the rules for names that become URL segments, file names or DNS labels.
 //! - [`port`]: newtypes that keep app ports, remapped ports and service ports apart.
 //! - [`client`]: the polling loop that sidecars and plugins run against `DISCOVER_URL`.
+//! - [`state`]: the source-agnostic cluster-state model that discover renders configs from.
 //!
 //! This crate knows nothing of Kubernetes or of the server; the proxy, the DNS shim, the
 //! controller and plugins all depend on it. The reference is `docs/discover-api.md`.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod name;
 pub mod port;
 pub mod snapshot;
+pub mod state;
 
 pub use client::{Client, ClientConfig, ClientError};
 pub use config::SidecarConfig;

@@ -1,0 +1,137 @@
+//! `sidemesh discover`: serve sidecar configs from a YAML state file (watched) and the TTL
+//! registry. Prints one ready line once listening; stops on SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::server::{Discover, Options};
+use crate::statefile;
+
+/// Flags of `sidemesh discover`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The YAML state file (watched; valid edits apply within a second). Without it,
+    /// discover serves the TTL registry alone.
+    #[arg(long, env = "SIDEMESH_DISCOVER_STATE")]
+    pub state: Option<PathBuf>,
+    /// Address to listen on (HTTP).
+    #[arg(
+        long,
+        env = "SIDEMESH_DISCOVER_LISTEN",
+        default_value = "127.0.0.1:7070"
+    )]
+    pub listen: SocketAddr,
+    /// Directory for the registry, loopback addresses and config versions, so they survive
+    /// restarts.
+    #[arg(long, env = "SIDEMESH_DISCOVER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The longest long poll honoured, in seconds.
+    #[arg(
+        long,
+        env = "SIDEMESH_DISCOVER_MAX_WAIT_SECONDS",
+        default_value_t = 300
+    )]
+    pub max_wait_seconds: u64,
+    /// Connections served at once.
+    #[arg(
+        long,
+        env = "SIDEMESH_DISCOVER_MAX_CONNECTIONS",
+        default_value_t = 20_000
+    )]
+    pub max_connections: usize,
+}
+
+/// Runs discover until SIGINT or SIGTERM.
+pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<()> {
+    let opts = Options {
+        data_dir: args.data_dir.clone(),
+        max_wait: Duration::from_secs(args.max_wait_seconds.max(1)),
+        max_connections: args.max_connections.max(1),
+        ..Options::default()
+    };
+    let discover = Discover::new(opts, &registry)?;
+    let _watcher = match &args.state {
+        Some(file) => {
+            let (state, hash) = match statefile::load(file) {
+                Ok(x) => x,
+                Err(e) => {
+                    discover
+                        .metrics()
+                        .state_reloads
+                        .with_label_values(&["failed"])
+                        .inc();
+                    anyhow::bail!("state file rejected: {e}");
+                }
+            };
+            tracing::info!(file = %file.display(), services = state.services.len(), "state file loaded");
+            discover
+                .metrics()
+                .state_reloads
+                .with_label_values(&["ok"])
+                .inc();
+            discover.set_state("file", state);
+            let ok = discover.clone();
+            let bad = discover.clone();
+            let f = file.clone();
+            Some(AbortOnDrop(statefile::watch(
+                file.clone(),
+                hash,
+                move |state| {
+                    tracing::info!(file = %f.display(), services = state.services.len(), "state file reloaded");
+                    ok.metrics().state_reloads.with_label_values(&["ok"]).inc();
+                    ok.set_state("file", state);
+                },
+                move |e| {
+                    tracing::error!(error = %e, "state file edit rejected; keeping the last good state");
+                    bad.metrics()
+                        .state_reloads
+                        .with_label_values(&["failed"])
+                        .inc();
+                },
+            )))
+        }
+        None => {
+            discover.set_ready();
+            None
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let serving = discover.serve(listener)?;
+    println!(
+        "{}",
+        serde_json::json!({"ready": "discover", "listen": serving.addr.to_string()})
+    );
+    tracing::info!(listen = %serving.addr, "discover serving");
+    shutdown_signal().await;
+    tracing::info!("discover stopping");
+    serving.task.abort();
+    discover.stop();
+    Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

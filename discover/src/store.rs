@@ -1,0 +1,487 @@
+//! The store: the pure core of discover. It holds the state of every source (state file,
+//! controller, ...), the TTL registry and the address table, renders every sidecar's config
+//! after each change, and gives each config its version.
+//!
+//! Versions are strictly increasing per sidecar across changes and across restarts: a
+//! changed config gets `max(now in ms, highest version ever issued + 1)`, and the highest
+//! version, each config's content hash and version, the address table and the registry are
+//! all in [`Persisted`], which the server saves in the data directory. Unchanged content
+//! keeps its version, so a restart does not wake every poller.
+//!
+//! No I/O and no clock here: time is passed in, so every rule is a plain unit test.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sidemesh_api::state::ClusterState;
+use sidemesh_api::{SidecarConfig, ValidationError};
+
+use crate::addresses::{AddressTable, fnv1a};
+use crate::registry::{self, InstanceKey, PutOutcome, Registration, Registry};
+use crate::render::{Cluster, RenderError, SidecarKey};
+
+/// One sidecar's current config, ready to serve.
+#[derive(Debug)]
+pub struct Sidecar {
+    /// The version (also the `ETag`).
+    pub version: u64,
+    /// The config (with `version` set).
+    pub config: SidecarConfig,
+    /// The config as JSON, as served.
+    pub json: Bytes,
+    gzip: OnceLock<Bytes>,
+}
+
+impl Sidecar {
+    /// The JSON, gzip-compressed (computed once, on first use).
+    pub fn gzip(&self) -> Bytes {
+        self.gzip
+            .get_or_init(|| {
+                use std::io::Write;
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                // Writing to a Vec cannot fail.
+                let _ = enc.write_all(&self.json);
+                Bytes::from(enc.finish().unwrap_or_default())
+            })
+            .clone()
+    }
+}
+
+/// A config's persisted version record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// FNV-1a of the config's JSON with version 0.
+    pub hash: u64,
+    /// The version issued for that content.
+    pub version: u64,
+}
+
+/// What survives a restart (saved as JSON files in the data directory).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Persisted {
+    /// The highest version ever issued.
+    #[serde(default)]
+    pub max_version: u64,
+    /// `namespace/service/plugin` to its version record.
+    #[serde(default)]
+    pub versions: BTreeMap<String, VersionRecord>,
+    /// `namespace/name` to its loopback address.
+    #[serde(default)]
+    pub addresses: BTreeMap<String, Ipv4Addr>,
+    /// The TTL registry.
+    #[serde(default)]
+    pub registry: registry::Saved,
+}
+
+/// What one rebuild changed.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Sidecars whose config is new or changed.
+    pub changed: Vec<SidecarKey>,
+    /// Sidecars that no longer exist.
+    pub removed: Vec<SidecarKey>,
+    /// Parts of the state left out of some config, per service (`namespace/name`).
+    pub dropped: BTreeMap<String, Vec<ValidationError>>,
+}
+
+/// A service as `GET /v1/services` lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceSummary {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Its loopback address.
+    pub address: Option<Ipv4Addr>,
+    /// Number of instances (static and registered).
+    pub instances: usize,
+    /// Its sidecars' plugins and config versions.
+    pub sidecars: BTreeMap<String, u64>,
+}
+
+/// The store.
+#[derive(Debug, Default)]
+pub struct Store {
+    sources: BTreeMap<String, ClusterState>,
+    registry: Registry,
+    addresses: AddressTable,
+    versions: BTreeMap<String, VersionRecord>,
+    max_version: u64,
+    sidecars: HashMap<SidecarKey, Arc<Sidecar>>,
+    services: Vec<ServiceSummary>,
+}
+
+impl Store {
+    /// A store restored from a save, with registrations expired by `now_ms` dropped. Call
+    /// [`Store::rebuild`] (or set a source) before serving.
+    pub fn new(saved: Persisted, now_ms: u64) -> Store {
+        Store {
+            registry: Registry::from_saved(saved.registry, now_ms),
+            addresses: AddressTable::from_saved(saved.addresses),
+            versions: saved.versions,
+            max_version: saved.max_version,
+            ..Store::default()
+        }
+    }
+
+    /// What to save.
+    pub fn persisted(&self) -> Persisted {
+        Persisted {
+            max_version: self.max_version,
+            versions: self.versions.clone(),
+            addresses: self.addresses.to_saved().clone(),
+            registry: self.registry.to_saved(),
+        }
+    }
+
+    /// Replaces the state of source `name` and rebuilds.
+    pub fn set_source(&mut self, name: &str, state: ClusterState, now_ms: u64) -> Changes {
+        self.sources.insert(name.to_owned(), state);
+        self.rebuild(now_ms)
+    }
+
+    /// Drops source `name` and rebuilds.
+    pub fn remove_source(&mut self, name: &str, now_ms: u64) -> Changes {
+        self.sources.remove(name);
+        self.rebuild(now_ms)
+    }
+
+    /// Registers or renews an instance; rebuilds unless only the TTL was renewed.
+    pub fn registry_put(
+        &mut self,
+        key: InstanceKey,
+        registration: Registration,
+        now_ms: u64,
+    ) -> Result<(PutOutcome, Changes), Vec<ValidationError>> {
+        let outcome = self.registry.put(key, registration, now_ms)?;
+        let changes = match outcome {
+            PutOutcome::Renewed => Changes::default(),
+            _ => self.rebuild(now_ms),
+        };
+        Ok((outcome, changes))
+    }
+
+    /// Removes a registered instance; `None` when it was not registered.
+    pub fn registry_delete(&mut self, key: &InstanceKey, now_ms: u64) -> Option<Changes> {
+        self.registry.delete(key).then(|| self.rebuild(now_ms))
+    }
+
+    /// Expires registrations; rebuilds only when some expired.
+    pub fn expire(&mut self, now_ms: u64) -> Option<Changes> {
+        (!self.registry.expire(now_ms).is_empty()).then(|| self.rebuild(now_ms))
+    }
+
+    /// When the next registration expires.
+    pub fn next_expiry_ms(&self) -> Option<u64> {
+        self.registry.next_expiry_ms()
+    }
+
+    /// Number of live registered instances.
+    pub fn registry_len(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Number of sidecars with a config.
+    pub fn sidecar_count(&self) -> usize {
+        self.sidecars.len()
+    }
+
+    /// The current config of a sidecar.
+    pub fn sidecar(&self, key: &SidecarKey) -> Option<Arc<Sidecar>> {
+        self.sidecars.get(key).cloned()
+    }
+
+    /// Why a sidecar has no config (unknown service, or unknown plugin and which exist).
+    pub fn missing(&self, key: &SidecarKey) -> RenderError {
+        let attached: Vec<&str> = self
+            .services
+            .iter()
+            .find(|s| s.namespace == key.namespace && s.name == key.service)
+            .map(|s| s.sidecars.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        if attached.is_empty() {
+            RenderError::UnknownService {
+                namespace: key.namespace.clone(),
+                service: key.service.clone(),
+            }
+        } else {
+            RenderError::UnknownPlugin {
+                namespace: key.namespace.clone(),
+                service: key.service.clone(),
+                plugin: key.plugin.clone(),
+                attached: attached.join(", "),
+            }
+        }
+    }
+
+    /// Every service with its address and sidecar versions, sorted.
+    pub fn services(&self) -> &[ServiceSummary] {
+        &self.services
+    }
+
+    /// The merged state: every source, then the registry's instances.
+    pub fn merged(&self) -> ClusterState {
+        let mut merged = ClusterState::default();
+        let mut first = true;
+        for state in self.sources.values() {
+            if first {
+                merged.dns = state.dns.clone();
+                first = false;
+            }
+            for p in &state.plugins {
+                if merged.plugin(&p.name).is_none() {
+                    merged.plugins.push(p.clone());
+                }
+            }
+            merged.services.extend(state.services.iter().cloned());
+        }
+        self.registry.merge_into(&mut merged);
+        merged
+    }
+
+    /// Re-renders every sidecar and assigns versions to changed configs.
+    pub fn rebuild(&mut self, now_ms: u64) -> Changes {
+        let merged = self.merged();
+        self.addresses.sync(
+            merged
+                .services
+                .iter()
+                .map(|s| (s.namespace.as_str(), s.name.as_str())),
+        );
+        let cluster = Cluster::new(&merged);
+        let mut changes = Changes::default();
+        let mut next: HashMap<SidecarKey, Arc<Sidecar>> =
+            HashMap::with_capacity(self.sidecars.len());
+        let mut keys: Vec<SidecarKey> = cluster.sidecars().collect();
+        keys.sort();
+        for key in keys {
+            let rendered = match cluster.render(&key, &self.addresses) {
+                Ok(r) => r,
+                Err(e) => {
+                    changes
+                        .dropped
+                        .entry(format!("{}/{}", key.namespace, key.service))
+                        .or_default()
+                        .push(ValidationError {
+                            path: format!("plugins[{}]", key.plugin),
+                            message: e.to_string(),
+                        });
+                    continue;
+                }
+            };
+            if !rendered.dropped.is_empty() {
+                changes
+                    .dropped
+                    .entry(format!("{}/{}", key.namespace, key.service))
+                    .or_insert(rendered.dropped);
+            }
+            let mut config = rendered.config;
+            let hash = fnv1a(&serde_json::to_vec(&config).unwrap_or_default());
+            let name = key.to_string();
+            let version = match self.versions.get(&name) {
+                Some(r) if r.hash == hash => r.version,
+                _ => {
+                    let v = now_ms.max(self.max_version + 1);
+                    self.max_version = v;
+                    self.versions
+                        .insert(name, VersionRecord { hash, version: v });
+                    v
+                }
+            };
+            let unchanged = self
+                .sidecars
+                .get(&key)
+                .filter(|s| s.version == version)
+                .cloned();
+            let sidecar = match unchanged {
+                Some(s) => s,
+                None => {
+                    config.version = version;
+                    let json = Bytes::from(serde_json::to_vec(&config).unwrap_or_default());
+                    changes.changed.push(key.clone());
+                    Arc::new(Sidecar {
+                        version,
+                        config,
+                        json,
+                        gzip: OnceLock::new(),
+                    })
+                }
+            };
+            next.insert(key, sidecar);
+        }
+        for key in self.sidecars.keys() {
+            if !next.contains_key(key) {
+                changes.removed.push(key.clone());
+            }
+        }
+        // Forget records of sidecars that are gone; max_version still guards their return.
+        self.versions.retain(|k, _| {
+            let mut parts = k.splitn(3, '/');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(namespace), Some(service), Some(plugin)) => next.contains_key(&SidecarKey {
+                    namespace: namespace.to_owned(),
+                    service: service.to_owned(),
+                    plugin: plugin.to_owned(),
+                }),
+                _ => false,
+            }
+        });
+        let mut services: Vec<ServiceSummary> = merged
+            .services
+            .iter()
+            .filter(|s| {
+                cluster
+                    .service(&s.namespace, &s.name)
+                    .is_some_and(|c| std::ptr::eq(c, *s))
+            })
+            .map(|s| ServiceSummary {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                address: self.addresses.get(&s.namespace, &s.name),
+                instances: s.instances.len(),
+                sidecars: BTreeMap::new(),
+            })
+            .collect();
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for (key, s) in &next {
+            if let Ok(i) = services.binary_search_by(|x| {
+                (x.namespace.as_str(), x.name.as_str())
+                    .cmp(&(key.namespace.as_str(), key.service.as_str()))
+            }) {
+                services[i].sidecars.insert(key.plugin.clone(), s.version);
+            }
+        }
+        self.services = services;
+        self.sidecars = next;
+        changes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(yaml: &str) -> ClusterState {
+        serde_norway::from_str(yaml).unwrap()
+    }
+
+    fn key(ns: &str, svc: &str) -> SidecarKey {
+        SidecarKey {
+            namespace: ns.into(),
+            service: svc.into(),
+            plugin: "sidemesh-proxy".into(),
+        }
+    }
+
+    const S: &str = "services:
+- {namespace: demo, name: web, use_services: [{service: api}]}
+- {namespace: demo, name: api, ports: [{port: 80}], instances: [{address: 10.0.0.1}]}
+- {namespace: demo, name: lone, ports: [{port: 81}]}
+";
+
+    #[test]
+    fn versions_increase_only_for_changed_configs() {
+        let mut st = Store::default();
+        let c = st.set_source("file", state(S), 1_000);
+        assert_eq!(c.changed.len(), 3);
+        let web1 = st.sidecar(&key("demo", "web")).unwrap().version;
+        let lone1 = st.sidecar(&key("demo", "lone")).unwrap().version;
+        // Rendered in key order (api, lone, web), each a fresh version.
+        assert_eq!(lone1, 1_001);
+        assert_eq!(web1, 1_002);
+        // Same state again: nothing changes.
+        let c = st.set_source("file", state(S), 2_000);
+        assert!(c.changed.is_empty() && c.removed.is_empty());
+        // api's instance changes: only web (which uses api) sees it; api's own config
+        // (no inbound, no dependencies) and lone's do not change.
+        let edited = S.replace("10.0.0.1", "10.0.0.2");
+        let c = st.set_source("file", state(&edited), 1_500);
+        let changed: Vec<String> = c.changed.iter().map(|k| k.service.clone()).collect();
+        assert_eq!(changed, ["web"]);
+        let web2 = st.sidecar(&key("demo", "web")).unwrap().version;
+        assert_eq!(web2, 1_500);
+        let c = st.set_source("file", state(S), 1_200);
+        assert_eq!(c.changed.len(), 1);
+        let web3 = st.sidecar(&key("demo", "web")).unwrap().version;
+        assert_eq!(web3, 1_501, "clock went back, versions still increase");
+        assert_eq!(st.sidecar(&key("demo", "lone")).unwrap().version, lone1);
+        let sidecar = st.sidecar(&key("demo", "web")).unwrap();
+        let parsed = sidemesh_api::Snapshot::from_json(&sidecar.json).unwrap();
+        assert_eq!(parsed.version(), web3);
+        let gzipped = sidecar.gzip();
+        let mut gz = flate2::read::GzDecoder::new(&gzipped[..]);
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut gz, &mut back).unwrap();
+        assert_eq!(back, sidecar.json);
+    }
+
+    #[test]
+    fn restart_keeps_unchanged_versions_and_never_goes_back() {
+        let mut st = Store::default();
+        st.set_source("file", state(S), 5_000);
+        let web = st.sidecar(&key("demo", "web")).unwrap().version;
+        let addr = st.services()[0].address;
+        let saved: Persisted =
+            serde_json::from_str(&serde_json::to_string(&st.persisted()).unwrap()).unwrap();
+        // Restart with the clock behind.
+        let mut st2 = Store::new(saved.clone(), 10);
+        let c = st2.set_source("file", state(S), 10);
+        assert_eq!(st2.sidecar(&key("demo", "web")).unwrap().version, web);
+        assert_eq!(
+            c.changed.len(),
+            3,
+            "a fresh process serves all, versions unchanged"
+        );
+        assert_eq!(st2.services()[0].address, addr);
+        // Changed content after a restart with the clock behind: higher than anything before.
+        let mut st3 = Store::new(saved, 10);
+        st3.set_source("file", state(&S.replace("10.0.0.1", "10.0.0.9")), 10);
+        assert!(st3.sidecar(&key("demo", "web")).unwrap().version > web);
+    }
+
+    #[test]
+    fn registry_changes_rebuild_and_renewals_do_not() {
+        let mut st = Store::default();
+        st.set_source("file", state(S), 1_000);
+        let reg: Registration = serde_json::from_value(serde_json::json!({
+            "address": "10.0.0.7", "ports": [{"port": 80}], "ttl_seconds": 2
+        }))
+        .unwrap();
+        let k = ("demo".to_owned(), "api".to_owned(), "i1".to_owned());
+        let (o, c) = st.registry_put(k.clone(), reg.clone(), 2_000).unwrap();
+        assert_eq!(o, PutOutcome::Created);
+        assert_eq!(c.changed, [key("demo", "web")]);
+        let web = st.sidecar(&key("demo", "web")).unwrap();
+        assert_eq!(web.config.outbound[0].ports[0].endpoints.len(), 2);
+        let (o, c) = st.registry_put(k.clone(), reg, 3_000).unwrap();
+        assert_eq!(o, PutOutcome::Renewed);
+        assert!(c.changed.is_empty());
+        assert!(st.expire(4_999).is_none());
+        let c = st.expire(5_000).unwrap();
+        assert_eq!(c.changed, [key("demo", "web")]);
+        let web = st.sidecar(&key("demo", "web")).unwrap();
+        assert_eq!(web.config.outbound[0].ports[0].endpoints.len(), 1);
+        assert!(st.registry_delete(&k, 6_000).is_none());
+    }
+
+    #[test]
+    fn unknown_sidecars_say_what_exists() {
+        let mut st = Store::default();
+        st.set_source("file", state(S), 1);
+        let mut k = key("demo", "web");
+        k.plugin = "nope".into();
+        assert!(st.sidecar(&k).is_none());
+        assert!(st.missing(&k).to_string().contains("sidemesh-proxy"));
+        assert!(matches!(
+            st.missing(&key("demo", "x")),
+            RenderError::UnknownService { .. }
+        ));
+        let c = st.remove_source("file", 2);
+        assert_eq!(c.removed.len(), 3);
+        assert_eq!(st.sidecar_count(), 0);
+    }
+}

@@ -1,0 +1,584 @@
+//! Integration tests of the discover HTTP API on real sockets (127.0.0.1:0): long polls,
+//! 304s, gzip, every 4xx, the TTL registry, and restart persistence.
+
+// Test helpers outside #[test] functions panic on failure by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use sidemesh_api::state::ClusterState;
+use sidemesh_discover::{Discover, Options};
+
+const STATE: &str = "
+services:
+  - namespace: demo
+    name: web
+    ports: [{port: 8000, port_outer: 18000}]
+    use_services: [{service: api}]
+  - namespace: demo
+    name: api
+    ports: [{port: 80, port_outer: 18080}]
+    instances: [{address: 10.0.0.1, meshed: true}]
+  - namespace: demo
+    name: lone
+    ports: [{port: 81}]
+";
+
+fn state(yaml: &str) -> ClusterState {
+    serde_norway::from_str(yaml).unwrap()
+}
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+    fn etag(&self) -> String {
+        self.headers["etag"].to_str().unwrap().to_owned()
+    }
+}
+
+/// One request on a fresh connection, bounded by a 30 s timeout.
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    })
+    .await
+    .expect("request timed out")
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Reply {
+    request(addr, "GET", path, &[], b"").await
+}
+
+async fn start(
+    opts: Options,
+    yaml: Option<&str>,
+) -> (Discover, SocketAddr, sidemesh_discover::Serving) {
+    let registry = prometheus::Registry::new();
+    let d = Discover::new(opts, &registry).unwrap();
+    if let Some(y) = yaml {
+        d.set_state("file", state(y));
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let serving = d.serve(listener).unwrap();
+    (d, serving.addr, serving)
+}
+
+/// Polls `f` every 20 ms until it holds, for at most `within`.
+async fn eventually(within: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("condition not met within {within:?}");
+}
+
+fn gauge(d: &Discover) -> i64 {
+    d.metrics().long_polls_waiting.get()
+}
+
+#[tokio::test]
+async fn long_poll_wakes_all_pollers_of_changed_sidecars_and_only_those() {
+    let (d, addr, _) = start(Options::default(), Some(STATE)).await;
+    let web = get(addr, "/v1/sidecars/demo/web/sidemesh-proxy").await;
+    assert_eq!(web.status, 200);
+    let lone = get(addr, "/v1/sidecars/demo/lone/sidemesh-proxy").await;
+    let (web_tag, lone_tag) = (web.etag(), lone.etag());
+    let mut web_polls = Vec::new();
+    for _ in 0..3 {
+        let tag = web_tag.clone();
+        web_polls.push(tokio::spawn(async move {
+            let r = request(
+                addr,
+                "GET",
+                "/v1/sidecars/demo/web/sidemesh-proxy?wait=20",
+                &[("if-none-match", &tag)],
+                b"",
+            )
+            .await;
+            (r, Instant::now())
+        }));
+    }
+    let mut lone_polls = Vec::new();
+    for _ in 0..2 {
+        let tag = lone_tag.clone();
+        lone_polls.push(tokio::spawn(async move {
+            request(
+                addr,
+                "GET",
+                "/v1/sidecars/demo/lone/sidemesh-proxy?wait=20",
+                &[("if-none-match", &tag)],
+                b"",
+            )
+            .await
+        }));
+    }
+    eventually(Duration::from_secs(5), async || gauge(&d) == 5).await;
+    // api gets a new instance: web's config changes, lone's does not.
+    let changed_at = Instant::now();
+    d.set_state("file", state(&STATE.replace("10.0.0.1", "10.0.0.2")));
+    for p in web_polls {
+        let (r, at) = p.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_ne!(r.etag(), web_tag);
+        assert!(
+            at.duration_since(changed_at) < Duration::from_secs(1),
+            "woke late"
+        );
+        let v = r.json();
+        assert_eq!(
+            v["outbound"][0]["ports"][0]["endpoints"][0]["address"],
+            "10.0.0.2"
+        );
+        assert!(v["version"].as_u64().unwrap() > web_tag.trim_matches('"').parse::<u64>().unwrap());
+    }
+    // The lone pollers are still waiting.
+    eventually(Duration::from_secs(5), async || gauge(&d) == 2).await;
+    assert!(lone_polls.iter().all(|p| !p.is_finished()));
+    for p in lone_polls {
+        p.abort();
+    }
+}
+
+#[tokio::test]
+async fn long_poll_times_out_with_304_and_conditional_get_without_wait() {
+    let (_d, addr, _) = start(Options::default(), Some(STATE)).await;
+    let r = get(addr, "/v1/sidecars/demo/web/sidemesh-proxy").await;
+    let tag = r.etag();
+    let started = Instant::now();
+    let r = request(
+        addr,
+        "GET",
+        "/v1/sidecars/demo/web/sidemesh-proxy?wait=1",
+        &[("if-none-match", &tag)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 304);
+    assert_eq!(r.etag(), tag);
+    assert!(r.body.is_empty());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // No wait: an immediate 304; a stale tag: an immediate 200.
+    let r = request(
+        addr,
+        "GET",
+        "/v1/sidecars/demo/web/sidemesh-proxy",
+        &[("if-none-match", &tag)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 304);
+    let r = request(
+        addr,
+        "GET",
+        "/v1/sidecars/demo/web/sidemesh-proxy?wait=30",
+        &[("if-none-match", "\"1\"")],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn gzip_when_accepted() {
+    let (_d, addr, _) = start(Options::default(), Some(STATE)).await;
+    let plain = get(addr, "/v1/sidecars/demo/web/sidemesh-proxy").await;
+    assert!(plain.headers.get("content-encoding").is_none());
+    let r = request(
+        addr,
+        "GET",
+        "/v1/sidecars/demo/web/sidemesh-proxy",
+        &[("accept-encoding", "br, gzip;q=0.8")],
+        b"",
+    )
+    .await;
+    assert_eq!(r.headers["content-encoding"], "gzip");
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&r.body[..]), &mut out).unwrap();
+    assert_eq!(out, plain.body);
+    let r = request(
+        addr,
+        "GET",
+        "/v1/sidecars/demo/web/sidemesh-proxy",
+        &[("accept-encoding", "gzip;q=0")],
+        b"",
+    )
+    .await;
+    assert!(r.headers.get("content-encoding").is_none());
+}
+
+#[tokio::test]
+async fn errors_are_json_with_the_right_status() {
+    let opts = Options {
+        max_body_bytes: 1024,
+        ..Options::default()
+    };
+    let (_d, addr, _) = start(opts, Some(STATE)).await;
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            "GET",
+            "/v1/sidecars/demo/web/sidemesh-proxy?wait=soon",
+            vec![],
+            400,
+            "wait must be a number",
+        ),
+        (
+            "GET",
+            "/v1/sidecars/demo/web/sidemesh-proxy?wait=-1",
+            vec![],
+            400,
+            "wait must be a number",
+        ),
+        (
+            "GET",
+            "/v1/sidecars/demo/we%2Fb/sidemesh-proxy",
+            vec![],
+            400,
+            "service in path",
+        ),
+        (
+            "GET",
+            "/v1/sidecars/demo/../web/sidemesh-proxy",
+            vec![],
+            400,
+            "4 segment",
+        ),
+        (
+            "GET",
+            "/v1/sidecars/demo/w%01b/x",
+            vec![],
+            400,
+            "service in path",
+        ),
+        (
+            "GET",
+            "/v1/sidecars/demo/ghost/sidemesh-proxy",
+            vec![],
+            404,
+            "unknown service demo/ghost",
+        ),
+        (
+            "GET",
+            "/v1/sidecars/demo/web/nope",
+            vec![],
+            404,
+            "has no plugin \"nope\"",
+        ),
+        (
+            "GET",
+            "/v1/resources/demo/ghost/sidemesh-proxy",
+            vec![],
+            404,
+            "unknown service",
+        ),
+        ("GET", "/nowhere", vec![], 404, "no route /nowhere"),
+        (
+            "POST",
+            "/v1/sidecars/demo/web/sidemesh-proxy",
+            vec![],
+            405,
+            "use GET",
+        ),
+        (
+            "GET",
+            "/v1/registry/demo/web/i1",
+            vec![],
+            405,
+            "use PUT, DELETE",
+        ),
+        (
+            "PUT",
+            "/v1/registry/demo/web/i1",
+            vec![b'x'; 4096],
+            413,
+            "larger than 1024 bytes",
+        ),
+        (
+            "PUT",
+            "/v1/registry/demo/web/i1",
+            b"{not json".to_vec(),
+            400,
+            "body must be JSON",
+        ),
+        (
+            "PUT",
+            "/v1/registry/demo/web/i1",
+            br#"{"address":"10.0.0.1","ports":[{"port":80}],"ttl_seconds":5,"extra":1}"#.to_vec(),
+            400,
+            "unknown field `extra`",
+        ),
+        (
+            "PUT",
+            "/v1/registry/demo/web/i1",
+            br#"{"address":"10.0.0.1","ports":[],"ttl_seconds":0}"#.to_vec(),
+            400,
+            "ttl_seconds: must be within",
+        ),
+        (
+            "PUT",
+            "/v1/registry/demo/Web/i1",
+            br#"{"address":"10.0.0.1","ports":[{"port":80}],"ttl_seconds":5}"#.to_vec(),
+            400,
+            "service in path",
+        ),
+        (
+            "DELETE",
+            "/v1/registry/demo/web/never",
+            vec![],
+            404,
+            "is not registered",
+        ),
+    ];
+    for (method, path, body, status, needle) in cases {
+        let r = request(addr, method, path, &[], &body).await;
+        assert_eq!(r.status, status, "{method} {path}: {:?}", r.body);
+        assert_eq!(r.headers["content-type"], "application/json", "{path}");
+        let msg = r.json()["error"].as_str().unwrap().to_owned();
+        assert!(
+            msg.contains(needle),
+            "{method} {path}: {msg:?} lacks {needle:?}"
+        );
+        if status == 405 {
+            assert!(r.headers.contains_key("allow"), "{path}");
+        }
+    }
+    // Nothing was registered by the bad requests, and the server still answers.
+    assert_eq!(get(addr, "/healthz").await.status, 200);
+}
+
+#[tokio::test]
+async fn not_ready_until_state_is_set() {
+    let (d, addr, _) = start(Options::default(), None).await;
+    for path in [
+        "/readyz",
+        "/v1/sidecars/demo/web/sidemesh-proxy",
+        "/v1/services",
+    ] {
+        let r = get(addr, path).await;
+        assert_eq!(r.status, 503, "{path}");
+        assert!(r.json()["error"].as_str().unwrap().contains("not ready"));
+    }
+    assert_eq!(get(addr, "/healthz").await.status, 200);
+    d.set_state("file", state(STATE));
+    assert_eq!(get(addr, "/readyz").await.status, 200);
+    let services = get(addr, "/v1/services").await.json();
+    assert_eq!(services["services"].as_array().unwrap().len(), 3);
+    let metrics = String::from_utf8(get(addr, "/metrics").await.body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("sidemesh_discover_requests_total{code=\"503\",route=\"/readyz\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sidemesh_discover_sidecars 3"));
+}
+
+#[tokio::test]
+async fn registry_instances_expire_within_ttl_plus_one_second_and_wake_pollers() {
+    let (d, addr, _) = start(Options::default(), Some(STATE)).await;
+    let body = br#"{"address":"10.9.0.1","ports":[{"port":80}],"ttl_seconds":1,"meshed":true,"zone":"z1"}"#;
+    let r = request(addr, "PUT", "/v1/registry/demo/api/i1", &[], body).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let registered_at = Instant::now();
+    let web = get(addr, "/v1/sidecars/demo/web/sidemesh-proxy").await;
+    let eps = web.json()["outbound"][0]["ports"][0]["endpoints"].clone();
+    assert_eq!(eps.as_array().unwrap().len(), 2, "{eps}");
+    assert!(
+        eps.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["address"] == "10.9.0.1" && e["port"] == 18080 && e["zone"] == "z1")
+    );
+    let tag = web.etag();
+    let r = request(
+        addr,
+        "GET",
+        "/v1/sidecars/demo/web/sidemesh-proxy?wait=10",
+        &[("if-none-match", &tag)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let gone_after = registered_at.elapsed();
+    assert!(
+        gone_after < Duration::from_secs(2),
+        "expired after {gone_after:?}"
+    );
+    assert_eq!(
+        r.json()["outbound"][0]["ports"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(d.metrics().registry_expired.get(), 1);
+    // Renewals keep an instance; DELETE removes it at once.
+    let body = br#"{"address":"10.9.0.2","ports":[{"port":80}],"ttl_seconds":1}"#;
+    assert_eq!(
+        request(addr, "PUT", "/v1/registry/demo/api/i2", &[], body)
+            .await
+            .status,
+        201
+    );
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = request(addr, "PUT", "/v1/registry/demo/api/i2", &[], body).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["result"], "renewed");
+    }
+    assert_eq!(d.metrics().registry_instances.get(), 1);
+    assert_eq!(
+        request(addr, "DELETE", "/v1/registry/demo/api/i2", &[], b"")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(d.metrics().registry_instances.get(), 0);
+}
+
+#[tokio::test]
+async fn registry_only_services_get_configs() {
+    let (d, addr, _) = start(Options::default(), None).await;
+    d.set_ready();
+    let body =
+        br#"{"address":"10.9.0.1","ports":[{"port":9000,"protocol":"grpc"}],"ttl_seconds":30}"#;
+    assert_eq!(
+        request(addr, "PUT", "/v1/registry/ops/metrics/a", &[], body)
+            .await
+            .status,
+        201
+    );
+    let r = get(addr, "/v1/services").await.json();
+    assert_eq!(r["services"][0]["name"], "metrics");
+    assert_eq!(r["services"][0]["instances"], 1);
+    assert_eq!(
+        get(addr, "/v1/sidecars/ops/metrics/sidemesh-proxy")
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn restart_keeps_registrations_addresses_and_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        data_dir: Some(dir.path().to_owned()),
+        ..Options::default()
+    };
+    let (d, addr, serving) = start(opts.clone(), Some(STATE)).await;
+    let body = br#"{"address":"10.9.0.1","ports":[{"port":80}],"ttl_seconds":60}"#;
+    assert_eq!(
+        request(addr, "PUT", "/v1/registry/demo/api/keep", &[], body)
+            .await
+            .status,
+        201
+    );
+    let short = br#"{"address":"10.9.0.3","ports":[{"port":80}],"ttl_seconds":1}"#;
+    assert_eq!(
+        request(addr, "PUT", "/v1/registry/demo/api/brief", &[], short)
+            .await
+            .status,
+        201
+    );
+    let before = get(addr, "/v1/sidecars/demo/web/sidemesh-proxy")
+        .await
+        .json();
+    serving.task.abort();
+    d.stop();
+    drop(d);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // let "brief" expire while down
+    let (d2, addr2, serving2) = start(opts, Some(STATE)).await;
+    let after = get(addr2, "/v1/sidecars/demo/web/sidemesh-proxy")
+        .await
+        .json();
+    let eps: Vec<String> = after["outbound"][0]["ports"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["address"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(eps, ["10.0.0.1", "10.9.0.1"], "restored minus expired");
+    assert_eq!(
+        after["outbound"][0]["address"],
+        before["outbound"][0]["address"]
+    );
+    // Content changed (the brief instance is gone), so the version is higher.
+    assert!(after["version"].as_u64() > before["version"].as_u64());
+    // And an unchanged config keeps its version across a restart.
+    let lone = get(addr2, "/v1/sidecars/demo/lone/sidemesh-proxy")
+        .await
+        .etag();
+    serving2.task.abort();
+    d2.stop();
+    drop(d2);
+    let dir_opts = Options {
+        data_dir: Some(dir.path().to_owned()),
+        ..Options::default()
+    };
+    let (_d3, addr3, _) = start(dir_opts, Some(STATE)).await;
+    assert_eq!(
+        get(addr3, "/v1/sidecars/demo/lone/sidemesh-proxy")
+            .await
+            .etag(),
+        lone
+    );
+}
+
+#[tokio::test]
+async fn rainbond_resources_shape() {
+    let (_d, addr, _) = start(Options::default(), Some(STATE)).await;
+    let r = get(addr, "/v1/resources/demo/web/sidemesh-proxy").await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["base_ports"][0]["listen_port"], 18000);
+    assert_eq!(v["base_services"][0]["depend_service_alias"], "api");
+    assert_eq!(
+        v["base_services"][0]["options"]["endpoints"],
+        "10.0.0.1:18080"
+    );
+    assert!(v["base_normal"]["options"].is_object());
+}
