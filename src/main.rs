@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod up;
+
 #[derive(Parser)]
 #[command(
     name = "sidemesh",
@@ -35,6 +37,32 @@ enum LogFormat {
 enum Command {
     /// Validate a sidecar config (JSON, as discover serves it) and print what is wrong.
     Check(CheckArgs),
+    /// Run the sidecar: inbound and outbound proxying from the config at DISCOVER_URL.
+    Proxy(Box<sidemesh_proxy::cli::Args>),
+    /// Run a whole mesh locally from a state file: discover, demo backends behind inbound
+    /// sidecars, and client sidecars; prints what to curl.
+    Up(up::Args),
+    /// A tiny HTTP server answering "hello from <name>", for demos and tests.
+    DemoBackend(sidemesh_proxy::demo::Args),
+    /// Watch Kubernetes, serve every meshed pod's config (discover) and run the injection
+    /// webhook.
+    Controller(sidemesh_controller::cli::Args),
+    /// Inject the sidecar and plugins into Kubernetes manifests offline (prints them).
+    Inject(sidemesh_controller::cli::InjectArgs),
+    /// Print the manifests that install sidemesh into a cluster.
+    Install(sidemesh_controller::cli::InstallArgs),
+    /// Copy this binary (the Job fallback's init container).
+    #[command(hide = true)]
+    CopySelf(sidemesh_controller::job::CopySelfArgs),
+    /// Run an app command and leave a done file when it exits (the Job fallback).
+    #[command(hide = true)]
+    JobRun(sidemesh_controller::job::JobRunArgs),
+    /// Run the proxy until every done file exists (the Job fallback).
+    #[command(hide = true)]
+    JobSidecar(sidemesh_controller::job::JobSidecarArgs),
+    /// Wait until a URL answers 200 (the legacy sidecar's postStart hook).
+    #[command(hide = true)]
+    WaitReady(sidemesh_controller::cli::WaitReadyArgs),
     /// Serve sidecar configs (DISCOVER_URL) from a YAML state file and the TTL registry.
     Discover(sidemesh_discover::cli::Args),
     /// Run the DNS shim on its own: mesh names answered locally, the rest forwarded.
@@ -55,9 +83,65 @@ fn main() -> anyhow::Result<()> {
     let _ = (&registry, &runtime);
     match cli.command {
         Command::Check(args) => check(&args),
+        Command::Proxy(args) => {
+            let sidecars = args
+                .dns
+                .map(|listen| dns_shim(listen, registry.clone()))
+                .into_iter()
+                .collect();
+            runtime.block_on(sidemesh_proxy::cli::run_with(*args, registry, sidecars))
+        }
+        Command::Up(args) => runtime.block_on(up::run(args, registry)),
+        Command::DemoBackend(args) => runtime.block_on(sidemesh_proxy::demo::run(args)),
+        Command::Controller(args) => runtime.block_on(async {
+            let discover = sidemesh_discover::server::Discover::new(
+                sidemesh_discover::server::Options::default(),
+                &registry,
+            )?;
+            let host = std::sync::Arc::new(DiscoverHost(discover));
+            sidemesh_controller::cli::run(args, registry, host).await
+        }),
+        Command::Inject(args) => sidemesh_controller::cli::inject(args),
+        Command::Install(args) => sidemesh_controller::cli::install(args),
+        Command::CopySelf(args) => sidemesh_controller::job::copy_self(args),
+        Command::JobRun(args) => {
+            let code = runtime.block_on(sidemesh_controller::job::job_run(args))?;
+            std::process::exit(code)
+        }
+        Command::JobSidecar(args) => {
+            let code = runtime.block_on(sidemesh_controller::job::job_sidecar(args))?;
+            std::process::exit(code)
+        }
+        Command::WaitReady(args) => runtime.block_on(sidemesh_controller::cli::wait_ready(args)),
         Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
         Command::Dns(args) => runtime.block_on(dns(*args, registry)),
     }
+}
+
+/// The DNS shim run inside a sidecar (`sidemesh proxy --dns ADDR`): it answers the mesh
+/// names of the sidecar's own config and forwards the rest to the resolvers of
+/// /etc/resolv.conf (never to itself). Kept here because the proxy crate does not depend
+/// on the DNS crate.
+fn dns_shim(
+    listen: std::net::SocketAddr,
+    registry: prometheus::Registry,
+) -> sidemesh_proxy::cli::Sidecar {
+    Box::new(move |snapshots| {
+        Box::pin(async move {
+            let conf = sidemesh_dns::ResolvConf::read(std::path::Path::new("/etc/resolv.conf"))
+                .unwrap_or_default();
+            let mut opts = sidemesh_dns::ShimOptions::from_resolv_conf(listen, &conf);
+            opts.fallback_upstreams.retain(|u| *u != listen);
+            let shim = sidemesh_dns::Shim::start(opts, snapshots, &registry).await?;
+            let addr = shim.udp_addr();
+            // The shim serves while its handle lives: keep it for the life of the process.
+            tokio::spawn(async move {
+                let _shim = shim;
+                std::future::pending::<()>().await
+            });
+            Ok(vec![("dns".to_owned(), addr.to_string())])
+        })
+    })
 }
 
 fn init_logging(format: LogFormat) {
@@ -140,11 +224,12 @@ async fn dns(args: sidemesh_dns::cli::Args, registry: prometheus::Registry) -> a
             }
         }
     };
-    publish(&store, &key, &tx, state);
+    publish(&store, &key, &tx, state.clone());
     let (store2, key2, tx2) = (store.clone(), key.clone(), tx.clone());
     let _watch = sidemesh_discover::statefile::watch(
         file,
         hash,
+        state,
         move |state| publish(&store2, &key2, &tx2, state),
         |e| tracing::warn!(error = %e, "state file rejected, keeping the last good one"),
     );
@@ -174,4 +259,18 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The controller's in-process discover server: the controller crate does not depend on
+/// `sidemesh-discover`, so the two meet here.
+struct DiscoverHost(sidemesh_discover::server::Discover);
+
+impl sidemesh_controller::cli::DiscoverHost for DiscoverHost {
+    fn serve(&self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        self.0.serve(listener).map(|_| ())
+    }
+
+    fn set_state(&self, state: sidemesh_api::state::ClusterState) {
+        self.0.set_state("kubernetes", state);
+    }
 }

@@ -1,6 +1,459 @@
 //! `sidemesh-proxy`: the sidecar data plane.
 //!
-//! It will own the inbound and outbound listeners, protocol handling (HTTP/1.1, HTTP/2,
-//! raw TCP), routing, client-side load balancing, connection pools, resilience (timeouts,
-//! retries, circuit breaking, outlier detection), TLS between sidecars, and hot reload of
-//! the config that `sidemesh_api::client` delivers. Not built yet: see the sidecar issue.
+//! A [`Proxy`] is driven by a `watch` channel of validated [`Snapshot`]s. For each new
+//! version it derives the listener targets ([`state::State`]), stores them behind one
+//! `ArcSwap`, binds the listeners that are new, and drains those that are gone; requests
+//! and connections in flight finish on what they started with.
+//!
+//! - [`state`]: the derived, immutable state of one config version.
+//! - [`balance`]: load-balancing policies over endpoints.
+//! - [`http`]: HTTP/1.1, h2c and gRPC proxying with routing, retries and rewrites.
+//! - [`tcp`]: raw TCP proxying with half-close.
+//! - [`detect`]: protocol detection for `auto` ports.
+//! - [`upstream`]: the connector and pooled clients, with breaker limits.
+//! - [`resilience`]: retry budget, backoff, outlier detection.
+//! - [`health`]: active health checks.
+//! - [`metrics`]: the `sidemesh_proxy_*` metrics.
+//! - [`register`]: universal mode, the instance's registration in discover's TTL registry.
+//! - [`admin`]: the admin server (`/ready`, `/live`, `/metrics`).
+//! - [`cli`]: the `sidemesh proxy` subcommand (and in-process sidecars for `sidemesh up`).
+//! - [`demo`]: the demo backend of `sidemesh up`.
+
+pub mod admin;
+pub mod balance;
+pub mod cli;
+pub mod demo;
+pub mod detect;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod register;
+pub mod resilience;
+pub mod state;
+pub mod tcp;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use sidemesh_api::Snapshot;
+use sidemesh_api::config::Protocol;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::detect::Detected;
+use crate::http::{ConnCtx, ServerMode};
+use crate::metrics::Metrics;
+use crate::state::{Cache, Direction, State};
+
+/// Settings of the data plane that do not come from discover (they need a restart).
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// The address inbound listeners bind (the workload's address).
+    pub inbound_address: IpAddr,
+    /// The address the app listens on; inbound traffic goes to `<this>:<port>`. It is
+    /// 127.0.0.1 in a pod; `sidemesh up` runs several apps on one host, each on its own
+    /// loopback address.
+    pub app_address: IpAddr,
+    /// How long removed listeners and shutdown wait for connections to finish.
+    pub drain_timeout: Duration,
+    /// How long an `auto` port waits for the client's first bytes before treating the
+    /// connection as raw TCP.
+    pub detect_timeout: Duration,
+    /// Time a client has to send a request's headers (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// Largest request head (HTTP/1 read buffer, HTTP/2 header list), in bytes.
+    pub max_header_bytes: usize,
+    /// Most headers in one HTTP/1 request.
+    pub max_headers: usize,
+    /// Most concurrent streams per HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+    /// Most client connections open at once, over all listeners.
+    pub max_connections: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            inbound_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            app_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            drain_timeout: Duration::from_secs(15),
+            detect_timeout: Duration::from_millis(300),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_concurrent_streams: 256,
+            max_connections: 16_384,
+        }
+    }
+}
+
+/// What the data plane shares between its tasks.
+pub(crate) struct Shared {
+    pub config: ProxyConfig,
+    pub metrics: Metrics,
+    pub state: ArcSwapOption<State>,
+    cache: Mutex<Cache>,
+    conn_slots: Arc<Semaphore>,
+}
+
+/// Two-stage stop signal for connections: `soft` asks them to finish (stop accepting,
+/// HTTP graceful shutdown), `hard` ends them.
+#[derive(Clone, Default)]
+pub(crate) struct Drain {
+    pub soft: CancellationToken,
+    pub hard: CancellationToken,
+}
+
+/// The outcome of applying one config version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The version applied.
+    pub version: u64,
+    /// Listener addresses bound now.
+    pub listening: Vec<SocketAddr>,
+    /// Listener addresses that could not be bound (retried on the next version).
+    pub failed: Vec<SocketAddr>,
+}
+
+/// The sidecar's data plane.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    applied: watch::Sender<Option<Applied>>,
+}
+
+struct ListenerHandle {
+    drain: Drain,
+    tracker: TaskTracker,
+    direction: Direction,
+}
+
+impl Proxy {
+    /// Makes a data plane and registers its metrics.
+    pub fn new(config: ProxyConfig, registry: &prometheus::Registry) -> prometheus::Result<Proxy> {
+        let metrics = Metrics::new(registry)?;
+        let conn_slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        Ok(Proxy {
+            shared: Arc::new(Shared {
+                config,
+                metrics,
+                state: ArcSwapOption::empty(),
+                cache: Mutex::new(Cache::default()),
+                conn_slots,
+            }),
+            applied: watch::Sender::new(None),
+        })
+    }
+
+    /// The data plane's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Follows what config versions were applied (for readiness and tests).
+    pub fn applied(&self) -> watch::Receiver<Option<Applied>> {
+        self.applied.subscribe()
+    }
+
+    /// Runs until `shutdown` fires: applies every snapshot the channel delivers, then
+    /// drains all listeners (at most the drain timeout) and returns.
+    pub async fn run(
+        &self,
+        mut snapshots: watch::Receiver<Option<Snapshot>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut listeners: HashMap<SocketAddr, ListenerHandle> = HashMap::new();
+        let mut current: Option<u64> = None;
+        let mut open = true;
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(5),
+            Duration::from_secs(5),
+        );
+        let mut checks = CancellationToken::new();
+        loop {
+            let snap = snapshots.borrow_and_update().clone();
+            if let Some(snap) = snap {
+                if current != Some(snap.version()) {
+                    self.apply(&snap, &mut listeners);
+                    current = Some(snap.version());
+                    checks.cancel();
+                    checks = CancellationToken::new();
+                    if let Some(state) = self.shared.state.load_full() {
+                        health::spawn(&state, &checks);
+                    }
+                }
+            }
+            tokio::select! {
+                r = snapshots.changed(), if open => {
+                    if r.is_err() {
+                        // The config source ended: keep serving the last config.
+                        open = false;
+                    }
+                }
+                _ = tick.tick() => {
+                    self.update_health_gauges();
+                    // Listeners that could not be bound are retried, so a port freed
+                    // later is picked up without a new config.
+                    let retry = self.applied.borrow().as_ref().is_some_and(|a| !a.failed.is_empty());
+                    if retry {
+                        if let Some(state) = self.shared.state.load_full() {
+                            self.bind_missing(&state, &mut listeners);
+                        }
+                    }
+                }
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        checks.cancel();
+        let started = Instant::now();
+        let drains: Vec<_> = listeners
+            .drain()
+            .map(|(addr, h)| drain(addr, h, self.shared.config.drain_timeout))
+            .collect();
+        futures::future::join_all(drains).await;
+        self.shared
+            .metrics
+            .drain_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn apply(&self, snap: &Snapshot, listeners: &mut HashMap<SocketAddr, ListenerHandle>) {
+        let m = &self.shared.metrics;
+        let state = {
+            let mut cache = match self.shared.cache.lock() {
+                Ok(c) => c,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            Arc::new(State::build(
+                snap,
+                self.shared.config.inbound_address,
+                self.shared.config.app_address,
+                &mut cache,
+            ))
+        };
+        self.shared.state.store(Some(state.clone()));
+
+        let gone: Vec<SocketAddr> = listeners
+            .keys()
+            .filter(|a| !state.listeners.contains_key(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            if let Some(h) = listeners.remove(&addr) {
+                tracing::info!(%addr, "listener removed; draining");
+                let timeout = self.shared.config.drain_timeout;
+                let hist = m.drain_duration.clone();
+                tokio::spawn(async move {
+                    let t0 = Instant::now();
+                    drain(addr, h, timeout).await;
+                    hist.observe(t0.elapsed().as_secs_f64());
+                });
+            }
+        }
+        m.config_version.set(snap.version() as i64);
+        m.config_applies.inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        m.config_applied.set(now);
+        self.bind_missing(&state, listeners);
+        self.update_health_gauges();
+    }
+
+    /// Binds every listener of the current state that is not bound yet (new ones, and
+    /// those that failed before), then publishes what is bound.
+    fn bind_missing(&self, state: &State, listeners: &mut HashMap<SocketAddr, ListenerHandle>) {
+        let m = &self.shared.metrics;
+        let mut failed = Vec::new();
+        for (addr, target) in &state.listeners {
+            if listeners.contains_key(addr) {
+                continue;
+            }
+            match bind(*addr) {
+                Ok(l) => {
+                    let h = ListenerHandle {
+                        drain: Drain::default(),
+                        tracker: TaskTracker::new(),
+                        direction: target.direction,
+                    };
+                    tokio::spawn(accept_loop(
+                        self.shared.clone(),
+                        l,
+                        *addr,
+                        h.drain.clone(),
+                        h.tracker.clone(),
+                    ));
+                    tracing::info!(%addr, direction = target.direction.as_str(), protocol = %target.protocol, "listening");
+                    listeners.insert(*addr, h);
+                }
+                Err(e) => {
+                    m.bind_failures
+                        .with_label_values(&[target.direction.as_str()])
+                        .inc();
+                    tracing::error!(%addr, error = %e, "cannot bind listener; the rest of the config applies");
+                    failed.push(*addr);
+                }
+            }
+        }
+        for d in [Direction::Inbound, Direction::Outbound] {
+            let n = listeners.values().filter(|h| h.direction == d).count();
+            m.listeners.with_label_values(&[d.as_str()]).set(n as i64);
+        }
+        let version = state.snapshot.version();
+        tracing::info!(
+            version,
+            listeners = listeners.len(),
+            failed = failed.len(),
+            "config applied"
+        );
+        let mut listening: Vec<SocketAddr> = listeners.keys().copied().collect();
+        listening.sort();
+        failed.sort();
+        self.applied.send_replace(Some(Applied {
+            version,
+            listening,
+            failed,
+        }));
+    }
+
+    fn update_health_gauges(&self) {
+        let Some(state) = self.shared.state.load_full() else {
+            return;
+        };
+        for (addr, t) in &state.listeners {
+            if t.direction == Direction::Outbound {
+                self.shared
+                    .metrics
+                    .healthy_endpoints
+                    .with_label_values(&[&*t.service.label, &addr.port().to_string()])
+                    .set(t.default_backend.balancer.healthy_count() as i64);
+            }
+        }
+    }
+}
+
+async fn drain(addr: SocketAddr, h: ListenerHandle, timeout: Duration) {
+    h.drain.soft.cancel();
+    h.tracker.close();
+    if tokio::time::timeout(timeout, h.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(%addr, "drain timeout; closing remaining connections");
+    }
+    h.drain.hard.cancel();
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    addr: SocketAddr,
+    drain: Drain,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = drain.soft.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Ok(slot) = shared.conn_slots.clone().try_acquire_owned() else {
+                    shared.metrics.connection_limit_rejections.inc();
+                    continue;
+                };
+                tracker.spawn(connection(
+                    shared.clone(),
+                    addr,
+                    stream,
+                    peer,
+                    drain.clone(),
+                    slot,
+                ));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%addr, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // Dropping the listener closes it: no new connections.
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    listen: SocketAddr,
+    stream: TcpStream,
+    peer: SocketAddr,
+    drain: Drain,
+    _slot: OwnedSemaphorePermit,
+) {
+    let Some(target) = shared
+        .state
+        .load()
+        .as_ref()
+        .and_then(|s| s.listeners.get(&listen).cloned())
+    else {
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let dir = target.direction.as_str();
+    let m = &shared.metrics;
+    m.tcp_connections
+        .with_label_values(&[dir, &*target.service.label])
+        .inc();
+    let open = m.tcp_open.with_label_values(&[dir]);
+    open.inc();
+    let mode = match target.protocol {
+        Protocol::Http1 => Detected::Http1,
+        Protocol::Http2 | Protocol::Grpc => Detected::Http2,
+        Protocol::Tcp => Detected::Tcp,
+        Protocol::Auto => {
+            tokio::select! {
+                d = detect::detect(&stream, shared.config.detect_timeout) => d,
+                _ = drain.hard.cancelled() => Detected::Tcp,
+            }
+        }
+    };
+    match mode {
+        Detected::Tcp => {
+            tokio::select! {
+                _ = tcp::proxy(&shared, &target, stream, peer) => {}
+                _ = drain.hard.cancelled() => {}
+            }
+        }
+        Detected::Http1 | Detected::Http2 => {
+            let ctx = Arc::new(ConnCtx {
+                shared: shared.clone(),
+                listen,
+                peer,
+                target,
+                mode: if mode == Detected::Http2 {
+                    ServerMode::Http2
+                } else {
+                    ServerMode::Http1
+                },
+            });
+            http::serve(ctx, stream, drain).await;
+        }
+    }
+    open.dec();
+}

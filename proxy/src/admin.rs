@@ -1,0 +1,135 @@
+//! The sidecar's admin server: `/live` (200 while the process runs), `/ready` (200 once
+//! the first config is applied and all its listeners are bound; 503 before that and while
+//! draining on shutdown), and `/metrics` (the Prometheus text format of the registry).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::Applied;
+
+/// What `/ready` looks at.
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    /// The data plane's applied config.
+    pub applied: watch::Receiver<Option<Applied>>,
+    /// Set on shutdown: from then on `/ready` answers 503.
+    pub draining: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    /// `(ready, reason)`.
+    pub fn check(&self) -> (bool, String) {
+        if self.draining.load(Ordering::Acquire) {
+            return (false, "draining\n".to_owned());
+        }
+        match &*self.applied.borrow() {
+            None => (false, "no config applied yet\n".to_owned()),
+            Some(a) if !a.failed.is_empty() => (
+                false,
+                format!(
+                    "config {} applied but {} listener(s) not bound: {:?}\n",
+                    a.version,
+                    a.failed.len(),
+                    a.failed
+                ),
+            ),
+            Some(a) => (
+                true,
+                format!(
+                    "ready: config {}, {} listener(s)\n",
+                    a.version,
+                    a.listening.len()
+                ),
+            ),
+        }
+    }
+}
+
+/// Serves the admin endpoints on `listener` until `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    registry: prometheus::Registry,
+    readiness: Readiness,
+    stop: CancellationToken,
+) {
+    let ctx = Arc::new((registry, readiness));
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(route(&ctx.0, &ctx.1, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn route(
+    registry: &prometheus::Registry,
+    readiness: &Readiness,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" => {
+            let (ok, why) = readiness.check();
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(status, why)
+        }
+        "/metrics" => match prometheus::TextEncoder::new().encode_to_string(&registry.gather()) {
+            Ok(body) => {
+                let mut r = text(StatusCode::OK, body);
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
+        _ => text(StatusCode::NOT_FOUND, "try /ready, /live or /metrics\n"),
+    }
+}

@@ -1,0 +1,685 @@
+//! Client-side load balancing over one backend's endpoints.
+//!
+//! A [`Balancer`] is built once per config version from a backend's endpoints (their
+//! weights, zones and shared [`EndpointStats`]) and then only read. It knows every policy
+//! of the contract: weighted round robin, weighted random, least-request and peak-EWMA (both
+//! power of two choices), ring hash and Maglev. Health (outlier ejection, active checks)
+//! lives in the shared stats, so a pick always sees the latest state without a rebuild.
+//! Zone-aware balancing prefers endpoints in the sidecar's own zone while enough of them
+//! are healthy, and spills to all zones otherwise. When no endpoint is healthy, every
+//! endpoint is a candidate again (panic mode): failing open beats refusing all traffic.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use sidemesh_api::config::{BalancePolicy, HashOn};
+
+/// The time constant of the peak-EWMA latency average.
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// The latency assumed for an endpoint that has not answered yet, in nanoseconds.
+const DEFAULT_RTT_NS: f64 = 1_000_000.0;
+/// Ring points per endpoint of the heaviest weight.
+const RING_POINTS: u64 = 100;
+/// Maglev table sizes (primes); the smallest at least 100 times the endpoint count is used.
+const MAGLEV_SIZES: [usize; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];
+/// Longest round-robin schedule; weights are scaled down to fit.
+const MAX_SCHEDULE: u64 = 4096;
+
+/// What one endpoint has shown so far: load, latency and health. Shared across config
+/// versions for the same endpoint, so a reload does not forget an ejection or the latency.
+#[derive(Debug)]
+pub struct EndpointStats {
+    /// Requests (or TCP connections) in flight to this endpoint.
+    pub inflight: AtomicU64,
+    ewma: std::sync::Mutex<Ewma>,
+    /// Consecutive 5xx answers.
+    pub consecutive_5xx: AtomicU32,
+    /// Consecutive connect failures.
+    pub consecutive_connect_failures: AtomicU32,
+    /// Ejected until this many milliseconds after the process's clock origin (0: not ejected).
+    pub ejected_until_ms: AtomicU64,
+    /// Ejections in a row (the ejection time grows with it).
+    pub ejections: AtomicU32,
+    /// Set by active health checking when the endpoint failed its checks.
+    pub check_failed: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Ewma {
+    rtt_ns: f64,
+    at: Instant,
+}
+
+impl Default for EndpointStats {
+    fn default() -> Self {
+        EndpointStats {
+            inflight: AtomicU64::new(0),
+            ewma: std::sync::Mutex::new(Ewma {
+                rtt_ns: 0.0,
+                at: Instant::now(),
+            }),
+            consecutive_5xx: AtomicU32::new(0),
+            consecutive_connect_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            check_failed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl EndpointStats {
+    /// Records one observed latency: a higher sample replaces the average at once (the
+    /// "peak"), a lower one decays it towards the sample.
+    pub fn observe(&self, rtt: Duration) {
+        let sample = rtt.as_nanos() as f64;
+        let now = Instant::now();
+        if let Ok(mut e) = self.ewma.lock() {
+            if sample > e.rtt_ns || e.rtt_ns == 0.0 {
+                e.rtt_ns = sample;
+            } else {
+                let elapsed = now.saturating_duration_since(e.at).as_secs_f64();
+                let w = (-elapsed / EWMA_DECAY.as_secs_f64()).exp();
+                e.rtt_ns = e.rtt_ns * w + sample * (1.0 - w);
+            }
+            e.at = now;
+        }
+    }
+
+    /// The current peak-EWMA latency in nanoseconds. It decays while no sample comes, so
+    /// an endpoint that was slow once is tried again later; an endpoint never tried
+    /// costs nothing, so new endpoints get their first requests at once.
+    pub fn rtt_ns(&self) -> f64 {
+        match self.ewma.lock() {
+            Ok(e) if e.rtt_ns > 0.0 => {
+                let idle = e.at.elapsed().as_secs_f64();
+                e.rtt_ns * (-idle / EWMA_DECAY.as_secs_f64()).exp()
+            }
+            Ok(_) => 0.0,
+            Err(_) => DEFAULT_RTT_NS,
+        }
+    }
+
+    /// Whether the endpoint may take traffic at `now_ms` (not ejected, not failing checks).
+    pub fn healthy(&self, now_ms: u64) -> bool {
+        !self.check_failed.load(Ordering::Relaxed)
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+}
+
+/// One endpoint as a balancer sees it.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Where to dial.
+    pub addr: SocketAddr,
+    /// Relative weight (1..=10000).
+    pub weight: u32,
+    /// Whether the endpoint is in the sidecar's own zone.
+    pub local: bool,
+    /// Load, latency and health, shared across config versions.
+    pub stats: Arc<EndpointStats>,
+}
+
+/// Milliseconds since a process-wide origin; the clock of ejections.
+pub fn now_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    // Start at 1 so that 0 can mean "never ejected".
+    Instant::now().saturating_duration_since(origin).as_millis() as u64 + 1
+}
+
+/// A balancer over one backend's endpoints, for one config version.
+#[derive(Debug)]
+pub struct Balancer {
+    policy: BalancePolicy,
+    endpoints: Vec<Arc<Endpoint>>,
+    zone_aware: bool,
+    zone_min_healthy_percent: u8,
+    next: AtomicUsize,
+    schedule: Vec<u32>,
+    ring: Vec<(u64, u32)>,
+    maglev: Vec<u32>,
+}
+
+impl Balancer {
+    /// Builds a balancer. `zone_aware` only has an effect when some endpoints are local.
+    pub fn new(
+        policy: BalancePolicy,
+        endpoints: Vec<Arc<Endpoint>>,
+        zone_aware: bool,
+        zone_min_healthy_percent: u8,
+    ) -> Balancer {
+        let zone_aware = zone_aware && endpoints.iter().any(|e| e.local);
+        let schedule = match policy {
+            BalancePolicy::RoundRobin => schedule(&endpoints),
+            _ => Vec::new(),
+        };
+        let ring = match policy {
+            BalancePolicy::RingHash => ring(&endpoints),
+            _ => Vec::new(),
+        };
+        let maglev = match policy {
+            BalancePolicy::Maglev => maglev(&endpoints),
+            _ => Vec::new(),
+        };
+        Balancer {
+            policy,
+            endpoints,
+            zone_aware,
+            zone_min_healthy_percent,
+            next: AtomicUsize::new(0),
+            schedule,
+            ring,
+            maglev,
+        }
+    }
+
+    /// The endpoints, in config order.
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    /// How many endpoints are healthy now.
+    pub fn healthy_count(&self) -> usize {
+        let now = now_ms();
+        self.endpoints
+            .iter()
+            .filter(|e| e.stats.healthy(now))
+            .count()
+    }
+
+    /// Picks an endpoint. `hash` is the request's hash key for ring hash and Maglev (when
+    /// absent those pick at random); `avoid` is an endpoint to skip if another is eligible
+    /// (the one a retry just failed on).
+    pub fn pick(&self, hash: Option<u64>, avoid: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
+        match self.endpoints.len() {
+            0 => return None,
+            1 => return self.endpoints.first().cloned(),
+            _ => {}
+        }
+        let eligible = self.eligible(avoid);
+        let ok = |i: usize| eligible.get(i).copied().unwrap_or(false);
+        let i = match (self.policy, hash) {
+            (BalancePolicy::RoundRobin, _) => self.pick_rr(&ok),
+            (BalancePolicy::RingHash, Some(h)) => self.pick_ring(h, &ok),
+            (BalancePolicy::Maglev, Some(h)) => self.pick_maglev(h, &ok),
+            // Weights already shape which two are drawn; the cost compares load alone, so
+            // an idle backend is split exactly by weight.
+            (BalancePolicy::LeastRequest, _) => self.p2c(&eligible, |e| {
+                e.stats.inflight.load(Ordering::Relaxed) as f64
+            }),
+            (BalancePolicy::PeakEwma, _) => self.p2c(&eligible, |e| {
+                e.stats.rtt_ns() * (e.stats.inflight.load(Ordering::Relaxed) as f64 + 1.0)
+            }),
+            _ => weighted_random(&self.endpoints, &eligible),
+        };
+        i.and_then(|i| self.endpoints.get(i).cloned())
+    }
+
+    /// Which endpoints may be picked now: healthy ones, in the own zone while enough of
+    /// those are healthy; all of them when none is healthy.
+    fn eligible(&self, avoid: Option<SocketAddr>) -> Vec<bool> {
+        let now = now_ms();
+        let healthy: Vec<bool> = self
+            .endpoints
+            .iter()
+            .map(|e| e.stats.healthy(now))
+            .collect();
+        let mut eligible = healthy.clone();
+        if self.zone_aware {
+            let (mut local, mut local_healthy) = (0usize, 0usize);
+            for (e, h) in self.endpoints.iter().zip(&healthy) {
+                if e.local {
+                    local += 1;
+                    local_healthy += usize::from(*h);
+                }
+            }
+            let enough = local_healthy > 0
+                && local_healthy * 100 >= usize::from(self.zone_min_healthy_percent) * local;
+            if enough {
+                for (slot, e) in eligible.iter_mut().zip(&self.endpoints) {
+                    *slot = *slot && e.local;
+                }
+            }
+        }
+        if !eligible.iter().any(|x| *x) {
+            eligible.iter_mut().for_each(|x| *x = true);
+        }
+        if let Some(avoid) = avoid {
+            let others = self
+                .endpoints
+                .iter()
+                .zip(&eligible)
+                .any(|(e, ok)| *ok && e.addr != avoid);
+            if others {
+                for (slot, e) in eligible.iter_mut().zip(&self.endpoints) {
+                    *slot = *slot && e.addr != avoid;
+                }
+            }
+        }
+        eligible
+    }
+
+    fn pick_rr(&self, ok: &impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.schedule.len();
+        for _ in 0..n {
+            let k = self.next.fetch_add(1, Ordering::Relaxed) % n;
+            let i = *self.schedule.get(k)? as usize;
+            if ok(i) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    fn pick_ring(&self, h: u64, ok: &impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.ring.len();
+        let start = self.ring.partition_point(|(p, _)| *p < h);
+        (0..n)
+            .map(|k| self.ring[(start + k) % n].1 as usize)
+            .find(|i| ok(*i))
+    }
+
+    fn pick_maglev(&self, h: u64, ok: &impl Fn(usize) -> bool) -> Option<usize> {
+        let m = self.maglev.len() as u64;
+        let mut key = h;
+        // An ineligible owner: rehash a few times, then fall back to any eligible endpoint,
+        // so most keys keep their endpoint while one is out.
+        for _ in 0..16 {
+            let i = *self.maglev.get((key % m) as usize)? as usize;
+            if ok(i) {
+                return Some(i);
+            }
+            key = mix(key.wrapping_add(0x9e37_79b9_7f4a_7c15));
+        }
+        (0..self.endpoints.len()).find(|i| ok(*i))
+    }
+
+    fn p2c(&self, eligible: &[bool], cost: impl Fn(&Endpoint) -> f64) -> Option<usize> {
+        let a = weighted_random(&self.endpoints, eligible)?;
+        let mut without = eligible.to_vec();
+        if let Some(slot) = without.get_mut(a) {
+            *slot = false;
+        }
+        let Some(b) = weighted_random(&self.endpoints, &without) else {
+            return Some(a);
+        };
+        let (ea, eb) = (self.endpoints.get(a)?, self.endpoints.get(b)?);
+        Some(if cost(eb) < cost(ea) { b } else { a })
+    }
+}
+
+fn weighted_random(endpoints: &[Arc<Endpoint>], eligible: &[bool]) -> Option<usize> {
+    let total: u64 = endpoints
+        .iter()
+        .zip(eligible)
+        .filter(|(_, ok)| **ok)
+        .map(|(e, _)| u64::from(e.weight))
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = rand::rng().random_range(0..total);
+    for (i, (e, ok)) in endpoints.iter().zip(eligible).enumerate() {
+        if !*ok {
+            continue;
+        }
+        let w = u64::from(e.weight);
+        if r < w {
+            return Some(i);
+        }
+        r -= w;
+    }
+    None
+}
+
+/// A smooth weighted round-robin order (each endpoint's turns spread out, not bunched).
+fn schedule(endpoints: &[Arc<Endpoint>]) -> Vec<u32> {
+    let total: u64 = endpoints.iter().map(|e| u64::from(e.weight)).sum();
+    let scale = total.div_ceil(MAX_SCHEDULE).max(1);
+    let weights: Vec<i64> = endpoints
+        .iter()
+        .map(|e| (u64::from(e.weight) / scale).max(1) as i64)
+        .collect();
+    let sum: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut out = Vec::with_capacity(sum as usize);
+    for _ in 0..sum {
+        let mut best = 0;
+        for (i, w) in weights.iter().enumerate() {
+            current[i] += w;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= sum;
+        out.push(best as u32);
+    }
+    out
+}
+
+fn ring(endpoints: &[Arc<Endpoint>]) -> Vec<(u64, u32)> {
+    let max = endpoints
+        .iter()
+        .map(|e| u64::from(e.weight))
+        .max()
+        .unwrap_or(1);
+    let mut ring = Vec::new();
+    for (i, e) in endpoints.iter().enumerate() {
+        let points = (u64::from(e.weight) * RING_POINTS).div_ceil(max).max(1);
+        let base = hash_bytes(e.addr.to_string().as_bytes());
+        for k in 0..points {
+            ring.push((mix(base ^ mix(k + 1)), i as u32));
+        }
+    }
+    ring.sort_unstable();
+    ring
+}
+
+fn maglev(endpoints: &[Arc<Endpoint>]) -> Vec<u32> {
+    let n = endpoints.len();
+    let want = n * 100;
+    let m = MAGLEV_SIZES
+        .iter()
+        .copied()
+        .find(|s| *s >= want)
+        .unwrap_or(MAGLEV_SIZES[MAGLEV_SIZES.len() - 1]);
+    let perms: Vec<(usize, usize)> = endpoints
+        .iter()
+        .map(|e| {
+            let h = hash_bytes(e.addr.to_string().as_bytes());
+            let offset = (h % m as u64) as usize;
+            let skip = (mix(h) % (m as u64 - 1)) as usize + 1;
+            (offset, skip)
+        })
+        .collect();
+    let max_w = endpoints.iter().map(|e| e.weight).max().unwrap_or(1);
+    let mut next = vec![0usize; n];
+    let mut table = vec![u32::MAX; m];
+    let mut filled = 0;
+    let mut round: u64 = 0;
+    while filled < m {
+        for i in 0..n {
+            // Weighted Maglev: endpoint i takes a turn in a round in proportion to its
+            // weight relative to the heaviest one.
+            let w = u64::from(endpoints[i].weight);
+            let turns = (round + 1) * w / u64::from(max_w) - round * w / u64::from(max_w);
+            for _ in 0..turns {
+                let (offset, skip) = perms[i];
+                let mut c = (offset + next[i] * skip) % m;
+                while table[c] != u32::MAX {
+                    next[i] += 1;
+                    c = (offset + next[i] * skip) % m;
+                }
+                table[c] = i as u32;
+                next[i] += 1;
+                filled += 1;
+                if filled == m {
+                    return table;
+                }
+            }
+        }
+        round += 1;
+    }
+    table
+}
+
+/// A stable 64-bit hash (FNV-1a, then a finalizer), the same in every sidecar, so that
+/// consistent hashing agrees across processes and restarts.
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix(h)
+}
+
+/// The splitmix64 finalizer: spreads the bits of `x`.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The hash key of a request for `hash_on`, when the request has one.
+pub fn request_hash(
+    hash_on: Option<&HashOn>,
+    headers: &http::HeaderMap,
+    client: SocketAddr,
+) -> Option<u64> {
+    match hash_on? {
+        HashOn::Header(name) => headers.get(name.as_str()).map(|v| hash_bytes(v.as_bytes())),
+        HashOn::Cookie(name) => headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| hash_bytes(v.as_bytes())),
+        HashOn::SourceIp => Some(hash_bytes(client.ip().to_string().as_bytes())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn eps(weights: &[u32]) -> Vec<Arc<Endpoint>> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                Arc::new(Endpoint {
+                    addr: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
+                    weight: *w,
+                    local: false,
+                    stats: Arc::default(),
+                })
+            })
+            .collect()
+    }
+
+    fn counts(b: &Balancer, n: usize, hash: impl Fn(usize) -> Option<u64>) -> HashMap<u16, usize> {
+        let mut m = HashMap::new();
+        for k in 0..n {
+            let e = b.pick(hash(k), None).unwrap();
+            *m.entry(last_octet(&e)).or_default() += 1;
+        }
+        m
+    }
+
+    fn last_octet(e: &Endpoint) -> u16 {
+        match e.addr.ip() {
+            std::net::IpAddr::V4(v) => u16::from(v.octets()[3]),
+            std::net::IpAddr::V6(_) => 0,
+        }
+    }
+
+    fn share(m: &HashMap<u16, usize>, k: u16, n: usize) -> f64 {
+        *m.get(&k).unwrap_or(&0) as f64 / n as f64
+    }
+
+    #[test]
+    fn round_robin_follows_weights_exactly() {
+        let b = Balancer::new(BalancePolicy::RoundRobin, eps(&[100, 300]), false, 70);
+        let m = counts(&b, 400, |_| None);
+        assert_eq!(m[&1], 100);
+        assert_eq!(m[&2], 300);
+        // Smooth: the heavy endpoint never takes more than 3 turns in a row.
+        let seq: Vec<u16> = (0..8)
+            .map(|_| last_octet(&b.pick(None, None).unwrap()))
+            .collect();
+        assert!(seq.contains(&1), "{seq:?}");
+    }
+
+    #[test]
+    fn random_and_p2c_follow_weights() {
+        for policy in [
+            BalancePolicy::Random,
+            BalancePolicy::LeastRequest,
+            BalancePolicy::PeakEwma,
+        ] {
+            let b = Balancer::new(policy, eps(&[100, 100, 200]), false, 70);
+            let n = 20_000;
+            let m = counts(&b, n, |_| None);
+            for k in [1, 2, 3] {
+                assert!(share(&m, k, n) > 0.1, "{policy:?} {m:?}");
+            }
+            assert!((share(&m, 3, n) - 0.5).abs() < 0.05, "{policy:?} {m:?}");
+        }
+    }
+
+    #[test]
+    fn least_request_avoids_the_busy_endpoint() {
+        let e = eps(&[100, 100]);
+        e[0].stats.inflight.store(50, Ordering::Relaxed);
+        let b = Balancer::new(BalancePolicy::LeastRequest, e, false, 70);
+        let m = counts(&b, 1000, |_| None);
+        // With two endpoints P2C always compares both: the idle one always wins.
+        assert_eq!(m.get(&2), Some(&1000));
+    }
+
+    #[test]
+    fn peak_ewma_prefers_the_fast_endpoint() {
+        let e = eps(&[100, 100]);
+        e[0].stats.observe(Duration::from_millis(50));
+        e[1].stats.observe(Duration::from_millis(1));
+        let b = Balancer::new(BalancePolicy::PeakEwma, e, false, 70);
+        let m = counts(&b, 1000, |_| None);
+        assert_eq!(m.get(&2), Some(&1000));
+    }
+
+    #[test]
+    fn hashing_is_sticky_and_spreads() {
+        for policy in [BalancePolicy::RingHash, BalancePolicy::Maglev] {
+            let b = Balancer::new(policy, eps(&[100, 100, 100, 100]), false, 70);
+            let n = 8000;
+            let m = counts(&b, n, |k| Some(hash_bytes(format!("user-{k}").as_bytes())));
+            for k in 1..=4 {
+                let s = share(&m, k, n);
+                assert!((0.15..0.35).contains(&s), "{policy:?} {m:?}");
+            }
+            for k in 0..100 {
+                let h = Some(hash_bytes(format!("user-{k}").as_bytes()));
+                assert_eq!(b.pick(h, None).unwrap().addr, b.pick(h, None).unwrap().addr);
+            }
+        }
+    }
+
+    #[test]
+    fn hashing_moves_few_keys_when_an_endpoint_goes() {
+        for policy in [BalancePolicy::RingHash, BalancePolicy::Maglev] {
+            let all = eps(&[100, 100, 100, 100, 100]);
+            let b5 = Balancer::new(policy, all.clone(), false, 70);
+            let b4 = Balancer::new(policy, all[..4].to_vec(), false, 70);
+            let n = 5000;
+            let mut moved = 0;
+            for k in 0..n {
+                let h = Some(hash_bytes(format!("k{k}").as_bytes()));
+                let a = b5.pick(h, None).unwrap().addr;
+                let b = b4.pick(h, None).unwrap().addr;
+                if a != b && a != all[4].addr {
+                    moved += 1;
+                }
+            }
+            // Keys of the remaining endpoints mostly stay put.
+            assert!(moved < n / 10, "{policy:?} moved {moved}");
+        }
+    }
+
+    #[test]
+    fn weighted_hashing() {
+        for policy in [BalancePolicy::RingHash, BalancePolicy::Maglev] {
+            let b = Balancer::new(policy, eps(&[100, 300]), false, 70);
+            let n = 8000;
+            let m = counts(&b, n, |k| Some(hash_bytes(format!("w{k}").as_bytes())));
+            let s = share(&m, 2, n);
+            assert!((0.65..0.85).contains(&s), "{policy:?} {m:?}");
+        }
+    }
+
+    #[test]
+    fn ejected_endpoints_are_skipped_and_panic_mode_uses_all() {
+        let e = eps(&[100, 100, 100]);
+        e[0].stats
+            .ejected_until_ms
+            .store(u64::MAX, Ordering::Relaxed);
+        for policy in [
+            BalancePolicy::RoundRobin,
+            BalancePolicy::Random,
+            BalancePolicy::PeakEwma,
+            BalancePolicy::RingHash,
+            BalancePolicy::Maglev,
+        ] {
+            let b = Balancer::new(policy, e.clone(), false, 70);
+            let m = counts(&b, 600, |k| Some(k as u64 * 7919));
+            assert_eq!(m.get(&1), None, "{policy:?} {m:?}");
+        }
+        for x in &e {
+            x.stats.check_failed.store(true, Ordering::Relaxed);
+        }
+        let b = Balancer::new(BalancePolicy::Random, e.clone(), false, 70);
+        assert_eq!(counts(&b, 300, |_| None).len(), 3);
+    }
+
+    #[test]
+    fn zone_aware_prefers_local_and_spills_over() {
+        let mut e = eps(&[100, 100, 100, 100]);
+        for x in e.iter_mut().take(2) {
+            Arc::get_mut(x).unwrap().local = true;
+        }
+        let b = Balancer::new(BalancePolicy::Random, e.clone(), true, 70);
+        let m = counts(&b, 1000, |_| None);
+        assert_eq!(
+            m.get(&3).copied().unwrap_or(0) + m.get(&4).copied().unwrap_or(0),
+            0
+        );
+        // One of two local endpoints down: 50 % < 70 %, so traffic spills to all healthy.
+        e[0].stats
+            .ejected_until_ms
+            .store(u64::MAX, Ordering::Relaxed);
+        let m = counts(&b, 3000, |_| None);
+        assert_eq!(m.get(&1), None);
+        for k in [2, 3, 4] {
+            assert!(share(&m, k, 3000) > 0.2, "{m:?}");
+        }
+    }
+
+    #[test]
+    fn avoid_skips_the_failed_endpoint() {
+        let e = eps(&[100, 100]);
+        let b = Balancer::new(BalancePolicy::Random, e.clone(), false, 70);
+        for _ in 0..100 {
+            assert_eq!(b.pick(None, Some(e[0].addr)).unwrap().addr, e[1].addr);
+        }
+    }
+
+    #[test]
+    fn request_hash_reads_header_cookie_and_ip() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-user", "alice".parse().unwrap());
+        h.insert(http::header::COOKIE, "a=1; session=xyz".parse().unwrap());
+        let ip: SocketAddr = "10.1.1.1:5000".parse().unwrap();
+        assert_eq!(
+            request_hash(Some(&HashOn::Header("x-user".into())), &h, ip),
+            Some(hash_bytes(b"alice"))
+        );
+        assert_eq!(
+            request_hash(Some(&HashOn::Cookie("session".into())), &h, ip),
+            Some(hash_bytes(b"xyz"))
+        );
+        assert_eq!(
+            request_hash(Some(&HashOn::SourceIp), &h, ip),
+            Some(hash_bytes(b"10.1.1.1"))
+        );
+        assert_eq!(
+            request_hash(Some(&HashOn::Cookie("none".into())), &h, ip),
+            None
+        );
+    }
+}

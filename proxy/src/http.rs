@@ -1,0 +1,670 @@
+//! HTTP proxying (HTTP/1.1, h2c, gRPC): the server side of a client connection, and per
+//! request: route, breaker, balance, forward over a pooled client, retry, rewrite.
+//!
+//! Requests are framed by hyper on both sides: it rejects bad chunking, duplicate
+//! `Content-Length`s and bad header bytes, and for `Content-Length` with
+//! `Transfer-Encoding` it lets chunked win, drops the length and closes the connection after
+//! answering (RFC 9112 §6.1), so nothing can hide behind the body. As a second guard a
+//! request that still carries both is refused. Hop-by-hop headers, with every header named
+//! in `Connection`, are removed in both directions (RFC 9110 §7.6.1). A response body is streamed as it comes; if the upstream
+//! fails mid-body, the error reaches hyper, which aborts the client's connection (or
+//! stream), so a cut response is never presented as complete.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rand::Rng;
+use sidemesh_api::config::{Protocol, RetryOn, RetryPolicy};
+use tokio::net::TcpStream;
+
+use crate::balance::{Endpoint, request_hash};
+use crate::metrics::status_class;
+use crate::resilience::{Outcome, backoff, record};
+use crate::state::{Backend, RouteState, Target};
+use crate::upstream::{Body, BoxError, ConnectError};
+use crate::{Drain, Shared};
+
+/// Largest request body buffered so that it can be replayed on a retry.
+const MAX_REPLAY_BODY: usize = 64 * 1024;
+/// Response header naming the circuit-breaker limit that refused a request.
+pub const OVERLOADED: &str = "x-sidemesh-overloaded";
+/// Response header saying why the sidecar (not the upstream) answered with an error.
+pub const ERROR: &str = "x-sidemesh-error";
+
+/// How the server side of a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ServerMode {
+    Http1,
+    Http2,
+}
+
+/// Per-connection context.
+pub(crate) struct ConnCtx {
+    pub shared: Arc<Shared>,
+    pub listen: SocketAddr,
+    pub peer: SocketAddr,
+    /// The target at accept time: used if the listener disappears from the config while
+    /// the connection still has requests to finish.
+    pub target: Arc<Target>,
+    pub mode: ServerMode,
+}
+
+/// Serves HTTP on one accepted connection until it ends, or until drain asks it to finish.
+pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
+    let limits = &ctx.shared.config;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_pending_accept_reset_streams(Some(20))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let builder = match ctx.mode {
+        ServerMode::Http1 => builder.http1_only(),
+        ServerMode::Http2 => builder.http2_only(),
+    };
+    let svc_ctx = ctx.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = svc_ctx.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+    });
+    // Idle client connections are closed (gracefully: a request in flight finishes).
+    let idle_ms = ctx.target.service.timeouts.idle_ms;
+    let origin = Instant::now();
+    let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let io = crate::tcp::Timed::new(stream, last.clone(), origin);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let idle = async {
+        match idle_ms {
+            0 => std::future::pending().await,
+            ms => crate::tcp::idle_watch(&last, origin, Duration::from_millis(ms)).await,
+        }
+    };
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(peer = %ctx.peer, error = %e, "HTTP connection ended with an error");
+            }
+            return;
+        }
+        _ = drain.soft.cancelled() => {}
+        _ = idle => {
+            ctx.shared.metrics.timeouts.with_label_values(&[&*ctx.target.service.label, "idle"]).inc();
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = drain.hard.cancelled() => {}
+    }
+}
+
+/// Handles one request: everything that can go wrong becomes a response here.
+async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    // Requests read the current config, so endpoint and policy changes apply to new
+    // requests on open connections; a listener that was removed finishes on its old one.
+    let state = ctx.shared.state.load();
+    let target = state
+        .as_ref()
+        .and_then(|s| s.listeners.get(&ctx.listen).cloned())
+        .unwrap_or_else(|| ctx.target.clone());
+    drop(state);
+    let (route, backend) = select(&target, &req);
+    let route_name = route.map(|r| &*r.name).unwrap_or("default");
+    let service = &backend.service;
+    let resp = forward(&ctx, route, &backend, req).await;
+    let m = &ctx.shared.metrics;
+    let dir = target.direction.as_str();
+    m.requests
+        .with_label_values(&[
+            dir,
+            &*service.label,
+            route_name,
+            status_class(resp.status().as_u16()),
+        ])
+        .inc();
+    m.request_duration
+        .with_label_values(&[dir, &*service.label])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// Picks the first matching route and one of its weighted backends.
+fn select<'a>(
+    target: &'a Target,
+    req: &Request<Incoming>,
+) -> (Option<&'a RouteState>, Arc<Backend>) {
+    if target.routes.is_empty() {
+        return (None, target.default_backend.clone());
+    }
+    let host = req
+        .uri()
+        .host()
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .map(strip_port);
+    let headers = req.headers();
+    let route = target.routes.iter().find(|r| {
+        r.matcher
+            .matches(req.method().as_str(), host, req.uri().path(), |name| {
+                headers.get(name).and_then(|v| v.to_str().ok())
+            })
+    });
+    let Some(route) = route else {
+        return (None, target.default_backend.clone());
+    };
+    let backend = match route.backends.as_slice() {
+        [(_, only)] => only.clone(),
+        many => {
+            let mut r = rand::rng().random_range(0..route.total_weight.max(1));
+            let mut chosen = target.default_backend.clone();
+            for (w, b) in many {
+                if r < *w {
+                    chosen = b.clone();
+                    break;
+                }
+                r -= w;
+            }
+            chosen
+        }
+    };
+    (Some(route), backend)
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map(|(h, _)| &h[1..]).unwrap_or(host);
+    }
+    host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+}
+
+/// An error the sidecar answers itself.
+fn error(status: StatusCode, why: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from(format!("sidemesh: {why}\n"))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(ERROR, HeaderValue::from_static(why));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn overloaded(why: &'static str) -> Response<Body> {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "overloaded");
+    r.headers_mut()
+        .insert(OVERLOADED, HeaderValue::from_static(why));
+    r
+}
+
+fn full(b: Bytes) -> Body {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Decrements the service's active-request count when the request is done (its response
+/// body included).
+struct ActiveGuard {
+    backend: Arc<Backend>,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.backend
+            .service
+            .shared
+            .active
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Decrements an endpoint's in-flight count when the response body is done.
+struct InflightGuard(Arc<Endpoint>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.stats.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that holds guards until it is finished or dropped.
+struct GuardedBody {
+    inner: Incoming,
+    _guards: (Option<ActiveGuard>, InflightGuard),
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(|e| Box::new(e) as BoxError)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request body, replayable when it is small and known.
+enum ReqBody {
+    Replay(Bytes),
+    Stream(Option<Incoming>),
+}
+
+impl ReqBody {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            ReqBody::Replay(b) if b.is_empty() => Some(empty()),
+            ReqBody::Replay(b) => Some(full(b.clone())),
+            ReqBody::Stream(s) => s
+                .take()
+                .map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+        }
+    }
+}
+
+/// How one try ended.
+enum Try {
+    Response(Response<Incoming>),
+    ConnectFailed(ConnectError),
+    Refused,
+    Reset(hyper_util::client::legacy::Error),
+    TimedOut,
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers and those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(&name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRAILER,
+        header::UPGRADE,
+    ] {
+        if keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    // `te: trailers` is end to end in HTTP/2 and gRPC needs it; any other TE is hop-by-hop.
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Sends the request upstream, with retries, and builds the response.
+async fn forward(
+    ctx: &ConnCtx,
+    route: Option<&RouteState>,
+    backend: &Arc<Backend>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let m = &ctx.shared.metrics;
+    let service = &backend.service;
+    let label = &*service.label;
+
+    // Smuggling guard: never forward a message whose framing is ambiguous.
+    if req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "content-length-with-transfer-encoding",
+        );
+    }
+
+    // Circuit breaker: requests in flight.
+    let active = service.shared.active.fetch_add(1, Ordering::AcqRel);
+    let active_guard = ActiveGuard {
+        backend: backend.clone(),
+    };
+    if service.limits.max_requests > 0 && active >= u64::from(service.limits.max_requests) {
+        m.breaker_rejections
+            .with_label_values(&[label, "max_requests"])
+            .inc();
+        return overloaded("max_requests");
+    }
+
+    let upgrade = is_upgrade(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+
+    let policy: &RetryPolicy = route
+        .and_then(|r| r.retry.as_ref())
+        .unwrap_or(&service.retry);
+    let request_timeout = route.and_then(|r| r.timeout).or_else(|| {
+        (service.timeouts.request_ms > 0)
+            .then(|| Duration::from_millis(service.timeouts.request_ms))
+    });
+    let deadline = request_timeout.map(|t| tokio::time::Instant::now() + t);
+
+    // A body can be replayed on a retry only if we hold all of it; buffer small, known
+    // bodies when retries are on, stream everything else without retries.
+    let mut body = if policy.attempts == 0 || upgrade {
+        ReqBody::Stream(Some(body))
+    } else if body.is_end_stream() {
+        ReqBody::Replay(Bytes::new())
+    } else {
+        match body.size_hint().exact() {
+            Some(n) if n as usize <= MAX_REPLAY_BODY => {
+                match Limited::new(body, MAX_REPLAY_BODY).collect().await {
+                    Ok(c) => ReqBody::Replay(c.to_bytes()),
+                    Err(_) => return error(StatusCode::BAD_REQUEST, "bad-request-body"),
+                }
+            }
+            _ => ReqBody::Stream(Some(body)),
+        }
+    };
+    let replayable = matches!(body, ReqBody::Replay(_));
+    let max_tries = if replayable {
+        1 + policy.attempts.min(10)
+    } else {
+        1
+    };
+
+    // Headers: hop-by-hop out, route rewrite in, Host kept for HTTP/1.1 upstreams.
+    let original_authority = parts.uri.authority().cloned();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(a) = &original_authority {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+    }
+    if let Some(rw) = route.and_then(|r| r.request_headers.as_ref()) {
+        rw.apply(&mut parts.headers);
+    }
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".to_owned());
+
+    // The upstream protocol: h2 when the port says so, or (on auto ports) when the client
+    // spoke h2; gRPC needs it.
+    let use_h2 = match backend.protocol {
+        Protocol::Http2 | Protocol::Grpc => true,
+        Protocol::Http1 => false,
+        Protocol::Auto | Protocol::Tcp => ctx.mode == ServerMode::Http2,
+    } && !upgrade;
+    let client = if use_h2 {
+        &service.clients.h2
+    } else {
+        &service.clients.h1
+    };
+
+    let hash = request_hash(service.hash_on.as_ref(), &parts.headers, ctx.peer);
+    if replayable {
+        service.shared.budget.deposit();
+    }
+    let mut avoid = None;
+    let mut tries = 0;
+    let result = loop {
+        tries += 1;
+        let Some(ep) = backend.balancer.pick(hash, avoid) else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints");
+        };
+        let Some(body) = body.take() else {
+            return error(StatusCode::BAD_GATEWAY, "body-consumed");
+        };
+        let uri = match Uri::builder()
+            .scheme("http")
+            .authority(ep.addr.to_string())
+            .path_and_query(path_and_query.as_str())
+            .build()
+        {
+            Ok(u) => u,
+            Err(_) => return error(StatusCode::BAD_REQUEST, "bad-path"),
+        };
+        let mut up = Request::new(body);
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        *up.version_mut() = if use_h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        *up.headers_mut() = parts.headers.clone();
+
+        let per_try = (policy.per_try_timeout_ms > 0).then(|| {
+            tokio::time::Instant::now() + Duration::from_millis(policy.per_try_timeout_ms)
+        });
+        let try_deadline = match (per_try, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        ep.stats.inflight.fetch_add(1, Ordering::Relaxed);
+        let inflight = InflightGuard(ep.clone());
+        let sent = Instant::now();
+        let fut = client.request(up);
+        let outcome = match try_deadline {
+            None => classify(fut.await),
+            Some(d) => match tokio::time::timeout_at(d, fut).await {
+                Ok(r) => classify(r),
+                Err(_) => Try::TimedOut,
+            },
+        };
+        let outlier = service.outlier.as_ref();
+        let peers = backend.balancer.endpoints();
+        let retry_on = |why: RetryOn| policy.retry_on.contains(&why);
+        let retriable = match &outcome {
+            Try::Response(r) => {
+                ep.stats.observe(sent.elapsed());
+                let s = r.status();
+                let o = if s.is_server_error() {
+                    Outcome::ServerError
+                } else {
+                    Outcome::Success
+                };
+                if record(&ep, o, outlier, peers) {
+                    m.ejections.with_label_values(&[label]).inc();
+                }
+                s.is_server_error()
+                    && (retry_on(RetryOn::ServerError)
+                        || (retry_on(RetryOn::GatewayError) && matches!(s.as_u16(), 502..=504)))
+            }
+            Try::ConnectFailed(ConnectError::Overloaded(why)) => {
+                m.breaker_rejections.with_label_values(&[label, why]).inc();
+                return overloaded(why);
+            }
+            Try::ConnectFailed(e) => {
+                m.connect_failures.with_label_values(&[label]).inc();
+                if matches!(e, ConnectError::Timeout) {
+                    m.timeouts.with_label_values(&[label, "connect"]).inc();
+                }
+                if record(&ep, Outcome::ConnectFailure, outlier, peers) {
+                    m.ejections.with_label_values(&[label]).inc();
+                }
+                retry_on(RetryOn::ConnectFailure)
+            }
+            Try::Refused => retry_on(RetryOn::RefusedStream),
+            Try::Reset(_) => retry_on(RetryOn::Reset),
+            Try::TimedOut => {
+                let total = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+                m.timeouts
+                    .with_label_values(&[label, if total { "request" } else { "per_try" }])
+                    .inc();
+                !total && retry_on(RetryOn::PerTryTimeout)
+            }
+        };
+        let out_of_time = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        if retriable && tries < max_tries && !out_of_time {
+            if service
+                .shared
+                .budget
+                .withdraw(policy.budget_percent, policy.min_retries_per_second)
+            {
+                m.retries.with_label_values(&[label]).inc();
+                drop(inflight);
+                avoid = Some(ep.addr);
+                let pause = backoff(
+                    tries,
+                    Duration::from_millis(policy.backoff_base_ms),
+                    Duration::from_millis(policy.backoff_max_ms),
+                );
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            m.retries_budget_exhausted.with_label_values(&[label]).inc();
+        }
+        break (outcome, inflight);
+    };
+
+    let (outcome, inflight) = result;
+    let resp = match outcome {
+        Try::Response(r) => r,
+        Try::ConnectFailed(_) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "upstream-connect-failure");
+        }
+        Try::Refused => return error(StatusCode::SERVICE_UNAVAILABLE, "upstream-refused-stream"),
+        Try::Reset(e) => {
+            tracing::debug!(service = label, error = %e, "upstream request failed");
+            return error(StatusCode::BAD_GATEWAY, "upstream-reset");
+        }
+        Try::TimedOut => return error(StatusCode::GATEWAY_TIMEOUT, "upstream-timeout"),
+    };
+
+    let (mut rparts, rbody) = resp.into_parts();
+    let switching = rparts.status == StatusCode::SWITCHING_PROTOCOLS;
+    if switching {
+        let Some(down) = downstream_upgrade else {
+            return error(StatusCode::BAD_GATEWAY, "unexpected-upgrade");
+        };
+        let mut upstream_resp = Response::from_parts(rparts.clone(), rbody);
+        let up = hyper::upgrade::on(&mut upstream_resp);
+        let peer = ctx.peer;
+        tokio::spawn(async move {
+            let _keep = (active_guard, inflight);
+            match tokio::try_join!(down, up) {
+                Ok((d, u)) => {
+                    let _ = crate::tcp::pipe(TokioIo::new(d), TokioIo::new(u), None).await;
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "upgrade failed"),
+            }
+        });
+        strip_hop_by_hop(&mut rparts.headers, true);
+        return Response::from_parts(rparts, empty());
+    }
+    strip_hop_by_hop(&mut rparts.headers, false);
+    if let Some(rw) = route.and_then(|r| r.response_headers.as_ref()) {
+        rw.apply(&mut rparts.headers);
+    }
+    let body = GuardedBody {
+        inner: rbody,
+        _guards: (Some(active_guard), inflight),
+    };
+    Response::from_parts(rparts, body.boxed_unsync())
+}
+
+fn classify(r: Result<Response<Incoming>, hyper_util::client::legacy::Error>) -> Try {
+    match r {
+        Ok(r) => Try::Response(r),
+        Err(e) => {
+            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(s) = src {
+                if let Some(ce) = s.downcast_ref::<ConnectError>() {
+                    return Try::ConnectFailed(match ce {
+                        ConnectError::Overloaded(w) => ConnectError::Overloaded(w),
+                        ConnectError::Timeout => ConnectError::Timeout,
+                        ConnectError::BadAddress => ConnectError::BadAddress,
+                        ConnectError::Io(io) => {
+                            ConnectError::Io(std::io::Error::new(io.kind(), io.to_string()))
+                        }
+                    });
+                }
+                if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+                    if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                        return Try::Refused;
+                    }
+                }
+                src = s.source();
+            }
+            if e.is_connect() {
+                return Try::ConnectFailed(ConnectError::Io(std::io::Error::other(e.to_string())));
+            }
+            Try::Reset(e)
+        }
+    }
+}

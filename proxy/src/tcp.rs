@@ -1,0 +1,301 @@
+//! Raw TCP proxying: pick an endpoint (retrying connect failures on others), then copy
+//! bytes both ways. End of stream in one direction is passed on as a half-close
+//! (`shutdown(Write)`), so protocols that close their sending side first keep working.
+//! A connection without traffic in either direction for the idle timeout is closed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::Shared;
+use crate::balance::hash_bytes;
+use crate::resilience::{Outcome, record};
+use crate::state::Target;
+use crate::upstream::ConnectError;
+
+const BUF: usize = 32 * 1024;
+
+/// Proxies one accepted TCP connection to `target`'s default backend.
+pub(crate) async fn proxy(
+    shared: &Shared,
+    target: &Arc<Target>,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    let backend = &target.default_backend;
+    let service = &backend.service;
+    let m = &shared.metrics;
+    let dir = target.direction.as_str();
+    let hash = service
+        .hash_on
+        .is_some()
+        .then(|| hash_bytes(peer.ip().to_string().as_bytes()));
+    let attempts = 1 + service.retry.attempts.min(10);
+    let mut avoid = None;
+    let mut upstream = None;
+    for attempt in 0..attempts {
+        let Some(ep) = backend.balancer.pick(hash, avoid) else {
+            tracing::warn!(service = %service.label, "no endpoints; closing TCP connection");
+            return;
+        };
+        match service.clients.connector.connect(ep.addr).await {
+            Ok(conn) => {
+                record(
+                    &ep,
+                    Outcome::Success,
+                    service.outlier.as_ref(),
+                    backend.balancer.endpoints(),
+                );
+                upstream = Some((conn, ep));
+                break;
+            }
+            Err(e) => {
+                match &e {
+                    ConnectError::Overloaded(why) => {
+                        m.breaker_rejections
+                            .with_label_values(&[&*service.label, why])
+                            .inc();
+                        tracing::debug!(service = %service.label, reason = why, "TCP connection refused by breaker");
+                        return;
+                    }
+                    ConnectError::Timeout => {
+                        m.timeouts
+                            .with_label_values(&[&*service.label, "connect"])
+                            .inc();
+                    }
+                    _ => {}
+                }
+                m.connect_failures
+                    .with_label_values(&[&*service.label])
+                    .inc();
+                if record(
+                    &ep,
+                    Outcome::ConnectFailure,
+                    service.outlier.as_ref(),
+                    backend.balancer.endpoints(),
+                ) {
+                    m.ejections.with_label_values(&[&*service.label]).inc();
+                }
+                tracing::debug!(service = %service.label, endpoint = %ep.addr, attempt, error = %e, "TCP connect failed");
+                avoid = Some(ep.addr);
+            }
+        }
+    }
+    let Some(((server, _slot), ep)) = upstream else {
+        return;
+    };
+    ep.stats.inflight.fetch_add(1, Ordering::Relaxed);
+    let idle =
+        (service.timeouts.idle_ms > 0).then(|| Duration::from_millis(service.timeouts.idle_ms));
+    let (up, down, timed_out) = pipe(client, server, idle).await;
+    ep.stats.inflight.fetch_sub(1, Ordering::Relaxed);
+    if timed_out {
+        m.timeouts
+            .with_label_values(&[&*service.label, "idle"])
+            .inc();
+    }
+    m.tcp_bytes
+        .with_label_values(&[dir, &*service.label, "to_upstream"])
+        .inc_by(up);
+    m.tcp_bytes
+        .with_label_values(&[dir, &*service.label, "to_client"])
+        .inc_by(down);
+}
+
+/// Copies `a -> b` and `b -> a` until both directions end, passing each end of stream on
+/// as a half-close. Returns (bytes a->b, bytes b->a, whether the idle timeout ended it).
+pub async fn pipe<A, B>(a: A, b: B, idle: Option<Duration>) -> (u64, u64, bool)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let origin = Instant::now();
+    let last = AtomicU64::new(0);
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let ab_count = AtomicU64::new(0);
+    let ba_count = AtomicU64::new(0);
+    let copy = async {
+        let ab = one_way(&mut ar, &mut bw, &ab_count, &last, origin);
+        let ba = one_way(&mut br, &mut aw, &ba_count, &last, origin);
+        let _ = tokio::join!(ab, ba);
+    };
+    let timed_out = match idle {
+        None => {
+            copy.await;
+            false
+        }
+        Some(idle) => {
+            tokio::select! {
+                _ = copy => false,
+                _ = idle_watch(&last, origin, idle) => true,
+            }
+        }
+    };
+    (
+        ab_count.load(Ordering::Relaxed),
+        ba_count.load(Ordering::Relaxed),
+        timed_out,
+    )
+}
+
+/// Completes once `last` (milliseconds after `origin` of the latest activity) is more
+/// than `idle` in the past.
+pub(crate) async fn idle_watch(last: &AtomicU64, origin: Instant, idle: Duration) {
+    loop {
+        let since = Duration::from_millis(last.load(Ordering::Relaxed));
+        let deadline = origin + since + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// A stream that notes the time of its latest read or write, for idle timeouts.
+pub(crate) struct Timed<S> {
+    inner: S,
+    last: Arc<AtomicU64>,
+    origin: Instant,
+}
+
+impl<S> Timed<S> {
+    /// Wraps `inner`; activity is written to `last` as milliseconds after `origin`.
+    pub(crate) fn new(inner: S, last: Arc<AtomicU64>, origin: Instant) -> Timed<S> {
+        Timed {
+            inner,
+            last,
+            origin,
+        }
+    }
+
+    fn touch(&self) {
+        self.last
+            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Timed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+async fn one_way<R, W>(
+    r: &mut R,
+    w: &mut W,
+    count: &AtomicU64,
+    last: &AtomicU64,
+    origin: Instant,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let n = r.read(&mut buf).await?;
+        last.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if n == 0 {
+            // Pass the end of stream on, but keep the other direction open.
+            w.shutdown().await?;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pipe_passes_half_close_both_ways() {
+        let (a_outer, a_inner) = tokio::io::duplex(1024);
+        let (b_inner, b_outer) = tokio::io::duplex(1024);
+        let task = tokio::spawn(pipe(a_inner, b_inner, Some(Duration::from_secs(5))));
+        let (mut ar, mut aw) = tokio::io::split(a_outer);
+        let (mut br, mut bw) = tokio::io::split(b_outer);
+        aw.write_all(b"hello").await.unwrap();
+        aw.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        br.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello");
+        // The other direction still works after the half-close.
+        bw.write_all(b"world!").await.unwrap();
+        bw.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        ar.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"world!");
+        let (ab, ba, idle) = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((ab, ba, idle), (5, 6, false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pipe_closes_idle_connections() {
+        let (_a_outer, a_inner) = tokio::io::duplex(1024);
+        let (b_inner, _b_outer) = tokio::io::duplex(1024);
+        let (_, _, idle) = pipe(a_inner, b_inner, Some(Duration::from_secs(3))).await;
+        assert!(idle);
+    }
+}

@@ -1,0 +1,189 @@
+//! `sidemesh up STATE_FILE`: the whole mesh on one machine, in one process, without root.
+//!
+//! It serves discover from the state file, and for every service with instances runs, per
+//! instance, a demo backend on the instance's own loopback address (as a pod has its own
+//! IP) behind its own inbound sidecar; for every service without instances that uses
+//! others, it runs a client sidecar whose outbound listeners are what to curl. Each sidecar
+//! has its own metrics registry and admin address. Stops (draining) on SIGTERM or SIGINT.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sidemesh_discover::{Discover, Options, statefile};
+use sidemesh_proxy::cli::{self as sidecar, Running, ready_line, shutdown_signal};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Flags of `sidemesh up`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The YAML state file (for example `examples/quickstart.yaml`).
+    pub file: PathBuf,
+    /// Where discover listens.
+    #[arg(
+        long,
+        env = "SIDEMESH_UP_DISCOVER_LISTEN",
+        default_value = "127.0.0.1:0"
+    )]
+    pub discover_listen: SocketAddr,
+    /// The loopback address of client workloads (services without instances): their
+    /// sidecars' inbound listeners bind it.
+    #[arg(long, env = "SIDEMESH_UP_CLIENT_ADDRESS", default_value = "127.0.0.10")]
+    pub client_address: IpAddr,
+    /// Run the DNS shim for the (first) client sidecar on this address, answering the
+    /// mesh names it uses (e.g. `127.0.0.1:5353`; port 53 needs root).
+    #[arg(long, env = "SIDEMESH_UP_DNS")]
+    pub dns: Option<SocketAddr>,
+    /// How long shutdown waits for connections to finish.
+    #[arg(long, env = "SIDEMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = sidecar::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+fn sidecar_args(url: String, inbound: IpAddr, app: IpAddr, drain: Duration) -> sidecar::Args {
+    sidecar::Args {
+        discover_url: Some(url),
+        admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+        dns: None,
+        state_dir: None,
+        drain_timeout: drain,
+        inbound_address: inbound,
+        app_address: app,
+        discover_wait: Duration::from_secs(30),
+        discover_authorization: None,
+        max_connections: 16_384,
+        header_read_timeout: Duration::from_secs(10),
+        detect_timeout: Duration::from_millis(300),
+        register: false,
+        registry_url: None,
+        instance_name: None,
+        register_address: None,
+        register_ttl: Duration::from_secs(30),
+    }
+}
+
+/// Runs `sidemesh up` until SIGTERM or SIGINT.
+pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<()> {
+    let (state, _) =
+        statefile::load(&args.file).map_err(|e| anyhow::anyhow!("state file rejected: {e}"))?;
+    let discover = Discover::new(Options::default(), &registry)?;
+    discover.set_state("file", state.clone());
+    let listener = TcpListener::bind(args.discover_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.discover_listen))?;
+    let serving = discover.serve(listener)?;
+    let base = format!("http://{}", serving.addr);
+
+    let stop_demos = CancellationToken::new();
+    let mut sidecars: Vec<(String, Running)> = Vec::new();
+    let mut clients: Vec<usize> = Vec::new();
+    for svc in &state.services {
+        let url = format!(
+            "{base}/v1/sidecars/{}/{}/sidemesh-proxy",
+            svc.namespace, svc.name
+        );
+        if svc.instances.is_empty() {
+            if svc.use_services.is_empty() {
+                continue;
+            }
+            let a = sidecar_args(
+                url,
+                args.client_address,
+                args.client_address,
+                args.drain_timeout,
+            );
+            let r = sidecar::start(&a, prometheus::Registry::new()).await?;
+            clients.push(sidecars.len());
+            sidecars.push((format!("{}.{}", svc.name, svc.namespace), r));
+            continue;
+        }
+        for (i, inst) in svc.instances.iter().enumerate() {
+            let name = inst
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", svc.name, i + 1));
+            for p in &svc.ports {
+                let app_port = p.target_port.map(|t| t.get()).unwrap_or(p.port.get());
+                let at = SocketAddr::new(inst.address, app_port);
+                let l = TcpListener::bind(at)
+                    .await
+                    .with_context(|| format!("cannot start demo backend {name} on {at}"))?;
+                tokio::spawn(sidemesh_proxy::demo::serve(
+                    l,
+                    name.clone(),
+                    stop_demos.clone(),
+                ));
+            }
+            let a = sidecar_args(url.clone(), inst.address, inst.address, args.drain_timeout);
+            let r = sidecar::start(&a, prometheus::Registry::new()).await?;
+            sidecars.push((name, r));
+        }
+    }
+
+    // Ready when every sidecar has applied its first config.
+    for (name, r) in &mut sidecars {
+        let mut applied = r.applied.clone();
+        tokio::time::timeout(Duration::from_secs(30), applied.wait_for(|a| a.is_some()))
+            .await
+            .with_context(|| format!("sidecar {name} got no config from discover in 30 s"))??;
+    }
+
+    let mut fields = vec![("discover".to_owned(), serving.addr.to_string())];
+    let mut lines = Vec::new();
+    for (name, r) in &sidecars {
+        lines.push(format!(
+            "  sidecar {name:<24} admin http://{}/metrics",
+            r.admin
+        ));
+    }
+    for (k, &i) in clients.iter().enumerate() {
+        let (name, r) = &sidecars[i];
+        fields.push((format!("{name}.admin"), r.admin.to_string()));
+        if let (0, Some(listen)) = (k, args.dns) {
+            let registry = prometheus::Registry::new();
+            let started = crate::dns_shim(listen, registry)(r.snapshots.clone()).await?;
+            for (_, addr) in started {
+                lines.push(format!(
+                    "  dig @{} -p {} <service name>   # {name}'s DNS shim",
+                    listen.ip(),
+                    addr.rsplit(':').next().unwrap_or("53")
+                ));
+                fields.push(("dns".to_owned(), addr));
+            }
+        }
+        let snapshot = r.snapshots.borrow().clone();
+        for svc in snapshot.iter().flat_map(|s| s.outbound().to_vec()) {
+            for p in &svc.ports {
+                let url = format!("http://{}:{}/", svc.address, p.port);
+                lines.push(format!(
+                    "  curl {url:<28} # {}.{} as {name} calls it",
+                    svc.name, svc.namespace
+                ));
+                if !fields.iter().any(|(k, _)| k == "curl") {
+                    fields.push(("curl".to_owned(), url));
+                }
+            }
+        }
+    }
+    eprintln!(
+        "sidemesh up: {} sidecar(s) running; try:\n{}",
+        sidecars.len(),
+        lines.join("\n")
+    );
+    println!("{}", ready_line("up", &fields));
+
+    shutdown_signal().await;
+    tracing::info!("stopping: draining sidecars");
+    let stopping: Vec<_> = sidecars
+        .into_iter()
+        .map(|(_, r)| tokio::spawn(r.stop()))
+        .collect();
+    for s in stopping {
+        let _ = s.await;
+    }
+    stop_demos.cancel();
+    serving.task.abort();
+    discover.stop();
+    Ok(())
+}

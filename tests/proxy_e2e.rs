@@ -1,0 +1,311 @@
+//! End-to-end tests of `sidemesh proxy`: the built binary, a fake discover serving a config
+//! over HTTP, real backends, and plain HTTP/1.1 clients, all on loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::{Sidemesh, eventually};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A random loopback address other than 127.0.0.1, so parallel tests never collide.
+fn loopback() -> Ipv4Addr {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        ^ std::process::id().rotate_left(7);
+    let b = n.to_le_bytes();
+    Ipv4Addr::new(127, 2 + b[0] % 240, 1 + b[1] % 250, 2 + b[2] % 250)
+}
+
+/// A fake discover: answers every GET with the current config (and its version as ETag).
+struct FakeDiscover {
+    addr: SocketAddr,
+    config: Arc<Mutex<String>>,
+}
+
+fn fake_discover(config: String) -> FakeDiscover {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let config = Arc::new(Mutex::new(config));
+    let c = config.clone();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let c = c.clone();
+            thread::spawn(move || {
+                let _ = read_head(&mut s);
+                let body = c.lock().unwrap().clone();
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nETag: \"{}\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                    v["version"],
+                    body.len(),
+                    body
+                );
+                let _ = s.write_all(resp.as_bytes());
+            });
+        }
+    });
+    FakeDiscover { addr, config }
+}
+
+fn read_head(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut r = BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            return head;
+        }
+        head.push_str(&line);
+    }
+}
+
+/// A backend answering `name`, holding each answer until `gate` allows it (when given).
+fn backend(ip: Ipv4Addr, name: &'static str, delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = hits.clone();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let h = h.clone();
+            thread::spawn(move || {
+                let _ = read_head(&mut s);
+                h.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(delay);
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+                    name.len()
+                );
+                let _ = s.write_all(resp.as_bytes());
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// One HTTP/1.1 GET; returns (status, body).
+fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(WAIT))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+fn config(version: u64, svc: Ipv4Addr, endpoints: &[SocketAddr]) -> String {
+    let eps: Vec<_> = endpoints
+        .iter()
+        .map(|e| serde_json::json!({"address": e.ip().to_string(), "port": e.port()}))
+        .collect();
+    serde_json::json!({
+        "version": version,
+        "identity": {"namespace": "shop", "service": "web", "plugin": "sidemesh-proxy"},
+        "outbound": [{"name": "cart", "namespace": "shop", "address": svc.to_string(),
+                      "ports": [{"port": 80, "protocol": "http1", "endpoints": eps}]}]
+    })
+    .to_string()
+}
+
+fn start_proxy(discover: &FakeDiscover, extra: &[&str]) -> Sidemesh {
+    let url = format!(
+        "http://{}/v1/sidecars/shop/web/sidemesh-proxy",
+        discover.addr
+    );
+    let mut args = vec!["proxy", "--admin", "127.0.0.1:0", "--discover-wait", "0s"];
+    args.extend_from_slice(extra);
+    Sidemesh::start(&args, &[("DISCOVER_URL", url.as_str())])
+}
+
+#[test]
+fn missing_or_malformed_discover_url_is_a_clear_error() {
+    for url in [None, Some("not a url"), Some("")] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sidemesh"));
+        cmd.args(["proxy", "--admin", "127.0.0.1:0"])
+            .env_remove("DISCOVER_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(u) = url {
+            cmd.env("DISCOVER_URL", u);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "{url:?} must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("DISCOVER_URL"), "{url:?}: {err}");
+    }
+}
+
+#[test]
+fn proxies_reports_ready_metrics_and_follows_config_changes() {
+    let ip = loopback();
+    let (a, _) = backend(ip, "alpha", Duration::ZERO);
+    let (b, _) = backend(ip, "beta", Duration::ZERO);
+    let svc = loopback();
+    let discover = fake_discover(config(1, svc, &[a]));
+    let p = start_proxy(&discover, &[]);
+    let admin = p.addr("admin");
+    let ready = eventually(WAIT, || {
+        http_get(&admin, "/ready").ok().filter(|(s, _)| *s == 200)
+    });
+    assert!(ready.is_some(), "/ready never turned 200");
+    assert_eq!(http_get(&admin, "/live").unwrap().0, 200);
+    let (status, body) = http_get(&format!("{svc}:80"), "/").unwrap();
+    assert_eq!((status, body.as_str()), (200, "alpha"));
+
+    *discover.config.lock().unwrap() = config(2, svc, &[b]);
+    let switched = eventually(WAIT, || {
+        http_get(&format!("{svc}:80"), "/")
+            .ok()
+            .filter(|(_, body)| body == "beta")
+    });
+    assert!(switched.is_some(), "config change not applied");
+
+    let (_, metrics) = http_get(&admin, "/metrics").unwrap();
+    assert!(metrics.contains("sidemesh_proxy_requests_total{direction=\"outbound\",route=\"default\",service=\"shop/cart\",status_class=\"2xx\"}"), "{metrics}");
+    assert!(
+        metrics.contains("sidemesh_proxy_dataplane_config_version 2"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn sigterm_turns_ready_503_drains_in_flight_and_exits_0() {
+    let ip = loopback();
+    let (slow, hits) = backend(ip, "slow", Duration::from_millis(1500));
+    let svc = loopback();
+    let discover = fake_discover(config(1, svc, &[slow]));
+    let mut p = start_proxy(&discover, &["--drain-timeout", "10s"]);
+    let admin = p.addr("admin");
+    assert!(
+        eventually(WAIT, || http_get(&admin, "/ready")
+            .ok()
+            .filter(|(s, _)| *s == 200))
+        .is_some()
+    );
+    let target = format!("{svc}:80");
+    let inflight = thread::spawn(move || http_get(&target, "/"));
+    assert!(eventually(WAIT, || (hits.load(Ordering::Relaxed) == 1).then_some(())).is_some());
+    let _ = Command::new("kill")
+        .args(["-TERM", &p.pid().to_string()])
+        .status();
+    // While draining: not ready, and the listener no longer accepts.
+    let not_ready = eventually(WAIT, || {
+        http_get(&admin, "/ready").ok().filter(|(s, _)| *s == 503)
+    });
+    assert!(not_ready.is_some(), "/ready did not turn 503 on SIGTERM");
+    let (status, body) = inflight.join().unwrap().unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "slow"),
+        "in-flight request must finish"
+    );
+    let exit = p.terminate(WAIT).expect("exited after drain");
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn metrics_pass_promtool_check() {
+    let ip = loopback();
+    let (a, _) = backend(ip, "alpha", Duration::ZERO);
+    let svc = loopback();
+    let discover = fake_discover(config(1, svc, &[a]));
+    let p = start_proxy(&discover, &[]);
+    let admin = p.addr("admin");
+    assert!(
+        eventually(WAIT, || http_get(&admin, "/ready")
+            .ok()
+            .filter(|(s, _)| *s == 200))
+        .is_some()
+    );
+    for _ in 0..5 {
+        assert_eq!(http_get(&format!("{svc}:80"), "/").unwrap().0, 200);
+    }
+    let (status, metrics) = http_get(&admin, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for name in [
+        "sidemesh_proxy_requests_total",
+        "sidemesh_proxy_request_duration_seconds_bucket",
+        "sidemesh_proxy_tcp_connections_total",
+        "sidemesh_proxy_healthy_endpoints",
+        "sidemesh_proxy_config_version",
+        "sidemesh_proxy_discover_poll_errors_total",
+    ] {
+        assert!(metrics.contains(name), "missing {name}:\n{metrics}");
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/test.sh installs the Debian package prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn dns_shim_runs_in_process_and_answers_service_names() {
+    let ip = loopback();
+    let (a, _) = backend(ip, "alpha", Duration::ZERO);
+    let svc = loopback();
+    let mut cfg: serde_json::Value = serde_json::from_str(&config(1, svc, &[a])).unwrap();
+    cfg["outbound"][0]["dns_names"] = serde_json::json!(["cart", "cart.shop"]);
+    let discover = fake_discover(cfg.to_string());
+    let p = start_proxy(&discover, &["--dns", "127.0.0.1:0"]);
+    let dns: SocketAddr = p.addr("dns").parse().unwrap();
+    let answer = eventually(WAIT, || {
+        let out = Command::new("dig")
+            .args([
+                "+short",
+                "+time=2",
+                "+tries=1",
+                "-p",
+                &dns.port().to_string(),
+                "@127.0.0.1",
+                "cart.shop",
+            ])
+            .output()
+            .expect("dig is installed (scripts/test.sh installs bind9-dnsutils)");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (text == svc.to_string()).then_some(text)
+    });
+    assert!(answer.is_some(), "cart.shop did not resolve to {svc}");
+}

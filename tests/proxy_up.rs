@@ -1,0 +1,100 @@
+//! End-to-end test of `sidemesh up`: the quickstart state (with its instance addresses moved
+//! to fresh loopback addresses so parallel runs never collide) served by the built binary;
+//! requests through the client sidecar reach both backend instances, and the client
+//! sidecar's `/metrics` counts them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::Sidemesh;
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn up_quickstart_answers_from_both_instances() {
+    let n = std::process::id();
+    let octet = |k: u32| 2 + ((n >> (k * 8)) % 240) as u8;
+    let (a, b, c) = (octet(0), octet(1), octet(2));
+    let inst1 = format!("127.{a}.{b}.11");
+    let inst2 = format!("127.{a}.{b}.12");
+    let client = format!("127.{a}.{c}.10");
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/quickstart.yaml"
+    ))
+    .unwrap()
+    .replace("127.0.0.11", &inst1)
+    .replace("127.0.0.12", &inst2);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("quickstart.yaml");
+    std::fs::write(&file, yaml).unwrap();
+
+    let up = Sidemesh::start(
+        &[
+            "up",
+            file.to_str().unwrap(),
+            "--client-address",
+            &client,
+            "--drain-timeout",
+            "1s",
+            "--dns",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let url = up.addr("curl");
+    let hostport = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let resp = http_get(&hostport, "/");
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        let body = resp.split_once("\r\n\r\n").unwrap().1.trim().to_owned();
+        seen.insert(body);
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        vec!["hello from backend-1", "hello from backend-2"]
+    );
+    // The client's DNS shim answers the dependency's names with the same address.
+    let dns_port = up.addr("dns").rsplit(':').next().unwrap().to_owned();
+    let out = std::process::Command::new("dig")
+        .args([
+            "+short",
+            "+time=2",
+            "+tries=1",
+            "-p",
+            &dns_port,
+            "@127.0.0.1",
+            "backend.demo",
+        ])
+        .output()
+        .expect("dig is installed (scripts/test.sh installs bind9-dnsutils)");
+    let ip = hostport.split(':').next().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ip);
+    let metrics = http_get(&up.addr("web.demo.admin"), "/metrics");
+    assert!(
+        metrics.contains(
+            "sidemesh_proxy_requests_total{direction=\"outbound\",route=\"default\",service=\"demo/backend\",status_class=\"2xx\"} 20"
+        ),
+        "{metrics}"
+    );
+}
