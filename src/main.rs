@@ -114,7 +114,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::WaitReady(args) => runtime.block_on(sidemesh_controller::cli::wait_ready(args)),
         Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
-        Command::Dns(args) => runtime.block_on(sidemesh_dns::cli::run(*args, registry)),
+        Command::Dns(args) => runtime.block_on(dns(*args, registry)),
     }
 }
 
@@ -182,6 +182,83 @@ fn check(args: &CheckArgs) -> anyhow::Result<()> {
         }
         Err(e) => anyhow::bail!("{}: {e}", args.file.display()),
     }
+}
+
+/// `sidemesh dns`. With `--state FILE` this renders the sidecar's config from a discover
+/// state file here (re-rendered when the file changes), because the DNS crate does not
+/// depend on the discover crate; the other sources are the DNS crate's own.
+async fn dns(args: sidemesh_dns::cli::Args, registry: prometheus::Registry) -> anyhow::Result<()> {
+    use sidemesh_discover::render::SidecarKey;
+    use sidemesh_discover::store::{Persisted, Store};
+    use std::sync::{Arc, Mutex};
+
+    let Some(file) = args.state.clone() else {
+        return sidemesh_dns::cli::run(args, registry).await;
+    };
+    let key = sidecar_key(args.identity.as_deref())?;
+    let (state, hash) = sidemesh_discover::statefile::load(&file)?;
+    let store = Arc::new(Mutex::new(Store::new(Persisted::default(), now_ms())));
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let tx = Arc::new(tx);
+    // Renders `key` from a new state; a sidecar missing from it keeps its last config.
+    let publish = move |store: &Mutex<Store>,
+                        key: &SidecarKey,
+                        tx: &tokio::sync::watch::Sender<Option<sidemesh_api::Snapshot>>,
+                        state: sidemesh_api::state::ClusterState| {
+        let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+        store.set_source("state-file", state, now_ms());
+        let rendered = store.sidecar(key).map(|s| {
+            let mut config = s.config.clone();
+            config.version = s.version;
+            sidemesh_api::Snapshot::try_from(config)
+        });
+        match rendered {
+            Some(Ok(snapshot)) => {
+                tx.send_replace(Some(snapshot));
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "rendered config rejected, keeping the last good one")
+            }
+            None => {
+                tracing::warn!(error = %store.missing(key), "no config for this sidecar in the state file, keeping the last one")
+            }
+        }
+    };
+    publish(&store, &key, &tx, state.clone());
+    let (store2, key2, tx2) = (store.clone(), key.clone(), tx.clone());
+    let _watch = sidemesh_discover::statefile::watch(
+        file,
+        hash,
+        state,
+        move |state| publish(&store2, &key2, &tx2, state),
+        |e| tracing::warn!(error = %e, "state file rejected, keeping the last good one"),
+    );
+    sidemesh_dns::cli::serve(args, registry, rx).await
+}
+
+/// Parses `--identity namespace/service[/plugin]` (plugin: the built-in network proxy).
+fn sidecar_key(identity: Option<&str>) -> anyhow::Result<sidemesh_discover::render::SidecarKey> {
+    let identity = identity
+        .ok_or_else(|| anyhow::anyhow!("--state needs --identity namespace/service[/plugin]"))?;
+    let mut parts = identity.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(ns), Some(svc), plugin, None) if !ns.is_empty() && !svc.is_empty() => {
+            Ok(sidemesh_discover::render::SidecarKey {
+                namespace: ns.to_owned(),
+                service: svc.to_owned(),
+                plugin: plugin
+                    .unwrap_or(sidemesh_api::state::BUILTIN_NETPROXY)
+                    .to_owned(),
+            })
+        }
+        _ => anyhow::bail!("--identity {identity:?}: expected namespace/service[/plugin]"),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The controller's in-process discover server: the controller crate does not depend on

@@ -294,3 +294,31 @@ fn dig_resolves_names_from_discover_url() {
     });
     assert!(got.is_some(), "new name from discover resolves");
 }
+
+#[test]
+fn dig_resolves_names_rendered_from_a_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.yaml");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart.yaml");
+    std::fs::copy(example, &state).unwrap();
+    let sm = Sidemesh::start(
+        &[
+            "dns",
+            "--listen",
+            "127.0.0.1:0",
+            "--state",
+            state.to_str().unwrap(),
+            "--identity",
+            "demo/web",
+            "--upstream",
+            "127.0.0.1:9",
+        ],
+        &[],
+    );
+    let dns = sm.addr("listen");
+    // `web` depends on `backend`: its names answer with backend's loopback address.
+    let addr = short(&dns, &["backend.demo.svc.cluster.local"]);
+    assert!(addr.starts_with("127."), "got {addr:?}");
+    assert_eq!(short(&dns, &["backend.demo"]), addr);
+    assert_eq!(short(&dns, &["+tcp", "BACKEND.demo.svc"]), addr);
+}

@@ -7,7 +7,8 @@
 //!   min(SOA TTL, SOA MINIMUM) of the SOA in the authority section (RFC 2308 section 5);
 //!   without an SOA they are not cached (RFC 2308 section 5, "SHOULD NOT be cached").
 //! - Both are capped ([`MAX_TTL`], [`MAX_NEGATIVE_TTL`]); SERVFAIL is never cached here.
-//! - When full, expired entries go first, then the entries closest to expiry.
+//! - When full, expired entries go first, then the entries closest to expiry. Answers of
+//!   more than [`MAX_CACHED_RECORDS`] records are not cached, which bounds the memory.
 //!
 //! Keys are the lower-cased wire name with type and class, so `Example.COM` and
 //! `example.com` share an entry (RFC 4343: DNS names compare case-insensitively).
@@ -23,6 +24,9 @@ use hickory_proto::rr::{RData, Record};
 pub const MAX_TTL: u32 = 3_600;
 /// Longest time a negative answer is kept (5 minutes, as many stub caches do).
 pub const MAX_NEGATIVE_TTL: u32 = 300;
+/// Answers with more records than this are passed on but not cached, so the cache's memory
+/// stays bounded by entries times a modest answer size.
+pub const MAX_CACHED_RECORDS: usize = 64;
 
 /// What a cached (or fresh) upstream answer holds: the sections the client gets back.
 #[derive(Debug)]
@@ -43,6 +47,10 @@ pub struct Answer {
 impl Answer {
     /// How long this answer may be cached, in seconds (0: not at all).
     pub fn cache_ttl(&self) -> u32 {
+        if self.answers.len() + self.authorities.len() + self.additionals.len() > MAX_CACHED_RECORDS
+        {
+            return 0;
+        }
         let negative = self.rcode == ResponseCode::NXDomain || self.answers.is_empty();
         if self.rcode != ResponseCode::NoError && self.rcode != ResponseCode::NXDomain {
             return 0;
@@ -216,6 +224,16 @@ mod tests {
         assert_eq!(
             answer(ResponseCode::ServFail, vec![a(60)], vec![]).cache_ttl(),
             0
+        );
+        assert_eq!(
+            answer(
+                ResponseCode::NoError,
+                vec![a(60); MAX_CACHED_RECORDS + 1],
+                vec![]
+            )
+            .cache_ttl(),
+            0,
+            "huge answers are not cached"
         );
     }
 

@@ -42,7 +42,8 @@ pub struct Args {
     /// A discover state file; the sidecar config is rendered from it for `--identity`.
     #[arg(long, env = "SIDEMESH_DNS_STATE")]
     pub state: Option<PathBuf>,
-    /// With `--state`: whose config to render, as `namespace/service`.
+    /// With `--state`: whose config to render, as `namespace/service[/plugin]` (plugin:
+    /// the built-in network proxy).
     #[arg(long, env = "SIDEMESH_DNS_IDENTITY", requires = "state")]
     pub identity: Option<String>,
     /// Directory for the last good config from `--discover-url` (restart without discover).

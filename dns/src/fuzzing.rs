@@ -3,7 +3,8 @@
 //!
 //! Properties: no input panics; a packet with QR=1 or under 12 bytes is never answered;
 //! every reply decodes, has QR=1, carries the query's ID and fits 512 bytes unless the
-//! query advertised EDNS (then [`crate::forward::EDNS_PAYLOAD`]); the upstream reply check
+//! query advertised EDNS (then [`crate::forward::EDNS_PAYLOAD`]); the wire-level fast path
+//! for local names answers exactly as the decoding path does; the upstream reply check
 //! accepts only replies with the ID and question it was given.
 
 // Panicking on a broken property is the point of a fuzz harness.
@@ -49,6 +50,14 @@ fn handler() -> Option<&'static Handler> {
 /// Feeds one client packet through the request path and checks the properties.
 pub fn packet(data: &[u8]) {
     let Some(h) = handler() else { return };
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    if let Some((fast, _)) = h.fast_local(data, lo) {
+        // The wire-level fast path must agree with the decoding path byte for byte.
+        match h.handle_decoded(data, lo, Transport::Udp) {
+            Step::Reply(slow) => assert_eq!(fast, slow, "fast and decoding paths differ"),
+            _ => panic!("fast path answered a packet the decoding path does not"),
+        }
+    }
     for transport in [Transport::Udp, Transport::Tcp] {
         let step = h.handle(data, IpAddr::V4(Ipv4Addr::LOCALHOST), transport);
         let Step::Reply(bytes) = step else { continue };

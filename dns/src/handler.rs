@@ -177,6 +177,108 @@ impl Handler {
 
     /// Handles one packet from `src`, as far as it can without the network.
     pub fn handle(&self, packet: &[u8], src: IpAddr, transport: Transport) -> Step {
+        if let Some((reply, qtype)) = self.fast_local(packet, src) {
+            self.metrics.query(qtype, Outcome::Local);
+            return Step::Reply(reply);
+        }
+        self.handle_decoded(packet, src, transport)
+    }
+
+    /// The fast path for the dominant query: one A or AAAA question of class IN for a mesh
+    /// name, optionally with a plain EDNS(0) OPT record, from an allowed client. It reads
+    /// the wire bytes directly and builds the reply by copying the question; anything
+    /// unusual returns `None` and takes [`Handler::handle_decoded`], which decodes with
+    /// hickory-proto. Both produce the same reply (a unit test compares them).
+    pub(crate) fn fast_local(&self, packet: &[u8], src: IpAddr) -> Option<(Vec<u8>, u16)> {
+        let head = packet.get(..12)?;
+        // QR=0, OPCODE=0 (byte 2, bits 7..3); QDCOUNT=1, ANCOUNT=NSCOUNT=0, ARCOUNT<=1.
+        if head[2] & 0xf8 != 0 || head[4..10] != [0, 1, 0, 0, 0, 0] || head[10] != 0 {
+            return None;
+        }
+        let arcount = head[11];
+        if arcount > 1 || !self.allowed(src) {
+            return None;
+        }
+        // QNAME: plain labels (no compression in a question), normalised as the table
+        // stores names (RFC 1035 section 4.1.2; at most 255 bytes, section 3.1).
+        let mut name = [0u8; 256];
+        let mut len = 0usize;
+        let mut at = 12usize;
+        loop {
+            let l = usize::from(*packet.get(at)?);
+            at += 1;
+            if l == 0 {
+                break;
+            }
+            if l > 63 || at - 12 + l > 254 {
+                return None;
+            }
+            if len > 0 {
+                *name.get_mut(len)? = b'.';
+                len += 1;
+            }
+            for &b in packet.get(at..at + l)? {
+                if !(b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                    return None;
+                }
+                *name.get_mut(len)? = b.to_ascii_lowercase();
+                len += 1;
+            }
+            at += l;
+        }
+        let qend = at + 4;
+        let tail = packet.get(at..qend)?;
+        let qtype = u16::from_be_bytes([tail[0], tail[1]]);
+        if !(qtype == 1 || qtype == 28) || tail[2..4] != [0, 1] {
+            return None;
+        }
+        // Optional OPT: root name, TYPE 41, CLASS = payload, TTL = ext-rcode, version 0,
+        // flags; RDLENGTH 0, and then the end of the packet.
+        let edns = if arcount == 1 {
+            let opt = packet.get(qend..qend + 11)?;
+            if opt[0] != 0 || opt[1..3] != [0, 41] || opt[5] != 0 || opt[6] != 0 {
+                return None;
+            }
+            // No options (RDLENGTH 0): options are rare in stub queries, and their many
+            // validity rules are left to the decoding path (fuzzing found the difference).
+            if opt[9..11] != [0, 0] || qend + 11 != packet.len() {
+                return None;
+            }
+            true
+        } else {
+            if qend != packet.len() {
+                return None;
+            }
+            false
+        };
+        let name = std::str::from_utf8(name.get(..len)?).ok()?;
+        let table = self.table.load();
+        let addr = table.lookup(name)?;
+
+        let mut out = Vec::with_capacity(qend + 16 + 11);
+        // ID; QR, OPCODE 0, AA, RD copied; RA, CD copied, RCODE 0 (RFC 1035 4.1.1, RFC 6895 2).
+        out.extend_from_slice(&head[..2]);
+        out.push(0x84 | (head[2] & 0x01));
+        out.push(0x80 | (head[3] & 0x10));
+        let ancount = u8::from(qtype == 1);
+        out.extend_from_slice(&[0, 1, 0, ancount, 0, 0, 0, u8::from(edns)]);
+        out.extend_from_slice(packet.get(12..qend)?);
+        if qtype == 1 {
+            // The owner is a pointer to the question's name (offset 12).
+            out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+            out.extend_from_slice(&table.ttl.to_be_bytes());
+            out.extend_from_slice(&[0, 4]);
+            out.extend_from_slice(&addr.octets());
+        }
+        if edns {
+            let [hi, lo] = EDNS_PAYLOAD.to_be_bytes();
+            out.extend_from_slice(&[0, 0, 41, hi, lo, 0, 0, 0, 0, 0, 0]);
+        }
+        Some((out, qtype))
+    }
+
+    /// The general request path: decodes with hickory-proto and applies every rule.
+    pub fn handle_decoded(&self, packet: &[u8], src: IpAddr, transport: Transport) -> Step {
         let Some(head) = packet.get(..12) else {
             self.metrics.query(0, Outcome::Dropped);
             return Step::Drop;
@@ -659,6 +761,53 @@ mod tests {
         let bytes = respond(&q, ResponseCode::NoError, &[s], 65535, false);
         assert_eq!(Message::from_vec(&bytes).unwrap().answers.len(), 100);
         drop(h);
+    }
+
+    #[test]
+    fn fast_path_replies_like_the_decoding_path() {
+        let h = handler();
+        let mut seen_fast = 0;
+        let names = [
+            "tomcat.",
+            "TomCat.shop.",
+            "tomcat.web.svc.cluster.local.",
+            "nope.",
+        ];
+        for i in 0..4000usize {
+            let t = [RecordType::A, RecordType::AAAA, RecordType::MX][i % 3];
+            let edns = [None, Some(512), Some(4096)][(i / 3) % 3];
+            let mut p = query(
+                names[i % names.len()],
+                t,
+                if i % 2 == 0 { edns } else { None },
+            );
+            if i % 5 == 0 {
+                let at = rand::random_range(0..p.len());
+                p[at] = rand::random();
+            }
+            if i % 7 == 0 {
+                p[3] |= 0x10; // CD
+            }
+            for transport in [Transport::Udp, Transport::Tcp] {
+                let Some((fast, _)) = h.fast_local(&p, LO) else {
+                    continue;
+                };
+                seen_fast += 1;
+                let Step::Reply(slow) = h.handle_decoded(&p, LO, transport) else {
+                    panic!("fast path answered what the decoding path does not: {p:?}");
+                };
+                assert_eq!(fast, slow, "bytes differ for {p:?}");
+            }
+        }
+        assert!(seen_fast > 1000, "{seen_fast}");
+        // Found by the fuzzer: an OPT record whose options hickory rejects (FORMERR).
+        let crash = [
+            0, 2, 1, 0, 0, 1, 0, 0, 0, 0, 0, 1, 6, b'T', b'o', b'm', b'C', b'a', b't', 4, b's',
+            b'h', b'o', b'p', 0, 0, 28, 0, 1, 0, 0, 41, 0x6e, 0, 0, 0, 0x74, 0x50, 0, 0x0f, 0,
+            0x61, 0, 1, 0, 0, 0x29, 2, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        assert!(h.fast_local(&crash, LO).is_none());
+        crate::fuzzing::packet(&crash);
     }
 
     #[test]
