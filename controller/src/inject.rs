@@ -481,6 +481,12 @@ pub fn inject(
         };
         match kind {
             PluginKind::Init => inits.push(c),
+            // Native sidecars where the cluster has them: they stop with the app, so they do
+            // not keep a Job's pod alive either.
+            _ if cfg.native_sidecars => sidecars.push(Container {
+                restart_policy: Some("Always".to_owned()),
+                ..c
+            }),
             _ => sidecars.push(c),
         }
     }
@@ -511,12 +517,17 @@ pub fn inject(
         }),
         ..Default::default()
     });
+    // Ours first (the proxy, the init plugins in order, then native sidecar plugins, so the
+    // init plugins have run before those start), then the pod's own init containers.
     let init_containers = spec.init_containers.get_or_insert_with(Vec::new);
     let mut new_inits = Vec::new();
     if cfg.native_sidecars {
         new_inits.push(proxy.clone());
     }
     new_inits.extend(inits);
+    if cfg.native_sidecars {
+        new_inits.append(&mut sidecars);
+    }
     new_inits.append(init_containers);
     *init_containers = new_inits;
     if init_containers.is_empty() {
@@ -524,8 +535,8 @@ pub fn inject(
     }
     if !cfg.native_sidecars {
         spec.containers.insert(0, proxy);
+        spec.containers.extend(sidecars);
     }
-    spec.containers.extend(sidecars);
 
     let searches = [
         format!("{namespace}.svc.{}", cfg.cluster_domain),
@@ -951,13 +962,27 @@ mod tests {
         let inits = init_names(&spec);
         assert_eq!(
             inits,
-            ["sidemesh-proxy", "plugin-code-pull", "plugin-warmup"]
+            [
+                "sidemesh-proxy",
+                "plugin-code-pull",
+                "plugin-warmup",
+                "plugin-log-shipper"
+            ]
         );
-        let proxy = &spec.init_containers.as_ref().unwrap()[0];
-        assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
-        assert!(proxy.startup_probe.is_some() && proxy.lifecycle.is_none());
+        let all = spec.init_containers.as_ref().unwrap();
+        assert_eq!(all[0].restart_policy.as_deref(), Some("Always"));
+        assert!(all[0].startup_probe.is_some() && all[0].lifecycle.is_none());
+        assert_eq!(
+            all[1].restart_policy, None,
+            "init plugins run to completion"
+        );
+        assert_eq!(
+            all[3].restart_policy.as_deref(),
+            Some("Always"),
+            "a native sidecar"
+        );
         let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["app", "helper", "plugin-log-shipper"]);
+        assert_eq!(names, ["app", "helper"]);
     }
 
     #[test]
@@ -985,6 +1010,8 @@ mod tests {
         assert!(spec.containers[0].restart_policy.is_none());
         let inits = init_names(&spec);
         assert_eq!(inits, ["plugin-code-pull", "plugin-warmup"]);
+        let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, [PROXY, "app", "helper", "plugin-log-shipper"]);
     }
 
     #[test]
