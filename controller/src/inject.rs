@@ -27,9 +27,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
     HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodDNSConfig,
-    PodDNSConfigOption, PodSpec, Probe, ResourceRequirements, Volume, VolumeMount,
+    PodDNSConfigOption, PodSpec, Probe, ResourceRequirements, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -347,11 +347,16 @@ pub fn inject(
             }),
         });
     }
+    // The proxy's own flags (see docs/proxy.md): admin on the pod IP for the kubelet's
+    // probes, the DNS shim where resolv.conf now points, and the last good config kept on an
+    // emptyDir so a restarted proxy serves while discover is unreachable.
     set_env(
         &mut proxy_env,
-        "SIDEMESH_ADMIN_LISTEN",
+        "SIDEMESH_ADMIN_ADDR",
         &format!("0.0.0.0:{}", cfg.admin_port),
     );
+    set_env(&mut proxy_env, "SIDEMESH_DNS_ADDR", "127.0.0.1:53");
+    set_env(&mut proxy_env, "SIDEMESH_STATE_DIR", STATE_DIR);
     let mut proxy_ports = vec![ContainerPort {
         name: Some("sm-admin".to_owned()),
         container_port: i32::from(cfg.admin_port),
@@ -408,6 +413,20 @@ pub fn inject(
         ports: Some(proxy_ports),
         readiness_probe: Some(ready.clone()),
         resources: Some(resources(mem, cpu)),
+        volume_mounts: Some(vec![VolumeMount {
+            name: STATE_VOLUME.to_owned(),
+            mount_path: STATE_DIR.to_owned(),
+            ..Default::default()
+        }]),
+        // Port 53 for the DNS shim, whatever the runtime's unprivileged-port setting.
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_BIND_SERVICE".to_owned()]),
+                drop: Some(vec!["ALL".to_owned()]),
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     if cfg.native_sidecars {
@@ -462,6 +481,12 @@ pub fn inject(
         };
         match kind {
             PluginKind::Init => inits.push(c),
+            // Native sidecars where the cluster has them: they stop with the app, so they do
+            // not keep a Job's pod alive either.
+            _ if cfg.native_sidecars => sidecars.push(Container {
+                restart_policy: Some("Always".to_owned()),
+                ..c
+            }),
             _ => sidecars.push(c),
         }
     }
@@ -483,12 +508,26 @@ pub fn inject(
             }
         }
     }
+    spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: STATE_VOLUME.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".to_owned()),
+            size_limit: Some(Quantity("16Mi".to_owned())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    // Ours first (the proxy, the init plugins in order, then native sidecar plugins, so the
+    // init plugins have run before those start), then the pod's own init containers.
     let init_containers = spec.init_containers.get_or_insert_with(Vec::new);
     let mut new_inits = Vec::new();
     if cfg.native_sidecars {
         new_inits.push(proxy.clone());
     }
     new_inits.extend(inits);
+    if cfg.native_sidecars {
+        new_inits.append(&mut sidecars);
+    }
     new_inits.append(init_containers);
     *init_containers = new_inits;
     if init_containers.is_empty() {
@@ -496,8 +535,8 @@ pub fn inject(
     }
     if !cfg.native_sidecars {
         spec.containers.insert(0, proxy);
+        spec.containers.extend(sidecars);
     }
-    spec.containers.extend(sidecars);
 
     let searches = [
         format!("{namespace}.svc.{}", cfg.cluster_domain),
@@ -540,6 +579,10 @@ pub fn inject(
     }
     Ok(Outcome::Injected { port_map, warnings })
 }
+
+/// The proxy's state volume (its last good config).
+pub const STATE_VOLUME: &str = "sidemesh-state";
+const STATE_DIR: &str = "/var/run/sidemesh-state";
 
 /// The shared volume of the Job fallback (see [`crate::job`]).
 pub const JOB_VOLUME: &str = "sidemesh-job";
@@ -919,13 +962,27 @@ mod tests {
         let inits = init_names(&spec);
         assert_eq!(
             inits,
-            ["sidemesh-proxy", "plugin-code-pull", "plugin-warmup"]
+            [
+                "sidemesh-proxy",
+                "plugin-code-pull",
+                "plugin-warmup",
+                "plugin-log-shipper"
+            ]
         );
-        let proxy = &spec.init_containers.as_ref().unwrap()[0];
-        assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
-        assert!(proxy.startup_probe.is_some() && proxy.lifecycle.is_none());
+        let all = spec.init_containers.as_ref().unwrap();
+        assert_eq!(all[0].restart_policy.as_deref(), Some("Always"));
+        assert!(all[0].startup_probe.is_some() && all[0].lifecycle.is_none());
+        assert_eq!(
+            all[1].restart_policy, None,
+            "init plugins run to completion"
+        );
+        assert_eq!(
+            all[3].restart_policy.as_deref(),
+            Some("Always"),
+            "a native sidecar"
+        );
         let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["app", "helper", "plugin-log-shipper"]);
+        assert_eq!(names, ["app", "helper"]);
     }
 
     #[test]
@@ -953,6 +1010,8 @@ mod tests {
         assert!(spec.containers[0].restart_policy.is_none());
         let inits = init_names(&spec);
         assert_eq!(inits, ["plugin-code-pull", "plugin-warmup"]);
+        let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, [PROXY, "app", "helper", "plugin-log-shipper"]);
     }
 
     #[test]
@@ -968,7 +1027,11 @@ mod tests {
             panic!()
         };
         assert!(warnings[0].contains("set `command`"), "{warnings:?}");
-        assert!(p.spec.unwrap().volumes.is_none());
+        assert_eq!(
+            p.spec.unwrap().volumes.unwrap().len(),
+            1,
+            "only the state volume"
+        );
     }
 
     #[test]
@@ -1019,7 +1082,8 @@ mod tests {
             init_names(&spec),
             ["sidemesh-job-init", "plugin-code-pull", "plugin-warmup"]
         );
-        assert_eq!(spec.volumes.unwrap()[0].name, JOB_VOLUME);
+        let volumes: Vec<_> = spec.volumes.unwrap().into_iter().map(|v| v.name).collect();
+        assert_eq!(volumes, [JOB_VOLUME, STATE_VOLUME]);
         // Native sidecars need none of this.
         let mut p = pod();
         let spec = p.spec.as_mut().unwrap();

@@ -318,13 +318,15 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap())
             .collect();
-        assert_eq!(inits, ["sidemesh-proxy", "plugin-code-pull"]);
-        let containers = t["spec"]["containers"].as_array().unwrap();
-        assert_eq!(containers[1]["name"], "plugin-log-shipper");
         assert_eq!(
-            containers[1]["envFrom"][0]["configMapRef"]["name"],
-            "web-config"
+            inits,
+            ["sidemesh-proxy", "plugin-code-pull", "plugin-log-shipper"]
         );
+        let shipper = &t["spec"]["initContainers"][2];
+        assert_eq!(shipper["restartPolicy"], "Always");
+        assert_eq!(shipper["envFrom"][0]["configMapRef"]["name"], "web-config");
+        let containers = t["spec"]["containers"].as_array().unwrap();
+        assert_eq!(containers.len(), 1);
         assert_eq!(containers[0]["readinessProbe"]["httpGet"]["port"], 8080);
         assert_eq!(containers[0]["resources"]["limits"]["memory"], "512Mi");
         assert_eq!(

@@ -249,9 +249,11 @@ pub struct StatusTracker {
 
 impl StatusTracker {
     /// The objects whose desired status differs from the one last written.
-    pub fn changed(&self, built: &Built) -> Vec<(index::ObjectKey, DesiredStatus)> {
-        built
-            .statuses
+    pub fn changed(
+        &self,
+        statuses: &BTreeMap<index::ObjectKey, DesiredStatus>,
+    ) -> Vec<(index::ObjectKey, DesiredStatus)> {
+        statuses
             .iter()
             .filter(|(k, v)| self.last.get(*k) != Some(*v))
             .map(|(k, v)| (k.clone(), v.clone()))

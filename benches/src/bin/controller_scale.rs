@@ -369,6 +369,15 @@ async fn main() -> anyhow::Result<()> {
             latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
         }
         let rss_after = rss_kib(pid);
+        // Where the time goes: the controller's index builds and discover's re-renders.
+        let (_, _, metrics) = get(admin, "/metrics", None).await?;
+        let timing: Vec<&str> = metrics
+            .lines()
+            .filter(|l| {
+                !l.starts_with('#') && (l.contains("_seconds_sum") || l.contains("_seconds_count"))
+            })
+            .collect();
+        eprintln!("{}", timing.join("\n"));
         latencies.sort_by(f64::total_cmp);
         let endpoints = slices.len() * args.endpoints;
         println!(
