@@ -506,7 +506,12 @@ async fn forward(
         } else {
             Version::HTTP_11
         };
-        *up.headers_mut() = parts.headers.clone();
+        // The last possible try takes the headers; earlier ones copy them for a retry.
+        *up.headers_mut() = if tries < max_tries {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
 
         let per_try = (policy.per_try_timeout_ms > 0).then(|| {
             tokio::time::Instant::now() + Duration::from_millis(policy.per_try_timeout_ms)
