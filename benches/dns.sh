@@ -12,7 +12,8 @@
 # - Rounds are interleaved: round 1 runs every workload on every server, then round 2...
 #   The summary takes the median q/s of the rounds; RSS is read from /proc after the runs.
 #
-# Usage: benches/dns.sh            (ROUNDS=3 DURATION=10 SERVICES=100 FWD_NAMES=1000)
+# Usage: benches/dns.sh   (env: ROUNDS=3 DURATION=10 SERVICES=100 FWD_NAMES=1000 CLIENTS=4
+#                          OUTSTANDING=100, SIDEMESH=path/to/binary to skip the build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,8 +38,11 @@ fi
 DNSMASQ=$(command -v dnsmasq || echo /usr/sbin/dnsmasq)
 UNBOUND=$(command -v unbound || echo /usr/sbin/unbound)
 
-cargo build --release --bin sidemesh --quiet
-SIDEMESH=target/release/sidemesh
+# SIDEMESH=path skips the build (to measure a given binary).
+if [ -z "${SIDEMESH:-}" ]; then
+  cargo build --release --bin sidemesh --quiet
+  SIDEMESH=target/release/sidemesh
+fi
 
 work=$(mktemp -d)
 pids=()

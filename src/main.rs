@@ -44,6 +44,25 @@ enum Command {
     Up(up::Args),
     /// A tiny HTTP server answering "hello from <name>", for demos and tests.
     DemoBackend(sidemesh_proxy::demo::Args),
+    /// Watch Kubernetes, serve every meshed pod's config (discover) and run the injection
+    /// webhook.
+    Controller(sidemesh_controller::cli::Args),
+    /// Inject the sidecar and plugins into Kubernetes manifests offline (prints them).
+    Inject(sidemesh_controller::cli::InjectArgs),
+    /// Print the manifests that install sidemesh into a cluster.
+    Install(sidemesh_controller::cli::InstallArgs),
+    /// Copy this binary (the Job fallback's init container).
+    #[command(hide = true)]
+    CopySelf(sidemesh_controller::job::CopySelfArgs),
+    /// Run an app command and leave a done file when it exits (the Job fallback).
+    #[command(hide = true)]
+    JobRun(sidemesh_controller::job::JobRunArgs),
+    /// Run the proxy until every done file exists (the Job fallback).
+    #[command(hide = true)]
+    JobSidecar(sidemesh_controller::job::JobSidecarArgs),
+    /// Wait until a URL answers 200 (the legacy sidecar's postStart hook).
+    #[command(hide = true)]
+    WaitReady(sidemesh_controller::cli::WaitReadyArgs),
     /// Serve sidecar configs (DISCOVER_URL) from a YAML state file and the TTL registry.
     Discover(sidemesh_discover::cli::Args),
     /// Run the DNS shim on its own: mesh names answered locally, the rest forwarded.
@@ -74,6 +93,26 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Up(args) => runtime.block_on(up::run(args, registry)),
         Command::DemoBackend(args) => runtime.block_on(sidemesh_proxy::demo::run(args)),
+        Command::Controller(args) => runtime.block_on(async {
+            let discover = sidemesh_discover::server::Discover::new(
+                sidemesh_discover::server::Options::default(),
+                &registry,
+            )?;
+            let host = std::sync::Arc::new(DiscoverHost(discover));
+            sidemesh_controller::cli::run(args, registry, host).await
+        }),
+        Command::Inject(args) => sidemesh_controller::cli::inject(args),
+        Command::Install(args) => sidemesh_controller::cli::install(args),
+        Command::CopySelf(args) => sidemesh_controller::job::copy_self(args),
+        Command::JobRun(args) => {
+            let code = runtime.block_on(sidemesh_controller::job::job_run(args))?;
+            std::process::exit(code)
+        }
+        Command::JobSidecar(args) => {
+            let code = runtime.block_on(sidemesh_controller::job::job_sidecar(args))?;
+            std::process::exit(code)
+        }
+        Command::WaitReady(args) => runtime.block_on(sidemesh_controller::cli::wait_ready(args)),
         Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
         Command::Dns(args) => runtime.block_on(sidemesh_dns::cli::run(*args, registry)),
     }
@@ -149,5 +188,19 @@ fn check(args: &CheckArgs) -> anyhow::Result<()> {
             anyhow::bail!("{} problem(s) in {}", errors.0.len(), args.file.display())
         }
         Err(e) => anyhow::bail!("{}: {e}", args.file.display()),
+    }
+}
+
+/// The controller's in-process discover server: the controller crate does not depend on
+/// `sidemesh-discover`, so the two meet here.
+struct DiscoverHost(sidemesh_discover::server::Discover);
+
+impl sidemesh_controller::cli::DiscoverHost for DiscoverHost {
+    fn serve(&self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        self.0.serve(listener).map(|_| ())
+    }
+
+    fn set_state(&self, state: sidemesh_api::state::ClusterState) {
+        self.0.set_state("kubernetes", state);
     }
 }

@@ -218,3 +218,79 @@ fn refuses_to_start_without_a_valid_config() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid config"));
 }
+
+/// A fake discover: answers the first request for the config with `200` and an ETag, and
+/// later ones carrying `If-None-Match` with `304` after a short hold (a long poll), until
+/// the test swaps in a new body.
+fn fake_discover(body: std::sync::Arc<std::sync::Mutex<(u64, String)>>) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let body = body.clone();
+            thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16_384 {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let (version, text) = body.lock().unwrap().clone();
+                let etag = format!("\"{version}\"");
+                let held = head
+                    .lines()
+                    .any(|l| l.starts_with("if-none-match:") && l.contains(&etag));
+                let response = if held {
+                    thread::sleep(Duration::from_millis(200));
+                    format!(
+                        "HTTP/1.1 304 Not Modified\r\netag: {etag}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                } else {
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\netag: {etag}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                        text.len()
+                    )
+                };
+                let _ = s.write_all(response.as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn dig_resolves_names_from_discover_url() {
+    let body = std::sync::Arc::new(std::sync::Mutex::new((
+        1,
+        config(1, &[("tomcat", "shop", "127.1.0.7")]),
+    )));
+    let discover = fake_discover(body.clone());
+    let url = format!("http://{discover}/v1/sidecars/web/front");
+    let sm = Sidemesh::start(
+        &[
+            "dns",
+            "--listen",
+            "127.0.0.1:0",
+            "--discover-url",
+            &url,
+            "--upstream",
+            "127.0.0.1:9",
+        ],
+        &[],
+    );
+    let dns = sm.addr("listen");
+    let got = eventually(Duration::from_secs(10), || {
+        (short(&dns, &["tomcat.shop"]) == "127.1.0.7").then_some(())
+    });
+    assert!(got.is_some(), "name from discover resolves");
+    *body.lock().unwrap() = (2, config(2, &[("mysql", "data", "127.1.0.9")]));
+    let got = eventually(Duration::from_secs(15), || {
+        (short(&dns, &["mysql.data.svc.cluster.local"]) == "127.1.0.9").then_some(())
+    });
+    assert!(got.is_some(), "new name from discover resolves");
+}

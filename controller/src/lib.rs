@@ -1,5 +1,19 @@
-//! `sidemesh-controller`: the Kubernetes side of sidemesh.
+//! `sidemesh-controller`: the Kubernetes side of sidemesh, and the only crate that imports
+//! kube.
 //!
-//! It will watch Services, EndpointSlices, Pods and sidemesh's CRDs, feed the discover API
-//! in-process, and inject the sidecar and plugin containers through a mutating admission
-//! webhook. Not built yet: see the controller issue.
+//! - [`crd`]: the `Plugin` and `MeshConfig` custom resources and their validation.
+//! - [`inject`]: injection of the proxy and plugin containers, as pure functions over pod specs.
+//!
+//! Watches, the admission webhook and the install manifests build on these.
+
+pub mod admin;
+pub mod cli;
+pub mod crd;
+pub mod index;
+pub mod inject;
+pub mod install;
+pub mod job;
+pub mod manifest;
+pub mod tls;
+pub mod watch;
+pub mod webhook;

@@ -70,13 +70,14 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
                 .state_reloads
                 .with_label_values(&["ok"])
                 .inc();
-            discover.set_state("file", state);
+            discover.set_state("file", state.clone());
             let ok = discover.clone();
             let bad = discover.clone();
             let f = file.clone();
             Some(AbortOnDrop(statefile::watch(
                 file.clone(),
                 hash,
+                state,
                 move |state| {
                     tracing::info!(file = %f.display(), services = state.services.len(), "state file reloaded");
                     ok.metrics().state_reloads.with_label_values(&["ok"]).inc();

@@ -68,6 +68,16 @@ fn join(errors: &[ValidationError]) -> String {
 
 /// Parses and validates state file text.
 pub fn parse(file: &Path, text: &str) -> Result<ClusterState, StateFileError> {
+    parse_after(file, text, None)
+}
+
+/// Parses and validates state file text that replaces `previous`, a state already
+/// validated: only services whose configs the change can affect are rendered again.
+pub fn parse_after(
+    file: &Path,
+    text: &str,
+    previous: Option<&ClusterState>,
+) -> Result<ClusterState, StateFileError> {
     let name = file.display().to_string();
     if text.trim().is_empty() {
         // Almost always a file caught mid-write; dropping every service would be worse.
@@ -116,7 +126,7 @@ pub fn parse(file: &Path, text: &str) -> Result<ClusterState, StateFileError> {
             }
         }
     };
-    let errors = validate(&state);
+    let errors = validate_after(previous, &state);
     if errors.is_empty() {
         Ok(state)
     } else {
@@ -164,6 +174,14 @@ fn read_capped(file: &Path) -> Result<Vec<u8>, StateFileError> {
 /// Every rule a state must meet to be applied: the structural checks, then every sidecar
 /// rendered against the contract (paths point into the file: `services[0].use_services[1]...`).
 pub fn validate(state: &ClusterState) -> Vec<ValidationError> {
+    validate_after(None, state)
+}
+
+/// [`validate`], rendering only what changed since `previous` (a valid state).
+pub fn validate_after(
+    previous: Option<&ClusterState>,
+    state: &ClusterState,
+) -> Vec<ValidationError> {
     let mut errors = match state.check() {
         Ok(()) => Vec::new(),
         Err(e) => e.0,
@@ -197,15 +215,22 @@ pub fn validate(state: &ClusterState) -> Vec<ValidationError> {
             .map(|s| (s.namespace.as_str(), s.name.as_str())),
     );
     let cluster = Cluster::new(state);
-    let mut keys: Vec<_> = cluster.sidecars().collect();
+    let affected = crate::store::affected(previous, state);
+    let mut keys: Vec<_> = cluster
+        .sidecars()
+        .filter(|k| affected.contains(&k.namespace, &k.service))
+        .collect();
     keys.sort();
+    let positions: std::collections::HashMap<(&str, &str), usize> = state
+        .services
+        .iter()
+        .enumerate()
+        .rev() // the first definition wins, as in rendering
+        .map(|(i, s)| ((s.namespace.as_str(), s.name.as_str()), i))
+        .collect();
     let mut seen = std::collections::HashSet::new();
     for key in keys {
-        let Some(i) = state
-            .services
-            .iter()
-            .position(|s| s.namespace == key.namespace && s.name == key.service)
-        else {
+        let Some(&i) = positions.get(&(key.namespace.as_str(), key.service.as_str())) else {
             continue;
         };
         match cluster.render(&key, &addresses) {
@@ -242,10 +267,11 @@ fn stamp(file: &Path) -> Option<(std::time::SystemTime, u64)> {
 
 /// Watches `file` and calls `apply` with each new valid state, and `rejected` with each
 /// error, until the returned task is aborted. Content that did not change (same bytes) is
-/// not applied again. `last_hash` is the hash of the content already applied.
+/// not applied again. `last_hash` and `last_good` are the content already applied.
 pub fn watch(
     file: PathBuf,
     last_hash: u64,
+    last_good: ClusterState,
     apply: impl Fn(ClusterState) + Send + 'static,
     rejected: impl Fn(&StateFileError) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
@@ -274,6 +300,7 @@ pub fn watch(
     tokio::spawn(async move {
         let _watcher = watcher; // kept alive as long as the task
         let mut last_hash = last_hash;
+        let mut last_good = last_good;
         let mut last_stamp = stamp(&file);
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -324,7 +351,7 @@ pub fn watch(
             }
             last_hash = hash;
             let parsed = match String::from_utf8(bytes) {
-                Ok(text) => parse(&file, &text),
+                Ok(text) => parse_after(&file, &text, Some(&last_good)),
                 Err(e) => Err(StateFileError::Parse {
                     file: file.display().to_string(),
                     line: 0,
@@ -333,7 +360,10 @@ pub fn watch(
                 }),
             };
             match parsed {
-                Ok(state) => apply(state),
+                Ok(state) => {
+                    last_good = state.clone();
+                    apply(state);
+                }
                 Err(e) => rejected(&e),
             }
         }
@@ -404,6 +434,28 @@ mod tests {
         let bad_name = "services: [{namespace: Demo, name: web}]";
         let e = parse(Path::new("s.yaml"), bad_name).unwrap_err();
         assert!(e.to_string().contains("services[0].namespace"), "{e}");
+    }
+
+    #[test]
+    fn validation_after_a_good_state_still_catches_what_changed() {
+        let good = "services:
+- {namespace: a, name: web, use_services: [{service: api}]}
+- {namespace: a, name: api, ports: [{port: 80}]}
+- {namespace: a, name: other, ports: [{port: 81}]}
+";
+        let previous = parse(Path::new("s.yaml"), good).unwrap();
+        let bad = good.replace(
+            "[{service: api}]",
+            "[{service: api, routes: [{name: r, match: {path: {regex: '('}}}]}]",
+        );
+        let e = parse_after(Path::new("s.yaml"), &bad, Some(&previous)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("services[0].use_services[0].routes[0]"),
+            "{e}"
+        );
+        let fine = good.replace("port: 81", "port: 82");
+        parse_after(Path::new("s.yaml"), &fine, Some(&previous)).unwrap();
     }
 
     #[test]

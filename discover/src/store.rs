@@ -10,7 +10,7 @@
 //!
 //! No I/O and no clock here: time is passed in, so every rule is a plain unit test.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, OnceLock};
 
@@ -113,6 +113,8 @@ pub struct Store {
     max_version: u64,
     sidecars: HashMap<SidecarKey, Arc<Sidecar>>,
     services: Vec<ServiceSummary>,
+    /// The merged state of the last rebuild, to find what the next one must re-render.
+    previous: Option<ClusterState>,
 }
 
 impl Store {
@@ -246,12 +248,21 @@ impl Store {
     /// Re-renders every sidecar and assigns versions to changed configs.
     pub fn rebuild(&mut self, now_ms: u64) -> Changes {
         let merged = self.merged();
-        self.addresses.sync(
-            merged
-                .services
-                .iter()
-                .map(|s| (s.namespace.as_str(), s.name.as_str())),
-        );
+        let affected = affected(self.previous.as_ref(), &merged);
+        if !matches!(
+            affected,
+            Affected::Some {
+                set_changed: false,
+                ..
+            }
+        ) {
+            self.addresses.sync(
+                merged
+                    .services
+                    .iter()
+                    .map(|s| (s.namespace.as_str(), s.name.as_str())),
+            );
+        }
         let cluster = Cluster::new(&merged);
         let mut changes = Changes::default();
         let mut next: HashMap<SidecarKey, Arc<Sidecar>> =
@@ -259,6 +270,13 @@ impl Store {
         let mut keys: Vec<SidecarKey> = cluster.sidecars().collect();
         keys.sort();
         for key in keys {
+            // A sidecar none of whose inputs changed keeps its config as it is.
+            if !affected.contains(&key.namespace, &key.service) {
+                if let Some(s) = self.sidecars.get(&key) {
+                    next.insert(key, s.clone());
+                    continue;
+                }
+            }
             let rendered = match cluster.render(&key, &self.addresses) {
                 Ok(r) => r,
                 Err(e) => {
@@ -280,7 +298,8 @@ impl Store {
                     .or_insert(rendered.dropped);
             }
             let mut config = rendered.config;
-            let hash = fnv1a(&serde_json::to_vec(&config).unwrap_or_default());
+            let unversioned = serde_json::to_vec(&config).unwrap_or_default();
+            let hash = fnv1a(&unversioned);
             let name = key.to_string();
             let version = match self.versions.get(&name) {
                 Some(r) if r.hash == hash => r.version,
@@ -301,7 +320,7 @@ impl Store {
                 Some(s) => s,
                 None => {
                     config.version = version;
-                    let json = Bytes::from(serde_json::to_vec(&config).unwrap_or_default());
+                    let json = Bytes::from(with_version(unversioned, version, &config));
                     changes.changed.push(key.clone());
                     Arc::new(Sidecar {
                         version,
@@ -318,18 +337,24 @@ impl Store {
                 changes.removed.push(key.clone());
             }
         }
-        // Forget records of sidecars that are gone; max_version still guards their return.
-        self.versions.retain(|k, _| {
-            let mut parts = k.splitn(3, '/');
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(namespace), Some(service), Some(plugin)) => next.contains_key(&SidecarKey {
-                    namespace: namespace.to_owned(),
-                    service: service.to_owned(),
-                    plugin: plugin.to_owned(),
-                }),
-                _ => false,
-            }
-        });
+        // Forget records of sidecars that are gone (max_version still guards their return);
+        // also, on the first build, records restored for sidecars that no longer exist.
+        let first = self.previous.is_none();
+        if first || !changes.removed.is_empty() {
+            self.versions.retain(|k, _| {
+                let mut parts = k.splitn(3, '/');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(namespace), Some(service), Some(plugin)) => {
+                        next.contains_key(&SidecarKey {
+                            namespace: namespace.to_owned(),
+                            service: service.to_owned(),
+                            plugin: plugin.to_owned(),
+                        })
+                    }
+                    _ => false,
+                }
+            });
+        }
         let mut services: Vec<ServiceSummary> = merged
             .services
             .iter()
@@ -357,7 +382,111 @@ impl Store {
         }
         self.services = services;
         self.sidecars = next;
+        self.previous = Some(merged);
         changes
+    }
+}
+
+/// What a new state changes, relative to the previous one.
+#[derive(Debug)]
+pub enum Affected<'a> {
+    /// Everything must be re-rendered (first build, DNS settings or plugins changed).
+    All,
+    /// Only these services' sidecars.
+    Some {
+        /// Services that changed, appeared, or use (directly or as a route backend) a
+        /// service that changed, appeared or went.
+        services: HashSet<(&'a str, &'a str)>,
+        /// Whether a service appeared or went (the address table must follow).
+        set_changed: bool,
+    },
+}
+
+impl Affected<'_> {
+    /// Whether the sidecars of `namespace/name` must be re-rendered.
+    pub fn contains(&self, namespace: &str, name: &str) -> bool {
+        match self {
+            Affected::All => true,
+            Affected::Some { services, .. } => services.contains(&(namespace, name)),
+        }
+    }
+}
+
+/// The services of `current` whose sidecars a change from `previous` may have changed.
+pub fn affected<'a>(previous: Option<&ClusterState>, current: &'a ClusterState) -> Affected<'a> {
+    let Some(previous) = previous else {
+        return Affected::All;
+    };
+    if previous.dns != current.dns || previous.plugins != current.plugins {
+        return Affected::All;
+    }
+    fn index(state: &ClusterState) -> HashMap<(&str, &str), usize> {
+        let mut by_key = HashMap::with_capacity(state.services.len());
+        for (i, s) in state.services.iter().enumerate() {
+            by_key
+                .entry((s.namespace.as_str(), s.name.as_str()))
+                .or_insert(i);
+        }
+        by_key
+    }
+    let before = index(previous);
+    let after = index(current);
+    let mut changed: HashSet<(&str, &str)> = HashSet::new();
+    for (key, &i) in &after {
+        let same = before
+            .get(key)
+            .is_some_and(|&j| previous.services[j] == current.services[i]);
+        if !same {
+            changed.insert(*key);
+        }
+    }
+    let mut set_changed = after.keys().any(|k| !before.contains_key(k));
+    for key in before.keys() {
+        if !after.contains_key(key) {
+            changed.insert(*key);
+            set_changed = true;
+        }
+    }
+    let mut services = HashSet::new();
+    if changed.is_empty() {
+        return Affected::Some {
+            services,
+            set_changed,
+        };
+    }
+    for s in &current.services {
+        let key = (s.namespace.as_str(), s.name.as_str());
+        let uses_changed = s.use_services.iter().any(|d| {
+            changed.contains(&d.target(&s.namespace))
+                || d.routes.iter().flat_map(|r| &r.backends).any(|b| {
+                    b.service
+                        .as_deref()
+                        .and_then(|t| t.split_once('/'))
+                        .is_some_and(|t| changed.contains(&t))
+                })
+        });
+        if uses_changed || changed.contains(&key) {
+            services.insert(key);
+        }
+    }
+    Affected::Some {
+        services,
+        set_changed,
+    }
+}
+
+/// The served JSON: the unversioned JSON (`{"version":0,...`, version being the first
+/// field) with the version put in, without serializing the config a second time.
+fn with_version(unversioned: Vec<u8>, version: u64, config: &SidecarConfig) -> Vec<u8> {
+    const PREFIX: &[u8] = b"{\"version\":0,";
+    match unversioned.strip_prefix(PREFIX) {
+        Some(rest) => {
+            let mut out = Vec::with_capacity(unversioned.len() + 20);
+            out.extend_from_slice(format!("{{\"version\":{version},").as_bytes());
+            out.extend_from_slice(rest);
+            out
+        }
+        None => serde_json::to_vec(config).unwrap_or_default(),
     }
 }
 
@@ -466,6 +595,61 @@ mod tests {
         let web = st.sidecar(&key("demo", "web")).unwrap();
         assert_eq!(web.config.outbound[0].ports[0].endpoints.len(), 1);
         assert!(st.registry_delete(&k, 6_000).is_none());
+    }
+
+    #[test]
+    fn only_sidecars_whose_inputs_changed_are_rendered_again() {
+        let yaml = "services:
+- {namespace: demo, name: web, use_services: [{service: api}]}
+- {namespace: demo, name: canary, use_services: [{service: other, routes: [{name: r, backends: [{weight: 1}, {service: demo/api, weight: 1}]}]}]}
+- {namespace: demo, name: other, ports: [{port: 82}]}
+- {namespace: demo, name: api, ports: [{port: 80}], instances: [{address: 10.0.0.1}]}
+- {namespace: demo, name: lone, ports: [{port: 81}]}
+";
+        let mut st = Store::default();
+        st.set_source("file", state(yaml), 1);
+        let keep: Vec<Arc<Sidecar>> = ["lone", "other"]
+            .iter()
+            .map(|s| st.sidecar(&key("demo", s)).unwrap())
+            .collect();
+        let edited = state(&yaml.replace("10.0.0.1", "10.0.0.2"));
+        let mut m2 = edited.clone();
+        st.registry.merge_into(&mut m2);
+        let Affected::Some {
+            services,
+            set_changed,
+        } = affected(st.previous.as_ref(), &m2)
+        else {
+            panic!("expected some");
+        };
+        assert!(!set_changed);
+        let mut affected: Vec<_> = services.into_iter().collect();
+        affected.sort();
+        assert_eq!(
+            affected,
+            [("demo", "api"), ("demo", "canary"), ("demo", "web")]
+        );
+        let c = st.set_source("file", edited, 2);
+        let mut changed: Vec<&str> = c.changed.iter().map(|k| k.service.as_str()).collect();
+        changed.sort();
+        assert_eq!(changed, ["canary", "web"]);
+        // Untouched sidecars are the very same values.
+        assert!(Arc::ptr_eq(
+            &keep[0],
+            &st.sidecar(&key("demo", "lone")).unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            &keep[1],
+            &st.sidecar(&key("demo", "other")).unwrap()
+        ));
+        // The spliced JSON is what serializing the versioned config gives.
+        let web = st.sidecar(&key("demo", "web")).unwrap();
+        assert_eq!(web.json, serde_json::to_vec(&web.config).unwrap());
+        // DNS changes re-render everything.
+        let mut dns = state(yaml);
+        dns.dns.ttl_seconds = 9;
+        let c = st.set_source("file", dns, 3);
+        assert_eq!(c.changed.len(), 5);
     }
 
     #[test]

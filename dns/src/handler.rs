@@ -310,17 +310,19 @@ impl Handler {
     /// upstream work runs in its own task, so a client that goes away (a closed TCP
     /// connection) does not cancel it for the others waiting on it.
     fn flight(self: &Arc<Self>, p: &Pending) -> Flight {
+        let (tx, rx) = watch::channel(None);
+        let Some(q) = p.request.queries.first() else {
+            // `handle` only forwards queries with one question; answer SERVFAIL otherwise.
+            let _ = tx.send(Some(Err(())));
+            return rx;
+        };
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(rx) = inflight.get(&p.key) {
             self.metrics.coalesced.inc();
             return rx.clone();
         }
-        let (tx, rx) = watch::channel(None);
         inflight.insert(p.key.clone(), rx.clone());
         drop(inflight);
-        let Some(q) = p.request.queries.first() else {
-            return rx;
-        };
         let query = upstream_query(q.name(), q.query_type(), q.query_class());
         let upstreams = self.upstreams();
         let this = Arc::clone(self);

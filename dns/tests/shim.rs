@@ -636,3 +636,29 @@ async fn binds_loopback_by_default_and_stops_on_shutdown() {
     );
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn a_burst_from_many_clients_gets_each_its_own_answer() {
+    let r = start(
+        Some(config(1, &[("tomcat", "shop", "127.1.0.7")], &[])),
+        vec![],
+    )
+    .await;
+    let addr = r.shim.udp_addr();
+    let mut clients = Vec::new();
+    for i in 0..64u16 {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut m = Message::from_vec(&query("tomcat.", RecordType::A, None)).unwrap();
+        m.metadata.id = i;
+        sock.send_to(&m.to_vec().unwrap(), addr).await.unwrap();
+        clients.push((i, sock));
+    }
+    for (i, sock) in clients {
+        let mut buf = vec![0u8; 4096];
+        let (n, from) = timeout(T, sock.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(from, addr);
+        let m = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(m.metadata.id, i);
+        assert_eq!(addrs(&m), [Ipv4Addr::new(127, 1, 0, 7)]);
+    }
+}
