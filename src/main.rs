@@ -157,6 +157,13 @@ fn init_logging(format: LogFormat) {
 }
 
 fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    // One worker: a current-thread runtime does the same work without cross-thread
+    // wake-ups or work stealing.
+    if worker_threads == Some(1) {
+        return Ok(tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?);
+    }
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.enable_all();
     if let Some(n) = worker_threads {

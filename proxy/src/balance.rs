@@ -199,21 +199,31 @@ impl Balancer {
             1 => return self.endpoints.first().cloned(),
             _ => {}
         }
-        let eligible = self.eligible(avoid);
-        let ok = |i: usize| eligible.get(i).copied().unwrap_or(false);
+        // Fast path: every endpoint healthy, no zone preference, nothing to avoid, so no
+        // per-pick allocation.
+        let all = !self.zone_aware && avoid.is_none() && {
+            let now = now_ms();
+            self.endpoints.iter().all(|e| e.stats.healthy(now))
+        };
+        let eligible = if all {
+            Vec::new()
+        } else {
+            self.eligible(avoid)
+        };
+        let ok = |i: usize| all || eligible.get(i).copied().unwrap_or(false);
         let i = match (self.policy, hash) {
             (BalancePolicy::RoundRobin, _) => self.pick_rr(&ok),
             (BalancePolicy::RingHash, Some(h)) => self.pick_ring(h, &ok),
             (BalancePolicy::Maglev, Some(h)) => self.pick_maglev(h, &ok),
             // Weights already shape which two are drawn; the cost compares load alone, so
             // an idle backend is split exactly by weight.
-            (BalancePolicy::LeastRequest, _) => self.p2c(&eligible, |e| {
-                e.stats.inflight.load(Ordering::Relaxed) as f64
-            }),
-            (BalancePolicy::PeakEwma, _) => self.p2c(&eligible, |e| {
+            (BalancePolicy::LeastRequest, _) => {
+                self.p2c(&ok, |e| e.stats.inflight.load(Ordering::Relaxed) as f64)
+            }
+            (BalancePolicy::PeakEwma, _) => self.p2c(&ok, |e| {
                 e.stats.rtt_ns() * (e.stats.inflight.load(Ordering::Relaxed) as f64 + 1.0)
             }),
-            _ => weighted_random(&self.endpoints, &eligible),
+            _ => weighted_random(&self.endpoints, &ok),
         };
         i.and_then(|i| self.endpoints.get(i).cloned())
     }
@@ -297,13 +307,9 @@ impl Balancer {
         (0..self.endpoints.len()).find(|i| ok(*i))
     }
 
-    fn p2c(&self, eligible: &[bool], cost: impl Fn(&Endpoint) -> f64) -> Option<usize> {
-        let a = weighted_random(&self.endpoints, eligible)?;
-        let mut without = eligible.to_vec();
-        if let Some(slot) = without.get_mut(a) {
-            *slot = false;
-        }
-        let Some(b) = weighted_random(&self.endpoints, &without) else {
+    fn p2c(&self, ok: &impl Fn(usize) -> bool, cost: impl Fn(&Endpoint) -> f64) -> Option<usize> {
+        let a = weighted_random(&self.endpoints, ok)?;
+        let Some(b) = weighted_random(&self.endpoints, &|i| i != a && ok(i)) else {
             return Some(a);
         };
         let (ea, eb) = (self.endpoints.get(a)?, self.endpoints.get(b)?);
@@ -311,19 +317,19 @@ impl Balancer {
     }
 }
 
-fn weighted_random(endpoints: &[Arc<Endpoint>], eligible: &[bool]) -> Option<usize> {
+fn weighted_random(endpoints: &[Arc<Endpoint>], ok: &impl Fn(usize) -> bool) -> Option<usize> {
     let total: u64 = endpoints
         .iter()
-        .zip(eligible)
-        .filter(|(_, ok)| **ok)
-        .map(|(e, _)| u64::from(e.weight))
+        .enumerate()
+        .filter(|(i, _)| ok(*i))
+        .map(|(_, e)| u64::from(e.weight))
         .sum();
     if total == 0 {
         return None;
     }
     let mut r = rand::rng().random_range(0..total);
-    for (i, (e, ok)) in endpoints.iter().zip(eligible).enumerate() {
-        if !*ok {
+    for (i, e) in endpoints.iter().enumerate() {
+        if !ok(i) {
             continue;
         }
         let w = u64::from(e.weight);

@@ -30,7 +30,7 @@ use sidemesh_api::config::{Protocol, RetryOn, RetryPolicy};
 use tokio::net::TcpStream;
 
 use crate::balance::{Endpoint, request_hash};
-use crate::metrics::status_class;
+use crate::metrics::RequestMetrics;
 use crate::resilience::{Outcome, backoff, record};
 use crate::state::{Backend, RouteState, Target};
 use crate::upstream::{Body, BoxError, ConnectError};
@@ -132,31 +132,28 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
         .and_then(|s| s.listeners.get(&ctx.listen).cloned())
         .unwrap_or_else(|| ctx.target.clone());
     drop(state);
-    let (route, backend) = select(&target, &req);
-    let route_name = route.map(|r| &*r.name).unwrap_or("default");
-    let service = &backend.service;
+    let (index, backend) = select(&target, &req);
+    let route = index.and_then(|i| target.routes.get(i));
     let resp = forward(&ctx, route, &backend, req).await;
-    let m = &ctx.shared.metrics;
-    let dir = target.direction.as_str();
-    m.requests
-        .with_label_values(&[
-            dir,
-            &*service.label,
-            route_name,
-            status_class(resp.status().as_u16()),
-        ])
-        .inc();
-    m.request_duration
-        .with_label_values(&[dir, &*service.label])
-        .observe(start.elapsed().as_secs_f64());
+    // The series of this listener's service and route are resolved once, on first use,
+    // not per request.
+    let slot = index.unwrap_or(target.routes.len());
+    if let Some(cell) = target.request_metrics.get(slot) {
+        let rm = cell.get_or_init(|| {
+            RequestMetrics::new(
+                &ctx.shared.metrics,
+                target.direction.as_str(),
+                &target.service.label,
+                route.map(|r| &*r.name).unwrap_or("default"),
+            )
+        });
+        rm.observe(resp.status().as_u16(), start.elapsed());
+    }
     resp
 }
 
-/// Picks the first matching route and one of its weighted backends.
-fn select<'a>(
-    target: &'a Target,
-    req: &Request<Incoming>,
-) -> (Option<&'a RouteState>, Arc<Backend>) {
+/// Picks the first matching route (its index) and one of its weighted backends.
+fn select(target: &Target, req: &Request<Incoming>) -> (Option<usize>, Arc<Backend>) {
     if target.routes.is_empty() {
         return (None, target.default_backend.clone());
     }
@@ -170,13 +167,13 @@ fn select<'a>(
         })
         .map(strip_port);
     let headers = req.headers();
-    let route = target.routes.iter().find(|r| {
+    let found = target.routes.iter().position(|r| {
         r.matcher
             .matches(req.method().as_str(), host, req.uri().path(), |name| {
                 headers.get(name).and_then(|v| v.to_str().ok())
             })
     });
-    let Some(route) = route else {
+    let Some((index, route)) = found.and_then(|i| Some((i, target.routes.get(i)?))) else {
         return (None, target.default_backend.clone());
     };
     let backend = match route.backends.as_slice() {
@@ -194,7 +191,7 @@ fn select<'a>(
             chosen
         }
     };
-    (Some(route), backend)
+    (Some(index), backend)
 }
 
 fn strip_port(host: &str) -> &str {
@@ -506,7 +503,12 @@ async fn forward(
         } else {
             Version::HTTP_11
         };
-        *up.headers_mut() = parts.headers.clone();
+        // The last possible try takes the headers; earlier ones copy them for a retry.
+        *up.headers_mut() = if tries < max_tries {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
 
         let per_try = (policy.per_try_timeout_ms > 0).then(|| {
             tokio::time::Instant::now() + Duration::from_millis(policy.per_try_timeout_ms)

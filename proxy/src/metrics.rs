@@ -188,13 +188,44 @@ impl Metrics {
     }
 }
 
-/// The status class label of an HTTP status (`2xx` ... `5xx`).
-pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+/// The request series of one listener's service and route, resolved once.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    by_class: [prometheus::IntCounter; 5],
+    duration: Histogram,
+}
+
+impl RequestMetrics {
+    /// Resolves the series for `direction`, `service` and `route`.
+    pub fn new(m: &Metrics, direction: &str, service: &str, route: &str) -> RequestMetrics {
+        let class = |c: &str| {
+            m.requests
+                .with_label_values(&[direction, service, route, c])
+        };
+        RequestMetrics {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: m.request_duration.with_label_values(&[direction, service]),
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn observe(&self, status: u16, took: std::time::Duration) {
+        let i = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        };
+        if let Some(c) = self.by_class.get(i) {
+            c.inc();
+        }
+        self.duration.observe(took.as_secs_f64());
     }
 }

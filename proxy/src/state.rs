@@ -189,6 +189,12 @@ pub struct Target {
     pub routes: Vec<RouteState>,
     /// Where requests go when no route matches (and for raw TCP).
     pub default_backend: Arc<Backend>,
+    /// Request metrics per route, and for unrouted requests last; resolved on first use.
+    pub request_metrics: Vec<std::sync::OnceLock<crate::metrics::RequestMetrics>>,
+}
+
+fn metric_slots(routes: usize) -> Vec<std::sync::OnceLock<crate::metrics::RequestMetrics>> {
+    (0..=routes).map(|_| std::sync::OnceLock::new()).collect()
 }
 
 /// The derived state of one config version.
@@ -273,6 +279,7 @@ impl State {
                     service,
                     routes: Vec::new(),
                     default_backend: backend,
+                    request_metrics: metric_slots(0),
                 }),
             );
         }
@@ -388,6 +395,7 @@ impl State {
                         direction: Direction::Outbound,
                         protocol: p.protocol,
                         service: default_backend.service.clone(),
+                        request_metrics: metric_slots(routes.len()),
                         routes,
                         default_backend,
                     }),

@@ -17,7 +17,7 @@ use crate::resilience::{Outcome, record};
 use crate::state::Target;
 use crate::upstream::ConnectError;
 
-const BUF: usize = 32 * 1024;
+const BUF: usize = 64 * 1024;
 
 /// Proxies one accepted TCP connection to `target`'s default backend.
 pub(crate) async fn proxy(

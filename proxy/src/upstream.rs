@@ -238,8 +238,7 @@ impl Clients {
         let h1 = b.build(connector.clone());
         b.http2_only(true)
             .http2_keep_alive_interval(Some(Duration::from_secs(30)))
-            .http2_keep_alive_while_idle(false)
-            .http2_adaptive_window(true);
+            .http2_keep_alive_while_idle(false);
         let h2 = b.build(connector.clone());
         Clients { connector, h1, h2 }
     }
