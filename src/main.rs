@@ -204,6 +204,7 @@ async fn dns(args: sidemesh_dns::cli::Args, registry: prometheus::Registry) -> a
     };
     let key = sidecar_key(args.identity.as_deref())?;
     let (state, hash) = sidemesh_discover::statefile::load(&file)?;
+    let state = Arc::new(state);
     let store = Arc::new(Mutex::new(Store::new(Persisted::default(), now_ms())));
     let (tx, rx) = tokio::sync::watch::channel(None);
     let tx = Arc::new(tx);
@@ -211,7 +212,7 @@ async fn dns(args: sidemesh_dns::cli::Args, registry: prometheus::Registry) -> a
     let publish = move |store: &Mutex<Store>,
                         key: &SidecarKey,
                         tx: &tokio::sync::watch::Sender<Option<sidemesh_api::Snapshot>>,
-                        state: sidemesh_api::state::ClusterState| {
+                        state: Arc<sidemesh_api::state::ClusterState>| {
         let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
         store.set_source("state-file", state, now_ms());
         let rendered = store.sidecar(key).map(|s| {
