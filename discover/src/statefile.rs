@@ -550,6 +550,7 @@ pub fn watch(
             None
         }
     };
+    let reloader = Reloader::start();
     tokio::spawn(async move {
         let _watcher = watcher; // kept alive as long as the task
         let apply = std::sync::Arc::new(apply);
@@ -580,11 +581,12 @@ pub fn watch(
             while rx.try_recv().is_ok() {} // events of the write just waited out
             last_stamp = now;
             let f = file.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                let bytes = read_capped(&f)?;
-                Ok::<_, StateFileError>((fnv1a(&bytes), bytes))
-            })
-            .await;
+            let read = reloader
+                .run(move || {
+                    let bytes = read_capped(&f)?;
+                    Ok::<_, StateFileError>((fnv1a(&bytes), bytes))
+                })
+                .await;
             let (hash, bytes) = match read {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => {
@@ -609,7 +611,7 @@ pub fn watch(
             let f = file.clone();
             let apply = apply.clone();
             let previous = std::mem::take(&mut last_good);
-            let outcome = tokio::task::spawn_blocking(move || {
+            let outcome = reloader.run(move || {
                 let parsed = match String::from_utf8(bytes) {
                     Ok(text) => parse_after(&f, &text, Some(&previous)),
                     Err(e) => Err(StateFileError::Parse {
@@ -627,8 +629,8 @@ pub fn watch(
                     }
                     Err(e) => (previous, Some(e)),
                 }
-            })
-            .await;
+            });
+            let outcome = outcome.await;
             match outcome {
                 Ok((good, error)) => {
                     last_good = good;
@@ -636,18 +638,76 @@ pub fn watch(
                         rejected(&e);
                     }
                 }
-                Err(e) => {
+                Err(ReloadFailed) => {
                     // Only a panic gets here; the next edit is validated in full.
-                    tracing::error!(error = %e, "state file reload task failed");
+                    tracing::error!("state file reload task failed");
                 }
             }
         }
     })
 }
 
+/// One long-lived thread that reads, parses and applies state file reloads.
+///
+/// Reloading a large state allocates and frees hundreds of MiB. On the tokio blocking pool
+/// each reload may land on a different thread, and glibc gives each thread its own malloc
+/// arena that keeps freed memory, so RSS grew with every reload (measured: ~95 MiB per
+/// reload of a 6.8 MiB file; see docs/benchmarks.md). One thread means one arena reused.
+struct Reloader {
+    jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+/// The reload thread is gone or the job panicked.
+#[derive(Debug)]
+struct ReloadFailed;
+
+impl Reloader {
+    fn start() -> Reloader {
+        let (jobs, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let spawned = std::thread::Builder::new()
+            .name("state-reload".to_owned())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            });
+        if let Err(e) = spawned {
+            // Jobs then fail with ReloadFailed and are reported; the last good state stays.
+            tracing::error!(error = %e, "cannot start the state file reload thread");
+        }
+        Reloader { jobs }
+    }
+
+    /// Runs `f` on the reload thread; a panic in `f` is caught and reported as an error.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ReloadFailed> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = Box::new(move || {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            if let Ok(out) = out {
+                let _ = tx.send(out);
+            }
+        });
+        self.jobs.send(job).map_err(|_| ReloadFailed)?;
+        rx.await.map_err(|_| ReloadFailed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn reloads_run_on_one_thread_and_survive_a_panic() {
+        let r = Reloader::start();
+        let first = r.run(|| std::thread::current().id()).await.unwrap();
+        assert_ne!(first, std::thread::current().id());
+        assert!(r.run(|| -> u8 { panic!("boom") }).await.is_err());
+        let again = r.run(|| std::thread::current().id()).await.unwrap();
+        assert_eq!(first, again, "every reload runs on the same thread");
+    }
 
     #[test]
     fn parse_errors_carry_line_column_and_field() {
