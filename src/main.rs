@@ -86,7 +86,7 @@ fn main() -> anyhow::Result<()> {
         Command::Proxy(args) => {
             let sidecars = args
                 .dns
-                .map(|listen| dns_shim(listen, registry.clone()))
+                .map(|listen| dns_shim(listen, args.dns_resolv_conf.clone(), registry.clone()))
                 .into_iter()
                 .collect();
             runtime.block_on(sidemesh_proxy::cli::run_with(*args, registry, sidecars))
@@ -124,14 +124,23 @@ fn main() -> anyhow::Result<()> {
 /// on the DNS crate.
 fn dns_shim(
     listen: std::net::SocketAddr,
+    resolv_conf: std::path::PathBuf,
     registry: prometheus::Registry,
 ) -> sidemesh_proxy::cli::Sidecar {
     Box::new(move |snapshots| {
         Box::pin(async move {
-            let conf = sidemesh_dns::ResolvConf::read(std::path::Path::new("/etc/resolv.conf"))
-                .unwrap_or_default();
+            let conf = match sidemesh_dns::ResolvConf::read(&resolv_conf) {
+                Ok(conf) => conf,
+                Err(e) => {
+                    tracing::warn!(file = %resolv_conf.display(), error = %e, "dns shim: cannot read resolv.conf; only the config's upstreams are used");
+                    sidemesh_dns::ResolvConf::default()
+                }
+            };
             let mut opts = sidemesh_dns::ShimOptions::from_resolv_conf(listen, &conf);
             opts.fallback_upstreams.retain(|u| *u != listen);
+            if opts.fallback_upstreams.is_empty() {
+                tracing::warn!(file = %resolv_conf.display(), "dns shim: no fallback upstreams (resolv.conf lists none but the shim); names outside the mesh answer SERVFAIL unless the config names upstreams");
+            }
             let shim = sidemesh_dns::Shim::start(opts, snapshots, &registry).await?;
             let addr = shim.udp_addr();
             // The shim serves while its handle lives: keep it for the life of the process.

@@ -46,6 +46,7 @@ fn sidecar_args(url: String, inbound: IpAddr, app: IpAddr, drain: Duration) -> s
         discover_url: Some(url),
         admin: SocketAddr::from(([127, 0, 0, 1], 0)),
         dns: None,
+        dns_resolv_conf: "/etc/resolv.conf".into(),
         state_dir: None,
         drain_timeout: drain,
         inbound_address: inbound,
@@ -142,7 +143,9 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
         fields.push((format!("{name}.admin"), r.admin.to_string()));
         if let (0, Some(listen)) = (k, args.dns) {
             let registry = prometheus::Registry::new();
-            let started = crate::dns_shim(listen, registry)(r.snapshots.clone()).await?;
+            let started =
+                crate::dns_shim(listen, "/etc/resolv.conf".into(), registry)(r.snapshots.clone())
+                    .await?;
             for (_, addr) in started {
                 lines.push(format!(
                     "  dig @{} -p {} <service name>   # {name}'s DNS shim",

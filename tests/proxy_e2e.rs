@@ -289,23 +289,38 @@ fn dns_shim_runs_in_process_and_answers_service_names() {
     let mut cfg: serde_json::Value = serde_json::from_str(&config(1, svc, &[a])).unwrap();
     cfg["outbound"][0]["dns_names"] = serde_json::json!(["cart", "cart.shop"]);
     let discover = fake_discover(cfg.to_string());
-    let p = start_proxy(&discover, &["--dns", "127.0.0.1:0"]);
+    // The pod's original resolv.conf: its search list makes `cart.shop.corp.example` a form
+    // of `cart.shop`, so the shim must have read this file, not /etc/resolv.conf.
+    let dir = tempfile::tempdir().unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "search corp.example\nnameserver 127.0.0.1\n").unwrap();
+    let p = start_proxy(
+        &discover,
+        &[
+            "--dns",
+            "127.0.0.1:0",
+            "--dns-resolv-conf",
+            resolv.to_str().unwrap(),
+        ],
+    );
     let dns: SocketAddr = p.addr("dns").parse().unwrap();
-    let answer = eventually(WAIT, || {
-        let out = Command::new("dig")
-            .args([
-                "+short",
-                "+time=2",
-                "+tries=1",
-                "-p",
-                &dns.port().to_string(),
-                "@127.0.0.1",
-                "cart.shop",
-            ])
-            .output()
-            .expect("dig is installed (scripts/test.sh installs bind9-dnsutils)");
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        (text == svc.to_string()).then_some(text)
-    });
-    assert!(answer.is_some(), "cart.shop did not resolve to {svc}");
+    for name in ["cart.shop", "cart.shop.corp.example"] {
+        let answer = eventually(WAIT, || {
+            let out = Command::new("dig")
+                .args([
+                    "+short",
+                    "+time=2",
+                    "+tries=1",
+                    "-p",
+                    &dns.port().to_string(),
+                    "@127.0.0.1",
+                    name,
+                ])
+                .output()
+                .expect("dig is installed (scripts/test.sh installs bind9-dnsutils)");
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            (text == svc.to_string()).then_some(text)
+        });
+        assert!(answer.is_some(), "{name} did not resolve to {svc}");
+    }
 }

@@ -30,6 +30,14 @@ pub struct Args {
     /// Run the DNS shim in-process on this address (e.g. `127.0.0.1:53`).
     #[arg(long, env = "SIDEMESH_DNS_ADDR")]
     pub dns: Option<SocketAddr>,
+    /// The resolv.conf whose nameservers the DNS shim forwards to when the config names no
+    /// upstreams (the pod's original resolvers; not the one that points at the shim).
+    #[arg(
+        long,
+        env = "SIDEMESH_DNS_RESOLV_CONF",
+        default_value = "/etc/resolv.conf"
+    )]
+    pub dns_resolv_conf: std::path::PathBuf,
     /// Directory for the last good config, so a restart serves while discover is down.
     #[arg(long, env = "SIDEMESH_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
