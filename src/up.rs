@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use sidemesh_discover::{Discover, Options, statefile};
-use sidemesh_proxy::cli::{self as sidecar, Running, ready_line, shutdown_signal};
+use sidemesh_proxy::cli::{self as sidecar, Running, ready_line};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -176,7 +176,7 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
     );
     println!("{}", ready_line("up", &fields));
 
-    shutdown_signal().await;
+    sidemesh_api::shutdown::signal().await;
     tracing::info!("stopping: draining sidecars");
     let stopping: Vec<_> = sidecars
         .into_iter()

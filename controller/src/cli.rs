@@ -262,7 +262,7 @@ pub async fn run(
         .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
     let running = start(args, &registry, client, discover).await?;
     println!("{}", running.ready_line());
-    shutdown_signal().await;
+    sidemesh_api::shutdown::signal().await;
     tracing::info!("controller stopping");
     drop(running);
     Ok(())
@@ -429,19 +429,4 @@ pub async fn start(
         ready,
         tasks,
     })
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
 }

@@ -107,7 +107,7 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
         serde_json::json!({"ready": "discover", "listen": serving.addr.to_string()})
     );
     tracing::info!(listen = %serving.addr, "discover serving");
-    shutdown_signal().await;
+    sidemesh_api::shutdown::signal().await;
     tracing::info!("discover stopping");
     serving.task.abort();
     discover.stop();
@@ -120,20 +120,5 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
     }
 }

@@ -177,21 +177,12 @@ pub async fn serve(
         writeln!(out, "{ready}")?;
         out.flush()?;
     }
-    shutdown_signal().await?;
+    sidemesh_api::shutdown::signal().await;
     tracing::info!("DNS shim stopping");
     if let Some(t) = metrics_task {
         t.abort();
     }
     shim.shutdown().await;
-    Ok(())
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
     Ok(())
 }
 

@@ -266,7 +266,7 @@ pub async fn run_with(
     println!("{}", ready_line("proxy", &fields));
     tracing::info!(admin = %running.admin, "sidecar started; waiting for config");
     tokio::select! {
-        _ = shutdown_signal() => {
+        _ = sidemesh_api::shutdown::signal() => {
             tracing::info!("shutdown signal: /ready now 503, draining");
             running.stop().await;
         }
@@ -274,23 +274,6 @@ pub async fn run_with(
     }
     tracing::info!("drained; exiting");
     Ok(())
-}
-
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGTERM; only SIGINT stops");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// The one JSON ready line: `{"ready":"<component>", "<name>":"<addr>", ...}`.

@@ -35,7 +35,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "{}",
         crate::cli::ready_line("demo-backend", &[("listen".into(), addr.to_string())])
     );
-    crate::cli::shutdown_signal().await;
+    sidemesh_api::shutdown::signal().await;
     stop.cancel();
     let _ = task.await;
     Ok(())

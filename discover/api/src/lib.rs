@@ -15,6 +15,8 @@ pub mod client;
 pub mod config;
 pub mod name;
 pub mod port;
+#[cfg(feature = "client")]
+pub mod shutdown;
 pub mod snapshot;
 pub mod state;
 
