@@ -248,6 +248,9 @@ pub trait DiscoverHost: Send + Sync + 'static {
     fn serve(&self, listener: tokio::net::TcpListener) -> std::io::Result<()>;
     /// Replaces the cluster state discover serves (and marks discover ready).
     fn set_state(&self, state: sidemesh_api::state::ClusterState);
+    /// Replaces some services of the state discover serves (`upsert`, whole) and removes
+    /// others (`remove`, as `(namespace, name)`); discover re-renders only what they affect.
+    fn apply(&self, upsert: Vec<sidemesh_api::state::Service>, remove: Vec<(String, String)>);
 }
 
 /// Runs the controller with the API server from the usual kubeconfig or in-cluster config,
@@ -355,7 +358,7 @@ pub async fn start(
     );
 
     let mut tasks = Vec::new();
-    let changed = Arc::new(tokio::sync::Notify::new());
+    let changed = Arc::new(watch::Changes::default());
     let watch_metrics = watch::Metrics::new(registry)?;
     let (stores, watch_tasks) = watch::start(&client, changed.clone(), &watch_metrics);
     tasks.extend(watch_tasks);
@@ -376,17 +379,21 @@ pub async fn start(
         Duration::from_millis(args.index_debounce_ms),
         watch_metrics,
         ready.clone(),
-        move |built| {
-            // Moved apart, not cloned: at 10k services a deep copy costs more than the build.
-            let index::Built {
-                state,
-                lookups,
-                statuses,
-                ..
-            } = built;
-            host.set_state(state);
-            lookups_tx.send_replace(Arc::new(lookups));
-            built_tx.send_replace(Arc::new(statuses));
+        move |update| match update {
+            crate::live::Update::Full(built) => {
+                // Moved apart, not cloned: at 10k services a deep copy costs more than the
+                // build.
+                let index::Built {
+                    state,
+                    lookups,
+                    statuses,
+                    ..
+                } = *built;
+                host.set_state(state);
+                lookups_tx.send_replace(Arc::new(lookups));
+                built_tx.send_replace(Arc::new(statuses));
+            }
+            crate::live::Update::Delta { upsert, remove } => host.apply(upsert, remove),
         },
     )));
 

@@ -212,6 +212,30 @@ impl DiscoverHost for Recorder {
     fn set_state(&self, state: ClusterState) {
         self.states.lock().unwrap().push(state);
     }
+    /// Records the last state with the delta applied, as discover would serve it.
+    fn apply(&self, upsert: Vec<sidemesh_api::state::Service>, remove: Vec<(String, String)>) {
+        let mut states = self.states.lock().unwrap();
+        let mut next = states
+            .last()
+            .cloned()
+            .expect("a delta before any full state");
+        next.services.retain(|s| {
+            !remove
+                .iter()
+                .any(|(ns, n)| (&s.namespace, &s.name) == (ns, n))
+        });
+        for svc in upsert {
+            match next
+                .services
+                .iter_mut()
+                .find(|s| (&s.namespace, &s.name) == (&svc.namespace, &svc.name))
+            {
+                Some(s) => *s = svc,
+                None => next.services.push(svc),
+            }
+        }
+        states.push(next);
+    }
 }
 
 fn args(dir: &std::path::Path) -> cli::Args {
