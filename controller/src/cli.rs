@@ -228,6 +228,20 @@ pub struct Args {
     /// Changes within this many milliseconds are indexed together.
     #[arg(long, env = "SIDEMESH_INDEX_DEBOUNCE_MS", default_value_t = 50)]
     pub index_debounce_ms: u64,
+    /// Elect one leader among the replicas (a `coordination.k8s.io` Lease) for the writes
+    /// (status conditions); every replica serves discover and the webhook either way.
+    #[arg(long, env = "SIDEMESH_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// The Lease replicas elect the leader with, as `namespace/name`.
+    #[arg(
+        long,
+        env = "SIDEMESH_LEASE",
+        default_value = "sidemesh/sidemesh-controller"
+    )]
+    pub lease: String,
+    /// This replica's identity in the Lease (the pod name; default: host name and pid).
+    #[arg(long, env = "SIDEMESH_POD_NAME")]
+    pub pod_name: Option<String>,
     /// The cluster DNS Service (`namespace/name`); its ClusterIP is the DNS shims' upstream.
     #[arg(
         long,
@@ -251,6 +265,14 @@ pub trait DiscoverHost: Send + Sync + 'static {
     /// Replaces some services of the state discover serves (`upsert`, whole) and removes
     /// others (`remove`, as `(namespace, name)`); discover re-renders only what they affect.
     fn apply(&self, upsert: Vec<sidemesh_api::state::Service>, remove: Vec<(String, String)>);
+}
+
+/// This replica's Lease identity when no pod name is given: host name and process id.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "sidemesh-controller".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Runs the controller with the API server from the usual kubeconfig or in-cluster config,
@@ -397,17 +419,47 @@ pub async fn start(
         },
     )));
 
-    // Status writer: only changed statuses, retried on the next change after a failure.
+    // Leadership: only the leader writes. Without election this replica always leads.
+    let (leading_tx, mut leading_rx) = tokio::sync::watch::channel(!args.leader_elect);
+    if args.leader_elect {
+        let (ns, name) = args
+            .lease
+            .split_once('/')
+            .context("--lease must be namespace/name")?;
+        let identity = args.pod_name.clone().unwrap_or_else(default_identity);
+        let cfg = crate::lease::LeaseConfig::new(ns, name, &identity);
+        let elector = crate::lease::Elector::new(client.clone(), cfg);
+        tasks.push(tokio::spawn(elector.run(leading_tx)));
+    } else {
+        tasks.push(tokio::spawn(async move {
+            let _leading = leading_tx; // kept, so the writer's channel stays open
+            std::future::pending::<()>().await
+        }));
+    }
+
+    // Status writer: only changed statuses, only while leading, retried on the next change
+    // after a failure. A new leader forgets what it wrote before: another may have since.
     let status_client = client.clone();
     tasks.push(tokio::spawn(async move {
         let mut tracker = watch::StatusTracker::default();
-        while built_rx.changed().await.is_ok() {
-            let statuses = built_rx.borrow_and_update().clone();
-            for (key, status) in tracker.changed(&statuses) {
-                match watch::write_status(&status_client, &key, &status).await {
-                    Ok(()) => tracker.written(key, status),
-                    Err(e) => tracing::warn!(object = ?key, error = %e, "status not written"),
+        loop {
+            if *leading_rx.borrow_and_update() {
+                let statuses = built_rx.borrow_and_update().clone();
+                for (key, status) in tracker.changed(&statuses) {
+                    if !*leading_rx.borrow() {
+                        break;
+                    }
+                    match watch::write_status(&status_client, &key, &status).await {
+                        Ok(()) => tracker.written(key, status),
+                        Err(e) => tracing::warn!(object = ?key, error = %e, "status not written"),
+                    }
                 }
+            } else {
+                tracker = watch::StatusTracker::default();
+            }
+            tokio::select! {
+                r = built_rx.changed() => if r.is_err() { return },
+                r = leading_rx.changed() => if r.is_err() { return },
             }
         }
     }));

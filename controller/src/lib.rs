@@ -6,6 +6,7 @@
 //!
 //! - [`index`]: Kubernetes objects to the cluster state, as one pure function.
 //! - [`live`]: the index kept up to date per changed object.
+//! - [`lease`]: leader election, so one replica writes.
 //!
 //! Watches, the admission webhook and the install manifests build on these.
 
@@ -16,6 +17,7 @@ pub mod index;
 pub mod inject;
 pub mod install;
 pub mod job;
+pub mod lease;
 pub mod live;
 pub mod manifest;
 pub mod tls;

@@ -250,6 +250,10 @@ fn args(dir: &std::path::Path) -> cli::Args {
         tls_key: dir.join("tls.key"),
         tls_reload_seconds: 60,
         index_debounce_ms: 10,
+        // Elected over the Lease API in tests/lease_mock.rs; this fake API has no leases.
+        leader_elect: false,
+        lease: "sidemesh/sidemesh-controller".into(),
+        pod_name: None,
         cluster_dns: "kube-system/kube-dns".into(),
         settings: InjectSettings {
             proxy_image: "sidemesh:test".into(),
