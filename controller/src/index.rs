@@ -31,6 +31,10 @@ use crate::crd::{MeshConfig, Plugin, PluginKind};
 use crate::inject::{self, Catalog};
 use crate::webhook::Lookups;
 
+/// A Pod as the controller keeps it: its metadata only (a metadata watch). An injected pod
+/// is recognised by its `sidemesh.io/injected` annotation, which the injector always sets.
+pub type PodMeta = kube::core::PartialObjectMeta<Pod>;
+
 /// Everything the watches hold, as the reflector stores hand it out.
 #[derive(Clone, Debug, Default)]
 pub struct Inputs {
@@ -38,8 +42,8 @@ pub struct Inputs {
     pub services: Vec<Arc<KubeService>>,
     /// EndpointSlices.
     pub slices: Vec<Arc<EndpointSlice>>,
-    /// Pods.
-    pub pods: Vec<Arc<Pod>>,
+    /// Pods (metadata only).
+    pub pods: Vec<Arc<PodMeta>>,
     /// Namespaces.
     pub namespaces: Vec<Arc<Namespace>>,
     /// Plugins.
@@ -244,7 +248,7 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
         .collect();
 
     // Pods by namespace/name, for endpoint target refs.
-    let pods: BTreeMap<(&str, &str), &Arc<Pod>> = inputs
+    let pods: BTreeMap<(&str, &str), &Arc<PodMeta>> = inputs
         .pods
         .iter()
         .filter_map(|p| {
@@ -387,10 +391,14 @@ pub fn slice_pods(slice: &EndpointSlice) -> Vec<(String, String)> {
 }
 
 /// The workload service an injected pod serves, as `(namespace, service)`.
-pub fn injected_workload(pod: &Pod) -> Option<(String, String)> {
+pub fn injected_workload(pod: &PodMeta) -> Option<(String, String)> {
     let ns = pod.metadata.namespace.as_deref()?;
-    let spec = pod.spec.as_ref()?;
-    if !inject::is_injected(&pod.metadata, spec) {
+    let injected = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(inject::INJECTED));
+    if !injected {
         return None;
     }
     let svc = inject::service_name(&pod.metadata).ok()?;
@@ -450,7 +458,7 @@ pub fn service_entry(
     name: &str,
     kube: Option<&KubeService>,
     slices: &[&EndpointSlice],
-    pod: &dyn Fn(&str, &str) -> Option<Arc<Pod>>,
+    pod: &dyn Fn(&str, &str) -> Option<Arc<PodMeta>>,
     injected: bool,
     mesh: Option<&MeshPart>,
 ) -> Option<state::Service> {
@@ -527,7 +535,7 @@ fn empty_service(
 fn instances(
     service_ports: &[k8s_openapi::api::core::v1::ServicePort],
     slices: &[&EndpointSlice],
-    pods: &dyn Fn(&str, &str) -> Option<Arc<Pod>>,
+    pods: &dyn Fn(&str, &str) -> Option<Arc<PodMeta>>,
 ) -> (Vec<Instance>, BTreeMap<ServicePort, (AppPort, OuterPort)>) {
     let mut out: BTreeMap<IpAddr, Instance> = BTreeMap::new();
     let mut remaps: BTreeMap<ServicePort, (AppPort, OuterPort)> = BTreeMap::new();

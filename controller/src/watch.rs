@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
 use crate::crd::{MeshConfig, Plugin};
-use crate::index::{self, DesiredStatus, IndexConfig, Inputs};
+use crate::index::{self, DesiredStatus, IndexConfig, Inputs, PodMeta};
 use crate::live::{Changed, Key, Live, Objects, Update, key_of};
 
 /// The reflector stores.
@@ -36,7 +36,7 @@ use crate::live::{Changed, Key, Live, Objects, Update, key_of};
 pub struct Stores {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
-    pods: Store<Pod>,
+    pods: Store<PodMeta>,
     namespaces: Store<Namespace>,
     plugins: Store<Plugin>,
     meshes: Store<MeshConfig>,
@@ -83,7 +83,7 @@ impl Objects for Stores {
     fn slice(&self, ns: &str, name: &str) -> Option<Arc<EndpointSlice>> {
         self.slices.get(&ObjectRef::new(name).within(ns))
     }
-    fn pod(&self, ns: &str, name: &str) -> Option<Arc<Pod>> {
+    fn pod(&self, ns: &str, name: &str) -> Option<Arc<PodMeta>> {
         self.pods.get(&ObjectRef::new(name).within(ns))
     }
 }
@@ -107,38 +107,17 @@ impl Changes {
     }
 }
 
-/// Keeps only what the index reads of a Pod: name, namespace, labels, the `sidemesh.io/*`
-/// annotations, container names (to see an injected proxy), node, IPs and readiness. At
-/// 100,000 pods the whole objects are most of the controller's memory.
-pub fn trim_pod(pod: &mut Pod) {
-    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
+/// Keeps only what the index reads of a Pod's metadata (the watch is metadata-only): name,
+/// namespace, labels and the `sidemesh.io/*` annotations. At 100,000 pods, whole Pods were
+/// most of the controller's memory.
+pub fn trim_pod(pod: &mut PodMeta) {
     let meta = &mut pod.metadata;
     meta.managed_fields = None;
     meta.owner_references = None;
+    meta.finalizers = None;
     if let Some(a) = &mut meta.annotations {
         a.retain(|k, _| k.starts_with("sidemesh.io/"));
     }
-    let names = |cs: &[Container]| -> Vec<Container> {
-        cs.iter()
-            .map(|c| Container {
-                name: c.name.clone(),
-                ..Container::default()
-            })
-            .collect()
-    };
-    pod.spec = pod.spec.take().map(|s| PodSpec {
-        containers: names(&s.containers),
-        init_containers: s.init_containers.as_deref().map(names),
-        node_name: s.node_name,
-        ..PodSpec::default()
-    });
-    pod.status = pod.status.take().map(|s| PodStatus {
-        pod_ips: s.pod_ips,
-        conditions: s
-            .conditions
-            .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect()),
-        ..PodStatus::default()
-    });
 }
 
 /// Drops what no one reads from any stored object (server-side apply bookkeeping).
@@ -206,7 +185,7 @@ pub fn start(
     let mut tasks = Vec::new();
     let stores = Stores {
         services: reflect(
-            Api::all(client.clone()),
+            watcher(Api::all(client.clone()), watcher::Config::default()),
             "services",
             Marker {
                 changed: changed.clone(),
@@ -219,7 +198,7 @@ pub fn start(
             &mut tasks,
         ),
         slices: reflect(
-            Api::all(client.clone()),
+            watcher(Api::all(client.clone()), watcher::Config::default()),
             "endpointslices",
             Marker {
                 changed: changed.clone(),
@@ -232,7 +211,10 @@ pub fn start(
             &mut tasks,
         ),
         pods: reflect(
-            Api::all(client.clone()),
+            watcher(
+                Api::<PodMeta>::all(client.clone()),
+                watcher::Config::default(),
+            ),
             "pods",
             Marker {
                 changed: changed.clone(),
@@ -245,7 +227,7 @@ pub fn start(
             &mut tasks,
         ),
         namespaces: reflect(
-            Api::all(client.clone()),
+            watcher(Api::all(client.clone()), watcher::Config::default()),
             "namespaces",
             Marker {
                 changed: changed.clone(),
@@ -256,7 +238,7 @@ pub fn start(
             &mut tasks,
         ),
         plugins: reflect(
-            Api::all(client.clone()),
+            watcher(Api::all(client.clone()), watcher::Config::default()),
             "plugins",
             Marker {
                 changed: changed.clone(),
@@ -267,7 +249,7 @@ pub fn start(
             &mut tasks,
         ),
         meshes: reflect(
-            Api::all(client.clone()),
+            watcher(Api::all(client.clone()), watcher::Config::default()),
             "meshconfigs",
             Marker {
                 changed: changed.clone(),
@@ -291,7 +273,7 @@ struct Marker<K> {
 }
 
 fn reflect<K>(
-    api: Api<K>,
+    events: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
     resource: &'static str,
     marker: Marker<K>,
     metrics: &Metrics,
@@ -303,11 +285,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let trim = marker.trim;
-    let stream = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).modify(trim),
-    )
-    .default_backoff();
+    let stream = reflector::reflector(writer, events.modify(trim)).default_backoff();
     let metrics = metrics.clone();
     tasks.push(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
