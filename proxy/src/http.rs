@@ -77,7 +77,10 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32)
         .max_concurrent_streams(limits.max_concurrent_streams)
+        // Rapid reset and error-reset floods end in GOAWAY (h2 ≥ 0.4.2; these are h2's
+        // defaults, set here so they cannot drift).
         .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(1024))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = match ctx.mode {
