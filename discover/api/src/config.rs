@@ -108,6 +108,11 @@ pub struct InboundPort {
     pub port: AppPort,
     /// The remapped port the sidecar listens on; other sidecars dial `pod_ip:<port_outer>`.
     pub port_outer: OuterPort,
+    /// The service port clients use for this app port (it differs from `port` when the
+    /// service maps ports). Absent: the same number as `port`. The sidecar announces it
+    /// when it registers itself (`--register`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_port: Option<ServicePort>,
     /// The protocol on this port.
     #[serde(default)]
     pub protocol: Protocol,

@@ -383,6 +383,12 @@ impl Validator {
                     format!("port {} is listed twice", p.port),
                 );
             }
+            if p.service_port.is_some_and(|s| s.get() == 0) {
+                self.err(
+                    format!("{at}.service_port"),
+                    "must be within 1..=65535, got 0",
+                );
+            }
             if p.port_outer.get() == 0 {
                 self.err(
                     format!("{at}.port_outer"),
@@ -886,6 +892,27 @@ mod tests {
         assert!(Snapshot::client_allowed(p, Some("ops/anything")));
         assert!(!Snapshot::client_allowed(p, Some("shop/other")));
         assert!(!Snapshot::client_allowed(p, None));
+    }
+
+    #[test]
+    fn inbound_service_port_is_optional_and_checked() {
+        let s = parse(base()).unwrap();
+        assert_eq!(s.inbound()[0].service_port, None);
+        let mut v = base();
+        v["inbound"][0]["service_port"] = json!(80);
+        assert_eq!(
+            parse(v.clone()).unwrap().inbound()[0]
+                .service_port
+                .map(|p| p.get()),
+            Some(80)
+        );
+        v["inbound"][0]["service_port"] = json!(0);
+        let e = errors(v);
+        assert!(
+            e.iter()
+                .any(|x| x.starts_with("inbound[0].service_port: must be within")),
+            "{e:?}"
+        );
     }
 
     #[test]
