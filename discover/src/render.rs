@@ -303,6 +303,7 @@ impl<'a> Cluster<'a> {
             namespace: ns.to_owned(),
             dns_names,
             address,
+            address_v6: None,
             ports,
             routes: d.routes,
             balancer: d.balancer,

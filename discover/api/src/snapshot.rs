@@ -446,6 +446,14 @@ impl Validator {
                     format!("{} is already the address of outbound[{j}]", s.address),
                 );
             }
+            if let Some(v6) = s.address_v6 {
+                if v6.is_unspecified() || v6.is_multicast() {
+                    self.err(
+                        format!("{at}.address_v6"),
+                        format!("must be a unicast address, got {v6}"),
+                    );
+                }
+            }
             for (j, n) in s.dns_names.iter().enumerate() {
                 let path = format!("{at}.dns_names[{j}]");
                 self.check(&path, check_dns_name(n));
@@ -913,6 +921,27 @@ mod tests {
                 .any(|x| x.starts_with("inbound[0].service_port: must be within")),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn outbound_address_v6_is_optional_and_unicast() {
+        let mut v = base();
+        assert_eq!(parse(v.clone()).unwrap().outbound()[0].address_v6, None);
+        v["outbound"][0]["address_v6"] = json!("::ffff:127.1.0.7");
+        let s = parse(v.clone()).unwrap();
+        assert_eq!(
+            s.outbound()[0].address_v6,
+            Some("::ffff:127.1.0.7".parse().unwrap())
+        );
+        for bad in ["::", "ff02::1"] {
+            v["outbound"][0]["address_v6"] = json!(bad);
+            let e = errors(v.clone());
+            assert!(
+                e.iter()
+                    .any(|x| x.starts_with("outbound[0].address_v6: must be a unicast")),
+                "{bad}: {e:?}"
+            );
+        }
     }
 
     #[test]
