@@ -4,8 +4,8 @@
 //! Requests are framed by hyper on both sides: it rejects bad chunking, duplicate
 //! `Content-Length`s and bad header bytes, and for `Content-Length` with
 //! `Transfer-Encoding` it lets chunked win, drops the length and closes the connection after
-//! answering (RFC 9112 §6.1), so nothing can hide behind the body. As a second guard a
-//! request that still carries both is refused. Hop-by-hop headers, with every header named
+//! answering (RFC 9112 §6.1), so nothing can hide behind the body; `hostile` goes further
+//! and refuses such a request (and any other ambiguous framing) before it goes upstream. Hop-by-hop headers, with every header named
 //! in `Connection`, are removed in both directions (RFC 9110 §7.6.1). A response body is streamed as it comes; if the upstream
 //! fails mid-body, the error reaches hyper, which aborts the client's connection (or
 //! stream), so a cut response is never presented as complete.
@@ -33,7 +33,7 @@ use crate::balance::{Endpoint, request_hash};
 use crate::metrics::RequestMetrics;
 use crate::resilience::{Outcome, backoff, record};
 use crate::state::{Backend, RouteState, Target};
-use crate::upstream::{Body, BoxError, ConnectError};
+use crate::upstream::{Body, BoxError, ConnectError, InUse, SendError};
 use crate::{Drain, Shared};
 
 /// Largest request body buffered so that it can be replayed on a retry.
@@ -77,7 +77,10 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32)
         .max_concurrent_streams(limits.max_concurrent_streams)
+        // Rapid reset and error-reset floods end in GOAWAY (h2 ≥ 0.4.2; these are h2's
+        // defaults, set here so they cannot drift).
         .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(1024))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = match ctx.mode {
@@ -85,15 +88,24 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
         ServerMode::Http2 => builder.http2_only(),
     };
     let svc_ctx = ctx.clone();
+    let scan = crate::hostile::Scan::for_http1(ctx.mode == ServerMode::Http1);
+    let svc_scan = scan.clone();
     let svc = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+        let refused = crate::hostile::refuse(&req, svc_scan.as_deref());
+        async move {
+            Ok::<_, Infallible>(match refused {
+                Some(r) => r,
+                None => handle(ctx, req).await,
+            })
+        }
     });
     // Idle client connections are closed (gracefully: a request in flight finishes).
     let idle_ms = ctx.target.service.timeouts.idle_ms;
     let origin = Instant::now();
     let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let io = crate::tcp::Timed::new(stream, last.clone(), origin);
+    let io =
+        crate::hostile::ScanIo::new(crate::tcp::Timed::new(stream, last.clone(), origin), scan);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let idle = async {
@@ -253,10 +265,23 @@ impl Drop for InflightGuard {
     }
 }
 
-/// A response body that holds guards until it is finished or dropped.
+/// A response body that holds guards until it is finished or dropped. Its upstream
+/// HTTP/1.1 connection goes back to the pool only if the body was read to its end.
 struct GuardedBody {
     inner: Incoming,
+    conn: Option<InUse>,
+    done: bool,
     _guards: (Option<ActiveGuard>, InflightGuard),
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        if self.done || self.inner.is_end_stream() {
+            if let Some(c) = self.conn.take() {
+                c.release();
+            }
+        }
+    }
 }
 
 impl http_body::Body for GuardedBody {
@@ -267,9 +292,13 @@ impl http_body::Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner)
+        let r = Pin::new(&mut self.inner)
             .poll_frame(cx)
-            .map_err(|e| Box::new(e) as BoxError)
+            .map_err(|e| Box::new(e) as BoxError);
+        if let Poll::Ready(None) = r {
+            self.done = true;
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -301,10 +330,10 @@ impl ReqBody {
 
 /// How one try ended.
 enum Try {
-    Response(Response<Incoming>),
+    Response(Response<Incoming>, InUse),
     ConnectFailed(ConnectError),
     Refused,
-    Reset(hyper_util::client::legacy::Error),
+    Reset(hyper::Error),
     TimedOut,
 }
 
@@ -381,16 +410,6 @@ async fn forward(
     let service = &backend.service;
     let label = &*service.label;
 
-    // Smuggling guard: never forward a message whose framing is ambiguous.
-    if req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "content-length-with-transfer-encoding",
-        );
-    }
-
     // Circuit breaker: requests in flight.
     let active = service.shared.active.fetch_add(1, Ordering::AcqRel);
     let active_guard = ActiveGuard {
@@ -456,8 +475,8 @@ async fn forward(
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".to_owned());
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
     // The upstream protocol: h2 when the port says so, or (on auto ports) when the client
     // spoke h2; gRPC needs it.
@@ -466,11 +485,7 @@ async fn forward(
         Protocol::Http1 => false,
         Protocol::Auto | Protocol::Tcp => ctx.mode == ServerMode::Http2,
     } && !upgrade;
-    let client = if use_h2 {
-        &service.clients.h2
-    } else {
-        &service.clients.h1
-    };
+    let clients = &service.clients;
 
     let hash = request_hash(service.hash_on.as_ref(), &parts.headers, ctx.peer);
     if replayable {
@@ -486,14 +501,20 @@ async fn forward(
         let Some(body) = body.take() else {
             return error(StatusCode::BAD_GATEWAY, "body-consumed");
         };
-        let uri = match Uri::builder()
-            .scheme("http")
-            .authority(ep.addr.to_string())
-            .path_and_query(path_and_query.as_str())
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => return error(StatusCode::BAD_REQUEST, "bad-path"),
+        // HTTP/1.1 upstreams get the origin form (RFC 9112 §3.2.1); HTTP/2 needs the
+        // scheme and authority for its pseudo-headers.
+        let uri = if use_h2 {
+            match Uri::builder()
+                .scheme("http")
+                .authority(ep.addr.to_string())
+                .path_and_query(path_and_query.clone())
+                .build()
+            {
+                Ok(u) => u,
+                Err(_) => return error(StatusCode::BAD_REQUEST, "bad-path"),
+            }
+        } else {
+            Uri::from(path_and_query.clone())
         };
         let mut up = Request::new(body);
         *up.method_mut() = parts.method.clone();
@@ -520,7 +541,7 @@ async fn forward(
         ep.stats.inflight.fetch_add(1, Ordering::Relaxed);
         let inflight = InflightGuard(ep.clone());
         let sent = Instant::now();
-        let fut = client.request(up);
+        let fut = clients.send(ep.addr, use_h2, up);
         let outcome = match try_deadline {
             None => classify(fut.await),
             Some(d) => match tokio::time::timeout_at(d, fut).await {
@@ -532,7 +553,7 @@ async fn forward(
         let peers = backend.balancer.endpoints();
         let retry_on = |why: RetryOn| policy.retry_on.contains(&why);
         let retriable = match &outcome {
-            Try::Response(r) => {
+            Try::Response(r, _) => {
                 ep.stats.observe(sent.elapsed());
                 let s = r.status();
                 let o = if s.is_server_error() {
@@ -595,8 +616,8 @@ async fn forward(
     };
 
     let (outcome, inflight) = result;
-    let resp = match outcome {
-        Try::Response(r) => r,
+    let (resp, conn) = match outcome {
+        Try::Response(r, c) => (r, c),
         Try::ConnectFailed(_) => {
             return error(StatusCode::SERVICE_UNAVAILABLE, "upstream-connect-failure");
         }
@@ -618,7 +639,7 @@ async fn forward(
         let up = hyper::upgrade::on(&mut upstream_resp);
         let peer = ctx.peer;
         tokio::spawn(async move {
-            let _keep = (active_guard, inflight);
+            let _keep = (active_guard, inflight, conn);
             match tokio::try_join!(down, up) {
                 Ok((d, u)) => {
                     let _ = crate::tcp::pipe(TokioIo::new(d), TokioIo::new(u), None).await;
@@ -635,36 +656,26 @@ async fn forward(
     }
     let body = GuardedBody {
         inner: rbody,
+        conn: Some(conn),
+        done: false,
         _guards: (Some(active_guard), inflight),
     };
     Response::from_parts(rparts, body.boxed_unsync())
 }
 
-fn classify(r: Result<Response<Incoming>, hyper_util::client::legacy::Error>) -> Try {
+fn classify(r: Result<(Response<Incoming>, InUse), SendError>) -> Try {
     match r {
-        Ok(r) => Try::Response(r),
-        Err(e) => {
+        Ok((r, c)) => Try::Response(r, c),
+        Err(SendError::Connect(e)) => Try::ConnectFailed(e),
+        Err(SendError::Http(e)) => {
             let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
             while let Some(s) = src {
-                if let Some(ce) = s.downcast_ref::<ConnectError>() {
-                    return Try::ConnectFailed(match ce {
-                        ConnectError::Overloaded(w) => ConnectError::Overloaded(w),
-                        ConnectError::Timeout => ConnectError::Timeout,
-                        ConnectError::BadAddress => ConnectError::BadAddress,
-                        ConnectError::Io(io) => {
-                            ConnectError::Io(std::io::Error::new(io.kind(), io.to_string()))
-                        }
-                    });
-                }
                 if let Some(h2e) = s.downcast_ref::<h2::Error>() {
                     if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
                         return Try::Refused;
                     }
                 }
                 src = s.source();
-            }
-            if e.is_connect() {
-                return Try::ConnectFailed(ConnectError::Io(std::io::Error::other(e.to_string())));
             }
             Try::Reset(e)
         }
