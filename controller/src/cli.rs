@@ -337,7 +337,7 @@ pub async fn start(
     discover: std::sync::Arc<dyn DiscoverHost>,
 ) -> anyhow::Result<Running> {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use crate::{index, watch, webhook};
 
@@ -395,7 +395,7 @@ pub async fn start(
     let ready = Arc::new(AtomicBool::new(false));
     let host = discover.clone();
     tasks.push(tokio::spawn(watch::run_index(
-        stores,
+        stores.clone(),
         changed,
         index_cfg,
         Duration::from_millis(args.index_debounce_ms),
@@ -421,6 +421,7 @@ pub async fn start(
 
     // Leadership: only the leader writes. Without election this replica always leads.
     let (leading_tx, mut leading_rx) = tokio::sync::watch::channel(!args.leader_elect);
+    let leading_rx_for_patches = leading_rx.clone();
     if args.leader_elect {
         let (ns, name) = args
             .lease
@@ -460,6 +461,35 @@ pub async fn start(
             tokio::select! {
                 r = built_rx.changed() => if r.is_err() { return },
                 r = leading_rx.changed() => if r.is_err() { return },
+            }
+        }
+    }));
+
+    // Numeric targetPorts of opted-in Services, pointed at the proxies (leader only). A
+    // pass reads the stores (once synced) every few seconds; a failed patch (409 after a
+    // concurrent edit, say) is retried on the next pass.
+    let patch_client = client.clone();
+    let mut patch_leading = leading_rx_for_patches;
+    let patch_stores = stores;
+    let patch_ready = ready.clone();
+    tasks.push(tokio::spawn(async move {
+        // Not `Stores::synced`: a store's readiness wakes one waiter only (the index loop).
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = patch_leading.changed() => if r.is_err() { return },
+            }
+            if !*patch_leading.borrow_and_update() || !patch_ready.load(Ordering::SeqCst) {
+                continue;
+            }
+            for (ns, name, patch) in crate::targetport::plan(&patch_stores.inputs()) {
+                if let Err(e) = watch::patch_service(&patch_client, &ns, &name, &patch).await {
+                    tracing::warn!(namespace = %ns, service = %name, error = %e, "targetPort patch not applied");
+                } else {
+                    tracing::info!(namespace = %ns, service = %name, "targetPorts pointed at the proxies (or restored)");
+                }
             }
         }
     }));

@@ -248,19 +248,7 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
         .collect();
 
     // Pods by namespace/name, for endpoint target refs.
-    let pods: BTreeMap<(&str, &str), &Arc<PodMeta>> = inputs
-        .pods
-        .iter()
-        .filter_map(|p| {
-            Some((
-                (
-                    p.metadata.namespace.as_deref()?,
-                    p.metadata.name.as_deref()?,
-                ),
-                p,
-            ))
-        })
-        .collect();
+    let pods = pods_by_key(&inputs.pods);
     let pod = |ns: &str, name: &str| pods.get(&(ns, name)).map(|p| Arc::clone(p));
 
     // Slices by the service they belong to.
@@ -358,6 +346,21 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
         statuses,
         meshes: mesh_parts,
     }
+}
+
+/// Pods by `(namespace, name)`, for endpoint target refs.
+pub fn pods_by_key(pods: &[Arc<PodMeta>]) -> BTreeMap<(&str, &str), &Arc<PodMeta>> {
+    pods.iter()
+        .filter_map(|p| {
+            Some((
+                (
+                    p.metadata.namespace.as_deref()?,
+                    p.metadata.name.as_deref()?,
+                ),
+                p,
+            ))
+        })
+        .collect()
 }
 
 /// The service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).

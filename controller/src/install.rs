@@ -94,13 +94,16 @@ pub fn manifests(opts: &InstallOptions, certs: Option<&WebhookCerts>) -> Vec<Val
         "apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": {"name": "sidemesh-controller", "namespace": NAMESPACE, "labels": labels}
     }));
-    // Least privilege: read what the index needs, write only sidemesh objects' status.
+    // Least privilege: read what the index needs, write only sidemesh objects' status and
+    // (for the opt-in numeric targetPort rewrite) patch Services.
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
         "metadata": {"name": "sidemesh-controller", "labels": labels},
         "rules": [
             {"apiGroups": [""], "resources": ["services", "pods", "namespaces"],
              "verbs": ["get", "list", "watch"]},
+            // Only for Services that opt in to numeric targetPort rewriting.
+            {"apiGroups": [""], "resources": ["services"], "verbs": ["patch"]},
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
              "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["sidemesh.io"], "resources": ["plugins", "meshconfigs"],
@@ -413,7 +416,7 @@ mod tests {
     }
 
     #[test]
-    fn rbac_is_read_only_except_status() {
+    fn rbac_writes_only_status_and_service_patches() {
         let docs = manifests(&opts(true), None);
         let role: ClusterRole = serde_json::from_value(
             docs.iter()
@@ -428,12 +431,12 @@ mod tests {
                 .iter()
                 .any(|v| !["get", "list", "watch"].contains(&v.as_str()));
             if writes {
-                assert!(
-                    rule.resources
-                        .unwrap()
-                        .iter()
-                        .all(|r| r.ends_with("/status"))
-                );
+                let resources = rule.resources.unwrap();
+                // Status subresources, and `patch` on Services (the opt-in targetPort
+                // rewrite); nothing else, no create or delete anywhere.
+                let status = resources.iter().all(|r| r.ends_with("/status"));
+                let services = resources == ["services"] && rule.verbs == ["patch"];
+                assert!(status || services, "{resources:?} {:?}", rule.verbs);
             }
         }
     }

@@ -419,3 +419,17 @@ pub async fn write_status(
     }
     Ok(())
 }
+
+/// Applies a JSON merge patch to a Service (the numeric `targetPort` rewrite).
+pub async fn patch_service(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<(), kube::Error> {
+    use kube::api::{Patch, PatchParams};
+    Api::<Service>::namespaced(client.clone(), namespace)
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    Ok(())
+}

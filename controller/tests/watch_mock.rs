@@ -430,3 +430,53 @@ async fn get_status(url: &str) -> u16 {
         .unwrap();
     sender.send_request(req).await.unwrap().status().as_u16()
 }
+
+#[tokio::test]
+async fn opted_in_numeric_target_ports_are_patched_to_the_proxy_names() {
+    let mut fixture = fixture();
+    for svc in fixture["services"].as_array_mut().unwrap() {
+        if svc["metadata"]["name"] == "web" {
+            svc["metadata"]["annotations"] = json!({"sidemesh.io/rewrite-target-ports": "enabled"});
+        }
+    }
+    for pod in fixture["pods"].as_array_mut().unwrap() {
+        if pod["metadata"]["name"] == "web-7c9f8d6b5-x2x9q" {
+            pod["metadata"]["annotations"]["sidemesh.io/port-names"] =
+                r#"{"8080":"http","9000":"sm-29000","8081":"sm-28081"}"#.into();
+        }
+    }
+    let api = FakeApi::new(&fixture);
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let registry = prometheus::Registry::new();
+    let _running = cli::start(args(dir.path()), &registry, api.client(), recorder.clone())
+        .await
+        .unwrap();
+    let path = "/api/v1/namespaces/shop/services/web";
+    eventually("a patch of the web Service", || {
+        api.cluster
+            .lock()
+            .unwrap()
+            .patches
+            .iter()
+            .any(|(p, _)| p == path)
+    })
+    .await;
+    let patches = api.cluster.lock().unwrap().patches.clone();
+    let (_, patch) = patches.iter().find(|(p, _)| p == path).unwrap();
+    let ports = patch["spec"]["ports"].as_array().unwrap();
+    assert!(
+        ports.iter().any(|p| p["targetPort"] == "sm-29000"),
+        "{patch}"
+    );
+    assert_eq!(
+        patch["metadata"]["annotations"]["sidemesh.io/original-target-ports"],
+        r#"{"8081":8081,"9000":9000}"#
+    );
+    // No other Service opted in.
+    assert!(
+        patches
+            .iter()
+            .all(|(p, _)| !p.contains("/services/") || p == path)
+    );
+}
