@@ -87,7 +87,9 @@ run() {
 : >"$OUT/results.txt"
 for round in $(seq "$ROUNDS"); do
   for kind in get post; do
-    for side in base new; do
+    # Alternate which side goes first, so drift over the run does not favour one.
+    sides="base new"; [ $((round % 2)) = 0 ] && sides="new base"
+    for side in $sides; do
       bin=$BASE; [ $side = new ] && bin=$NEW
       echo "$round $kind $side $(run "$bin" $kind)" | tee -a "$OUT/results.txt"
     done
