@@ -165,6 +165,11 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
         &registry,
     )
     .context("cannot start the discover client")?;
+    // The certificate signing request goes next to DISCOVER_URL, with the same TLS roots
+    // and Authorization.
+    let poster = client
+        .poster()
+        .context("cannot set up the certificate client")?;
     let proxy = Proxy::new(
         ProxyConfig {
             inbound_address: args.inbound_address,
@@ -205,6 +210,12 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
         .with_context(|| format!("cannot bind the admin address {}", args.admin))?;
     let admin = admin_listener.local_addr()?;
     let (snapshots, poller) = client.spawn();
+    let identity = tokio::spawn(crate::tls::run_identity(
+        proxy.tls(),
+        poster,
+        snapshots.clone(),
+        CancellationToken::new(),
+    ));
     let register = register.map(|cfg| {
         let stop = CancellationToken::new();
         let task = tokio::spawn(crate::register::run(
@@ -233,6 +244,7 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
     let task = tokio::spawn(async move {
         proxy.run(rx, stop).await;
         poller.abort();
+        identity.abort();
         stop_admin.cancel();
         let _ = admin_task.await;
     });

@@ -27,12 +27,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rand::Rng;
 use sidemesh_api::config::{Protocol, RetryOn, RetryPolicy};
-use tokio::net::TcpStream;
 
 use crate::balance::{Endpoint, request_hash};
 use crate::metrics::RequestMetrics;
 use crate::resilience::{Outcome, backoff, record};
-use crate::state::{Backend, RouteState, Target};
+use crate::state::{Backend, Direction, RouteState, Target};
+use crate::tls::Io;
 use crate::upstream::{Body, BoxError, ConnectError};
 use crate::{Drain, Shared};
 
@@ -58,11 +58,13 @@ pub(crate) struct ConnCtx {
     /// The target at accept time: used if the listener disappears from the config while
     /// the connection still has requests to finish.
     pub target: Arc<Target>,
+    /// The client's verified mesh identity (`namespace/service`), inbound over mutual TLS.
+    pub client_id: Option<Arc<str>>,
     pub mode: ServerMode,
 }
 
 /// Serves HTTP on one accepted connection until it ends, or until drain asks it to finish.
-pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
+pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
     let limits = &ctx.shared.config;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -122,7 +124,7 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
 }
 
 /// Handles one request: everything that can go wrong becomes a response here.
-async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     // Requests read the current config, so endpoint and policy changes apply to new
     // requests on open connections; a listener that was removed finishes on its old one.
@@ -131,10 +133,24 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
         .as_ref()
         .and_then(|s| s.listeners.get(&ctx.listen).cloned())
         .unwrap_or_else(|| ctx.target.clone());
+    // Inbound: `allow_clients` on the verified identity, which the app gets in a header.
+    let denied = match (target.direction, state.as_ref()) {
+        (Direction::Inbound, Some(s)) => crate::tls::authorize_http(
+            &ctx.shared.tls,
+            &s.snapshot,
+            ctx.listen.port(),
+            ctx.client_id.as_deref(),
+            req.headers_mut(),
+        ),
+        _ => None,
+    };
     drop(state);
     let (index, backend) = select(&target, &req);
     let route = index.and_then(|i| target.routes.get(i));
-    let resp = forward(&ctx, route, &backend, req).await;
+    let resp = match denied {
+        Some(r) => r,
+        None => forward(&ctx, route, &backend, req).await,
+    };
     // The series of this listener's service and route are resolved once, on first use,
     // not per request.
     let slot = index.unwrap_or(target.routes.len());
@@ -487,7 +503,8 @@ async fn forward(
             return error(StatusCode::BAD_GATEWAY, "body-consumed");
         };
         let uri = match Uri::builder()
-            .scheme("http")
+            // `https` tells the connector to speak mutual TLS to this meshed endpoint.
+            .scheme(if ep.meshed { "https" } else { "http" })
             .authority(ep.addr.to_string())
             .path_and_query(path_and_query.as_str())
             .build()

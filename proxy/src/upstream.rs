@@ -19,6 +19,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::tls::{Io, TlsPeer};
+
 /// Errors a body may carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type every proxied message uses.
@@ -52,6 +54,9 @@ pub struct ConnectorConfig {
     pub max_pending: u32,
     /// Idle time after which a pooled connection is closed.
     pub idle_timeout: Option<Duration>,
+    /// The service that meshed endpoints must prove to be over mutual TLS; `None` dials
+    /// everything in plaintext.
+    pub tls: Option<TlsPeer>,
 }
 
 /// Makes connections to endpoints under one service's limits. Cheap to clone.
@@ -123,6 +128,22 @@ impl Connector {
         Ok((stream, permit))
     }
 
+    /// Connects to `addr` like [`Connector::connect`], then, for a meshed endpoint, speaks
+    /// mutual TLS when the sidecar has a certificate. A failed handshake is a connect
+    /// failure.
+    pub async fn connect_endpoint(
+        &self,
+        addr: SocketAddr,
+        meshed: bool,
+    ) -> Result<(Io, Option<OwnedSemaphorePermit>), ConnectError> {
+        let (stream, permit) = self.connect(addr).await?;
+        let io = match (&self.inner.config.tls, meshed) {
+            (Some(peer), true) => crate::tls::dial(peer, stream).await?,
+            _ => Io::Plain(stream),
+        };
+        Ok((io, permit))
+    }
+
     /// The idle timeout of pooled connections.
     pub fn idle_timeout(&self) -> Option<Duration> {
         self.inner.config.idle_timeout
@@ -140,7 +161,7 @@ impl Drop for PendingGuard<'_> {
 /// A connection made by [`Connector`], holding its circuit-breaker slot.
 #[derive(Debug)]
 pub struct Conn {
-    io: TokioIo<TcpStream>,
+    io: TokioIo<Io>,
     _slot: Option<OwnedSemaphorePermit>,
 }
 
@@ -206,9 +227,11 @@ impl tower::Service<Uri> for Connector {
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or(ConnectError::BadAddress)?;
-            let (stream, slot) = this.connect(addr).await?;
+            // The request URI says `https` for meshed endpoints.
+            let meshed = uri.scheme_str() == Some("https");
+            let (io, slot) = this.connect_endpoint(addr, meshed).await?;
             Ok(Conn {
-                io: TokioIo::new(stream),
+                io: TokioIo::new(io),
                 _slot: slot,
             })
         })
@@ -257,6 +280,7 @@ mod tests {
             max_connections: 1,
             max_pending: 1,
             idle_timeout: None,
+            tls: None,
         });
         let first = c.connect(addr).await.unwrap();
         // The second waits for the slot; the third finds the waiting room full.
@@ -288,6 +312,7 @@ mod tests {
             max_connections: 0,
             max_pending: 0,
             idle_timeout: None,
+            tls: None,
         });
         assert!(matches!(c.connect(addr).await, Err(ConnectError::Io(_))));
     }
