@@ -121,6 +121,8 @@ pub struct Running {
     pub snapshots: watch::Receiver<Option<Snapshot>>,
     /// What the data plane has applied.
     pub applied: watch::Receiver<Option<crate::Applied>>,
+    /// The sidecar's mutual TLS state (its certificate, once it has one).
+    pub tls: Arc<crate::tls::MeshTls>,
     draining: Arc<AtomicBool>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -210,6 +212,7 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
         .with_context(|| format!("cannot bind the admin address {}", args.admin))?;
     let admin = admin_listener.local_addr()?;
     let (snapshots, poller) = client.spawn();
+    let tls = proxy.tls();
     let identity = tokio::spawn(crate::tls::run_identity(
         proxy.tls(),
         poster,
@@ -252,6 +255,7 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
         admin,
         snapshots,
         applied,
+        tls,
         draining,
         shutdown,
         task,
