@@ -33,7 +33,7 @@ use crate::metrics::RequestMetrics;
 use crate::resilience::{Outcome, backoff, record};
 use crate::state::{Backend, Direction, RouteState, Target};
 use crate::tls::Io;
-use crate::upstream::{Body, BoxError, ConnectError};
+use crate::upstream::{Body, BoxError, ConnectError, InUse, SendError};
 use crate::{Drain, Shared};
 
 /// Largest request body buffered so that it can be replayed on a retry.
@@ -269,10 +269,23 @@ impl Drop for InflightGuard {
     }
 }
 
-/// A response body that holds guards until it is finished or dropped.
+/// A response body that holds guards until it is finished or dropped. Its upstream
+/// HTTP/1.1 connection goes back to the pool only if the body was read to its end.
 struct GuardedBody {
     inner: Incoming,
+    conn: Option<InUse>,
+    done: bool,
     _guards: (Option<ActiveGuard>, InflightGuard),
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        if self.done || self.inner.is_end_stream() {
+            if let Some(c) = self.conn.take() {
+                c.release();
+            }
+        }
+    }
 }
 
 impl http_body::Body for GuardedBody {
@@ -283,9 +296,13 @@ impl http_body::Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner)
+        let r = Pin::new(&mut self.inner)
             .poll_frame(cx)
-            .map_err(|e| Box::new(e) as BoxError)
+            .map_err(|e| Box::new(e) as BoxError);
+        if let Poll::Ready(None) = r {
+            self.done = true;
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -317,10 +334,10 @@ impl ReqBody {
 
 /// How one try ended.
 enum Try {
-    Response(Response<Incoming>),
+    Response(Response<Incoming>, InUse),
     ConnectFailed(ConnectError),
     Refused,
-    Reset(hyper_util::client::legacy::Error),
+    Reset(hyper::Error),
     TimedOut,
 }
 
@@ -472,8 +489,8 @@ async fn forward(
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".to_owned());
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
     // The upstream protocol: h2 when the port says so, or (on auto ports) when the client
     // spoke h2; gRPC needs it.
@@ -482,11 +499,7 @@ async fn forward(
         Protocol::Http1 => false,
         Protocol::Auto | Protocol::Tcp => ctx.mode == ServerMode::Http2,
     } && !upgrade;
-    let client = if use_h2 {
-        &service.clients.h2
-    } else {
-        &service.clients.h1
-    };
+    let clients = &service.clients;
 
     let hash = request_hash(service.hash_on.as_ref(), &parts.headers, ctx.peer);
     if replayable {
@@ -502,15 +515,20 @@ async fn forward(
         let Some(body) = body.take() else {
             return error(StatusCode::BAD_GATEWAY, "body-consumed");
         };
-        let uri = match Uri::builder()
-            // `https` tells the connector to speak mutual TLS to this meshed endpoint.
-            .scheme(if ep.meshed { "https" } else { "http" })
-            .authority(ep.addr.to_string())
-            .path_and_query(path_and_query.as_str())
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => return error(StatusCode::BAD_REQUEST, "bad-path"),
+        // HTTP/1.1 upstreams get the origin form (RFC 9112 §3.2.1); HTTP/2 needs the
+        // scheme and authority for its pseudo-headers.
+        let uri = if use_h2 {
+            match Uri::builder()
+                .scheme("http")
+                .authority(ep.addr.to_string())
+                .path_and_query(path_and_query.clone())
+                .build()
+            {
+                Ok(u) => u,
+                Err(_) => return error(StatusCode::BAD_REQUEST, "bad-path"),
+            }
+        } else {
+            Uri::from(path_and_query.clone())
         };
         let mut up = Request::new(body);
         *up.method_mut() = parts.method.clone();
@@ -537,7 +555,7 @@ async fn forward(
         ep.stats.inflight.fetch_add(1, Ordering::Relaxed);
         let inflight = InflightGuard(ep.clone());
         let sent = Instant::now();
-        let fut = client.request(up);
+        let fut = clients.send(ep.addr, ep.meshed, use_h2, up);
         let outcome = match try_deadline {
             None => classify(fut.await),
             Some(d) => match tokio::time::timeout_at(d, fut).await {
@@ -549,7 +567,7 @@ async fn forward(
         let peers = backend.balancer.endpoints();
         let retry_on = |why: RetryOn| policy.retry_on.contains(&why);
         let retriable = match &outcome {
-            Try::Response(r) => {
+            Try::Response(r, _) => {
                 ep.stats.observe(sent.elapsed());
                 let s = r.status();
                 let o = if s.is_server_error() {
@@ -612,8 +630,8 @@ async fn forward(
     };
 
     let (outcome, inflight) = result;
-    let resp = match outcome {
-        Try::Response(r) => r,
+    let (resp, conn) = match outcome {
+        Try::Response(r, c) => (r, c),
         Try::ConnectFailed(_) => {
             return error(StatusCode::SERVICE_UNAVAILABLE, "upstream-connect-failure");
         }
@@ -635,7 +653,7 @@ async fn forward(
         let up = hyper::upgrade::on(&mut upstream_resp);
         let peer = ctx.peer;
         tokio::spawn(async move {
-            let _keep = (active_guard, inflight);
+            let _keep = (active_guard, inflight, conn);
             match tokio::try_join!(down, up) {
                 Ok((d, u)) => {
                     let _ = crate::tcp::pipe(TokioIo::new(d), TokioIo::new(u), None).await;
@@ -652,36 +670,26 @@ async fn forward(
     }
     let body = GuardedBody {
         inner: rbody,
+        conn: Some(conn),
+        done: false,
         _guards: (Some(active_guard), inflight),
     };
     Response::from_parts(rparts, body.boxed_unsync())
 }
 
-fn classify(r: Result<Response<Incoming>, hyper_util::client::legacy::Error>) -> Try {
+fn classify(r: Result<(Response<Incoming>, InUse), SendError>) -> Try {
     match r {
-        Ok(r) => Try::Response(r),
-        Err(e) => {
+        Ok((r, c)) => Try::Response(r, c),
+        Err(SendError::Connect(e)) => Try::ConnectFailed(e),
+        Err(SendError::Http(e)) => {
             let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
             while let Some(s) = src {
-                if let Some(ce) = s.downcast_ref::<ConnectError>() {
-                    return Try::ConnectFailed(match ce {
-                        ConnectError::Overloaded(w) => ConnectError::Overloaded(w),
-                        ConnectError::Timeout => ConnectError::Timeout,
-                        ConnectError::BadAddress => ConnectError::BadAddress,
-                        ConnectError::Io(io) => {
-                            ConnectError::Io(std::io::Error::new(io.kind(), io.to_string()))
-                        }
-                    });
-                }
                 if let Some(h2e) = s.downcast_ref::<h2::Error>() {
                     if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
                         return Try::Refused;
                     }
                 }
                 src = s.source();
-            }
-            if e.is_connect() {
-                return Try::ConnectFailed(ConnectError::Io(std::io::Error::other(e.to_string())));
             }
             Try::Reset(e)
         }

@@ -1,25 +1,31 @@
 //! Connections to upstream endpoints: the connector (connect timeout, `TCP_NODELAY`, and
 //! the per-service connection and pending-request limits of the circuit breaker) and the
 //! pooled HTTP clients built on it (HTTP/1.1 keep-alive pools, HTTP/2 multiplexing).
+//!
+//! The pools are hyper's connection-level clients (`client::conn::http1`/`http2`) behind
+//! a map per protocol: a request pops an idle HTTP/1.1 connection (or clones the endpoint's
+//! HTTP/2 sender), and its response body hands the connection back when it ends. This
+//! replaced hyper-util's general-purpose pooled client, whose per-request connector
+//! service, boxing and checkout bookkeeping were a large share of the proxy's CPU.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::Uri;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::tls::{Io, TlsPeer};
+use crate::tls::{Io as MaybeTls, TlsPeer};
 
 /// Errors a body may carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -35,9 +41,6 @@ pub enum ConnectError {
     /// The connect timeout ran out.
     #[error("connect timed out")]
     Timeout,
-    /// The URI has no `ip:port` authority.
-    #[error("upstream URI has no ip:port authority")]
-    BadAddress,
     /// The socket failed.
     #[error("connect failed: {0}")]
     Io(#[from] io::Error),
@@ -135,11 +138,11 @@ impl Connector {
         &self,
         addr: SocketAddr,
         meshed: bool,
-    ) -> Result<(Io, Option<OwnedSemaphorePermit>), ConnectError> {
+    ) -> Result<(MaybeTls, Option<OwnedSemaphorePermit>), ConnectError> {
         let (stream, permit) = self.connect(addr).await?;
         let io = match (&self.inner.config.tls, meshed) {
             (Some(peer), true) => crate::tls::dial(peer, stream).await?,
-            _ => Io::Plain(stream),
+            _ => MaybeTls::Plain(stream),
         };
         Ok((io, permit))
     }
@@ -158,113 +161,307 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// A connection made by [`Connector`], holding its circuit-breaker slot.
+/// What one upstream connection shares with the pool: when it last carried bytes, and how
+/// many requests use it now, so that its task can close it once it has been idle (no
+/// request and no traffic) for the idle timeout.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Milliseconds after [`origin`] of the latest read or write.
+    last: Arc<AtomicU64>,
+    /// Requests using the connection now.
+    busy: AtomicUsize,
+}
+
+/// A fixed point that connection activity is measured from.
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Completes once the connection has had no request and no traffic for `idle`.
+async fn idle_close(activity: &Activity, idle: Duration) {
+    let origin = origin();
+    loop {
+        crate::tcp::idle_watch(&activity.last, origin, idle).await;
+        if activity.busy.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        // A request is in flight on a silent connection (a slow answer): not idle.
+        activity
+            .last
+            .store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The connection type the pools speak HTTP over.
+type Io = TokioIo<crate::tcp::Timed<MaybeTls>>;
+
+/// An idle HTTP/1.1 connection in the pool.
 #[derive(Debug)]
-pub struct Conn {
-    io: TokioIo<Io>,
-    _slot: Option<OwnedSemaphorePermit>,
+struct IdleH1 {
+    sender: http1::SendRequest<Body>,
+    activity: Arc<Activity>,
 }
 
-impl Connection for Conn {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
+/// A live HTTP/2 connection, shared by every request to its endpoint.
+#[derive(Debug, Clone)]
+struct SharedH2 {
+    sender: http2::SendRequest<Body>,
+    activity: Arc<Activity>,
 }
 
-impl hyper::rt::Read for Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
+/// Most idle HTTP/1.1 connections kept per endpoint; more are closed when they come back.
+const MAX_IDLE_PER_ENDPOINT: usize = 512;
+
+#[derive(Debug, Default)]
+struct Pools {
+    h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
+    h2: Mutex<HashMap<SocketAddr, SharedH2>>,
 }
 
-impl hyper::rt::Write for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
+/// Why a request could not be sent upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection to the endpoint could be made.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The connection failed while the request was sent or the response read.
+    #[error("upstream request failed: {0}")]
+    Http(#[from] hyper::Error),
 }
 
-impl tower::Service<Uri> for Connector {
-    type Response = Conn;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Conn, ConnectError>> + Send>>;
+/// A request's hold on its upstream connection, kept until the response body is done.
+/// An HTTP/1.1 connection whose response ended cleanly goes back to the pool through
+/// [`InUse::release`]; dropped without that, it is closed (a half-read response must
+/// never be followed by another request on the same connection).
+#[derive(Debug)]
+pub struct InUse {
+    activity: Arc<Activity>,
+    h1: Option<(http1::SendRequest<Body>, SocketAddr, Arc<Pools>)>,
+}
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or(ConnectError::BadAddress)?;
-            // The request URI says `https` for meshed endpoints.
-            let meshed = uri.scheme_str() == Some("https");
-            let (io, slot) = this.connect_endpoint(addr, meshed).await?;
-            Ok(Conn {
-                io: TokioIo::new(io),
-                _slot: slot,
-            })
-        })
+impl InUse {
+    /// Gives an HTTP/1.1 connection back to the pool for the next request.
+    pub fn release(mut self) {
+        let Some((sender, addr, pools)) = self.h1.take() else {
+            return;
+        };
+        if sender.is_closed() {
+            return;
+        }
+        let Ok(mut h1) = pools.h1.lock() else {
+            return;
+        };
+        let idle = h1.entry(addr).or_default();
+        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+            idle.push(IdleH1 {
+                sender,
+                activity: self.activity.clone(),
+            });
+        }
     }
 }
 
-/// The pooled HTTP clients of one service.
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.activity.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The pooled HTTP clients of one service: HTTP/1.1 keep-alive pools and one multiplexed
+/// HTTP/2 (h2c prior knowledge) connection per endpoint, both dialled through the
+/// service's [`Connector`]. Cheap to clone; clones share the pools.
 #[derive(Clone, Debug)]
 pub struct Clients {
     /// The connector (also used for raw TCP).
     pub connector: Connector,
-    /// HTTP/1.1 with keep-alive pools.
-    pub h1: Client<Connector, Body>,
-    /// HTTP/2 (h2c prior knowledge), one multiplexed connection per endpoint.
-    pub h2: Client<Connector, Body>,
+    pools: Arc<Pools>,
+    h1: Arc<http1::Builder>,
+    h2: Arc<http2::Builder<TokioExecutor>>,
 }
 
 impl Clients {
     /// Builds the clients over a connector with `config`.
     pub fn new(config: ConnectorConfig) -> Clients {
         let connector = Connector::new(config);
-        let idle = connector.idle_timeout();
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(idle);
-        let h1 = b.build(connector.clone());
-        b.http2_only(true)
-            .http2_keep_alive_interval(Some(Duration::from_secs(30)))
-            .http2_keep_alive_while_idle(false);
-        let h2 = b.build(connector.clone());
-        Clients { connector, h1, h2 }
+        let mut h1 = http1::Builder::new();
+        h1.max_buf_size(1024 * 1024);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_while_idle(false);
+        Clients {
+            connector,
+            pools: Arc::new(Pools::default()),
+            h1: Arc::new(h1),
+            h2: Arc::new(h2),
+        }
     }
+
+    /// Sends `req` to the endpoint `addr` over HTTP/2 (`h2`) or HTTP/1.1, on a pooled
+    /// connection when one is free, else on a new one. A request that a reused connection
+    /// could not even start (it was closed meanwhile) is sent again on another. The URI
+    /// must be in origin form for HTTP/1.1 and absolute for HTTP/2. A `meshed` endpoint
+    /// is dialled with mutual TLS when the sidecar has a certificate.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        meshed: bool,
+        h2: bool,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Incoming>, InUse), SendError> {
+        loop {
+            let (mut conn, fresh) = match if h2 {
+                self.idle_h2(addr)
+            } else {
+                self.idle_h1(addr)
+            } {
+                Some(c) => (c, false),
+                None => (self.dial(addr, meshed, h2).await?, true),
+            };
+            conn.activity.busy.fetch_add(1, Ordering::AcqRel);
+            let sent = match &mut conn.sender {
+                Sender::H1(s) => {
+                    if !fresh && s.ready().await.is_err() {
+                        conn.activity.busy.fetch_sub(1, Ordering::AcqRel);
+                        continue;
+                    }
+                    s.try_send_request(req).await
+                }
+                Sender::H2(s) => s.try_send_request(req).await,
+            };
+            let in_use = InUse {
+                activity: conn.activity,
+                h1: match conn.sender {
+                    Sender::H1(s) => Some((s, addr, self.pools.clone())),
+                    Sender::H2(_) => None,
+                },
+            };
+            match sent {
+                Ok(resp) => return Ok((resp, in_use)),
+                Err(mut e) => match e.take_message() {
+                    // Never written: a reused connection had gone away; try another.
+                    Some(r) if !fresh => {
+                        if h2 {
+                            self.forget_h2(addr);
+                        }
+                        req = r;
+                    }
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    fn idle_h1(&self, addr: SocketAddr) -> Option<Checkout> {
+        let mut pools = self.pools.h1.lock().ok()?;
+        let idle = pools.get_mut(&addr)?;
+        while let Some(c) = idle.pop() {
+            if !c.sender.is_closed() {
+                return Some(Checkout {
+                    sender: Sender::H1(c.sender),
+                    activity: c.activity,
+                });
+            }
+        }
+        None
+    }
+
+    fn idle_h2(&self, addr: SocketAddr) -> Option<Checkout> {
+        let pools = self.pools.h2.lock().ok()?;
+        let c = pools.get(&addr).filter(|c| !c.sender.is_closed())?;
+        Some(Checkout {
+            sender: Sender::H2(c.sender.clone()),
+            activity: c.activity.clone(),
+        })
+    }
+
+    fn forget_h2(&self, addr: SocketAddr) {
+        if let Ok(mut pools) = self.pools.h2.lock() {
+            if pools.get(&addr).is_some_and(|c| c.sender.is_closed()) {
+                pools.remove(&addr);
+            }
+        }
+    }
+
+    /// Opens a new connection to `addr` (through the connector, the one place that dials
+    /// endpoints) and starts its task, which ends it once idle for the idle timeout.
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        meshed: bool,
+        h2: bool,
+    ) -> Result<Checkout, ConnectError> {
+        let (stream, slot) = self.connector.connect_endpoint(addr, meshed).await?;
+        let activity = Arc::new(Activity::default());
+        let origin = origin();
+        activity
+            .last
+            .store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let io: Io = TokioIo::new(crate::tcp::Timed::new(
+            stream,
+            activity.last.clone(),
+            origin,
+        ));
+        let idle = self.connector.idle_timeout();
+        let watch = activity.clone();
+        // Runs a connection until it ends or idles out; the breaker slot is held as long.
+        let run = move |conn: Pin<Box<dyn Future<Output = ()> + Send>>| {
+            tokio::spawn(async move {
+                let _slot = slot;
+                match idle {
+                    None => conn.await,
+                    Some(t) => tokio::select! {
+                        _ = conn => {}
+                        _ = idle_close(&watch, t) => {}
+                    },
+                }
+            });
+        };
+        // A failed handshake is a failed connect: nothing was sent.
+        let handshake_failed = |e: hyper::Error| ConnectError::Io(io::Error::other(e));
+        if h2 {
+            let (sender, conn) = self.h2.handshake(io).await.map_err(handshake_failed)?;
+            run(Box::pin(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+                }
+            }));
+            let shared = SharedH2 {
+                sender: sender.clone(),
+                activity: activity.clone(),
+            };
+            if let Ok(mut pools) = self.pools.h2.lock() {
+                pools.insert(addr, shared);
+            }
+            Ok(Checkout {
+                sender: Sender::H2(sender),
+                activity,
+            })
+        } else {
+            let (sender, conn) = self.h1.handshake(io).await.map_err(handshake_failed)?;
+            run(Box::pin(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended");
+                }
+            }));
+            Ok(Checkout {
+                sender: Sender::H1(sender),
+                activity,
+            })
+        }
+    }
+}
+
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+/// A connection picked for one request.
+struct Checkout {
+    sender: Sender,
+    activity: Arc<Activity>,
 }
 
 #[cfg(test)]
@@ -315,5 +512,82 @@ mod tests {
             tls: None,
         });
         assert!(matches!(c.connect(addr).await, Err(ConnectError::Io(_))));
+    }
+
+    /// An HTTP/1.1 server on 127.0.0.1:0 that answers "ok" and counts the connections it
+    /// accepts; with `close`, it closes every connection after its first response.
+    async fn counting_server(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let n = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(!close)
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn clients() -> Clients {
+        Clients::new(ConnectorConfig {
+            connect_timeout: Some(Duration::from_secs(2)),
+            max_connections: 0,
+            max_pending: 0,
+            idle_timeout: Some(Duration::from_secs(30)),
+            tls: None,
+        })
+    }
+
+    /// Sends one GET and reads the body to its end, then releases the connection.
+    async fn get(c: &Clients, addr: SocketAddr) -> Bytes {
+        use http_body_util::BodyExt;
+        let mut req = Request::new(
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        *req.uri_mut() = http::Uri::from_static("/");
+        req.headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("test"));
+        let (resp, in_use) =
+            tokio::time::timeout(Duration::from_secs(5), c.send(addr, false, false, req))
+                .await
+                .unwrap()
+                .unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        in_use.release();
+        body
+    }
+
+    #[tokio::test]
+    async fn http1_connections_are_reused() {
+        let (addr, accepted) = counting_server(false).await;
+        let c = clients();
+        for _ in 0..5 {
+            assert_eq!(get(&c, addr).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn closed_pooled_connection_is_replaced() {
+        let (addr, accepted) = counting_server(true).await;
+        let c = clients();
+        for _ in 0..3 {
+            assert_eq!(get(&c, addr).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 }
