@@ -84,6 +84,11 @@ pub struct Args {
     /// TTL of the registration; it is renewed every third of it.
     #[arg(long, env = "SIDEMESH_REGISTER_TTL", default_value = "30s", value_parser = parse_duration)]
     pub register_ttl: Duration,
+    /// Carry HTTP/1.1 requests to meshed endpoints over one multiplexed HTTP/2 connection
+    /// per endpoint (ALPN `h2` on the mutual TLS hop); see docs/benchmarks.md for when it
+    /// pays.
+    #[arg(long, env = "SIDEMESH_MESH_H2")]
+    pub mesh_h2: bool,
 }
 
 /// Something run beside the data plane (the DNS shim): given the config channel, it starts
@@ -180,6 +185,7 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
             detect_timeout: args.detect_timeout,
             header_read_timeout: args.header_read_timeout,
             max_connections: args.max_connections,
+            mesh_h2: args.mesh_h2,
             ..ProxyConfig::default()
         },
         &registry,

@@ -515,12 +515,29 @@ async fn forward(
         let Some(body) = body.take() else {
             return error(StatusCode::BAD_GATEWAY, "body-consumed");
         };
+        // Between sidecars with mutual TLS, HTTP/1.1 may ride one HTTP/2 connection
+        // (`mesh_h2`); `:authority` then carries the Host, which the inbound side restores.
+        let over_h2 =
+            !use_h2 && !upgrade && ep.meshed && ctx.shared.config.mesh_h2 && ctx.shared.tls.is_on();
+        let use_h2 = use_h2 || over_h2;
         // HTTP/1.1 upstreams get the origin form (RFC 9112 §3.2.1); HTTP/2 needs the
         // scheme and authority for its pseudo-headers.
         let uri = if use_h2 {
+            let host = parts
+                .headers
+                .get(header::HOST)
+                .filter(|_| over_h2)
+                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok());
+            let authority = match host {
+                Some(a) => a,
+                None => match http::uri::Authority::try_from(ep.addr.to_string()) {
+                    Ok(a) => a,
+                    Err(_) => return error(StatusCode::BAD_REQUEST, "bad-path"),
+                },
+            };
             match Uri::builder()
                 .scheme("http")
-                .authority(ep.addr.to_string())
+                .authority(authority)
                 .path_and_query(path_and_query.clone())
                 .build()
             {

@@ -78,6 +78,10 @@ pub struct ProxyConfig {
     pub max_concurrent_streams: u32,
     /// Most client connections open at once, over all listeners.
     pub max_connections: usize,
+    /// Carry HTTP/1.1 requests to meshed endpoints over one multiplexed HTTP/2 connection
+    /// (ALPN `h2` in the mutual TLS handshake); the inbound sidecar speaks HTTP/1.1 to the
+    /// app again. Only between sidecars with mutual TLS.
+    pub mesh_h2: bool,
 }
 
 impl Default for ProxyConfig {
@@ -92,6 +96,7 @@ impl Default for ProxyConfig {
             max_headers: 100,
             max_concurrent_streams: 256,
             max_connections: 16_384,
+            mesh_h2: false,
         }
     }
 }
@@ -455,6 +460,9 @@ async fn connection(
         (Io::Plain(stream), None)
     };
     let mode = match target.protocol {
+        // The peer sidecar carries HTTP/1.1 over HTTP/2 (`mesh_h2`); the app still gets
+        // HTTP/1.1 from the inbound side.
+        Protocol::Http1 | Protocol::Auto if stream.alpn_h2() => Detected::Http2,
         Protocol::Http1 => Detected::Http1,
         Protocol::Http2 | Protocol::Grpc => Detected::Http2,
         Protocol::Tcp => Detected::Tcp,

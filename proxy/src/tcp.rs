@@ -40,7 +40,7 @@ pub(crate) async fn proxy(shared: &Shared, target: &Arc<Target>, client: Io, pee
         match service
             .clients
             .connector
-            .connect_endpoint(ep.addr, ep.meshed)
+            .connect_endpoint(ep.addr, ep.meshed, false)
             .await
         {
             Ok(conn) => {

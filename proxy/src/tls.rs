@@ -45,6 +45,8 @@ use crate::upstream::Body;
 /// The request header that carries the verified client identity (`namespace/service`)
 /// to the app. Removed from incoming requests first.
 pub const CLIENT_ID_HEADER: &str = "x-sidemesh-client-id";
+/// The ALPN protocol ID of HTTP/2 over TLS (RFC 9113 §3.2).
+const ALPN_H2: &[u8] = b"h2";
 /// The first byte of a TLS record carrying a handshake (RFC 8446 §5.1).
 const TLS_HANDSHAKE: u8 = 0x16;
 /// Time a TLS handshake may take, either way.
@@ -84,6 +86,8 @@ pub struct Credentials {
     pub renew_at: SystemTime,
     bundle_pem: String,
     client: Arc<rustls::ClientConfig>,
+    /// The same, offering ALPN `h2`: HTTP/1.1 carried over one HTTP/2 connection.
+    client_h2: Arc<rustls::ClientConfig>,
     server: Arc<rustls::ServerConfig>,
 }
 
@@ -144,10 +148,14 @@ impl Credentials {
             rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
                 .build()
                 .map_err(|e| TlsError::Bad(format!("client verifier: {e}")))?;
-        let server = rustls::ServerConfig::builder_with_provider(provider)
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(client_verifier)
             .with_single_cert(chain, key)?;
+        // Chosen only when the client offers it (`--mesh-h2`); otherwise no ALPN at all.
+        server.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let mut client_h2 = client.clone();
+        client_h2.alpn_protocols = vec![ALPN_H2.to_vec()];
         Ok(Credentials {
             trust_domain: trust_domain.to_owned(),
             identity,
@@ -155,6 +163,7 @@ impl Credentials {
             renew_at,
             bundle_pem: bundle_pem.to_owned(),
             client: Arc::new(client),
+            client_h2: Arc::new(client_h2),
             server: Arc::new(server),
         })
     }
@@ -337,6 +346,11 @@ impl MeshTls {
         self.credentials.load_full()
     }
 
+    /// Whether the sidecar has credentials now (meshed hops are mutual TLS).
+    pub fn is_on(&self) -> bool {
+        self.credentials.load().is_some()
+    }
+
     /// Installs credentials (or removes them, turning TLS off on the outbound side).
     pub fn install(&self, credentials: Option<Credentials>) {
         let expiry = credentials
@@ -390,6 +404,16 @@ impl Io {
         match self {
             Io::Plain(s) => Some(s),
             _ => None,
+        }
+    }
+
+    /// Whether the TLS handshake chose HTTP/2 (ALPN `h2`): the peer sidecar carries its
+    /// requests over one multiplexed HTTP/2 connection, whatever the port's protocol.
+    pub fn alpn_h2(&self) -> bool {
+        match self {
+            Io::Plain(_) => false,
+            Io::Client(s) => s.get_ref().1.alpn_protocol() == Some(ALPN_H2),
+            Io::Server { stream, .. } => stream.get_ref().1.alpn_protocol() == Some(ALPN_H2),
         }
     }
 }
@@ -502,13 +526,15 @@ impl std::hash::Hash for TlsPeer {
 
 /// Upgrades a connection to a meshed endpoint to mutual TLS when the sidecar has
 /// credentials (TLS on); without them it stays plaintext, which permissive peers accept.
-pub async fn dial(peer: &TlsPeer, stream: TcpStream) -> io::Result<Io> {
+/// `h2` offers ALPN `h2` (HTTP/2 over the hop).
+pub async fn dial(peer: &TlsPeer, stream: TcpStream, h2: bool) -> io::Result<Io> {
     let Some(creds) = peer.mesh.credentials() else {
         return Ok(Io::Plain(stream));
     };
     let name = ServerName::try_from(format!("{}.{}", peer.service, peer.namespace))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let connector = tokio_rustls::TlsConnector::from(creds.client.clone());
+    let config = if h2 { &creds.client_h2 } else { &creds.client };
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
     let m = &peer.mesh.metrics;
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream)).await {
         Ok(Ok(s)) => {
@@ -926,7 +952,7 @@ pub(crate) mod tests {
             service: Arc::from(expect.1),
         };
         let stream = TcpStream::connect(addr).await.unwrap();
-        let dialled = dial(&peer, stream).await;
+        let dialled = dial(&peer, stream, false).await;
         if let Ok(mut io) = dialled {
             let _ = io.write_all(b"ping").await;
             let _ = io.flush().await;

@@ -134,14 +134,16 @@ impl Connector {
     /// Connects to `addr` like [`Connector::connect`], then, for a meshed endpoint, speaks
     /// mutual TLS when the sidecar has a certificate. A failed handshake is a connect
     /// failure.
+    /// `h2` offers HTTP/2 in the TLS handshake (ALPN).
     pub async fn connect_endpoint(
         &self,
         addr: SocketAddr,
         meshed: bool,
+        h2: bool,
     ) -> Result<(MaybeTls, Option<OwnedSemaphorePermit>), ConnectError> {
         let (stream, permit) = self.connect(addr).await?;
         let io = match (&self.inner.config.tls, meshed) {
-            (Some(peer), true) => crate::tls::dial(peer, stream).await?,
+            (Some(peer), true) => crate::tls::dial(peer, stream, h2).await?,
             _ => MaybeTls::Plain(stream),
         };
         Ok((io, permit))
@@ -392,7 +394,7 @@ impl Clients {
         meshed: bool,
         h2: bool,
     ) -> Result<Checkout, ConnectError> {
-        let (stream, slot) = self.connector.connect_endpoint(addr, meshed).await?;
+        let (stream, slot) = self.connector.connect_endpoint(addr, meshed, h2).await?;
         let activity = Arc::new(Activity::default());
         let origin = origin();
         activity

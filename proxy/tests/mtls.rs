@@ -491,3 +491,71 @@ async fn certificates_are_renewed_before_they_expire() {
         .await;
     assert!(eventually(|| sc.tls.credentials().is_none()).await);
 }
+
+#[tokio::test]
+async fn http1_rides_one_http2_connection_between_sidecars_with_mesh_h2() {
+    let app_ip = loopback();
+    // The app answers with the HTTP version and Host it was given.
+    let be = backend_with(
+        app_ip,
+        Arc::new(|req: hyper::Request<hyper::body::Incoming>| {
+            Box::pin(async move {
+                let host = req
+                    .headers()
+                    .get("host")
+                    .map(|h| h.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                hyper::Response::new(Full::new(Bytes::from(format!(
+                    "{:?} {host}",
+                    req.version()
+                ))))
+            })
+        }),
+    )
+    .await;
+    let signer = signer(Duration::from_secs(3600)).await;
+    let server_ip = loopback();
+    let port_outer = free_port(server_ip);
+    let inbound = SocketAddr::new(server_ip.into(), port_outer);
+    let _server = Sidecar::start(
+        &signer,
+        "api",
+        config_at(server_ip, app_ip),
+        &server_config(1, &signer, be.addr, port_outer, "http1", "permissive", None),
+    )
+    .await;
+    let svc = loopback();
+    let web = Sidecar::start(
+        &signer,
+        "web",
+        ProxyConfig {
+            mesh_h2: true,
+            ..config_at(loopback(), app_ip)
+        },
+        &client_config(&signer, "web", svc, inbound, "http1"),
+    )
+    .await;
+    let c = h1_client();
+    let url = format!("http://{svc}/");
+    let (status, _, body) = get(&c, &url, &[("host", "api.shop")]).await;
+    assert_eq!(status, 200);
+    // The app got HTTP/1.1 with the client's Host, after an HTTP/2 hop.
+    assert_eq!(body, "HTTP/1.1 api.shop");
+    let many: Vec<_> = (0..20)
+        .map(|_| {
+            let (c, url) = (h1_client(), url.clone());
+            tokio::spawn(async move { get(&c, &url, &[]).await.0 })
+        })
+        .collect();
+    for r in many {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    // Twenty-one requests, most of them concurrent, over one mutual TLS connection.
+    assert_eq!(
+        web.counter(
+            "sidemesh_proxy_tls_connections_total",
+            &[("direction", "outbound")]
+        ),
+        1
+    );
+}
