@@ -240,6 +240,7 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
     let readiness = Readiness {
         applied: applied.clone(),
         draining: draining.clone(),
+        tls: Some((tls.clone(), snapshots.clone())),
     };
     let stop_admin = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(
