@@ -4,24 +4,27 @@
 # TLS HTTP/1.1 keep-alive (the default), and mutual TLS with HTTP/1.1 carried over one
 # HTTP/2 connection (`proxy --mesh-h2`); plus the app alone (direct). Everything is a
 # separate process of the release binary (discover, the demo backend, two sidecars with one
-# worker thread each) on loopback; wrk drives HTTP/1.1 keep-alive. Variants are
+# worker thread each) on loopback; wrk drives HTTP/1.1 keep-alive. As in proxy.sh, both
+# sidecars are pinned to core PROXY_CPU (0), the app and wrk share core LOAD_CPU (1). Variants are
 # interleaved round by round; prints a markdown table of medians.
 #
 #   benches/mesh_mtls.sh                  # ROUNDS=3 DUR=8 CONNS=32 by default
 #   ROUNDS=5 DUR=10 CONNS=64 benches/mesh_mtls.sh
 #
 # BIN=path/to/sidemesh skips the release build (e.g. to try the script on a debug build).
-# Needs: wrk, curl, python3. Raw results go to bench-results/mesh_mtls/ (gitignored).
+# Needs: wrk, curl, python3, taskset. Raw results go to bench-results/mesh_mtls/ (gitignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
 DUR=${DUR:-8}
 CONNS=${CONNS:-32}
 OUT=${OUT:-bench-results/mesh_mtls}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-for t in wrk curl python3; do
+for t in wrk curl python3 taskset; do
   command -v "$t" >/dev/null || { echo "mesh_mtls.sh: $t is missing" >&2; exit 1; }
 done
 if [ -z "${BIN:-}" ]; then
@@ -57,14 +60,14 @@ run() {
   "$BIN" discover --state "$OUT/state.yaml" --listen $DISC:7070 --data-dir "$OUT/data" \
     --mesh-tls $tls >>"$OUT/procs.log" 2>&1 &
   PIDS+=($!)
-  "$BIN" --worker-threads 1 demo-backend --listen $APP:8080 --name api >>"$OUT/procs.log" 2>&1 &
+  taskset -c "$LOAD_CPU" "$BIN" --worker-threads 1 demo-backend --listen $APP:8080 --name api >>"$OUT/procs.log" 2>&1 &
   PIDS+=($!)
   wait_url http://$DISC:7070/readyz
-  env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $API:15000 --inbound-address $APP \
+  taskset -c "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $API:15000 --inbound-address $APP \
     --app-address $APP --discover-url http://$DISC:7070/v1/sidecars/bench/api/sidemesh-proxy \
     >>"$OUT/procs.log" 2>&1 &
   PIDS+=($!)
-  env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $WEB:15000 --inbound-address $WEB \
+  taskset -c "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $WEB:15000 --inbound-address $WEB \
     "${h2[@]}" --discover-url http://$DISC:7070/v1/sidecars/bench/web/sidemesh-proxy \
     >>"$OUT/procs.log" 2>&1 &
   PIDS+=($!)
@@ -82,7 +85,7 @@ run() {
     python3 -c 'import json,sys; print(json.load(sys.stdin)["outbound"][0]["address"])')
   [ "$variant" = direct ] && target=$APP
   curl -sf "http://$target:8080/" >/dev/null || { echo "mesh_mtls.sh: $variant: no answer" >&2; exit 1; }
-  wrk -t1 -c"$CONNS" -d"${DUR}s" --latency "http://$target:8080/" >"$OUT/wrk-$variant-$round.txt"
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DUR}s" --latency "http://$target:8080/" >"$OUT/wrk-$variant-$round.txt"
   local tls_out
   tls_out=$(curl -s http://$WEB:15000/metrics |
     awk '/^sidemesh_proxy_tls_connections_total\{direction="outbound"\}/ {print $2}')
