@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole mesh path, client -> outbound sidecar -> inbound sidecar -> app, with the
 # sidecar hop in three ways: plaintext HTTP/1.1 keep-alive (`--mesh-tls disabled`), mutual
-# TLS HTTP/1.1 keep-alive (the default), and mutual TLS with HTTP/1.1 carried over one
-# HTTP/2 connection (`proxy --mesh-h2`); plus the app alone (direct). Everything is a
+# TLS HTTP/1.1 keep-alive (`proxy --mesh-h2 false`), and mutual TLS with HTTP/1.1 carried
+# over one HTTP/2 connection (`--mesh-h2 true`, the default); plus the app alone (direct). Everything is a
 # separate process of the release binary (discover, the demo backend, two sidecars with one
 # worker thread each) on loopback; wrk drives HTTP/1.1 keep-alive. As in proxy.sh, both
 # sidecars are pinned to core PROXY_CPU (0), the app and wrk share core LOAD_CPU (1). Variants are
@@ -51,10 +51,10 @@ wait_url() { # URL: until it answers 2xx, at most 20 s
 
 # run VARIANT: starts the mesh for VARIANT, runs wrk, stops it; appends to $OUT/raw.tsv.
 run() {
-  local variant=$1 tls=permissive h2=() target
+  local variant=$1 tls=permissive h2=(--mesh-h2 false) target
   case $variant in
     plain) tls=disabled ;;
-    h2) h2=(--mesh-h2) ;;
+    h2) h2=(--mesh-h2 true) ;;
   esac
   rm -rf "$OUT/data"
   "$BIN" discover --state "$OUT/state.yaml" --listen $DISC:7070 --data-dir "$OUT/data" \
@@ -122,7 +122,7 @@ base = statistics.median(r[0] for r in by["plain"])
 print("| sidecar hop | req/s (median) | vs plaintext h1 | p50 ms | p99 ms | non-2xx | TLS conns out |")
 print("|---|---|---|---|---|---|---|")
 names = {"direct": "none (wrk -> app)", "plain": "plaintext HTTP/1.1 keep-alive",
-         "tls": "mutual TLS, HTTP/1.1 keep-alive", "h2": "mutual TLS, HTTP/1.1 over one HTTP/2 (--mesh-h2)"}
+         "tls": "mutual TLS, HTTP/1.1 keep-alive", "h2": "mutual TLS, HTTP/1.1 over one HTTP/2 (--mesh-h2, default)"}
 for v in ["direct", "plain", "tls", "h2"]:
     rs = by[v]
     m = statistics.median(r[0] for r in rs)

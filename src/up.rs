@@ -66,7 +66,7 @@ fn sidecar_args(url: String, inbound: IpAddr, app: IpAddr, drain: Duration) -> s
         instance_name: None,
         register_address: None,
         register_ttl: Duration::from_secs(30),
-        mesh_h2: false,
+        mesh_h2: true,
     }
 }
 

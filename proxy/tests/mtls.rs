@@ -558,4 +558,34 @@ async fn http1_rides_one_http2_connection_between_sidecars_with_mesh_h2() {
         ),
         1
     );
+    // With the switch off, the hop is HTTP/1.1 keep-alive: one connection per request in
+    // flight.
+    let svc1 = loopback();
+    let web1 = Sidecar::start(
+        &signer,
+        "web",
+        ProxyConfig {
+            mesh_h2: false,
+            ..config_at(loopback(), app_ip)
+        },
+        &client_config(&signer, "web", svc1, inbound, "http1"),
+    )
+    .await;
+    let url1 = format!("http://{svc1}/");
+    let many: Vec<_> = (0..20)
+        .map(|_| {
+            let (c, url) = (h1_client(), url1.clone());
+            tokio::spawn(async move { get(&c, &url, &[]).await })
+        })
+        .collect();
+    for r in many {
+        let (status, _, body) = r.await.unwrap();
+        assert_eq!((status, body.starts_with("HTTP/1.1")), (200, true));
+    }
+    assert!(
+        web1.counter(
+            "sidemesh_proxy_tls_connections_total",
+            &[("direction", "outbound")]
+        ) > 1
+    );
 }
