@@ -536,9 +536,7 @@ impl Discover {
             Some(authority) => {
                 // The TLS settings are the same for every version, so they are added as
                 // the config is served rather than stored with it.
-                let mut config = sidecar.config.clone();
-                config.tls = Some(authority.settings(&key.plugin));
-                let json = Bytes::from(serde_json::to_vec(&config).unwrap_or_default());
+                let json = with_tls(&sidecar, &authority.settings(&key.plugin));
                 if gzip { gzip_bytes(&json) } else { json }
             }
         };
@@ -877,6 +875,24 @@ fn accepts_gzip<B>(req: &Request<B>) -> bool {
             });
             coding.eq_ignore_ascii_case("gzip") && !refused
         })
+}
+
+/// The served JSON with `tls` added as its last field: spliced in before the closing
+/// brace (a copy, not a re-serialization), else the config serialized afresh.
+fn with_tls(sidecar: &crate::store::Sidecar, tls: &sidemesh_api::config::TlsSettings) -> Bytes {
+    let json = &sidecar.json;
+    let tls_json = serde_json::to_vec(tls).unwrap_or_default();
+    if sidecar.config.tls.is_none() && json.len() > 2 && json.ends_with(b"}") {
+        let mut out = Vec::with_capacity(json.len() + tls_json.len() + 8);
+        out.extend_from_slice(&json[..json.len() - 1]);
+        out.extend_from_slice(b",\"tls\":");
+        out.extend_from_slice(&tls_json);
+        out.push(b'}');
+        return Bytes::from(out);
+    }
+    let mut config = sidecar.config.clone();
+    config.tls = Some(tls.clone());
+    Bytes::from(serde_json::to_vec(&config).unwrap_or_default())
 }
 
 fn gzip_bytes(data: &[u8]) -> Bytes {
