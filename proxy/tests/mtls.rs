@@ -336,6 +336,29 @@ async fn http_over_mutual_tls_with_allow_clients() {
     };
     assert_eq!(denied("not_allowed"), 1);
     assert_eq!(denied("no_identity"), 1);
+    // A handshake record followed by garbage: closed, counted, and nothing else breaks.
+    let mut s = TcpStream::connect(m.inbound).await.unwrap();
+    s.write_all(b"\x16\x03\x01\x00\x05hello-not-tls")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a bad handshake was not closed");
+    assert!(
+        eventually(|| m.server.counter(
+            "sidemesh_proxy_tls_handshake_failures_total",
+            &[("direction", "inbound")]
+        ) == 1)
+        .await
+    );
     assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
 
