@@ -386,6 +386,27 @@ mod tests {
     }
 
     #[test]
+    fn a_given_ca_signs_and_is_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = generate_ca("example.org").unwrap();
+        let (c, k) = (dir.path().join("ca.pem"), dir.path().join("ca-key.pem"));
+        std::fs::write(&c, &cert).unwrap();
+        std::fs::write(&k, &key).unwrap();
+        let config = AuthorityConfig {
+            trust_domain: "example.org".into(),
+            ..AuthorityConfig::default()
+        };
+        let a = Authority::load(config, Some(&c), Some(&k), None, &Registry::new()).unwrap();
+        assert_eq!(a.ca_pem(), cert);
+        assert_eq!(a.settings("p").trust_domain, "example.org");
+        let (pem, _) = csr(vec![uri("spiffe://example.org/ns/shop/svc/web")]);
+        assert!(a.sign("shop", "web", &pem, SystemTime::now()).is_ok());
+        // The default trust domain's ID is foreign here.
+        let (pem, _) = csr(vec![uri("spiffe://cluster.local/ns/shop/svc/web")]);
+        assert!(a.sign("shop", "web", &pem, SystemTime::now()).is_err());
+    }
+
+    #[test]
     fn given_ca_files_must_come_in_pairs() {
         let dir = tempfile::tempdir().unwrap();
         let c = dir.path().join("c.pem");
