@@ -9,23 +9,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::balance::hash_bytes;
 use crate::resilience::{Outcome, record};
 use crate::state::Target;
+use crate::tls::Io;
 use crate::upstream::ConnectError;
 
 const BUF: usize = 64 * 1024;
 
 /// Proxies one accepted TCP connection to `target`'s default backend.
-pub(crate) async fn proxy(
-    shared: &Shared,
-    target: &Arc<Target>,
-    client: TcpStream,
-    peer: SocketAddr,
-) {
+pub(crate) async fn proxy(shared: &Shared, target: &Arc<Target>, client: Io, peer: SocketAddr) {
     let backend = &target.default_backend;
     let service = &backend.service;
     let m = &shared.metrics;
@@ -42,7 +37,12 @@ pub(crate) async fn proxy(
             tracing::warn!(service = %service.label, "no endpoints; closing TCP connection");
             return;
         };
-        match service.clients.connector.connect(ep.addr).await {
+        match service
+            .clients
+            .connector
+            .connect_endpoint(ep.addr, ep.meshed, false)
+            .await
+        {
             Ok(conn) => {
                 record(
                     &ep,
