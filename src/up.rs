@@ -199,9 +199,11 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
         sidecars.len(),
         lines.join("\n")
     );
+    // Watch for the stop signal before announcing readiness (see shutdown::signal).
+    let stop = sidemesh_api::shutdown::signal();
     println!("{}", ready_line("up", &fields));
 
-    sidemesh_api::shutdown::signal().await;
+    stop.await;
     tracing::info!("stopping: draining sidecars");
     let stopping: Vec<_> = sidecars
         .into_iter()

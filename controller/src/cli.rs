@@ -286,8 +286,10 @@ pub async fn run(
         .await
         .context("cannot reach the Kubernetes API (kubeconfig or in-cluster config)")?;
     let running = start(args, &registry, client, discover).await?;
+    // Watch for the stop signal before announcing readiness (see shutdown::signal).
+    let stop = sidemesh_api::shutdown::signal();
     println!("{}", running.ready_line());
-    sidemesh_api::shutdown::signal().await;
+    stop.await;
     tracing::info!("controller stopping");
     drop(running);
     Ok(())

@@ -175,12 +175,14 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     let serving = discover.serve(listener)?;
+    // Watch for the stop signal before announcing readiness (see shutdown::signal).
+    let stop = sidemesh_api::shutdown::signal();
     println!(
         "{}",
         serde_json::json!({"ready": "discover", "listen": serving.addr.to_string()})
     );
     tracing::info!(listen = %serving.addr, "discover serving");
-    sidemesh_api::shutdown::signal().await;
+    stop.await;
     tracing::info!("discover stopping");
     serving.task.abort();
     discover.stop();

@@ -181,12 +181,14 @@ pub async fn serve(
         }
         None => None,
     };
+    // Watch for the stop signal before announcing readiness (see shutdown::signal).
+    let stop = sidemesh_api::shutdown::signal();
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{ready}")?;
         out.flush()?;
     }
-    sidemesh_api::shutdown::signal().await;
+    stop.await;
     tracing::info!("DNS shim stopping");
     if let Some(t) = metrics_task {
         t.abort();

@@ -286,10 +286,12 @@ pub async fn run_with(
     for start in sidecars {
         fields.extend(start(running.snapshots.clone()).await?);
     }
+    // Watch for the stop signal before announcing readiness (see shutdown::signal).
+    let stop = sidemesh_api::shutdown::signal();
     println!("{}", ready_line("proxy", &fields));
     tracing::info!(admin = %running.admin, "sidecar started; waiting for config");
     tokio::select! {
-        _ = sidemesh_api::shutdown::signal() => {
+        _ = stop => {
             tracing::info!("shutdown signal: /ready now 503, draining");
             running.stop().await;
         }

@@ -31,11 +31,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();
     let task = tokio::spawn(serve(listener, args.name, stop.clone()));
+    // Watch for the stop signal before announcing readiness (see shutdown::signal).
+    let signal = sidemesh_api::shutdown::signal();
     println!(
         "{}",
         crate::cli::ready_line("demo-backend", &[("listen".into(), addr.to_string())])
     );
-    sidemesh_api::shutdown::signal().await;
+    signal.await;
     stop.cancel();
     let _ = task.await;
     Ok(())
