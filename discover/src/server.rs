@@ -50,6 +50,9 @@ pub struct Options {
     /// The identity authority: when set, every served config carries TLS settings and
     /// sidecars get certificates from it. `None` serves configs without TLS.
     pub authority: Option<Arc<crate::identity::Authority>>,
+    /// The token check: when set, a workload's config, resources and certificate need a
+    /// bearer token that covers it. `None` serves them to anyone who can connect.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl Default for Options {
@@ -62,6 +65,7 @@ impl Default for Options {
             header_read_timeout: Duration::from_secs(10),
             expiry_interval: Duration::from_millis(200),
             authority: None,
+            auth: None,
         }
     }
 }
@@ -406,7 +410,10 @@ impl Discover {
                     return (route, method_not_allowed("POST"));
                 }
                 match sidecar_key(&[*ns, *svc, *plugin]) {
-                    Ok(key) => (route, self.post_certificate(req, key).await),
+                    Ok(key) => match self.refused(&req, &key) {
+                        Some(r) => (route, r),
+                        None => (route, self.post_certificate(req, key).await),
+                    },
                     Err(e) => (route, e.into()),
                 }
             }
@@ -416,7 +423,10 @@ impl Discover {
                     return get_only(route);
                 }
                 match sidecar_key(rest) {
-                    Ok(key) => (route, self.get_sidecar(&req, key).await),
+                    Ok(key) => match self.refused(&req, &key) {
+                        Some(r) => (route, r),
+                        None => (route, self.get_sidecar(&req, key).await),
+                    },
                     Err(e) => (route, e.into()),
                 }
             }
@@ -426,7 +436,10 @@ impl Discover {
                     return get_only(route);
                 }
                 match sidecar_key(rest) {
-                    Ok(key) => (route, self.get_resources(key)),
+                    Ok(key) => match self.refused(&req, &key) {
+                        Some(r) => (route, r),
+                        None => (route, self.get_resources(key)),
+                    },
                     Err(e) => (route, e.into()),
                 }
             }
@@ -456,6 +469,12 @@ impl Discover {
                 ),
             ),
         }
+    }
+
+    /// The token check of a workload's routes (see [`crate::auth`]); `None` lets the
+    /// request through.
+    fn refused<B>(&self, req: &Request<B>, key: &SidecarKey) -> Option<Response<Full<Bytes>>> {
+        self.shared.opts.auth.as_ref()?.check(req.headers(), key)
     }
 
     fn readyz(&self) -> Response<Full<Bytes>> {
