@@ -58,6 +58,7 @@ fn sidecar_args(url: String, inbound: IpAddr, app: IpAddr, drain: Duration) -> s
         app_address: app,
         discover_wait: Duration::from_secs(30),
         discover_authorization: None,
+        discover_token_file: None,
         max_connections: 16_384,
         header_read_timeout: Duration::from_secs(10),
         detect_timeout: Duration::from_millis(300),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use sidemesh_api::config::TlsMode;
 
+use crate::auth::Auth;
 use crate::identity::{Authority, AuthorityConfig};
 
 use crate::server::{Discover, Options};
@@ -45,6 +46,11 @@ pub struct Args {
         default_value_t = 20_000
     )]
     pub max_connections: usize,
+    /// A token file (YAML or JSON; watched, valid edits apply within a second): the bearer
+    /// tokens, by SHA-256, and the identities (`ns/svc`, `ns/*`, `*`) each may fetch configs
+    /// and certificates for. Without it, anyone who can connect gets any workload's.
+    #[arg(long, env = "SIDEMESH_DISCOVER_TOKENS")]
+    pub tokens: Option<PathBuf>,
     /// Mutual TLS between sidecars: the mesh CA and mode.
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -116,7 +122,20 @@ impl TlsArgs {
 
 /// Runs discover until SIGINT or SIGTERM.
 pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<()> {
+    let auth = match &args.tokens {
+        Some(file) => {
+            let auth = Arc::new(
+                Auth::load(file, &registry)
+                    .map_err(|e| anyhow::anyhow!("token file rejected: {e}"))?,
+            );
+            tracing::info!(file = %file.display(), tokens = auth.tokens().len(), "token file loaded: configs and certificates need a bearer token");
+            Some(auth)
+        }
+        None => None,
+    };
+    let _token_watcher = auth.as_ref().map(|a| AbortOnDrop(a.watch()));
     let opts = Options {
+        auth,
         data_dir: args.data_dir.clone(),
         max_wait: Duration::from_secs(args.max_wait_seconds.max(1)),
         max_connections: args.max_connections.max(1),

@@ -51,6 +51,9 @@ pub struct Options {
     /// The identity authority: when set, every served config carries TLS settings and
     /// sidecars get certificates from it. `None` serves configs without TLS.
     pub authority: Option<Arc<crate::identity::Authority>>,
+    /// The token check: when set, a workload's config, resources and certificate need a
+    /// bearer token that covers it. `None` serves them to anyone who can connect.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl Default for Options {
@@ -63,6 +66,7 @@ impl Default for Options {
             header_read_timeout: Duration::from_secs(10),
             expiry_interval: Duration::from_millis(200),
             authority: None,
+            auth: None,
         }
     }
 }
@@ -417,7 +421,10 @@ impl Discover {
                     return (route, method_not_allowed("POST"));
                 }
                 match sidecar_key(&[*ns, *svc, *plugin]) {
-                    Ok(key) => (route, self.post_certificate(req, key).await),
+                    Ok(key) => match self.refused(&req, &key) {
+                        Some(r) => (route, r),
+                        None => (route, self.post_certificate(req, key).await),
+                    },
                     Err(e) => (route, e.into()),
                 }
             }
@@ -427,7 +434,10 @@ impl Discover {
                     return get_only(route);
                 }
                 match sidecar_key(rest) {
-                    Ok(key) => (route, self.get_sidecar(&req, key).await),
+                    Ok(key) => match self.refused(&req, &key) {
+                        Some(r) => (route, r),
+                        None => (route, self.get_sidecar(&req, key).await),
+                    },
                     Err(e) => (route, e.into()),
                 }
             }
@@ -437,7 +447,10 @@ impl Discover {
                     return get_only(route);
                 }
                 match sidecar_key(rest) {
-                    Ok(key) => (route, self.get_resources(key)),
+                    Ok(key) => match self.refused(&req, &key) {
+                        Some(r) => (route, r),
+                        None => (route, self.get_resources(key)),
+                    },
                     Err(e) => (route, e.into()),
                 }
             }
@@ -467,6 +480,12 @@ impl Discover {
                 ),
             ),
         }
+    }
+
+    /// The token check of a workload's routes (see [`crate::auth`]); `None` lets the
+    /// request through.
+    fn refused<B>(&self, req: &Request<B>, key: &SidecarKey) -> Option<Response<Full<Bytes>>> {
+        self.shared.opts.auth.as_ref()?.check(req.headers(), key)
     }
 
     fn readyz(&self) -> Response<Full<Bytes>> {

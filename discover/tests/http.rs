@@ -648,17 +648,22 @@ fn csr_for(uri: &str) -> String {
     p.serialize_request(&key).unwrap().pem().unwrap()
 }
 
-#[tokio::test]
-async fn configs_carry_tls_settings_and_csrs_are_signed_for_their_own_identity_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let authority = sidemesh_discover::identity::Authority::load(
+/// An identity authority whose CA is generated in `dir`.
+fn authority_in(dir: &std::path::Path) -> sidemesh_discover::identity::Authority {
+    sidemesh_discover::identity::Authority::load(
         Default::default(),
         None,
         None,
-        Some(dir.path()),
+        Some(dir),
         &prometheus::Registry::new(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn configs_carry_tls_settings_and_csrs_are_signed_for_their_own_identity_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let authority = authority_in(dir.path());
     let ca = authority.ca_pem().to_owned();
     let opts = Options {
         authority: Some(std::sync::Arc::new(authority)),
@@ -724,4 +729,147 @@ async fn configs_carry_tls_settings_and_csrs_are_signed_for_their_own_identity_o
     let big = request(addr, "POST", path, &[], &vec![b'a'; 64 * 1024]).await;
     assert_eq!(big.status, 413);
     assert_eq!(get(addr, path).await.status, 405);
+}
+
+/// With a token file, a workload's config, resources and certificate need a bearer token
+/// that covers it (401 without or with an unknown one, 403 for another workload's), the
+/// open routes stay open, and an edit of the file applies while a bad edit is ignored.
+#[tokio::test]
+async fn tokens_guard_configs_resources_and_certificates_and_reload() {
+    use sidemesh_discover::auth::{Auth, sha256_hex};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.yaml");
+    let write = |web_identities: &str| {
+        let text = format!(
+            "tokens:\n  - name: web\n    sha256: {}\n    identities: [{web_identities}]\n  - name: ops\n    sha256: {}\n    identities: [\"*\"]\n",
+            sha256_hex(b"web-token"),
+            sha256_hex(b"ops-token"),
+        );
+        // Write then rename, as config management does, so no half file is read.
+        let tmp = dir.path().join("tokens.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write("demo/web");
+    let registry = prometheus::Registry::new();
+    let auth = std::sync::Arc::new(Auth::load(&file, &registry).unwrap());
+    let _watch = auth.watch();
+    let authority = authority_in(dir.path());
+    let opts = Options {
+        authority: Some(std::sync::Arc::new(authority)),
+        auth: Some(auth.clone()),
+        ..Options::default()
+    };
+    let (_d, addr, _s) = start(opts, Some(STATE)).await;
+    let web_config = "/v1/sidecars/demo/web/sidemesh-proxy";
+    let web = [("authorization", "Bearer web-token")];
+    let api_config = "/v1/sidecars/demo/api/sidemesh-proxy";
+
+    let none = get(addr, web_config).await;
+    assert_eq!(none.status, 401);
+    assert!(
+        none.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    assert!(none.json()["error"].as_str().unwrap().contains("Bearer"));
+    let wrong = request(
+        addr,
+        "GET",
+        web_config,
+        &[("authorization", "Bearer nope")],
+        b"",
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    assert!(
+        wrong.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+
+    let ok = request(addr, "GET", web_config, &web, b"").await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    let resources = "/v1/resources/demo/web/sidemesh-proxy";
+    assert_eq!(get(addr, resources).await.status, 401);
+    assert_eq!(request(addr, "GET", resources, &web, b"").await.status, 200);
+
+    // web's token does not open api's config, nor its certificate.
+    let api = request(addr, "GET", api_config, &web, b"").await;
+    assert_eq!(api.status, 403);
+    let msg = api.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains("demo/web") && msg.contains("demo/api"),
+        "{msg}"
+    );
+    let api_csr = csr_for("spiffe://cluster.local/ns/demo/svc/api");
+    let api_cert = "/v1/sidecars/demo/api/sidemesh-proxy/certificate";
+    let refused = request(addr, "POST", api_cert, &web, api_csr.as_bytes()).await;
+    assert_eq!(refused.status, 403);
+    let no_token = request(addr, "POST", api_cert, &[], api_csr.as_bytes()).await;
+    assert_eq!(no_token.status, 401);
+    // Unknown workloads are refused before they are looked up: no probing without a token.
+    assert_eq!(
+        get(addr, "/v1/sidecars/demo/ghost/sidemesh-proxy")
+            .await
+            .status,
+        401
+    );
+
+    let web_csr = csr_for("spiffe://cluster.local/ns/demo/svc/web");
+    let cert = request(
+        addr,
+        "POST",
+        "/v1/sidecars/demo/web/sidemesh-proxy/certificate",
+        &web,
+        web_csr.as_bytes(),
+    )
+    .await;
+    assert_eq!(cert.status, 200, "{:?}", cert.body);
+    assert!(cert.body.starts_with(b"-----BEGIN CERTIFICATE-----"));
+    // The operator's token covers everything.
+    let ops = [("authorization", "Bearer ops-token")];
+    let as_ops = request(addr, "GET", api_config, &ops, b"").await;
+    assert_eq!(as_ops.status, 200);
+
+    // Open routes need no token.
+    for open in ["/v1/services", "/healthz", "/readyz", "/metrics"] {
+        assert_eq!(get(addr, open).await.status, 200, "{open}");
+    }
+    // (The test's Discover has its own registry; the token metrics are on `registry`.)
+    let text = || {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut buf)
+            .unwrap();
+        String::from_utf8(buf).unwrap()
+    };
+    let metrics = text();
+    assert!(
+        metrics.contains("sidemesh_discover_auth_failures_total{reason=\"forbidden\"} 2"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("web-token"));
+
+    // Widen web's token to the whole namespace: api's config opens within a second or so.
+    write("\"demo/*\"");
+    eventually(Duration::from_secs(5), async || {
+        request(addr, "GET", api_config, &web, b"").await.status == 200
+    })
+    .await;
+    // A broken edit keeps the last good tokens.
+    std::fs::write(
+        &file,
+        "tokens: [{sha256: nothex, identities: [demo/web]}]\n",
+    )
+    .unwrap();
+    eventually(Duration::from_secs(5), async || {
+        text().contains("sidemesh_discover_token_reloads_total{result=\"failed\"} 1")
+    })
+    .await;
+    let still = request(addr, "GET", api_config, &web, b"").await;
+    assert_eq!(still.status, 200);
 }

@@ -57,6 +57,15 @@ pub struct Args {
     /// `Authorization` header value sent to discover. Never logged.
     #[arg(long, env = "SIDEMESH_DISCOVER_AUTHORIZATION", hide_env_values = true)]
     pub discover_authorization: Option<String>,
+    /// A file holding this sidecar's bearer token for discover (read at start), sent as
+    /// `Authorization: Bearer <token>` on config polls and certificate requests. Never
+    /// logged.
+    #[arg(
+        long,
+        env = "SIDEMESH_DISCOVER_TOKEN_FILE",
+        conflicts_with = "discover_authorization"
+    )]
+    pub discover_token_file: Option<PathBuf>,
     /// Most client connections open at once.
     #[arg(long, env = "SIDEMESH_MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
@@ -118,6 +127,35 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The largest token file read, in bytes.
+const MAX_TOKEN_FILE_BYTES: u64 = 16 * 1024;
+
+/// The `Authorization` value for discover: `--discover-authorization` as given, or
+/// `Bearer <token>` from `--discover-token-file` (surrounding whitespace trimmed).
+fn authorization(args: &Args) -> anyhow::Result<Option<String>> {
+    use std::io::Read;
+    let Some(path) = &args.discover_token_file else {
+        return Ok(args.discover_authorization.clone());
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TOKEN_FILE_BYTES + 1).read_to_string(&mut text))
+        .with_context(|| format!("cannot read the discover token file {}", path.display()))?;
+    let token = text.trim();
+    // The token itself is never part of an error: errors are logged.
+    anyhow::ensure!(
+        text.len() as u64 <= MAX_TOKEN_FILE_BYTES,
+        "the discover token file {} is larger than {MAX_TOKEN_FILE_BYTES} bytes; it must hold one token",
+        path.display()
+    );
+    anyhow::ensure!(
+        !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()),
+        "the discover token file {} must hold one token: visible ASCII, no spaces",
+        path.display()
+    );
+    Ok(Some(format!("Bearer {token}")))
+}
+
 /// A sidecar running in this process.
 pub struct Running {
     /// The bound admin address.
@@ -166,7 +204,7 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
             url: url.clone(),
             state_dir: args.state_dir.clone(),
             wait: args.discover_wait,
-            authorization: args.discover_authorization.clone(),
+            authorization: authorization(args)?,
             metrics_prefix: "sidemesh_proxy".into(),
         },
         &registry,
@@ -332,5 +370,55 @@ mod tests {
     fn ready_line_is_json() {
         let l = ready_line("proxy", &[("admin".into(), "127.0.0.1:1".into())]);
         assert_eq!(l, r#"{"ready":"proxy","admin":"127.0.0.1:1"}"#);
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["proxy"];
+        argv.extend_from_slice(extra);
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().args
+    }
+
+    #[test]
+    fn the_token_file_becomes_a_bearer_authorization() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret-token\n").unwrap();
+        let path = file.to_str().unwrap();
+        let a = args(&["--discover-token-file", path]);
+        assert_eq!(
+            authorization(&a).unwrap().as_deref(),
+            Some("Bearer s3cret-token")
+        );
+        let plain = args(&["--discover-authorization", "Basic eA=="]);
+        assert_eq!(
+            authorization(&plain).unwrap().as_deref(),
+            Some("Basic eA==")
+        );
+        assert_eq!(authorization(&args(&[])).unwrap(), None);
+        // Both at once is a usage error.
+        assert!(
+            <Cli as clap::Parser>::try_parse_from([
+                "proxy",
+                "--discover-token-file",
+                path,
+                "--discover-authorization",
+                "x"
+            ])
+            .is_err()
+        );
+        // Empty, two words, or missing: refused at start, without echoing the file.
+        for bad in ["\n", "two words\n"] {
+            std::fs::write(&file, bad).unwrap();
+            let e = authorization(&a).unwrap_err().to_string();
+            assert!(e.contains("one token") && !e.contains("two"), "{e}");
+        }
+        let gone = args(&["--discover-token-file", "/nonexistent/token"]);
+        assert!(authorization(&gone).is_err());
     }
 }
