@@ -8,7 +8,7 @@
 //! - [`state`]: the derived, immutable state of one config version.
 //! - [`balance`]: load-balancing policies over endpoints.
 //! - [`http`]: HTTP/1.1, h2c and gRPC proxying with routing, retries and rewrites.
-//! - [`tcp`]: raw TCP proxying with half-close.
+//! - [`tcp`]: raw TCP proxying with half-close (zero-copy `splice` on Linux, in `splice`).
 //! - [`detect`]: protocol detection for `auto` ports.
 //! - [`upstream`]: the connector and pooled clients, with breaker limits.
 //! - [`resilience`]: retry budget, backoff, outlier detection.
@@ -29,6 +29,8 @@ pub mod http;
 pub mod metrics;
 pub mod register;
 pub mod resilience;
+#[cfg(target_os = "linux")]
+mod splice;
 pub mod state;
 pub mod tcp;
 pub mod upstream;

@@ -1,7 +1,9 @@
 //! Raw TCP proxying: pick an endpoint (retrying connect failures on others), then copy
 //! bytes both ways. End of stream in one direction is passed on as a half-close
 //! (`shutdown(Write)`), so protocols that close their sending side first keep working.
-//! A connection without traffic in either direction for the idle timeout is closed.
+//! A connection without traffic in either direction for the idle timeout is closed. On
+//! Linux the bytes move with `splice(2)` (see `splice`); this copy loop is the fallback
+//! and carries upgraded HTTP connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -91,7 +93,7 @@ pub(crate) async fn proxy(
     ep.stats.inflight.fetch_add(1, Ordering::Relaxed);
     let idle =
         (service.timeouts.idle_ms > 0).then(|| Duration::from_millis(service.timeouts.idle_ms));
-    let (up, down, timed_out) = pipe(client, server, idle).await;
+    let (up, down, timed_out) = relay(client, server, idle).await;
     ep.stats.inflight.fetch_sub(1, Ordering::Relaxed);
     if timed_out {
         m.timeouts
@@ -104,6 +106,17 @@ pub(crate) async fn proxy(
     m.tcp_bytes
         .with_label_values(&[dir, &*service.label, "to_client"])
         .inc_by(down);
+}
+
+/// Relays a plain TCP connection: zero-copy `splice` on Linux, the copy loop elsewhere
+/// or when no pipe can be made.
+async fn relay(client: TcpStream, server: TcpStream, idle: Option<Duration>) -> (u64, u64, bool) {
+    #[cfg(target_os = "linux")]
+    match crate::splice::relay(&client, &server, idle).await {
+        Ok(r) => return r,
+        Err(e) => tracing::debug!(error = %e, "no pipe for splice; copying instead"),
+    }
+    pipe(client, server, idle).await
 }
 
 /// Copies `a -> b` and `b -> a` until both directions end, passing each end of stream on
