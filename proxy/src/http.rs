@@ -61,28 +61,44 @@ pub(crate) struct ConnCtx {
     pub mode: ServerMode,
 }
 
+/// The HTTP server settings, built once (not per connection) and shared by every
+/// connection: one builder per server mode.
+pub(crate) struct ServerBuilders {
+    h1: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    h2: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+}
+
+impl ServerBuilders {
+    /// The builders for the limits in `limits`.
+    pub(crate) fn new(limits: &crate::ProxyConfig) -> ServerBuilders {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_headers(limits.max_headers)
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes as u32)
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_pending_accept_reset_streams(Some(20))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        ServerBuilders {
+            h1: builder.clone().http1_only(),
+            h2: builder.http2_only(),
+        }
+    }
+}
+
 /// Serves HTTP on one accepted connection until it ends, or until drain asks it to finish.
 pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
-    let limits = &ctx.shared.config;
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_headers(limits.max_headers)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes as u32)
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_pending_accept_reset_streams(Some(20))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
     let builder = match ctx.mode {
-        ServerMode::Http1 => builder.http1_only(),
-        ServerMode::Http2 => builder.http2_only(),
+        ServerMode::Http1 => &ctx.shared.servers.h1,
+        ServerMode::Http2 => &ctx.shared.servers.h2,
     };
     let svc_ctx = ctx.clone();
     let svc = hyper::service::service_fn(move |req| {

@@ -100,6 +100,8 @@ pub(crate) struct Shared {
     pub config: ProxyConfig,
     pub metrics: Metrics,
     pub state: ArcSwapOption<State>,
+    /// The HTTP server settings, built once.
+    pub servers: http::ServerBuilders,
     cache: Mutex<Cache>,
     conn_slots: Arc<Semaphore>,
 }
@@ -142,6 +144,7 @@ impl Proxy {
         let conn_slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
         Ok(Proxy {
             shared: Arc::new(Shared {
+                servers: http::ServerBuilders::new(&config),
                 config,
                 metrics,
                 state: ArcSwapOption::empty(),
@@ -419,10 +422,15 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let dir = target.direction.as_str();
     let m = &shared.metrics;
-    m.tcp_connections
-        .with_label_values(&[dir, &*target.service.label])
+    // Series resolved once per listener and direction, not per connection.
+    target
+        .connection_metrics
+        .get_or_init(|| {
+            m.tcp_connections
+                .with_label_values(&[dir, &*target.service.label])
+        })
         .inc();
-    let open = m.tcp_open.with_label_values(&[dir]);
+    let open = &m.tcp_open_by_direction[usize::from(target.direction == Direction::Outbound)];
     open.inc();
     let mode = match target.protocol {
         Protocol::Http1 => Detected::Http1,
