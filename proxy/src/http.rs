@@ -107,15 +107,14 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
     });
     // Idle client connections are closed (gracefully: a request in flight finishes).
     let idle_ms = ctx.target.service.timeouts.idle_ms;
-    let origin = Instant::now();
-    let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let io = crate::tcp::Timed::new(stream, last.clone(), origin);
+    let activity = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let io = crate::tcp::Timed::new(stream, activity.clone());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let idle = async {
         match idle_ms {
             0 => std::future::pending().await,
-            ms => crate::tcp::idle_watch(&last, origin, Duration::from_millis(ms)).await,
+            ms => crate::tcp::idle_watch(&activity, Duration::from_millis(ms)).await,
         }
     };
     tokio::select! {

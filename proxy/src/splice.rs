@@ -9,7 +9,7 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use tokio::io::Interest;
@@ -40,13 +40,12 @@ pub(crate) async fn relay(
     idle: Option<Duration>,
 ) -> Result<(u64, u64, bool), io::Error> {
     let (ab_pipe, ba_pipe) = (Pipe::new()?, Pipe::new()?);
-    let origin = Instant::now();
-    let last = AtomicU64::new(0);
+    let activity = AtomicU64::new(0);
     let ab_count = AtomicU64::new(0);
     let ba_count = AtomicU64::new(0);
     let copy = async {
-        let ab = one_way(a, b, &ab_pipe, &ab_count, &last, origin);
-        let ba = one_way(b, a, &ba_pipe, &ba_count, &last, origin);
+        let ab = one_way(a, b, &ab_pipe, &ab_count, &activity);
+        let ba = one_way(b, a, &ba_pipe, &ba_count, &activity);
         let _ = tokio::join!(ab, ba);
     };
     let timed_out = match idle {
@@ -56,7 +55,7 @@ pub(crate) async fn relay(
         }
         Some(idle) => tokio::select! {
             _ = copy => false,
-            _ = crate::tcp::idle_watch(&last, origin, idle) => true,
+            _ = crate::tcp::idle_watch(&activity, idle) => true,
         },
     };
     Ok((
@@ -72,8 +71,7 @@ async fn one_way(
     w: &TcpStream,
     pipe: &Pipe,
     count: &AtomicU64,
-    last: &AtomicU64,
-    origin: Instant,
+    activity: &AtomicU64,
 ) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     // Bytes sitting in the pipe, read from `r` but not yet written to `w`.
@@ -91,7 +89,7 @@ async fn one_way(
                     Err(e) => return Err(e),
                 }
             };
-            last.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+            activity.fetch_add(1, Ordering::Relaxed);
             if n == 0 {
                 // Pass the end of stream on, but keep the other direction open.
                 return socket2::SockRef::from(w).shutdown(Shutdown::Write);
@@ -106,7 +104,7 @@ async fn one_way(
             Ok(n) => {
                 pending -= n;
                 count.fetch_add(n as u64, Ordering::Relaxed);
-                last.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+                activity.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -126,15 +126,14 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let origin = Instant::now();
-    let last = AtomicU64::new(0);
+    let activity = AtomicU64::new(0);
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
     let ab_count = AtomicU64::new(0);
     let ba_count = AtomicU64::new(0);
     let copy = async {
-        let ab = one_way(&mut ar, &mut bw, &ab_count, &last, origin);
-        let ba = one_way(&mut br, &mut aw, &ba_count, &last, origin);
+        let ab = one_way(&mut ar, &mut bw, &ab_count, &activity);
+        let ba = one_way(&mut br, &mut aw, &ba_count, &activity);
         let _ = tokio::join!(ab, ba);
     };
     let timed_out = match idle {
@@ -145,7 +144,7 @@ where
         Some(idle) => {
             tokio::select! {
                 _ = copy => false,
-                _ = idle_watch(&last, origin, idle) => true,
+                _ = idle_watch(&activity, idle) => true,
             }
         }
     };
@@ -156,39 +155,42 @@ where
     )
 }
 
-/// Completes once `last` (milliseconds after `origin` of the latest activity) is more
-/// than `idle` in the past.
-pub(crate) async fn idle_watch(last: &AtomicU64, origin: Instant, idle: Duration) {
+/// Completes once `activity` (a count of reads and writes) has not moved for `idle`.
+///
+/// Counting instead of time-stamping keeps a clock read off every read and write; the
+/// count is sampled four times per `idle`, so a connection closes between `idle` and
+/// 1.5 × `idle` after its latest activity.
+pub(crate) async fn idle_watch(activity: &AtomicU64, idle: Duration) {
+    let step = (idle / 4).max(Duration::from_millis(1));
+    let mut seen = activity.load(Ordering::Relaxed);
+    let mut quiet_since = tokio::time::Instant::now();
     loop {
-        let since = Duration::from_millis(last.load(Ordering::Relaxed));
-        let deadline = origin + since + idle;
-        if Instant::now() >= deadline {
+        tokio::time::sleep(step).await;
+        let now = tokio::time::Instant::now();
+        let count = activity.load(Ordering::Relaxed);
+        if count != seen {
+            seen = count;
+            quiet_since = now;
+        } else if now.duration_since(quiet_since) >= idle {
             return;
         }
-        tokio::time::sleep_until(deadline.into()).await;
     }
 }
 
-/// A stream that notes the time of its latest read or write, for idle timeouts.
+/// A stream that counts its reads and writes, for idle timeouts ([`idle_watch`]).
 pub(crate) struct Timed<S> {
     inner: S,
-    last: Arc<AtomicU64>,
-    origin: Instant,
+    activity: Arc<AtomicU64>,
 }
 
 impl<S> Timed<S> {
-    /// Wraps `inner`; activity is written to `last` as milliseconds after `origin`.
-    pub(crate) fn new(inner: S, last: Arc<AtomicU64>, origin: Instant) -> Timed<S> {
-        Timed {
-            inner,
-            last,
-            origin,
-        }
+    /// Wraps `inner`; every completed read or write bumps `activity`.
+    pub(crate) fn new(inner: S, activity: Arc<AtomicU64>) -> Timed<S> {
+        Timed { inner, activity }
     }
 
     fn touch(&self) {
-        self.last
-            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.activity.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -254,8 +256,7 @@ async fn one_way<R, W>(
     r: &mut R,
     w: &mut W,
     count: &AtomicU64,
-    last: &AtomicU64,
-    origin: Instant,
+    activity: &AtomicU64,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -264,7 +265,7 @@ where
     let mut buf = vec![0u8; BUF];
     loop {
         let n = r.read(&mut buf).await?;
-        last.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.fetch_add(1, Ordering::Relaxed);
         if n == 0 {
             // Pass the end of stream on, but keep the other direction open.
             w.shutdown().await?;

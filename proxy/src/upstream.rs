@@ -14,8 +14,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -140,35 +140,25 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// What one upstream connection shares with the pool: when it last carried bytes, and how
-/// many requests use it now, so that its task can close it once it has been idle (no
-/// request and no traffic) for the idle timeout.
+/// What one upstream connection shares with the pool: a count of its reads and writes,
+/// and how many requests use it now, so that its task can close it once it has been idle
+/// (no request and no traffic) for the idle timeout.
 #[derive(Debug, Default)]
 struct Activity {
-    /// Milliseconds after [`origin`] of the latest read or write.
-    last: Arc<AtomicU64>,
+    /// Reads and writes so far.
+    io: Arc<AtomicU64>,
     /// Requests using the connection now.
     busy: AtomicUsize,
 }
 
-/// A fixed point that connection activity is measured from.
-fn origin() -> Instant {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    *ORIGIN.get_or_init(Instant::now)
-}
-
 /// Completes once the connection has had no request and no traffic for `idle`.
 async fn idle_close(activity: &Activity, idle: Duration) {
-    let origin = origin();
     loop {
-        crate::tcp::idle_watch(&activity.last, origin, idle).await;
+        crate::tcp::idle_watch(&activity.io, idle).await;
         if activity.busy.load(Ordering::Acquire) == 0 {
             return;
         }
         // A request is in flight on a silent connection (a slow answer): not idle.
-        activity
-            .last
-            .store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -366,15 +356,7 @@ impl Clients {
     async fn dial(&self, addr: SocketAddr, h2: bool) -> Result<Checkout, ConnectError> {
         let (stream, slot) = self.connector.connect(addr).await?;
         let activity = Arc::new(Activity::default());
-        let origin = origin();
-        activity
-            .last
-            .store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let io: Io = TokioIo::new(crate::tcp::Timed::new(
-            stream,
-            activity.last.clone(),
-            origin,
-        ));
+        let io: Io = TokioIo::new(crate::tcp::Timed::new(stream, activity.io.clone()));
         let idle = self.connector.idle_timeout();
         let watch = activity.clone();
         // Runs a connection until it ends or idles out; the breaker slot is held as long.
