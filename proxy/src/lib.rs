@@ -419,7 +419,8 @@ async fn connection(
     else {
         return;
     };
-    let _ = stream.set_nodelay(true);
+    // No TCP_NODELAY call here: accepted sockets inherit it from the listener (see
+    // `bind`), which saves a syscall per connection.
     let dir = target.direction.as_str();
     let m = &shared.metrics;
     // Series resolved once per listener and direction, not per connection.
@@ -466,4 +467,22 @@ async fn connection(
         }
     }
     open.dec();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `connection` relies on this instead of setting TCP_NODELAY on every accepted socket.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = tokio::time::timeout(Duration::from_secs(5), l.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(server.nodelay().unwrap());
+    }
 }
