@@ -205,7 +205,7 @@ declare -A PID=([sidemesh]=$SIDEMESH_PID [haproxy]=$HAPROXY_PID [nginx]=$NGINX_P
 PROXIES="sidemesh haproxy nginx"
 
 # Envoy, one worker, when its binary is there.
-ENVOY=${ENVOY:-$(find .venv -path '*envoy/_bin/envoy' -type f 2>/dev/null | head -1)}
+ENVOY=${ENVOY:-$(find .venv -path '*envoy/_bin/envoy' -type f 2>/dev/null | head -1 || true)}
 if [ -n "$ENVOY" ] && [ -x "$ENVOY" ]; then
   hcm() { # listener name, port, cluster
     cat <<EOT
