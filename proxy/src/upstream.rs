@@ -186,6 +186,8 @@ const MAX_IDLE_PER_ENDPOINT: usize = 512;
 struct Pools {
     h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
     h2: Mutex<HashMap<SocketAddr, SharedH2>>,
+    /// Held while an endpoint's HTTP/2 connection is being dialled.
+    h2_dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Why a request could not be sent upstream.
@@ -278,13 +280,13 @@ impl Clients {
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, InUse), SendError> {
         loop {
-            let (mut conn, fresh) = match if h2 {
-                self.idle_h2(addr)
+            let (mut conn, fresh) = if h2 {
+                self.checkout_h2(addr).await?
             } else {
-                self.idle_h1(addr)
-            } {
-                Some(c) => (c, false),
-                None => (self.dial(addr, h2).await?, true),
+                match self.idle_h1(addr) {
+                    Some(c) => (c, false),
+                    None => (self.dial(addr, false).await?, true),
+                }
             };
             conn.activity.busy.fetch_add(1, Ordering::AcqRel);
             let sent = match &mut conn.sender {
@@ -332,6 +334,24 @@ impl Clients {
             }
         }
         None
+    }
+
+    /// The endpoint's HTTP/2 connection, dialled if there is none. One request dials while
+    /// the others wait for it: without that, a burst of concurrent requests to a new
+    /// endpoint opened a connection each (hundreds, and tens of MiB of buffers).
+    async fn checkout_h2(&self, addr: SocketAddr) -> Result<(Checkout, bool), ConnectError> {
+        if let Some(c) = self.idle_h2(addr) {
+            return Ok((c, false));
+        }
+        let gate = match self.pools.h2_dialing.lock() {
+            Ok(mut gates) => gates.entry(addr).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        let _dialing = gate.lock().await;
+        if let Some(c) = self.idle_h2(addr) {
+            return Ok((c, false));
+        }
+        Ok((self.dial(addr, true).await?, true))
     }
 
     fn idle_h2(&self, addr: SocketAddr) -> Option<Checkout> {
@@ -539,5 +559,53 @@ mod tests {
             assert_eq!(get(&c, addr).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn concurrent_http2_requests_share_one_new_connection() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let n = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let c = clients();
+        let uri: http::Uri = format!("http://{addr}/").parse().unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let (c, uri) = (c.clone(), uri.clone());
+            tasks.push(tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                let mut req = Request::new(
+                    http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                );
+                *req.uri_mut() = uri;
+                let (resp, _in_use) = c.send(addr, true, req).await.unwrap();
+                resp.into_body().collect().await.unwrap().to_bytes()
+            }));
+        }
+        for t in tasks {
+            let body = tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(body, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 }
