@@ -322,3 +322,76 @@ fn dig_resolves_names_rendered_from_a_state_file() {
     assert_eq!(short(&dns, &["backend.demo"]), addr);
     assert_eq!(short(&dns, &["+tcp", "BACKEND.demo.svc"]), addr);
 }
+
+#[test]
+fn dig_sees_aaaa_and_negative_answers_with_an_soa_in_an_authoritative_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sidecar.json");
+    let mut c: serde_json::Value = serde_json::from_str(&config(
+        3,
+        &[("tomcat", "shop", "127.1.0.7"), ("db", "data", "127.1.0.8")],
+    ))
+    .unwrap();
+    c["outbound"][0]["address_v6"] = serde_json::json!("::ffff:127.1.0.7");
+    c["dns"] = serde_json::json!({"ttl_seconds": 9});
+    write_config(&cfg, &c.to_string());
+    let (upstream, hits) = fake_upstream();
+    let sm = Sidemesh::start(
+        &[
+            "dns",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--upstream",
+            &upstream.to_string(),
+            "--authoritative-zone",
+            "cluster.local",
+        ],
+        &[],
+    );
+    let dns = sm.addr("listen");
+
+    // AAAA where the service has an IPv6 address, over UDP and TCP.
+    assert_eq!(short(&dns, &["tomcat.shop", "AAAA"]), "::ffff:127.1.0.7");
+    assert_eq!(short(&dns, &["+tcp", "tomcat", "AAAA"]), "::ffff:127.1.0.7");
+    // NODATA for the other: an SOA in the authority section, TTL and MINIMUM 9 s.
+    let out = dig(&dns, &["db.data", "AAAA"]);
+    assert!(out.contains("status: NOERROR"), "{out}");
+    assert!(out.contains("ANSWER: 0, AUTHORITY: 1"), "{out}");
+    let soa = |out: &str| {
+        out.lines()
+            .find(|l| l.contains("\tSOA\t"))
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let db = soa(&out);
+    assert_eq!(
+        (
+            db[0].as_str(),
+            db[1].as_str(),
+            db.last().map(String::as_str)
+        ),
+        ("db.data.", "9", Some("9")),
+        "{out}"
+    );
+    // In the authoritative zone: NXDOMAIN with the zone's SOA for a name that does not
+    // exist, NODATA for an empty non-terminal; neither goes upstream.
+    let out = dig(&dns, &["nosuch.shop.svc.cluster.local"]);
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+    assert_eq!(
+        soa(&out).first().map(String::as_str),
+        Some("cluster.local."),
+        "{out}"
+    );
+    assert!(out.contains("flags: qr aa"), "{out}");
+    assert_eq!(status(&dns, &["shop.svc.cluster.local"]), "NOERROR");
+    assert_eq!(
+        short(&dns, &["cluster.local", "SOA"]).split(' ').next(),
+        Some("cluster.local.")
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Outside it, names are still forwarded.
+    assert_eq!(short(&dns, &["www.example.org"]), "192.0.2.7");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -1,7 +1,9 @@
 //! End-to-end test of universal mode: `sidemesh discover` with a state file that defines the
 //! services but no instances; a backend instance's `sidemesh proxy --register` announces
 //! itself in the TTL registry, a client sidecar then reaches it, and on SIGTERM the
-//! registration is deleted so the client no longer sees the instance.
+//! registration is deleted so the client no longer sees the instance. The service maps its
+//! port (service port ≠ app port ≠ `port_outer`), so a registration that announced the app
+//! port instead of the service port would leave the client with no endpoint.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -43,11 +45,13 @@ fn registered_instance_is_reachable_and_leaves_on_sigterm() {
     let (a, b) = (2 + (n % 240) as u8, 2 + ((n >> 8) % 240) as u8);
     let instance = Ipv4Addr::new(127, a, b, 21);
     let client = Ipv4Addr::new(127, a, b, 22);
-    let (port, outer) = (free_port(instance), free_port(instance));
+    // The service maps its port: clients dial `port`, the app listens on `app`, and the
+    // instance's sidecar on `outer`. The registration must name the service port.
+    let (port, app, outer) = (free_port(client), free_port(instance), free_port(instance));
     let yaml = format!(
         "services:\n\
          - namespace: demo\n  name: web\n  ports: [{{port: 8000, port_outer: 18000, protocol: http1}}]\n  use_services: [{{service: backend}}]\n\
-         - namespace: demo\n  name: backend\n  ports: [{{port: {port}, port_outer: {outer}, protocol: http1}}]\n"
+         - namespace: demo\n  name: backend\n  ports: [{{port: {port}, target_port: {app}, port_outer: {outer}, protocol: http1}}]\n"
     );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("state.yaml");
@@ -68,7 +72,7 @@ fn registered_instance_is_reachable_and_leaves_on_sigterm() {
         &[
             "demo-backend",
             "--listen",
-            &format!("{instance}:{port}"),
+            &format!("{instance}:{app}"),
             "--name",
             "inst-a",
         ],
@@ -117,6 +121,22 @@ fn registered_instance_is_reachable_and_leaves_on_sigterm() {
         .unwrap()
         .to_owned();
     let target = format!("{svc}:{port}");
+
+    // The client's config lists the instance at its sidecar's port under the service port.
+    let endpoint = eventually(WAIT, || {
+        let (_, c) = http_get(&disc, "/v1/sidecars/demo/web/sidemesh-proxy")?;
+        let c: serde_json::Value = serde_json::from_str(&c).ok()?;
+        let p = c["outbound"][0]["ports"]
+            .as_array()?
+            .iter()
+            .find(|p| p["port"] == port)?
+            .clone();
+        p["endpoints"].as_array()?.first().cloned()
+    })
+    .expect("the registered instance appears under the service port");
+    assert_eq!(endpoint["address"], instance.to_string(), "{endpoint}");
+    assert_eq!(endpoint["port"], outer, "{endpoint}");
+    assert_eq!(endpoint["meshed"], true, "{endpoint}");
 
     let reached = eventually(WAIT, || {
         http_get(&target, "/").filter(|(s, body)| *s == 200 && body.contains("inst-a"))

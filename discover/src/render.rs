@@ -195,6 +195,7 @@ impl<'a> Cluster<'a> {
                 Some(InboundPort {
                     port: p.app_port(),
                     port_outer: p.port_outer?,
+                    service_port: Some(p.port),
                     protocol: p.protocol,
                     allow_clients: svc.allow_clients.clone(),
                     timeouts: svc.inbound_timeouts.clone(),
@@ -302,6 +303,7 @@ impl<'a> Cluster<'a> {
             namespace: ns.to_owned(),
             dns_names,
             address,
+            address_v6: None,
             ports,
             routes: d.routes,
             balancer: d.balancer,
@@ -451,6 +453,7 @@ plugins:
         assert_eq!(cfg.inbound.len(), 1);
         assert_eq!(cfg.inbound[0].port.get(), 8000);
         assert_eq!(cfg.inbound[0].port_outer.get(), 18000);
+        assert_eq!(cfg.inbound[0].service_port.map(|p| p.get()), Some(80));
         assert_eq!(
             cfg.inbound[0].allow_clients.as_deref(),
             Some(&["demo/*".to_owned()][..])

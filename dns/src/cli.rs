@@ -70,6 +70,14 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub allow_clients: Vec<Network>,
+    /// Zones only the shim knows (e.g. `cluster.local` outside Kubernetes): other names in
+    /// them get NXDOMAIN with an SOA instead of being forwarded.
+    #[arg(
+        long = "authoritative-zone",
+        env = "SIDEMESH_DNS_AUTHORITATIVE_ZONES",
+        value_delimiter = ','
+    )]
+    pub authoritative_zones: Vec<String>,
     /// Time for one upstream exchange before trying the next upstream, in milliseconds.
     #[arg(long, env = "SIDEMESH_DNS_UPSTREAM_TIMEOUT_MS", default_value_t = 1000)]
     pub upstream_timeout_ms: u64,
@@ -117,6 +125,7 @@ impl Args {
             upstream_timeout: Duration::from_millis(self.upstream_timeout_ms.max(1)),
             cache_size: self.cache_size,
             udp_workers: self.udp_workers.max(1),
+            authoritative_zones: self.authoritative_zones.clone(),
             ..ShimOptions::default()
         })
     }

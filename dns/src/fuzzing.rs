@@ -40,6 +40,7 @@ fn handler() -> Option<&'static Handler> {
                 allow_clients: vec![],
                 upstream_timeout: Duration::from_millis(1),
                 cache_size: 16,
+                authoritative: Vec::new(),
             },
             metrics,
         ))

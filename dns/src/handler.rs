@@ -14,12 +14,19 @@
 //!    service only for intended clients; the shim is never an open resolver).
 //! 5. EDNS version above 0: BADVERS (RFC 6891 section 6.1.3).
 //! 6. A mesh name in class IN: A gets the service's loopback address with the config's TTL
-//!    and AA=1; ANY gets that same A record only (RFC 8482 section 4.2, a minimal answer);
-//!    every other type gets NOERROR with no records (NODATA, RFC 2308 section 2.2), never
-//!    NXDOMAIN, because the name exists (RFC 8020).
-//! 7. ANY, AXFR and IXFR for other names: REFUSED (RFC 8482 section 4.1 permits not
+//!    and AA=1; AAAA gets the service's `address_v6` when it has one; ANY gets the A record
+//!    only (RFC 8482 section 4.2, a minimal answer); every other type gets NOERROR with no
+//!    records (NODATA, RFC 2308 section 2.2), never NXDOMAIN, because the name exists
+//!    (RFC 8020). A NODATA answer carries an SOA in the authority section whose TTL and
+//!    MINIMUM are the config's TTL, so caches keep it exactly that long (RFC 2308 sections
+//!    3 and 5: a negative answer without SOA should not be cached at all).
+//! 7. Another name in an authoritative zone (`--authoritative-zone`, for universal mode
+//!    where no other server knows the mesh's names): NXDOMAIN with the zone's SOA, or
+//!    NODATA with it when mesh names exist below the name (an empty non-terminal) or it is
+//!    the apex (which answers SOA queries). Never forwarded.
+//! 8. ANY, AXFR and IXFR for other names: REFUSED (RFC 8482 section 4.1 permits not
 //!    expanding ANY; zone transfers are not a stub resolver's business).
-//! 8. Everything else: the cache, else the upstreams (see [`crate::forward`]); SERVFAIL
+//! 9. Everything else: the cache, else the upstreams (see [`crate::forward`]); SERVFAIL
 //!    when no upstream answers, NXDOMAIN only when an upstream said so.
 //!
 //! Responses to UDP queries fit the client's EDNS payload size (512 bytes without EDNS,
@@ -34,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use hickory_proto::rr::rdata::{A, AAAA, SOA};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use tokio::sync::watch;
 
 use crate::cache::{Answer, Cache, Key};
@@ -139,6 +146,10 @@ pub struct HandlerSettings {
     pub upstream_timeout: Duration,
     /// Most answers the cache keeps.
     pub cache_size: usize,
+    /// Zones the shim alone answers (normalised: lower case, no trailing dot): names in
+    /// them that are not mesh names get NXDOMAIN (or NODATA) with the zone's SOA instead
+    /// of being forwarded.
+    pub authoritative: Vec<String>,
 }
 
 /// The request path, shared by the UDP and TCP listeners.
@@ -184,7 +195,7 @@ impl Handler {
         self.handle_decoded(packet, src, transport)
     }
 
-    /// The fast path for the dominant query: one A or AAAA question of class IN for a mesh
+    /// The fast path for the dominant query: one A question of class IN for a mesh
     /// name, optionally with a plain EDNS(0) OPT record, from an allowed client. It reads
     /// the wire bytes directly and builds the reply by copying the question; anything
     /// unusual returns `None` and takes [`Handler::handle_decoded`], which decodes with
@@ -229,7 +240,8 @@ impl Handler {
         let qend = at + 4;
         let tail = packet.get(at..qend)?;
         let qtype = u16::from_be_bytes([tail[0], tail[1]]);
-        if !(qtype == 1 || qtype == 28) || tail[2..4] != [0, 1] {
+        // A only: AAAA needs the service's IPv6 address or an SOA, built by the decoding path.
+        if qtype != 1 || tail[2..4] != [0, 1] {
             return None;
         }
         // Optional OPT: root name, TYPE 41, CLASS = payload, TTL = ext-rcode, version 0,
@@ -260,16 +272,13 @@ impl Handler {
         out.extend_from_slice(&head[..2]);
         out.push(0x84 | (head[2] & 0x01));
         out.push(0x80 | (head[3] & 0x10));
-        let ancount = u8::from(qtype == 1);
-        out.extend_from_slice(&[0, 1, 0, ancount, 0, 0, 0, u8::from(edns)]);
+        out.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, u8::from(edns)]);
         out.extend_from_slice(packet.get(12..qend)?);
-        if qtype == 1 {
-            // The owner is a pointer to the question's name (offset 12).
-            out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
-            out.extend_from_slice(&table.ttl.to_be_bytes());
-            out.extend_from_slice(&[0, 4]);
-            out.extend_from_slice(&addr.octets());
-        }
+        // The owner is a pointer to the question's name (offset 12).
+        out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+        out.extend_from_slice(&table.ttl.to_be_bytes());
+        out.extend_from_slice(&[0, 4]);
+        out.extend_from_slice(&addr.octets());
         if edns {
             let [hi, lo] = EDNS_PAYLOAD.to_be_bytes();
             out.extend_from_slice(&[0, 0, 41, hi, lo, 0, 0, 0, 0, 0, 0]);
@@ -330,16 +339,37 @@ impl Handler {
             if normalise(query.name().iter(), &mut name) {
                 if let Some(addr) = table.lookup(&name) {
                     self.metrics.query(qtype, Outcome::Local);
-                    let answers = match query.query_type() {
-                        RecordType::A | RecordType::ANY => vec![Record::from_rdata(
-                            query.name().clone(),
-                            table.ttl,
-                            RData::A(A(addr)),
-                        )],
+                    let owner = query.name();
+                    let answers = match (query.query_type(), table.lookup_v6(&name)) {
+                        (RecordType::A | RecordType::ANY, _) => {
+                            vec![Record::from_rdata(
+                                owner.clone(),
+                                table.ttl,
+                                RData::A(A(addr)),
+                            )]
+                        }
+                        (RecordType::AAAA, Some(v6)) => {
+                            vec![Record::from_rdata(
+                                owner.clone(),
+                                table.ttl,
+                                RData::AAAA(AAAA(v6)),
+                            )]
+                        }
                         _ => Vec::new(),
+                    };
+                    // NODATA: the name is its own zone's apex as far as the client can
+                    // tell (the shim owns exactly the names it answers).
+                    let soa = if answers.is_empty() {
+                        let apex = self
+                            .zone_of(&name)
+                            .map_or(owner.clone(), |z| apex_name(owner, z));
+                        vec![soa_record(&apex, &table)]
+                    } else {
+                        Vec::new()
                     };
                     let sections = Sections {
                         answers: &answers,
+                        authorities: &soa,
                         ..Sections::default()
                     };
                     return Step::Reply(respond(
@@ -349,6 +379,30 @@ impl Handler {
                         limit,
                         true,
                     ));
+                }
+                if let Some(zone) = self.zone_of(&name) {
+                    let apex = apex_name(query.name(), zone);
+                    let soa = vec![soa_record(&apex, &table)];
+                    let at_apex = name.len() == zone.len();
+                    let (rcode, outcome) = if at_apex || table.has_names_below(&name) {
+                        (ResponseCode::NoError, Outcome::Local)
+                    } else {
+                        (ResponseCode::NXDomain, Outcome::NxDomain)
+                    };
+                    self.metrics.query(qtype, outcome);
+                    let apex_soa = at_apex && query.query_type() == RecordType::SOA;
+                    let sections = if apex_soa {
+                        Sections {
+                            answers: &soa,
+                            ..Sections::default()
+                        }
+                    } else {
+                        Sections {
+                            authorities: &soa,
+                            ..Sections::default()
+                        }
+                    };
+                    return Step::Reply(respond(&request, rcode, &[sections], limit, true));
                 }
             }
         }
@@ -477,6 +531,18 @@ impl Handler {
         })
     }
 
+    /// The authoritative zone `name` (normalised) is in, if any.
+    fn zone_of(&self, name: &str) -> Option<&str> {
+        self.settings
+            .authoritative
+            .iter()
+            .find(|z| {
+                name.strip_suffix(z.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.ends_with('.'))
+            })
+            .map(String::as_str)
+    }
+
     fn allowed(&self, src: IpAddr) -> bool {
         let src = match src {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(src, IpAddr::V4),
@@ -484,6 +550,33 @@ impl Handler {
         };
         src.is_loopback() || self.settings.allow_clients.iter().any(|n| n.contains(src))
     }
+}
+
+/// The last `zone`'s labels of `name` (as asked, case kept): the zone apex.
+fn apex_name(name: &Name, zone: &str) -> Name {
+    let labels = if zone.is_empty() {
+        0
+    } else {
+        zone.split('.').count()
+    };
+    name.trim_to(labels)
+}
+
+/// The SOA of a zone the shim answers for (RFC 1035 section 3.3.13): the apex as primary
+/// server, `hostmaster.<apex>` as mailbox, the config version as serial, and the
+/// config's TTL as both the record's TTL and MINIMUM, which is how long a negative answer
+/// may be cached (RFC 2308 section 5). Refresh, retry and expire only matter to secondary
+/// servers, which the shim has none of.
+fn soa_record(apex: &Name, table: &NameTable) -> Record {
+    let mut apex = apex.clone();
+    apex.set_fqdn(true);
+    let rname = Name::from_ascii("hostmaster")
+        .ok()
+        .and_then(|h| h.append_domain(&apex).ok())
+        .unwrap_or_else(|| apex.clone());
+    let serial = table.version.map_or(0, |v| v as u32);
+    let soa = SOA::new(apex.clone(), rname, serial, 3600, 600, 86400, table.ttl);
+    Record::from_rdata(apex, table.ttl, RData::SOA(soa))
 }
 
 /// The sections of a response besides the question.
@@ -588,7 +681,6 @@ fn header_only(head: &[u8], rcode: ResponseCode) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::rr::Name;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn handler() -> Handler {
@@ -603,6 +695,7 @@ mod tests {
                 allow_clients: vec!["10.1.0.0/16".parse().unwrap()],
                 upstream_timeout: Duration::from_millis(100),
                 cache_size: 10,
+                authoritative: vec![],
             },
             metrics,
         )
@@ -655,19 +748,91 @@ mod tests {
         }
     }
 
+    /// The SOA in a NODATA or NXDOMAIN answer: its owner, TTL and MINIMUM.
+    fn soa_of(r: &Message) -> (String, u32, u32) {
+        assert_eq!(r.authorities.len(), 1, "{r:?}");
+        let rec = &r.authorities[0];
+        let RData::SOA(soa) = &rec.data else {
+            panic!("not an SOA: {rec:?}");
+        };
+        (rec.name.to_ascii(), rec.ttl, soa.minimum)
+    }
+
     #[test]
-    fn local_aaaa_and_others_are_nodata_any_is_minimal() {
+    fn local_aaaa_when_configured_nodata_with_soa_otherwise_any_is_minimal() {
         let h = handler();
-        for t in [RecordType::AAAA, RecordType::MX, RecordType::TXT] {
-            let r = reply(&h, &query("tomcat.shop.", t, Some(1232)), LO);
-            assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        let r = reply(&h, &query("tomcat.shop.", RecordType::AAAA, None), LO);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.metadata.authoritative);
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(r.answers[0].ttl, 7);
+        assert_eq!(
+            r.answers[0].data,
+            RData::AAAA(AAAA("fd00::7".parse().unwrap()))
+        );
+        // db has no IPv6 address: NODATA, with an SOA so caches keep it for the TTL.
+        for (name, t) in [
+            ("db.Data.", RecordType::AAAA),
+            ("tomcat.shop.", RecordType::MX),
+            ("tomcat.shop.", RecordType::TXT),
+        ] {
+            let r = reply(&h, &query(name, t, Some(1232)), LO);
+            assert_eq!(
+                r.metadata.response_code,
+                ResponseCode::NoError,
+                "{name} {t}"
+            );
             assert!(r.answers.is_empty());
+            assert_eq!(soa_of(&r), (name.to_owned(), 7, 7), "{name} {t}");
             assert!(r.edns.is_some(), "OPT echoed when the query had one");
         }
         let r = reply(&h, &query("tomcat.", RecordType::ANY, None), LO);
         assert_eq!(r.answers.len(), 1);
         let r = reply(&h, &query("example.com.", RecordType::ANY, None), LO);
         assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    }
+
+    #[test]
+    fn authoritative_zone_answers_nxdomain_and_empty_non_terminals_itself() {
+        let mut h = handler();
+        h.settings.authoritative = vec!["cluster.local".to_owned()];
+        let code = |name: &str, t: RecordType| {
+            let r = reply(&h, &query(name, t, None), LO);
+            assert!(r.metadata.authoritative, "{name}");
+            (r.metadata.response_code, r)
+        };
+        // Not a mesh name, nothing below it: NXDOMAIN with the zone's SOA (case kept).
+        let (rc, r) = code("nosuch.shop.svc.Cluster.Local.", RecordType::A);
+        assert_eq!(rc, ResponseCode::NXDomain);
+        assert_eq!(soa_of(&r), ("Cluster.Local.".to_owned(), 7, 7));
+        // Empty non-terminals and the apex exist: NODATA, never NXDOMAIN (RFC 8020).
+        for name in [
+            "shop.svc.cluster.local.",
+            "svc.cluster.local.",
+            "cluster.local.",
+        ] {
+            let (rc, r) = code(name, RecordType::A);
+            assert_eq!(rc, ResponseCode::NoError, "{name}");
+            assert!(r.answers.is_empty());
+            assert_eq!(soa_of(&r).0, "cluster.local.");
+        }
+        // The apex answers its SOA.
+        let (rc, r) = code("cluster.local.", RecordType::SOA);
+        assert_eq!(rc, ResponseCode::NoError);
+        assert!(matches!(r.answers[..], [ref soa] if soa.record_type() == RecordType::SOA));
+        // A mesh name in the zone keeps its answer; its NODATA names the zone's apex.
+        let (_, r) = code("tomcat.shop.svc.cluster.local.", RecordType::A);
+        assert_eq!(r.answers.len(), 1);
+        let (_, r) = code("db.data.svc.cluster.local.", RecordType::AAAA);
+        assert_eq!(soa_of(&r).0, "cluster.local.");
+        // Names outside the zone still go upstream; a zone is matched on label bounds.
+        for name in ["example.com.", "xcluster.local."] {
+            let q = query(name, RecordType::A, None);
+            assert!(
+                matches!(h.handle(&q, LO, Transport::Udp), Step::Forward(_)),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -67,6 +67,10 @@ pub struct ShimOptions {
     pub max_tcp_connections: usize,
     /// Tasks receiving on the UDP socket (default 1).
     pub udp_workers: usize,
+    /// Zones only the shim knows (e.g. `cluster.local` outside Kubernetes): a name in one
+    /// that is not a mesh name gets NXDOMAIN with the zone's SOA instead of being
+    /// forwarded (default none: in Kubernetes the cluster DNS knows unmeshed services).
+    pub authoritative_zones: Vec<String>,
 }
 
 impl Default for ShimOptions {
@@ -81,6 +85,7 @@ impl Default for ShimOptions {
             max_inflight: 1024,
             max_tcp_connections: 256,
             udp_workers: 1,
+            authoritative_zones: Vec::new(),
         }
     }
 }
@@ -149,6 +154,11 @@ impl Shim {
                 allow_clients: opts.allow_clients.clone(),
                 upstream_timeout: opts.upstream_timeout,
                 cache_size: opts.cache_size,
+                authoritative: opts
+                    .authoritative_zones
+                    .iter()
+                    .map(|z| z.trim_end_matches('.').to_ascii_lowercase())
+                    .collect(),
             },
             metrics,
         ));

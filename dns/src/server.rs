@@ -3,9 +3,13 @@
 //! UDP: each worker task receives a datagram, answers local and cached names inline, and
 //! spawns a task only for a query that must go upstream (at most `max_inflight` at once;
 //! beyond that, queries are dropped and the client retries, as an overloaded resolver
-//! would). TCP (RFC 7766): two-byte length-prefixed messages, several per connection,
-//! answered in order; an idle connection is closed after [`TCP_IDLE`] (RFC 7766 section
-//! 6.2.3), and at most `max_tcp_connections` are open at once.
+//! would). TCP (RFC 7766): two-byte length-prefixed messages, several per connection and
+//! pipelined: each query is answered as soon as its answer is ready, so a local name is not
+//! held up behind a slow upstream one and replies may leave out of order, the client
+//! matching them by ID (RFC 7766 sections 6.2.1.1 and 7); at most [`TCP_PIPELINE`]
+//! upstream-bound queries per connection are in progress, further reads wait. An idle
+//! connection is closed after [`TCP_IDLE`] (RFC 7766 section 6.2.3), once the queries it
+//! sent are answered; at most `max_tcp_connections` are open at once.
 //!
 //! Every task is owned by a `JoinSet`, so dropping the shim's handle stops everything.
 
@@ -16,7 +20,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
@@ -24,6 +28,8 @@ use crate::handler::{Handler, Step, Transport};
 
 /// How long a TCP connection may sit without a query.
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Upstream-bound queries in progress at once on one TCP connection.
+pub const TCP_PIPELINE: usize = 32;
 /// How long one TCP message (after its length) may take to arrive or be written.
 const TCP_IO: Duration = Duration::from_secs(5);
 /// Receive buffer asked for the UDP socket, so bursts are queued rather than lost.
@@ -283,37 +289,68 @@ pub async fn tcp_loop(listener: TcpListener, handler: Arc<Handler>, max_connecti
     }
 }
 
-async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, handler: &Arc<Handler>) {
+async fn serve_tcp(stream: TcpStream, peer: SocketAddr, handler: &Arc<Handler>) {
     let _ = stream.set_nodelay(true);
-    loop {
-        let mut len = [0u8; 2];
-        match timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_PIPELINE);
+    let writer = async move {
+        while let Some(reply) = rx.recv().await {
+            let Ok(len) = u16::try_from(reply.len()) else {
+                continue;
+            };
+            let mut framed = Vec::with_capacity(reply.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&reply);
+            match timeout(TCP_IO, wr.write_all(&framed)).await {
+                Ok(Ok(())) => {}
+                // The client is gone or stuck: stop writing; the reader ends on its own.
+                _ => return,
+            }
         }
-        let n = usize::from(u16::from_be_bytes(len));
-        if n == 0 {
-            return;
+    };
+    let reader = async move {
+        let slots = Arc::new(Semaphore::new(TCP_PIPELINE));
+        let mut pending = JoinSet::new();
+        loop {
+            while pending.try_join_next().is_some() {}
+            let mut len = [0u8; 2];
+            match timeout(TCP_IDLE, rd.read_exact(&mut len)).await {
+                Ok(Ok(_)) => {}
+                _ => break,
+            }
+            let n = usize::from(u16::from_be_bytes(len));
+            if n == 0 {
+                break;
+            }
+            let mut buf = vec![0u8; n];
+            match timeout(TCP_IO, rd.read_exact(&mut buf)).await {
+                Ok(Ok(_)) => {}
+                _ => break,
+            }
+            match handler.handle(&buf, peer.ip(), Transport::Tcp) {
+                Step::Reply(bytes) => {
+                    if tx.send(bytes).await.is_err() {
+                        break;
+                    }
+                }
+                Step::Drop => {}
+                Step::Forward(p) => {
+                    let Ok(permit) = slots.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let (handler, tx) = (handler.clone(), tx.clone());
+                    pending.spawn(async move {
+                        let bytes = handler.resolve(p).await;
+                        let _ = tx.send(bytes).await;
+                        drop(permit);
+                    });
+                }
+            }
         }
-        let mut buf = vec![0u8; n];
-        match timeout(TCP_IO, stream.read_exact(&mut buf)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
-        }
-        let reply = match handler.handle(&buf, peer.ip(), Transport::Tcp) {
-            Step::Reply(bytes) => bytes,
-            Step::Drop => continue,
-            Step::Forward(p) => handler.resolve(p).await,
-        };
-        let Ok(len) = u16::try_from(reply.len()) else {
-            return;
-        };
-        let mut framed = Vec::with_capacity(reply.len() + 2);
-        framed.extend_from_slice(&len.to_be_bytes());
-        framed.extend_from_slice(&reply);
-        match timeout(TCP_IO, stream.write_all(&framed)).await {
-            Ok(Ok(())) => {}
-            _ => return,
-        }
-    }
+        // Answer what was asked before the connection closes (each resolve is bounded by
+        // the upstream timeouts), then let the writer finish.
+        while pending.join_next().await.is_some() {}
+        drop(tx);
+    };
+    tokio::join!(reader, writer);
 }

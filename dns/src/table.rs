@@ -16,9 +16,14 @@
 //!   Answering the first form saves the app three round trips to the upstream.
 //!
 //! Names listed in the config win over derived forms when two services would claim one.
+//! A service with an `address_v6` also answers `AAAA` with it. The table also knows every
+//! proper suffix of its names (`shop.svc.cluster.local` for `tomcat.shop.svc.cluster.local`):
+//! such a name exists, with no records of its own (an empty non-terminal), so in an
+//! authoritative zone it gets NODATA, never NXDOMAIN (RFC 8020: NXDOMAIN would deny every
+//! name below it).
 
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use sidemesh_api::Snapshot;
 use sidemesh_api::snapshot::parse_upstream;
@@ -27,6 +32,10 @@ use sidemesh_api::snapshot::parse_upstream;
 #[derive(Debug, Default)]
 pub struct NameTable {
     names: HashMap<String, Ipv4Addr>,
+    /// `AAAA` answers, for the names of services that have an IPv6 address.
+    v6: HashMap<String, Ipv6Addr>,
+    /// Proper suffixes of the names (empty non-terminals).
+    parents: HashSet<String>,
     /// The config version this table was built from (`None`: no config yet).
     pub version: Option<u64>,
     /// TTL of local answers, in seconds.
@@ -72,8 +81,31 @@ impl NameTable {
                 names.entry(format!("{name}.{domain}")).or_insert(*addr);
             }
         }
+        // Addresses are unique per service (the snapshot checks it), so the IPv4 address
+        // finds the service's IPv6 one.
+        let v6_of: HashMap<Ipv4Addr, Ipv6Addr> = s
+            .outbound()
+            .iter()
+            .filter_map(|svc| Some((svc.address, svc.address_v6?)))
+            .collect();
+        let v6 = names
+            .iter()
+            .filter_map(|(n, a)| Some((n.clone(), *v6_of.get(a)?)))
+            .collect();
+        let mut parents = HashSet::new();
+        for name in names.keys() {
+            let mut rest = name.as_str();
+            while let Some((_, parent)) = rest.split_once('.') {
+                if !parents.insert(parent.to_owned()) {
+                    break;
+                }
+                rest = parent;
+            }
+        }
         NameTable {
             names,
+            v6,
+            parents,
             version: Some(s.version()),
             ttl: settings.ttl_seconds,
             upstreams: settings
@@ -87,6 +119,16 @@ impl NameTable {
     /// The loopback address of a normalised name.
     pub fn lookup(&self, name: &str) -> Option<Ipv4Addr> {
         self.names.get(name).copied()
+    }
+
+    /// The IPv6 address of a normalised name, when its service has one.
+    pub fn lookup_v6(&self, name: &str) -> Option<Ipv6Addr> {
+        self.v6.get(name).copied()
+    }
+
+    /// Whether a normalised name has mesh names below it (an empty non-terminal).
+    pub fn has_names_below(&self, name: &str) -> bool {
+        self.parents.contains(name)
     }
 
     /// How many names (with search forms) the table answers.
@@ -133,6 +175,7 @@ pub(crate) mod tests {
                 "name": "tomcat", "namespace": "shop",
                 "dns_names": ["tomcat", "tomcat.shop", "tomcat.shop.svc", "tomcat.shop.svc.cluster.local"],
                 "address": "127.1.0.7",
+                "address_v6": "fd00::7",
                 "ports": [{"port": 8080}]
             }, {
                 "name": "db", "namespace": "data",
@@ -174,6 +217,23 @@ pub(crate) mod tests {
         assert_eq!(t.ttl, 7);
         assert_eq!(t.upstreams.len(), 2);
         assert_eq!(t.upstreams[1], "10.0.0.11:5353".parse().unwrap());
+        // AAAA for the service with an IPv6 address, in every form; none for the other.
+        let v6: Option<Ipv6Addr> = Some("fd00::7".parse().unwrap());
+        assert_eq!(t.lookup_v6("tomcat"), v6);
+        assert_eq!(t.lookup_v6("tomcat.web.svc.cluster.local"), v6);
+        assert_eq!(t.lookup_v6("db.data"), None);
+        // Empty non-terminals.
+        for n in [
+            "shop.svc.cluster.local",
+            "svc.cluster.local",
+            "cluster.local",
+            "local",
+            "shop",
+        ] {
+            assert!(t.has_names_below(n), "{n}");
+        }
+        assert!(!t.has_names_below("tomcat.shop.svc.cluster.local"));
+        assert!(!t.has_names_below("other.svc.cluster.local"));
     }
 
     #[test]

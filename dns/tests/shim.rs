@@ -662,3 +662,59 @@ async fn a_burst_from_many_clients_gets_each_its_own_answer() {
         assert_eq!(addrs(&m), [Ipv4Addr::new(127, 1, 0, 7)]);
     }
 }
+
+#[tokio::test]
+async fn pipelined_tcp_queries_are_answered_as_ready_and_matched_by_id() {
+    // RFC 7766 sections 6.2.1.1 and 7: a slow upstream query must not hold up the answers
+    // queued behind it on the same connection.
+    let up = upstream(Mode::Normal).await;
+    let r = start(
+        Some(config(1, &[("tomcat", "shop", "127.1.0.7")], &[])),
+        vec![up.addr],
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(r.shim.udp_addr())
+        .await
+        .unwrap();
+    let asked = [
+        ("slow.example.test.", RecordType::A),
+        ("tomcat.shop.", RecordType::A),
+        ("www.example.test.", RecordType::A),
+    ];
+    let mut ids = Vec::new();
+    let mut burst = Vec::new();
+    // 3 kinds × 10 rounds, all written before reading anything.
+    for _ in 0..10 {
+        for (name, t) in asked {
+            let q = query(name, t, None);
+            ids.push((u16::from_be_bytes([q[0], q[1]]), name));
+            burst.extend_from_slice(&(q.len() as u16).to_be_bytes());
+            burst.extend_from_slice(&q);
+        }
+    }
+    s.write_all(&burst).await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..ids.len() {
+        let mut len = [0u8; 2];
+        timeout(T, s.read_exact(&mut len)).await.unwrap().unwrap();
+        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+        timeout(T, s.read_exact(&mut buf)).await.unwrap().unwrap();
+        let m = Message::from_vec(&buf).unwrap();
+        let name = ids
+            .iter()
+            .find(|(id, _)| *id == m.metadata.id)
+            .map(|(_, n)| *n)
+            .expect("a reply to an ID that was asked");
+        assert_eq!(m.queries[0].name().to_ascii(), name);
+        assert_eq!(m.answers.len(), 1, "{name}");
+        order.push(name);
+    }
+    // Every query got exactly one reply; the slow ones came last.
+    for (name, _) in asked {
+        assert_eq!(order.iter().filter(|n| **n == name).count(), 10, "{name}");
+    }
+    assert!(
+        order[..20].iter().all(|n| *n != "slow.example.test."),
+        "a slow answer held up the others: {order:?}"
+    );
+}

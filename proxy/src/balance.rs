@@ -6,7 +6,8 @@
 //! power of two choices), ring hash and Maglev. Health (outlier ejection, active checks)
 //! lives in the shared stats, so a pick always sees the latest state without a rebuild.
 //! Zone-aware balancing prefers endpoints in the sidecar's own zone while enough of them
-//! are healthy, and spills to all zones otherwise. When no endpoint is healthy, every
+//! are healthy, and spills to all zones otherwise; while the own zone is overloaded next
+//! to the others (see [`Load`]), the excess goes to the other zones. When no endpoint is healthy, every
 //! endpoint is a candidate again (panic mode): failing open beats refusing all traffic.
 
 use std::net::SocketAddr;
@@ -192,26 +193,29 @@ impl Balancer {
 
     /// Picks an endpoint. `hash` is the request's hash key for ring hash and Maglev (when
     /// absent those pick at random); `avoid` is an endpoint to skip if another is eligible
-    /// (the one a retry just failed on).
+    /// (the one a retry just failed on). Allocation-free: one pass over the endpoints'
+    /// counters decides the zone and health filter, then the policy picks through it.
     pub fn pick(&self, hash: Option<u64>, avoid: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
         match self.endpoints.len() {
             0 => return None,
             1 => return self.endpoints.first().cloned(),
             _ => {}
         }
-        // Fast path: every endpoint healthy, no zone preference, nothing to avoid, so no
-        // per-pick allocation.
-        let all = !self.zone_aware && avoid.is_none() && {
-            let now = now_ms();
-            self.endpoints.iter().all(|e| e.stats.healthy(now))
-        };
-        let eligible = if all {
-            Vec::new()
-        } else {
-            self.eligible(avoid)
-        };
-        let ok = |i: usize| all || eligible.get(i).copied().unwrap_or(false);
-        let i = match (self.policy, hash) {
+        let now = now_ms();
+        let filter = self.filter(now);
+        // Narrowest first; each fallback only when the filter left nothing (health changed
+        // between the pass and the pick, or only the avoided endpoint was left).
+        let i = self
+            .pick_with(hash, &|e| filter.admits(e, now) && Some(e.addr) != avoid)
+            .or_else(|| self.pick_with(hash, &|e| filter.admits(e, now)))
+            .or_else(|| self.pick_with(hash, &|_| true));
+        i.and_then(|i| self.endpoints.get(i).cloned())
+    }
+
+    /// Picks by the policy among the endpoints `ok` admits.
+    fn pick_with(&self, hash: Option<u64>, ok: &dyn Fn(&Endpoint) -> bool) -> Option<usize> {
+        let ok = |i: usize| self.endpoints.get(i).is_some_and(|e| ok(e));
+        match (self.policy, hash) {
             (BalancePolicy::RoundRobin, _) => self.pick_rr(&ok),
             (BalancePolicy::RingHash, Some(h)) => self.pick_ring(h, &ok),
             (BalancePolicy::Maglev, Some(h)) => self.pick_maglev(h, &ok),
@@ -224,52 +228,44 @@ impl Balancer {
                 e.stats.rtt_ns() * (e.stats.inflight.load(Ordering::Relaxed) as f64 + 1.0)
             }),
             _ => weighted_random(&self.endpoints, &ok),
-        };
-        i.and_then(|i| self.endpoints.get(i).cloned())
+        }
     }
 
-    /// Which endpoints may be picked now: healthy ones, in the own zone while enough of
-    /// those are healthy; all of them when none is healthy.
-    fn eligible(&self, avoid: Option<SocketAddr>) -> Vec<bool> {
-        let now = now_ms();
-        let healthy: Vec<bool> = self
-            .endpoints
-            .iter()
-            .map(|e| e.stats.healthy(now))
-            .collect();
-        let mut eligible = healthy.clone();
-        if self.zone_aware {
-            let (mut local, mut local_healthy) = (0usize, 0usize);
-            for (e, h) in self.endpoints.iter().zip(&healthy) {
-                if e.local {
-                    local += 1;
-                    local_healthy += usize::from(*h);
-                }
+    /// Decides, from the endpoints' health and load now, which of them a pick may use.
+    fn filter(&self, now: u64) -> Filter {
+        let (mut healthy, mut local, mut own, mut other) =
+            (0usize, 0usize, Load::default(), Load::default());
+        for e in &self.endpoints {
+            local += usize::from(e.local);
+            if !e.stats.healthy(now) {
+                continue;
             }
-            let enough = local_healthy > 0
-                && local_healthy * 100 >= usize::from(self.zone_min_healthy_percent) * local;
-            if enough {
-                for (slot, e) in eligible.iter_mut().zip(&self.endpoints) {
-                    *slot = *slot && e.local;
-                }
-            }
+            healthy += 1;
+            let zone = if e.local { &mut own } else { &mut other };
+            zone.endpoints += 1;
+            zone.weight += u64::from(e.weight);
+            zone.inflight += e.stats.inflight.load(Ordering::Relaxed);
         }
-        if !eligible.iter().any(|x| *x) {
-            eligible.iter_mut().for_each(|x| *x = true);
+        if healthy == 0 {
+            // Panic mode: every endpoint is a candidate again.
+            return Filter {
+                health: false,
+                zone: Zone::Any,
+            };
         }
-        if let Some(avoid) = avoid {
-            let others = self
-                .endpoints
-                .iter()
-                .zip(&eligible)
-                .any(|(e, ok)| *ok && e.addr != avoid);
-            if others {
-                for (slot, e) in eligible.iter_mut().zip(&self.endpoints) {
-                    *slot = *slot && e.addr != avoid;
-                }
-            }
-        }
-        eligible
+        let zone = if !self.zone_aware {
+            Zone::Any
+        } else if own.endpoints == 0
+            || own.endpoints * 100 < usize::from(self.zone_min_healthy_percent) * local
+        {
+            // Too few healthy endpoints at home: all healthy endpoints share the traffic.
+            Zone::Any
+        } else if own.overloaded_next_to(&other) {
+            Zone::Remote
+        } else {
+            Zone::Local
+        };
+        Filter { health: true, zone }
     }
 
     fn pick_rr(&self, ok: &impl Fn(usize) -> bool) -> Option<usize> {
@@ -314,6 +310,61 @@ impl Balancer {
         };
         let (ea, eb) = (self.endpoints.get(a)?, self.endpoints.get(b)?);
         Some(if cost(eb) < cost(ea) { b } else { a })
+    }
+}
+
+/// In-flight requests per own-zone endpoint below which the zone never counts as
+/// overloaded: crossing zones costs latency and money, so light load stays at home.
+const SPILL_MIN_INFLIGHT: u64 = 8;
+/// How much busier (in-flight requests per unit of weight) the own zone must be than the
+/// other zones before a request spills over.
+const SPILL_RATIO: u64 = 2;
+
+/// Healthy endpoints of one side (own zone or the others), their weight and load.
+#[derive(Debug, Default)]
+struct Load {
+    endpoints: usize,
+    weight: u64,
+    inflight: u64,
+}
+
+impl Load {
+    /// Whether this (own) zone is overloaded next to `other`: its endpoints average at
+    /// least [`SPILL_MIN_INFLIGHT`] requests in flight, and per unit of weight it carries
+    /// more than [`SPILL_RATIO`] times the load of the other zones. Spilling raises the
+    /// other zones' load, so the share that spills settles by itself.
+    fn overloaded_next_to(&self, other: &Load) -> bool {
+        other.endpoints > 0
+            && self.inflight >= SPILL_MIN_INFLIGHT * self.endpoints as u64
+            && u128::from(self.inflight) * u128::from(other.weight)
+                > u128::from(SPILL_RATIO) * u128::from(other.inflight) * u128::from(self.weight)
+    }
+}
+
+/// Which zone a pick may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Zone {
+    Any,
+    Local,
+    Remote,
+}
+
+/// Which endpoints one pick may use.
+#[derive(Clone, Copy, Debug)]
+struct Filter {
+    /// Only healthy endpoints (false in panic mode).
+    health: bool,
+    zone: Zone,
+}
+
+impl Filter {
+    fn admits(&self, e: &Endpoint, now: u64) -> bool {
+        let zone = match self.zone {
+            Zone::Any => true,
+            Zone::Local => e.local,
+            Zone::Remote => !e.local,
+        };
+        zone && (!self.health || e.stats.healthy(now))
     }
 }
 
@@ -653,6 +704,104 @@ mod tests {
         assert_eq!(m.get(&1), None);
         for k in [2, 3, 4] {
             assert!(share(&m, k, 3000) > 0.2, "{m:?}");
+        }
+    }
+
+    /// Four endpoints, the first `local` of them in the own zone.
+    fn zoned(local: usize) -> Vec<Arc<Endpoint>> {
+        let mut e = eps(&[100, 100, 100, 100]);
+        for x in e.iter_mut().take(local) {
+            Arc::get_mut(x).unwrap().local = true;
+        }
+        e
+    }
+
+    #[test]
+    fn zone_aware_spills_when_the_own_zone_is_overloaded() {
+        let e = zoned(2);
+        for policy in [
+            BalancePolicy::Random,
+            BalancePolicy::PeakEwma,
+            BalancePolicy::RoundRobin,
+        ] {
+            let b = Balancer::new(policy, e.clone(), true, 70);
+            // Busy but not overloaded: below the per-endpoint floor, everything stays home.
+            e[0].stats.inflight.store(7, Ordering::Relaxed);
+            e[1].stats.inflight.store(7, Ordering::Relaxed);
+            let m = counts(&b, 500, |_| None);
+            assert_eq!(
+                m.get(&1).unwrap_or(&0) + m.get(&2).unwrap_or(&0),
+                500,
+                "{m:?}"
+            );
+            // Over the floor and more than twice as loaded per weight as the other zone.
+            e[0].stats.inflight.store(20, Ordering::Relaxed);
+            e[1].stats.inflight.store(20, Ordering::Relaxed);
+            e[2].stats.inflight.store(5, Ordering::Relaxed);
+            let m = counts(&b, 500, |_| None);
+            assert_eq!(
+                m.get(&3).unwrap_or(&0) + m.get(&4).unwrap_or(&0),
+                500,
+                "{m:?}"
+            );
+            // The other zone catches up: back home.
+            e[2].stats.inflight.store(15, Ordering::Relaxed);
+            e[3].stats.inflight.store(15, Ordering::Relaxed);
+            let m = counts(&b, 500, |_| None);
+            assert_eq!(
+                m.get(&1).unwrap_or(&0) + m.get(&2).unwrap_or(&0),
+                500,
+                "{m:?}"
+            );
+            for x in &e {
+                x.stats.inflight.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Runs a closed-loop model: each tick `arrivals` requests are picked (and held in
+    /// flight), then each endpoint finishes up to its capacity. Returns the own zone's share
+    /// of the picks after warm-up and the most requests ever in flight at one endpoint.
+    fn simulate(b: &Balancer, e: &[Arc<Endpoint>], caps: &[u64], arrivals: usize) -> (f64, u64) {
+        let (mut home, mut total, mut peak) = (0usize, 0usize, 0u64);
+        for tick in 0..2000 {
+            for _ in 0..arrivals {
+                let p = b.pick(None, None).unwrap();
+                let n = p.stats.inflight.fetch_add(1, Ordering::Relaxed) + 1;
+                peak = peak.max(n);
+                if tick >= 200 {
+                    total += 1;
+                    home += usize::from(p.local);
+                }
+            }
+            for (x, cap) in e.iter().zip(caps) {
+                let n = x.stats.inflight.load(Ordering::Relaxed);
+                x.stats
+                    .inflight
+                    .store(n.saturating_sub(*cap), Ordering::Relaxed);
+            }
+        }
+        for x in e {
+            x.stats.inflight.store(0, Ordering::Relaxed);
+        }
+        (home as f64 / total as f64, peak)
+    }
+
+    #[test]
+    fn zone_spill_over_settles_at_the_own_zone_capacity() {
+        // One own-zone endpoint that finishes 2 requests a tick, three others with 4 each.
+        let e = zoned(1);
+        let caps = [2, 4, 4, 4];
+        for policy in [BalancePolicy::LeastRequest, BalancePolicy::Random] {
+            let b = Balancer::new(policy, e.clone(), true, 70);
+            // Light load: all of it stays in the own zone.
+            let (home, peak) = simulate(&b, &e, &caps, 1);
+            assert_eq!((home, peak), (1.0, 1), "{policy:?}");
+            // 10 a tick: the own zone keeps about its capacity (2 of 10), the rest spills,
+            // and no queue grows without bound.
+            let (home, peak) = simulate(&b, &e, &caps, 10);
+            assert!((0.15..0.3).contains(&home), "{policy:?} home share {home}");
+            assert!(peak < 40, "{policy:?} peak in flight {peak}");
         }
     }
 

@@ -4,8 +4,8 @@
 //! Requests are framed by hyper on both sides: it rejects bad chunking, duplicate
 //! `Content-Length`s and bad header bytes, and for `Content-Length` with
 //! `Transfer-Encoding` it lets chunked win, drops the length and closes the connection after
-//! answering (RFC 9112 §6.1), so nothing can hide behind the body. As a second guard a
-//! request that still carries both is refused. Hop-by-hop headers, with every header named
+//! answering (RFC 9112 §6.1), so nothing can hide behind the body; `hostile` goes further
+//! and refuses such a request (and any other ambiguous framing) before it goes upstream. Hop-by-hop headers, with every header named
 //! in `Connection`, are removed in both directions (RFC 9110 §7.6.1). A response body is streamed as it comes; if the upstream
 //! fails mid-body, the error reaches hyper, which aborts the client's connection (or
 //! stream), so a cut response is never presented as complete.
@@ -84,7 +84,10 @@ impl ServerBuilders {
             .timer(TokioTimer::new())
             .max_header_list_size(limits.max_header_bytes as u32)
             .max_concurrent_streams(limits.max_concurrent_streams)
+            // Rapid reset and error-reset floods end in GOAWAY (h2 ≥ 0.4.2; these are h2's
+            // defaults, set here so they cannot drift).
             .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(1024))
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
         ServerBuilders {
@@ -101,14 +104,22 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
         ServerMode::Http2 => &ctx.shared.servers.h2,
     };
     let svc_ctx = ctx.clone();
+    let scan = crate::hostile::Scan::for_http1(ctx.mode == ServerMode::Http1);
+    let svc_scan = scan.clone();
     let svc = hyper::service::service_fn(move |req| {
         let ctx = svc_ctx.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+        let refused = crate::hostile::refuse(&req, svc_scan.as_deref());
+        async move {
+            Ok::<_, Infallible>(match refused {
+                Some(r) => r,
+                None => handle(ctx, req).await,
+            })
+        }
     });
     // Idle client connections are closed (gracefully: a request in flight finishes).
     let idle_ms = ctx.target.service.timeouts.idle_ms;
     let activity = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let io = crate::tcp::Timed::new(stream, activity.clone());
+    let io = crate::hostile::ScanIo::new(crate::tcp::Timed::new(stream, activity.clone()), scan);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let idle = async {
@@ -412,16 +423,6 @@ async fn forward(
     let m = &ctx.shared.metrics;
     let service = &backend.service;
     let label = &*service.label;
-
-    // Smuggling guard: never forward a message whose framing is ambiguous.
-    if req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "content-length-with-transfer-encoding",
-        );
-    }
 
     // Circuit breaker: requests in flight.
     let active = service.shared.active.fetch_add(1, Ordering::AcqRel);

@@ -25,6 +25,7 @@ pub mod cli;
 pub mod demo;
 pub mod detect;
 pub mod health;
+pub mod hostile;
 pub mod http;
 pub mod metrics;
 pub mod register;

@@ -5,9 +5,14 @@
 //! draining, so clients stop picking it while its last requests finish.
 //!
 //! What is registered comes from the sidecar's own config: the identity names the service,
-//! and every inbound port is announced as `{port, target: port_outer}` with `meshed: true`
-//! (other sidecars dial the remapped port). The service port announced is the app port, so
-//! services whose port differs from the app's `target_port` need a static definition.
+//! and every inbound port is announced as `{port: service port, target: port_outer}` with
+//! `meshed: true`. That is what discover's registry expects and what a Consul or Linkerd
+//! user would: `port` is the port clients of the service use (what they dial on the
+//! service's address, and what routes key on), `target` the port other sidecars dial on
+//! this instance (its inbound listener), and the app port stays private to the instance
+//! (the inbound listener forwards to it). The service port comes from the inbound port's
+//! `service_port`; a config without it (older discover) announces the app port, which is
+//! right whenever the service does not map ports.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -64,7 +69,7 @@ fn body(cfg: &RegisterConfig, snap: &Snapshot) -> serde_json::Value {
         .iter()
         .map(|p| {
             serde_json::json!({
-                "port": p.port.get(),
+                "port": p.service_port.map_or(p.port.get(), |s| s.get()),
                 "target": p.port_outer.get(),
                 "protocol": p.protocol.as_str(),
             })
@@ -221,5 +226,16 @@ mod tests {
         assert_eq!(b["meshed"], true);
         assert_eq!(b["zone"], "z");
         assert_eq!(b["ttl_seconds"], 30);
+        // A service that maps its port 80 to the app's 8080: the service port is announced.
+        let mapped = Snapshot::from_json(
+            br#"{"version":1,"identity":{"namespace":"demo","service":"backend","plugin":"sidemesh-proxy"},
+                 "inbound":[{"port":8080,"port_outer":18080,"service_port":80,"protocol":"http1"}]}"#,
+        )
+        .unwrap();
+        let b = body(&cfg, &mapped);
+        assert_eq!(
+            (&b["ports"][0]["port"], &b["ports"][0]["target"]),
+            (&80.into(), &18080.into())
+        );
     }
 }

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +108,11 @@ pub struct InboundPort {
     pub port: AppPort,
     /// The remapped port the sidecar listens on; other sidecars dial `pod_ip:<port_outer>`.
     pub port_outer: OuterPort,
+    /// The service port clients use for this app port (it differs from `port` when the
+    /// service maps ports). Absent: the same number as `port`. The sidecar announces it
+    /// when it registers itself (`--register`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_port: Option<ServicePort>,
     /// The protocol on this port.
     #[serde(default)]
     pub protocol: Protocol,
@@ -139,6 +144,12 @@ pub struct OutboundService {
     /// The loopback address (in 127.0.0.0/8, never 127.0.0.1) the sidecar listens on for
     /// this service; stable while the service exists.
     pub address: Ipv4Addr,
+    /// An IPv6 address the DNS shim answers `AAAA` queries for this service's names with.
+    /// Absent (the default): `AAAA` gets no records. The sidecar does not listen on it:
+    /// set it only where it reaches the sidecar (e.g. `::ffff:<address>`, which a
+    /// dual-stack client socket dials over IPv4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_v6: Option<Ipv6Addr>,
     /// The service's ports, each with its endpoints.
     pub ports: Vec<OutboundPort>,
     /// HTTP routes, tried in order; the first match wins. Without routes (or when none

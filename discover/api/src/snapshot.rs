@@ -383,6 +383,12 @@ impl Validator {
                     format!("port {} is listed twice", p.port),
                 );
             }
+            if p.service_port.is_some_and(|s| s.get() == 0) {
+                self.err(
+                    format!("{at}.service_port"),
+                    "must be within 1..=65535, got 0",
+                );
+            }
             if p.port_outer.get() == 0 {
                 self.err(
                     format!("{at}.port_outer"),
@@ -439,6 +445,14 @@ impl Validator {
                     format!("{at}.address"),
                     format!("{} is already the address of outbound[{j}]", s.address),
                 );
+            }
+            if let Some(v6) = s.address_v6 {
+                if v6.is_unspecified() || v6.is_multicast() {
+                    self.err(
+                        format!("{at}.address_v6"),
+                        format!("must be a unicast address, got {v6}"),
+                    );
+                }
             }
             for (j, n) in s.dns_names.iter().enumerate() {
                 let path = format!("{at}.dns_names[{j}]");
@@ -886,6 +900,48 @@ mod tests {
         assert!(Snapshot::client_allowed(p, Some("ops/anything")));
         assert!(!Snapshot::client_allowed(p, Some("shop/other")));
         assert!(!Snapshot::client_allowed(p, None));
+    }
+
+    #[test]
+    fn inbound_service_port_is_optional_and_checked() {
+        let s = parse(base()).unwrap();
+        assert_eq!(s.inbound()[0].service_port, None);
+        let mut v = base();
+        v["inbound"][0]["service_port"] = json!(80);
+        assert_eq!(
+            parse(v.clone()).unwrap().inbound()[0]
+                .service_port
+                .map(|p| p.get()),
+            Some(80)
+        );
+        v["inbound"][0]["service_port"] = json!(0);
+        let e = errors(v);
+        assert!(
+            e.iter()
+                .any(|x| x.starts_with("inbound[0].service_port: must be within")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn outbound_address_v6_is_optional_and_unicast() {
+        let mut v = base();
+        assert_eq!(parse(v.clone()).unwrap().outbound()[0].address_v6, None);
+        v["outbound"][0]["address_v6"] = json!("::ffff:127.1.0.7");
+        let s = parse(v.clone()).unwrap();
+        assert_eq!(
+            s.outbound()[0].address_v6,
+            Some("::ffff:127.1.0.7".parse().unwrap())
+        );
+        for bad in ["::", "ff02::1"] {
+            v["outbound"][0]["address_v6"] = json!(bad);
+            let e = errors(v.clone());
+            assert!(
+                e.iter()
+                    .any(|x| x.starts_with("outbound[0].address_v6: must be a unicast")),
+                "{bad}: {e:?}"
+            );
+        }
     }
 
     #[test]
