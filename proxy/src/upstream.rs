@@ -486,9 +486,19 @@ mod tests {
         assert!(matches!(c.connect(addr).await, Err(ConnectError::Io(_))));
     }
 
-    /// An HTTP/1.1 server on 127.0.0.1:0 that answers "ok" and counts the connections it
-    /// accepts; with `close`, it closes every connection after its first response.
-    async fn counting_server(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// How the test server speaks.
+    #[derive(Clone, Copy)]
+    enum Serve {
+        /// HTTP/1.1 with keep-alive.
+        KeepAlive,
+        /// HTTP/1.1, closing every connection after its first response.
+        Close,
+        /// h2c.
+        H2,
+    }
+
+    /// A server on 127.0.0.1:0 that answers "ok" and counts the connections it accepts.
+    async fn counting_server(how: Serve) -> (SocketAddr, Arc<AtomicUsize>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -502,10 +512,20 @@ mod tests {
                             Bytes::from_static(b"ok"),
                         )))
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(!close)
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
+                    let io = TokioIo::new(s);
+                    let _ = match how {
+                        Serve::H2 => {
+                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, svc)
+                                .await
+                        }
+                        _ => {
+                            hyper::server::conn::http1::Builder::new()
+                                .keep_alive(matches!(how, Serve::KeepAlive))
+                                .serve_connection(io, svc)
+                                .await
+                        }
+                    };
                 });
             }
         });
@@ -543,7 +563,7 @@ mod tests {
 
     #[tokio::test]
     async fn http1_connections_are_reused() {
-        let (addr, accepted) = counting_server(false).await;
+        let (addr, accepted) = counting_server(Serve::KeepAlive).await;
         let c = clients();
         for _ in 0..5 {
             assert_eq!(get(&c, addr).await, "ok");
@@ -553,7 +573,7 @@ mod tests {
 
     #[tokio::test]
     async fn closed_pooled_connection_is_replaced() {
-        let (addr, accepted) = counting_server(true).await;
+        let (addr, accepted) = counting_server(Serve::Close).await;
         let c = clients();
         for _ in 0..3 {
             assert_eq!(get(&c, addr).await, "ok");
@@ -563,25 +583,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_http2_requests_share_one_new_connection() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let n = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                n.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                            Bytes::from_static(b"ok"),
-                        )))
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
+        let (addr, accepted) = counting_server(Serve::H2).await;
         let c = clients();
         let uri: http::Uri = format!("http://{addr}/").parse().unwrap();
         let mut tasks = Vec::new();
