@@ -46,7 +46,7 @@ enum Command {
     DemoBackend(sidemesh_proxy::demo::Args),
     /// Watch Kubernetes, serve every meshed pod's config (discover) and run the injection
     /// webhook.
-    Controller(sidemesh_controller::cli::Args),
+    Controller(ControllerArgs),
     /// Inject the sidecar and plugins into Kubernetes manifests offline (prints them).
     Inject(sidemesh_controller::cli::InjectArgs),
     /// Print the manifests that install sidemesh into a cluster.
@@ -67,6 +67,16 @@ enum Command {
     Discover(sidemesh_discover::cli::Args),
     /// Run the DNS shim on its own: mesh names answered locally, the rest forwarded.
     Dns(Box<sidemesh_dns::cli::Args>),
+}
+
+/// `sidemesh controller`'s flags, with those of the discover it hosts in-process.
+#[derive(clap::Args)]
+struct ControllerArgs {
+    #[command(flatten)]
+    controller: sidemesh_controller::cli::Args,
+    /// The mesh CA and mutual TLS mode of the hosted discover.
+    #[command(flatten)]
+    tls: sidemesh_discover::cli::TlsArgs,
 }
 
 #[derive(clap::Args)]
@@ -94,12 +104,13 @@ fn main() -> anyhow::Result<()> {
         Command::Up(args) => runtime.block_on(up::run(args, registry)),
         Command::DemoBackend(args) => runtime.block_on(sidemesh_proxy::demo::run(args)),
         Command::Controller(args) => runtime.block_on(async {
-            let discover = sidemesh_discover::server::Discover::new(
-                sidemesh_discover::server::Options::default(),
-                &registry,
-            )?;
+            let opts = sidemesh_discover::server::Options {
+                authority: args.tls.authority(None, &registry)?,
+                ..Default::default()
+            };
+            let discover = sidemesh_discover::server::Discover::new(opts, &registry)?;
             let host = std::sync::Arc::new(DiscoverHost(discover));
-            sidemesh_controller::cli::run(args, registry, host).await
+            sidemesh_controller::cli::run(args.controller, registry, host).await
         }),
         Command::Inject(args) => sidemesh_controller::cli::inject(args),
         Command::Install(args) => sidemesh_controller::cli::install(args),

@@ -4,7 +4,9 @@
 //! instance, a demo backend on the instance's own loopback address (as a pod has its own
 //! IP) behind its own inbound sidecar; for every service without instances that uses
 //! others, it runs a client sidecar whose outbound listeners are what to curl. Each sidecar
-//! has its own metrics registry and admin address. Stops (draining) on SIGTERM or SIGINT.
+//! has its own metrics registry and admin address. Sidecars talk mutual TLS to each other
+//! (permissive mode, a CA made for the run) unless `--mesh-tls disabled`; `up` is ready
+//! once every sidecar holds its certificate. Stops (draining) on SIGTERM or SIGINT.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -39,6 +41,9 @@ pub struct Args {
     /// How long shutdown waits for connections to finish.
     #[arg(long, env = "SIDEMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = sidecar::parse_duration)]
     pub drain_timeout: Duration,
+    /// Mutual TLS between the sidecars (permissive by default, with a CA made for the run).
+    #[command(flatten)]
+    pub tls: sidemesh_discover::cli::TlsArgs,
 }
 
 fn sidecar_args(url: String, inbound: IpAddr, app: IpAddr, drain: Duration) -> sidecar::Args {
@@ -61,6 +66,7 @@ fn sidecar_args(url: String, inbound: IpAddr, app: IpAddr, drain: Duration) -> s
         instance_name: None,
         register_address: None,
         register_ttl: Duration::from_secs(30),
+        mesh_h2: true,
     }
 }
 
@@ -68,7 +74,12 @@ fn sidecar_args(url: String, inbound: IpAddr, app: IpAddr, drain: Duration) -> s
 pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<()> {
     let (state, _) =
         statefile::load(&args.file).map_err(|e| anyhow::anyhow!("state file rejected: {e}"))?;
-    let discover = Discover::new(Options::default(), &registry)?;
+    let opts = Options {
+        authority: args.tls.authority(None, &registry)?,
+        ..Options::default()
+    };
+    let tls_on = opts.authority.is_some();
+    let discover = Discover::new(opts, &registry)?;
     discover.set_state("file", state.clone());
     let listener = TcpListener::bind(args.discover_listen)
         .await
@@ -128,6 +139,20 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
         tokio::time::timeout(Duration::from_secs(30), applied.wait_for(|a| a.is_some()))
             .await
             .with_context(|| format!("sidecar {name} got no config from discover in 30 s"))??;
+    }
+    // With mutual TLS, also when every sidecar holds its certificate: before that, a
+    // client would call in plaintext, without the identity `allow_clients` checks.
+    if tls_on {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for (name, r) in &sidecars {
+            while r.tls.credentials().is_none() {
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "sidecar {name} got no certificate from discover in 30 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
 
     let mut fields = vec![("discover".to_owned(), serving.addr.to_string())];

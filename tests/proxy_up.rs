@@ -1,7 +1,7 @@
 //! End-to-end test of `sidemesh up`: the quickstart state (with its instance addresses moved
 //! to fresh loopback addresses so parallel runs never collide) served by the built binary;
 //! requests through the client sidecar reach both backend instances, and the client
-//! sidecar's `/metrics` counts them.
+//! sidecar's `/metrics` counts them, and shows the sidecar hops were mutual TLS.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -95,6 +95,20 @@ fn up_quickstart_answers_from_both_instances() {
         metrics.contains(
             "sidemesh_proxy_requests_total{direction=\"outbound\",route=\"default\",service=\"demo/backend\",status_class=\"2xx\"} 20"
         ),
+        "{metrics}"
+    );
+    // The sidecar hop was mutual TLS (backend only allows demo/web, which plaintext
+    // could not prove): the client sidecar dialled both instances with TLS.
+    let tls = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("sidemesh_proxy_tls_connections_total{direction=\"outbound\"} ")
+        })
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(tls >= 2, "{metrics}");
+    assert!(
+        !metrics.contains("sidemesh_proxy_tls_handshake_failures_total{direction=\"outbound\"} 1"),
         "{metrics}"
     );
 }

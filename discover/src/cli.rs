@@ -3,7 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use sidemesh_api::config::TlsMode;
+
+use crate::identity::{Authority, AuthorityConfig};
 
 use crate::server::{Discover, Options};
 use crate::statefile;
@@ -40,6 +45,73 @@ pub struct Args {
         default_value_t = 20_000
     )]
     pub max_connections: usize,
+    /// Mutual TLS between sidecars: the mesh CA and mode.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// The identity authority's flags, shared by `sidemesh discover` and `sidemesh controller`
+/// (which hosts discover in-process).
+#[derive(clap::Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// The mesh CA certificate (PEM) that signs sidecar certificates. Without it (and
+    /// `--ca-key`), a CA is generated in `--data-dir` and kept there across restarts.
+    #[arg(long, env = "SIDEMESH_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The mesh CA's private key (PEM, PKCS#8).
+    #[arg(long, env = "SIDEMESH_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// How inbound sidecars treat plaintext clients: `disabled` (no TLS at all),
+    /// `permissive` (mutual TLS from sidecars, plaintext from others) or `strict`.
+    #[arg(long, env = "SIDEMESH_MESH_TLS", default_value = "permissive", value_parser = parse_tls_mode)]
+    pub mesh_tls: TlsMode,
+    /// The SPIFFE trust domain of sidecar identities.
+    #[arg(long, env = "SIDEMESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Lifetime of sidecar certificates, in seconds (sidecars renew at two thirds).
+    #[arg(long, env = "SIDEMESH_CERT_TTL_SECONDS", default_value_t = 86_400)]
+    pub cert_ttl_seconds: u64,
+}
+
+fn parse_tls_mode(s: &str) -> Result<TlsMode, String> {
+    match s {
+        "disabled" => Ok(TlsMode::Disabled),
+        "permissive" => Ok(TlsMode::Permissive),
+        "strict" => Ok(TlsMode::Strict),
+        _ => Err(format!(
+            "expected disabled, permissive or strict, got {s:?}"
+        )),
+    }
+}
+
+impl TlsArgs {
+    /// The identity authority these flags describe; `None` when mutual TLS is disabled.
+    pub fn authority(
+        &self,
+        data_dir: Option<&std::path::Path>,
+        registry: &prometheus::Registry,
+    ) -> anyhow::Result<Option<Arc<Authority>>> {
+        if self.mesh_tls == TlsMode::Disabled {
+            return Ok(None);
+        }
+        sidemesh_api::name::check_dns_name(&self.trust_domain)
+            .map_err(|e| anyhow::anyhow!("--trust-domain {e}"))?;
+        if self.cert_ttl_seconds < 60 {
+            anyhow::bail!("--cert-ttl-seconds must be at least 60");
+        }
+        let config = AuthorityConfig {
+            trust_domain: self.trust_domain.clone(),
+            mode: self.mesh_tls,
+            cert_ttl: Duration::from_secs(self.cert_ttl_seconds),
+        };
+        Ok(Some(Arc::new(Authority::load(
+            config,
+            self.ca_cert.as_deref(),
+            self.ca_key.as_deref(),
+            data_dir,
+            registry,
+        )?)))
+    }
 }
 
 /// Runs discover until SIGINT or SIGTERM.
@@ -48,6 +120,7 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
         data_dir: args.data_dir.clone(),
         max_wait: Duration::from_secs(args.max_wait_seconds.max(1)),
         max_connections: args.max_connections.max(1),
+        authority: args.tls.authority(args.data_dir.as_deref(), &registry)?,
         ..Options::default()
     };
     let discover = Discover::new(opts, &registry)?;

@@ -9,9 +9,11 @@
 //! - [`rainbond`]: the Rainbond plugin-config shape of a config.
 //! - [`metrics`]: the `sidemesh_discover_*` metrics.
 //! - [`addresses`]: the stable loopback address of each service.
+//! - [`identity`]: the mesh CA that signs sidecars' certificates for mutual TLS.
 
 pub mod addresses;
 pub mod cli;
+pub mod identity;
 pub mod metrics;
 pub mod rainbond;
 pub mod registry;

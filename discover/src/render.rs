@@ -224,6 +224,8 @@ impl<'a> Cluster<'a> {
             outbound: Vec::new(),
             dns,
             plugin: PluginSettings { variables },
+            // Discover's identity authority adds the TLS settings when it serves the config.
+            tls: None,
         };
         finish(key, &mut config, outbound, &mut dropped)?;
         Ok(Rendered { config, dropped })

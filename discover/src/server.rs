@@ -47,6 +47,9 @@ pub struct Options {
     pub header_read_timeout: Duration,
     /// How often registrations are checked for expiry.
     pub expiry_interval: Duration,
+    /// The identity authority: when set, every served config carries TLS settings and
+    /// sidecars get certificates from it. `None` serves configs without TLS.
+    pub authority: Option<Arc<crate::identity::Authority>>,
 }
 
 impl Default for Options {
@@ -58,6 +61,7 @@ impl Default for Options {
             max_body_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),
             expiry_interval: Duration::from_millis(200),
+            authority: None,
         }
     }
 }
@@ -396,6 +400,16 @@ impl Discover {
             ["metrics"] => get_only("/metrics"),
             ["v1", "services"] if method == Method::GET => ("/v1/services", self.services()),
             ["v1", "services"] => get_only("/v1/services"),
+            ["v1", "sidecars", ns, svc, plugin, "certificate"] => {
+                let route = "/v1/sidecars/{ns}/{svc}/{plugin}/certificate";
+                if method != Method::POST {
+                    return (route, method_not_allowed("POST"));
+                }
+                match sidecar_key(&[*ns, *svc, *plugin]) {
+                    Ok(key) => (route, self.post_certificate(req, key).await),
+                    Err(e) => (route, e.into()),
+                }
+            }
             ["v1", "sidecars", rest @ ..] => {
                 let route = "/v1/sidecars/{ns}/{svc}/{plugin}";
                 if method != Method::GET {
@@ -436,6 +450,7 @@ impl Discover {
                     format!(
                         "no route {path}; routes: /v1/sidecars/{{ns}}/{{svc}}/{{plugin}}, \
                          /v1/resources/{{ns}}/{{svc}}/{{plugin}}, /v1/services, \
+                         /v1/sidecars/{{ns}}/{{svc}}/{{plugin}}/certificate (POST), \
                          /v1/registry/{{ns}}/{{svc}}/{{instance}}, /healthz, /readyz, /metrics"
                     ),
                 ),
@@ -515,10 +530,15 @@ impl Discover {
             set_header(&mut r, header::ETAG, &etag);
             return r;
         }
-        let body = if gzip {
-            sidecar.gzip()
-        } else {
-            sidecar.json.clone()
+        let body = match &self.shared.opts.authority {
+            None if gzip => sidecar.gzip(),
+            None => sidecar.json.clone(),
+            Some(authority) => {
+                // The TLS settings are the same for every version, so they are added as
+                // the config is served rather than stored with it.
+                let json = with_tls(&sidecar, &authority.settings(&key.plugin));
+                if gzip { gzip_bytes(&json) } else { json }
+            }
         };
         let mut r = Response::new(Full::new(body));
         set_header(&mut r, header::CONTENT_TYPE, "application/json");
@@ -529,6 +549,68 @@ impl Discover {
             set_header(&mut r, header::CONTENT_ENCODING, "gzip");
         }
         r
+    }
+
+    /// Signs a sidecar's CSR for the identity of the config at the same path; see
+    /// [`crate::identity`].
+    async fn post_certificate<B>(&self, req: Request<B>, key: SidecarKey) -> Response<Full<Bytes>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let Some(authority) = self.shared.opts.authority.clone() else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "mutual TLS is disabled in this discover (no identity authority)".to_owned(),
+            );
+        };
+        if !self.is_ready() {
+            return not_ready();
+        }
+        // Only a workload that has a config here can get its identity.
+        if self.sidecar(&key).is_none() {
+            return self.missing(&key);
+        }
+        let body = match Limited::new(req.into_body(), crate::identity::MAX_CSR_BYTES)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "a CSR is at most {} bytes of PEM",
+                        crate::identity::MAX_CSR_BYTES
+                    ),
+                );
+            }
+        };
+        let Ok(pem) = std::str::from_utf8(&body) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the CSR must be PEM text".to_owned(),
+            );
+        };
+        match authority.sign(&key.namespace, &key.service, pem, SystemTime::now()) {
+            Ok(cert) => {
+                let mut r = Response::new(Full::new(Bytes::from(cert)));
+                set_header(&mut r, header::CONTENT_TYPE, "application/x-pem-file");
+                set_header(&mut r, header::CACHE_CONTROL, "no-store");
+                r
+            }
+            Err(e @ crate::identity::SignError::WrongIdentity { .. }) => {
+                tracing::warn!(namespace = %key.namespace, service = %key.service, error = %e, "CSR refused");
+                error(StatusCode::FORBIDDEN, e.to_string())
+            }
+            Err(e @ crate::identity::SignError::BadCsr(_)) => {
+                error(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign a CSR");
+                error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        }
     }
 
     fn get_resources(&self, key: SidecarKey) -> Response<Full<Bytes>> {
@@ -793,6 +875,32 @@ fn accepts_gzip<B>(req: &Request<B>) -> bool {
             });
             coding.eq_ignore_ascii_case("gzip") && !refused
         })
+}
+
+/// The served JSON with `tls` added as its last field: spliced in before the closing
+/// brace (a copy, not a re-serialization), else the config serialized afresh.
+fn with_tls(sidecar: &crate::store::Sidecar, tls: &sidemesh_api::config::TlsSettings) -> Bytes {
+    let json = &sidecar.json;
+    let tls_json = serde_json::to_vec(tls).unwrap_or_default();
+    if sidecar.config.tls.is_none() && json.len() > 2 && json.ends_with(b"}") {
+        let mut out = Vec::with_capacity(json.len() + tls_json.len() + 8);
+        out.extend_from_slice(&json[..json.len() - 1]);
+        out.extend_from_slice(b",\"tls\":");
+        out.extend_from_slice(&tls_json);
+        out.push(b'}');
+        return Bytes::from(out);
+    }
+    let mut config = sidecar.config.clone();
+    config.tls = Some(tls.clone());
+    Bytes::from(serde_json::to_vec(&config).unwrap_or_default())
+}
+
+fn gzip_bytes(data: &[u8]) -> Bytes {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    // Writing to a Vec cannot fail.
+    let _ = enc.write_all(data);
+    Bytes::from(enc.finish().unwrap_or_default())
 }
 
 fn set_header(r: &mut Response<Full<Bytes>>, name: header::HeaderName, value: &str) {

@@ -455,6 +455,7 @@ pub fn validate_after(
         outbound: vec![],
         dns: state.dns.clone(),
         plugin: Default::default(),
+        tls: None,
     }) {
         // DNS settings are shared by every sidecar: report them once, not per service.
         errors.extend(e.0);

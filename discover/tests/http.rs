@@ -640,3 +640,88 @@ async fn oversized_headers_are_refused_and_slow_clients_cut_off() {
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
 }
+
+fn csr_for(uri: &str) -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(uri.to_owned().try_into().unwrap())];
+    p.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+#[tokio::test]
+async fn configs_carry_tls_settings_and_csrs_are_signed_for_their_own_identity_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let authority = sidemesh_discover::identity::Authority::load(
+        Default::default(),
+        None,
+        None,
+        Some(dir.path()),
+        &prometheus::Registry::new(),
+    )
+    .unwrap();
+    let ca = authority.ca_pem().to_owned();
+    let opts = Options {
+        authority: Some(std::sync::Arc::new(authority)),
+        ..Options::default()
+    };
+    let (_d, addr, _s) = start(opts, Some(STATE)).await;
+    let web = get(addr, "/v1/sidecars/demo/web/sidemesh-proxy").await;
+    assert_eq!(web.status, 200);
+    let tls = &web.json()["tls"];
+    assert_eq!(tls["mode"], "permissive");
+    assert_eq!(tls["csr_url"], "sidemesh-proxy/certificate");
+    assert_eq!(tls["trust_bundle_pem"], ca.as_str());
+    // The served config is still a valid config, gzip or not.
+    let gz = request(
+        addr,
+        "GET",
+        "/v1/sidecars/demo/web/sidemesh-proxy",
+        &[("accept-encoding", "gzip")],
+        b"",
+    )
+    .await;
+    assert_eq!(gz.headers["content-encoding"], "gzip");
+    sidemesh_api::Snapshot::from_json(&web.body).unwrap();
+
+    let path = "/v1/sidecars/demo/web/sidemesh-proxy/certificate";
+    let ok = request(
+        addr,
+        "POST",
+        path,
+        &[],
+        csr_for("spiffe://cluster.local/ns/demo/svc/web").as_bytes(),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    assert!(ok.body.starts_with(b"-----BEGIN CERTIFICATE-----"));
+    // Asking for another service's identity at web's URL is refused.
+    let foreign = request(
+        addr,
+        "POST",
+        path,
+        &[],
+        csr_for("spiffe://cluster.local/ns/demo/svc/api").as_bytes(),
+    )
+    .await;
+    assert_eq!(foreign.status, 403);
+    assert!(
+        foreign.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("ns/demo/svc/web")
+    );
+    let garbage = request(addr, "POST", path, &[], b"not a csr").await;
+    assert_eq!(garbage.status, 400);
+    let unknown = request(
+        addr,
+        "POST",
+        "/v1/sidecars/demo/nobody/sidemesh-proxy/certificate",
+        &[],
+        csr_for("spiffe://cluster.local/ns/demo/svc/nobody").as_bytes(),
+    )
+    .await;
+    assert_eq!(unknown.status, 404);
+    let big = request(addr, "POST", path, &[], &vec![b'a'; 64 * 1024]).await;
+    assert_eq!(big.status, 413);
+    assert_eq!(get(addr, path).await.status, 405);
+}

@@ -24,9 +24,25 @@ pub struct Readiness {
     pub applied: watch::Receiver<Option<Applied>>,
     /// Set on shutdown: from then on `/ready` answers 503.
     pub draining: Arc<AtomicBool>,
+    /// The mutual TLS state and the config: with TLS on, ready only with a certificate.
+    pub tls: Option<(
+        Arc<crate::tls::MeshTls>,
+        watch::Receiver<Option<sidemesh_api::Snapshot>>,
+    )>,
 }
 
 impl Readiness {
+    fn waiting_for_certificate(&self) -> bool {
+        let Some((tls, snapshots)) = &self.tls else {
+            return false;
+        };
+        let wants = snapshots
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| crate::tls::mode_of(s) != sidemesh_api::config::TlsMode::Disabled);
+        wants && !tls.is_on()
+    }
+
     /// `(ready, reason)`.
     pub fn check(&self) -> (bool, String) {
         if self.draining.load(Ordering::Acquire) {
@@ -41,6 +57,13 @@ impl Readiness {
                     a.version,
                     a.failed.len(),
                     a.failed
+                ),
+            ),
+            Some(a) if self.waiting_for_certificate() => (
+                false,
+                format!(
+                    "config {} applied; waiting for the mesh certificate from discover\n",
+                    a.version
                 ),
             ),
             Some(a) => (
@@ -131,5 +154,37 @@ fn route(
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
         _ => text(StatusCode::NOT_FOUND, "try /ready, /live or /metrics\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_tls_on_ready_waits_for_the_certificate() {
+        let tls = Arc::new(crate::tls::MeshTls::new(&prometheus::Registry::new()).unwrap());
+        let ca = crate::tls::tests::Ca::new();
+        let json = serde_json::json!({
+            "version": 3,
+            "identity": {"namespace": "shop", "service": "web", "plugin": "sidemesh-proxy"},
+            "tls": {"trust_bundle_pem": ca.pem, "csr_url": "sidemesh-proxy/certificate"},
+        });
+        let snap = sidemesh_api::Snapshot::from_json(json.to_string().as_bytes()).unwrap();
+        let (_snap_tx, snapshots) = watch::channel(Some(snap));
+        let (_applied_tx, applied) = watch::channel(Some(Applied {
+            version: 3,
+            listening: Vec::new(),
+            failed: Vec::new(),
+        }));
+        let r = Readiness {
+            applied,
+            draining: Arc::new(AtomicBool::new(false)),
+            tls: Some((tls.clone(), snapshots)),
+        };
+        let (ready, why) = r.check();
+        assert!(!ready && why.contains("certificate"), "{why}");
+        tls.install(Some(ca.issue("shop", "web", -60, 3600)));
+        assert!(r.check().0);
     }
 }

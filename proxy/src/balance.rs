@@ -119,6 +119,8 @@ pub struct Endpoint {
     pub weight: u32,
     /// Whether the endpoint is in the sidecar's own zone.
     pub local: bool,
+    /// Whether a sidemesh sidecar fronts it (so the hop is mutual TLS when TLS is on).
+    pub meshed: bool,
     /// Load, latency and health, shared across config versions.
     pub stats: Arc<EndpointStats>,
 }
@@ -535,6 +537,7 @@ mod tests {
                     addr: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
                     weight: *w,
                     local: false,
+                    meshed: false,
                     stats: Arc::default(),
                 })
             })

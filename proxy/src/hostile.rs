@@ -17,8 +17,8 @@
 //! [`refuse`] also checks what the header map does show, for both HTTP/1.1 and HTTP/2:
 //! a `Transfer-Encoding` other than exactly `chunked` (RFC 9112 §6.1: chunked must be final
 //! and applied once; a proxy cannot forward other codings it strips as hop-by-hop), and
-//! `Content-Length` values that disagree or are not numbers (RFC 9110 §8.6; h2 only checks
-//! the first value).
+//! `Content-Length` values that disagree or are not numbers (RFC 9110 §8.6). For HTTP/2
+//! this is a second guard: h2 0.4.20 already resets such streams itself.
 
 use std::pin::Pin;
 use std::sync::Arc;

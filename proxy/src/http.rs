@@ -27,12 +27,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rand::Rng;
 use sidemesh_api::config::{Protocol, RetryOn, RetryPolicy};
-use tokio::net::TcpStream;
 
 use crate::balance::{Endpoint, request_hash};
 use crate::metrics::RequestMetrics;
 use crate::resilience::{Outcome, backoff, record};
-use crate::state::{Backend, RouteState, Target};
+use crate::state::{Backend, Direction, RouteState, Target};
+use crate::tls::Io;
 use crate::upstream::{Body, BoxError, ConnectError, InUse, SendError};
 use crate::{Drain, Shared};
 
@@ -58,6 +58,8 @@ pub(crate) struct ConnCtx {
     /// The target at accept time: used if the listener disappears from the config while
     /// the connection still has requests to finish.
     pub target: Arc<Target>,
+    /// The client's verified mesh identity (`namespace/service`), inbound over mutual TLS.
+    pub client_id: Option<Arc<str>>,
     pub mode: ServerMode,
 }
 
@@ -98,7 +100,7 @@ impl ServerBuilders {
 }
 
 /// Serves HTTP on one accepted connection until it ends, or until drain asks it to finish.
-pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
+pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
     let builder = match ctx.mode {
         ServerMode::Http1 => &ctx.shared.servers.h1,
         ServerMode::Http2 => &ctx.shared.servers.h2,
@@ -148,7 +150,7 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, drain: Drain) {
 }
 
 /// Handles one request: everything that can go wrong becomes a response here.
-async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     // Requests read the current config, so endpoint and policy changes apply to new
     // requests on open connections; a listener that was removed finishes on its old one.
@@ -157,10 +159,24 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<Body> {
         .as_ref()
         .and_then(|s| s.listeners.get(&ctx.listen).cloned())
         .unwrap_or_else(|| ctx.target.clone());
+    // Inbound: `allow_clients` on the verified identity, which the app gets in a header.
+    let denied = match (target.direction, state.as_ref()) {
+        (Direction::Inbound, Some(s)) => crate::tls::authorize_http(
+            &ctx.shared.tls,
+            &s.snapshot,
+            ctx.listen.port(),
+            ctx.client_id.as_deref(),
+            req.headers_mut(),
+        ),
+        _ => None,
+    };
     drop(state);
     let (index, backend) = select(&target, &req);
     let route = index.and_then(|i| target.routes.get(i));
-    let resp = forward(&ctx, route, &backend, req).await;
+    let resp = match denied {
+        Some(r) => r,
+        None => forward(&ctx, route, &backend, req).await,
+    };
     // The series of this listener's service and route are resolved once, on first use,
     // not per request.
     let slot = index.unwrap_or(target.routes.len());
@@ -515,12 +531,29 @@ async fn forward(
         let Some(body) = body.take() else {
             return error(StatusCode::BAD_GATEWAY, "body-consumed");
         };
+        // Between sidecars with mutual TLS, HTTP/1.1 may ride one HTTP/2 connection
+        // (`mesh_h2`); `:authority` then carries the Host, which the inbound side restores.
+        let over_h2 =
+            !use_h2 && !upgrade && ep.meshed && ctx.shared.config.mesh_h2 && ctx.shared.tls.is_on();
+        let use_h2 = use_h2 || over_h2;
         // HTTP/1.1 upstreams get the origin form (RFC 9112 §3.2.1); HTTP/2 needs the
         // scheme and authority for its pseudo-headers.
         let uri = if use_h2 {
+            let host = parts
+                .headers
+                .get(header::HOST)
+                .filter(|_| over_h2)
+                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok());
+            let authority = match host {
+                Some(a) => a,
+                None => match http::uri::Authority::try_from(ep.addr.to_string()) {
+                    Ok(a) => a,
+                    Err(_) => return error(StatusCode::BAD_REQUEST, "bad-path"),
+                },
+            };
             match Uri::builder()
                 .scheme("http")
-                .authority(ep.addr.to_string())
+                .authority(authority)
                 .path_and_query(path_and_query.clone())
                 .build()
             {
@@ -555,7 +588,7 @@ async fn forward(
         ep.stats.inflight.fetch_add(1, Ordering::Relaxed);
         let inflight = InflightGuard(ep.clone());
         let sent = Instant::now();
-        let fut = clients.send(ep.addr, use_h2, up);
+        let fut = clients.send(ep.addr, ep.meshed, use_h2, up);
         let outcome = match try_deadline {
             None => classify(fut.await),
             Some(d) => match tokio::time::timeout_at(d, fut).await {

@@ -174,6 +174,7 @@ mod tests {
                     addr: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
                     weight: 100,
                     local: false,
+                    meshed: false,
                     stats: Arc::default(),
                 })
             })

@@ -21,6 +21,7 @@ use sidemesh_api::snapshot::RouteMatcher;
 
 use crate::balance::{Balancer, Endpoint, EndpointStats};
 use crate::resilience::RetryBudget;
+use crate::tls::{MeshTls, TlsPeer};
 use crate::upstream::{Clients, ConnectorConfig};
 
 /// Which way traffic flows through a listener.
@@ -47,6 +48,18 @@ impl Direction {
 pub struct Cache {
     endpoints: HashMap<(String, u16, SocketAddr), Arc<EndpointStats>>,
     services: HashMap<String, Arc<ServiceShared>>,
+    /// The sidecar's mutual TLS state, which outbound connectors dial meshed endpoints with.
+    tls: Option<Arc<MeshTls>>,
+}
+
+impl Cache {
+    /// An empty cache whose outbound connectors use `tls` for meshed endpoints.
+    pub fn with_tls(tls: Arc<MeshTls>) -> Cache {
+        Cache {
+            tls: Some(tls),
+            ..Cache::default()
+        }
+    }
 }
 
 /// Per-service state shared across versions.
@@ -218,6 +231,7 @@ fn connector_config(t: &Timeouts, l: &Limits) -> ConnectorConfig {
         max_connections: l.max_connections,
         max_pending: l.max_pending_requests,
         idle_timeout: ms(t.idle_ms),
+        tls: None,
     }
 }
 
@@ -231,7 +245,10 @@ impl State {
         app_address: IpAddr,
         cache: &mut Cache,
     ) -> State {
-        let mut next = Cache::default();
+        let mut next = Cache {
+            tls: cache.tls.clone(),
+            ..Cache::default()
+        };
         let own_zone = snapshot.identity().zone.clone();
         let mut listeners = HashMap::new();
 
@@ -263,6 +280,7 @@ impl State {
                     addr: app,
                     weight: 100,
                     local: true,
+                    meshed: false,
                     stats,
                 })],
                 false,
@@ -293,7 +311,16 @@ impl State {
             let key = format!("{}/{}", s.namespace, s.name);
             let shared = cache.services.remove(&key).unwrap_or_default();
             next.services.insert(key.clone(), shared.clone());
-            let clients = shared.clients(connector_config(&s.timeouts, &s.limits));
+            // Meshed endpoints of the service must prove to be it (mutual TLS).
+            let tls = cache.tls.clone().map(|mesh| TlsPeer {
+                mesh,
+                namespace: Arc::from(s.namespace.as_str()),
+                service: Arc::from(s.name.as_str()),
+            });
+            let clients = shared.clients(ConnectorConfig {
+                tls,
+                ..connector_config(&s.timeouts, &s.limits)
+            });
             services.push(Arc::new(Service {
                 label: Arc::from(key.as_str()),
                 timeouts: s.timeouts.clone(),
@@ -332,6 +359,7 @@ impl State {
                         addr,
                         weight: e.weight.max(1),
                         local: own_zone.is_some() && e.zone == own_zone,
+                        meshed: e.meshed,
                         stats: endpoint_stats(cache, next, &service.label, p.port.get(), addr),
                     })
                 })

@@ -11,23 +11,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::balance::hash_bytes;
 use crate::resilience::{Outcome, record};
 use crate::state::Target;
+use crate::tls::Io;
 use crate::upstream::ConnectError;
 
 const BUF: usize = 64 * 1024;
 
 /// Proxies one accepted TCP connection to `target`'s default backend.
-pub(crate) async fn proxy(
-    shared: &Shared,
-    target: &Arc<Target>,
-    client: TcpStream,
-    peer: SocketAddr,
-) {
+pub(crate) async fn proxy(shared: &Shared, target: &Arc<Target>, client: Io, peer: SocketAddr) {
     let backend = &target.default_backend;
     let service = &backend.service;
     let m = &shared.metrics;
@@ -44,7 +39,12 @@ pub(crate) async fn proxy(
             tracing::warn!(service = %service.label, "no endpoints; closing TCP connection");
             return;
         };
-        match service.clients.connector.connect(ep.addr).await {
+        match service
+            .clients
+            .connector
+            .connect_endpoint(ep.addr, ep.meshed, false)
+            .await
+        {
             Ok(conn) => {
                 record(
                     &ep,
@@ -108,13 +108,15 @@ pub(crate) async fn proxy(
         .inc_by(down);
 }
 
-/// Relays a plain TCP connection: zero-copy `splice` on Linux, the copy loop elsewhere
-/// or when no pipe can be made.
-async fn relay(client: TcpStream, server: TcpStream, idle: Option<Duration>) -> (u64, u64, bool) {
+/// Relays a connection: zero-copy `splice` on Linux when both sides are plain TCP, the
+/// copy loop for TLS, elsewhere, or when no pipe can be made.
+async fn relay(client: Io, server: Io, idle: Option<Duration>) -> (u64, u64, bool) {
     #[cfg(target_os = "linux")]
-    match crate::splice::relay(&client, &server, idle).await {
-        Ok(r) => return r,
-        Err(e) => tracing::debug!(error = %e, "no pipe for splice; copying instead"),
+    if let (Io::Plain(c), Io::Plain(s)) = (&client, &server) {
+        match crate::splice::relay(c, s, idle).await {
+            Ok(r) => return r,
+            Err(e) => tracing::debug!(error = %e, "no pipe for splice; copying instead"),
+        }
     }
     pipe(client, server, idle).await
 }

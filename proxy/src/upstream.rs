@@ -25,6 +25,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::tls::{Io as MaybeTls, TlsPeer};
+
 /// Errors a body may carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type every proxied message uses.
@@ -55,6 +57,9 @@ pub struct ConnectorConfig {
     pub max_pending: u32,
     /// Idle time after which a pooled connection is closed.
     pub idle_timeout: Option<Duration>,
+    /// The service that meshed endpoints must prove to be over mutual TLS; `None` dials
+    /// everything in plaintext.
+    pub tls: Option<TlsPeer>,
 }
 
 /// Makes connections to endpoints under one service's limits. Cheap to clone.
@@ -126,6 +131,24 @@ impl Connector {
         Ok((stream, permit))
     }
 
+    /// Connects to `addr` like [`Connector::connect`], then, for a meshed endpoint, speaks
+    /// mutual TLS when the sidecar has a certificate. A failed handshake is a connect
+    /// failure.
+    /// `h2` offers HTTP/2 in the TLS handshake (ALPN).
+    pub async fn connect_endpoint(
+        &self,
+        addr: SocketAddr,
+        meshed: bool,
+        h2: bool,
+    ) -> Result<(MaybeTls, Option<OwnedSemaphorePermit>), ConnectError> {
+        let (stream, permit) = self.connect(addr).await?;
+        let io = match (&self.inner.config.tls, meshed) {
+            (Some(peer), true) => crate::tls::dial(peer, stream, h2).await?,
+            _ => MaybeTls::Plain(stream),
+        };
+        Ok((io, permit))
+    }
+
     /// The idle timeout of pooled connections.
     pub fn idle_timeout(&self) -> Option<Duration> {
         self.inner.config.idle_timeout
@@ -163,7 +186,7 @@ async fn idle_close(activity: &Activity, idle: Duration) {
 }
 
 /// The connection type the pools speak HTTP over.
-type Io = TokioIo<crate::tcp::Timed<TcpStream>>;
+type Io = TokioIo<crate::tcp::Timed<MaybeTls>>;
 
 /// An idle HTTP/1.1 connection in the pool.
 #[derive(Debug)]
@@ -272,20 +295,22 @@ impl Clients {
     /// Sends `req` to the endpoint `addr` over HTTP/2 (`h2`) or HTTP/1.1, on a pooled
     /// connection when one is free, else on a new one. A request that a reused connection
     /// could not even start (it was closed meanwhile) is sent again on another. The URI
-    /// must be in origin form for HTTP/1.1 and absolute for HTTP/2.
+    /// must be in origin form for HTTP/1.1 and absolute for HTTP/2. A `meshed` endpoint
+    /// is dialled with mutual TLS when the sidecar has a certificate.
     pub async fn send(
         &self,
         addr: SocketAddr,
+        meshed: bool,
         h2: bool,
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, InUse), SendError> {
         loop {
             let (mut conn, fresh) = if h2 {
-                self.checkout_h2(addr).await?
+                self.checkout_h2(addr, meshed).await?
             } else {
                 match self.idle_h1(addr) {
                     Some(c) => (c, false),
-                    None => (self.dial(addr, false).await?, true),
+                    None => (self.dial(addr, meshed, false).await?, true),
                 }
             };
             conn.activity.busy.fetch_add(1, Ordering::AcqRel);
@@ -339,7 +364,11 @@ impl Clients {
     /// The endpoint's HTTP/2 connection, dialled if there is none. One request dials while
     /// the others wait for it: without that, a burst of concurrent requests to a new
     /// endpoint opened a connection each (hundreds, and tens of MiB of buffers).
-    async fn checkout_h2(&self, addr: SocketAddr) -> Result<(Checkout, bool), ConnectError> {
+    async fn checkout_h2(
+        &self,
+        addr: SocketAddr,
+        meshed: bool,
+    ) -> Result<(Checkout, bool), ConnectError> {
         if let Some(c) = self.idle_h2(addr) {
             return Ok((c, false));
         }
@@ -351,7 +380,7 @@ impl Clients {
         if let Some(c) = self.idle_h2(addr) {
             return Ok((c, false));
         }
-        Ok((self.dial(addr, true).await?, true))
+        Ok((self.dial(addr, meshed, true).await?, true))
     }
 
     fn idle_h2(&self, addr: SocketAddr) -> Option<Checkout> {
@@ -373,8 +402,13 @@ impl Clients {
 
     /// Opens a new connection to `addr` (through the connector, the one place that dials
     /// endpoints) and starts its task, which ends it once idle for the idle timeout.
-    async fn dial(&self, addr: SocketAddr, h2: bool) -> Result<Checkout, ConnectError> {
-        let (stream, slot) = self.connector.connect(addr).await?;
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        meshed: bool,
+        h2: bool,
+    ) -> Result<Checkout, ConnectError> {
+        let (stream, slot) = self.connector.connect_endpoint(addr, meshed, h2).await?;
         let activity = Arc::new(Activity::default());
         let io: Io = TokioIo::new(crate::tcp::Timed::new(stream, activity.io.clone()));
         let idle = self.connector.idle_timeout();
@@ -451,6 +485,7 @@ mod tests {
             max_connections: 1,
             max_pending: 1,
             idle_timeout: None,
+            tls: None,
         });
         let first = c.connect(addr).await.unwrap();
         // The second waits for the slot; the third finds the waiting room full.
@@ -482,6 +517,7 @@ mod tests {
             max_connections: 0,
             max_pending: 0,
             idle_timeout: None,
+            tls: None,
         });
         assert!(matches!(c.connect(addr).await, Err(ConnectError::Io(_))));
     }
@@ -538,6 +574,7 @@ mod tests {
             max_connections: 0,
             max_pending: 0,
             idle_timeout: Some(Duration::from_secs(30)),
+            tls: None,
         })
     }
 
@@ -552,10 +589,11 @@ mod tests {
         *req.uri_mut() = http::Uri::from_static("/");
         req.headers_mut()
             .insert(http::header::HOST, http::HeaderValue::from_static("test"));
-        let (resp, in_use) = tokio::time::timeout(Duration::from_secs(5), c.send(addr, false, req))
-            .await
-            .unwrap()
-            .unwrap();
+        let (resp, in_use) =
+            tokio::time::timeout(Duration::from_secs(5), c.send(addr, false, false, req))
+                .await
+                .unwrap()
+                .unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         in_use.release();
         body
@@ -597,7 +635,7 @@ mod tests {
                         .boxed_unsync(),
                 );
                 *req.uri_mut() = uri;
-                let (resp, _in_use) = c.send(addr, true, req).await.unwrap();
+                let (resp, _in_use) = c.send(addr, false, true, req).await.unwrap();
                 resp.into_body().collect().await.unwrap().to_bytes()
             }));
         }

@@ -25,6 +25,7 @@ fn zone_aware_picks_allocate_nothing() {
                 addr: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
                 weight: 100,
                 local: i < 3,
+                meshed: false,
                 stats: Arc::new(EndpointStats::default()),
             })
         })

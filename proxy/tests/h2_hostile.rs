@@ -57,17 +57,24 @@ async fn open(svc: Ipv4Addr) -> TcpStream {
     s
 }
 
+/// Reads one frame: its type, stream id and payload (None at the end of the stream).
+async fn read_frame(r: &mut OwnedReadHalf) -> Option<(u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await.ok()?;
+    let stream = u32::from_be_bytes([head[5] & 0x7f, head[6], head[7], head[8]]);
+    Some((head[3], stream, payload))
+}
+
 /// Reads frames until a GOAWAY (returns its error code) or the end of the stream (None),
 /// within 10 s.
 async fn goaway(r: &mut OwnedReadHalf) -> Option<u32> {
     let read = async {
-        let mut head = [0u8; 9];
         loop {
-            r.read_exact(&mut head).await.ok()?;
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let mut payload = vec![0u8; len];
-            r.read_exact(&mut payload).await.ok()?;
-            if head[3] == GOAWAY && len >= 8 {
+            let (kind, _, payload) = read_frame(r).await?;
+            if kind == GOAWAY && payload.len() >= 8 {
                 return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
             }
         }
@@ -190,19 +197,13 @@ async fn more_streams_than_allowed_are_refused_not_queued() {
     }
     w.write_all(&buf).await.unwrap();
     let refused = async {
-        let mut head = [0u8; 9];
         let mut refused = 0;
         let mut goaway = false;
         while refused < 1000 - 256 && !goaway {
-            if r.read_exact(&mut head).await.is_err() {
+            let Some((kind, _, _)) = read_frame(&mut r).await else {
                 break;
-            }
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let mut payload = vec![0u8; len];
-            if r.read_exact(&mut payload).await.is_err() {
-                break;
-            }
-            match head[3] {
+            };
+            match kind {
                 RST_STREAM => refused += 1,
                 GOAWAY => goaway = true,
                 _ => {}
@@ -220,4 +221,42 @@ async fn more_streams_than_allowed_are_refused_not_queued() {
     still_serves(svc).await;
     drop((r, w));
     still_serves(svc).await;
+}
+
+#[tokio::test]
+async fn differing_content_lengths_over_h2_never_reach_the_upstream() {
+    // Content-length values that disagree: h2 (0.4.20) resets the stream itself, and the
+    // sidecar's own header check would answer 400; either way an HTTP/1 upstream never
+    // sees both values.
+    let (_p, be, svc) = setup().await;
+    let (mut r, mut w) = open(svc).await.into_split();
+    let mut block = vec![0x83, 0x86, 0x84, 0x01, 0x01, b'x']; // POST http://x/
+    for v in [b"3".as_slice(), b"30".as_slice()] {
+        block.extend_from_slice(&[0x00, 14]);
+        block.extend_from_slice(b"content-length");
+        block.push(v.len() as u8);
+        block.extend_from_slice(v);
+    }
+    let mut buf = Vec::new();
+    frame(&mut buf, HEADERS, END_HEADERS, 1, &block);
+    frame(&mut buf, 0x0, END_STREAM, 1, b"abc"); // DATA
+    w.write_all(&buf).await.unwrap();
+    // The answer on stream 1: HEADERS starting with the indexed `:status 400` (RFC 7541
+    // appendix A, index 12), or a reset of the stream; never a success.
+    let answer = async {
+        loop {
+            match read_frame(&mut r).await? {
+                (HEADERS, 1, payload) => return Some(payload.first() == Some(&0x8c)),
+                (RST_STREAM | GOAWAY, _, _) => return Some(true),
+                _ => {}
+            }
+        }
+    };
+    let refused = tokio::time::timeout(WAIT, answer).await.unwrap();
+    assert_eq!(refused, Some(true));
+    assert_eq!(
+        be.hits.load(Ordering::Relaxed),
+        0,
+        "the request reached the upstream"
+    );
 }

@@ -205,6 +205,8 @@ pub struct Client {
     backoff_max: Duration,
     metrics: Metrics,
     http: HttpClient<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    /// The trust roots of `http`, kept for [`Client::poster`].
+    roots: rustls::RootCertStore,
 }
 
 impl std::fmt::Debug for Client {
@@ -237,7 +239,7 @@ impl Client {
         } else {
             rustls::RootCertStore::empty()
         };
-        let http = http_client(roots)?;
+        let http = http_client(roots.clone())?;
         let metrics = Metrics::new(&cfg.metrics_prefix, registry)?;
         Ok(Client {
             base,
@@ -250,6 +252,17 @@ impl Client {
             backoff_max: DEFAULT_BACKOFF_MAX,
             metrics,
             http,
+            roots,
+        })
+    }
+
+    /// A [`Poster`] for URL references relative to `DISCOVER_URL` (the certificate
+    /// signing request of mutual TLS): same trust roots, same `Authorization`.
+    pub fn poster(&self) -> Result<Poster, ClientError> {
+        Ok(Poster {
+            base: self.base.clone(),
+            authorization: self.authorization.clone(),
+            http: http_client(self.roots.clone())?,
         })
     }
 
@@ -270,7 +283,8 @@ impl Client {
                 "no certificate in the PEM data".to_owned(),
             ));
         }
-        self.http = http_client(roots)?;
+        self.http = http_client(roots.clone())?;
+        self.roots = roots;
         Ok(self)
     }
 
@@ -704,9 +718,13 @@ fn native_roots() -> Result<rustls::RootCertStore, ClientError> {
 }
 
 /// The HTTP client: plain `http://`, or `https://` with rustls (ring) over `roots`.
-fn http_client(
+fn http_client<B>(
     roots: rustls::RootCertStore,
-) -> Result<HttpClient<HttpsConnector<HttpConnector>, Empty<Bytes>>, ClientError> {
+) -> Result<HttpClient<HttpsConnector<HttpConnector>, B>, ClientError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+{
     let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -731,6 +749,110 @@ fn http_client(
 }
 
 /// Checks a `DISCOVER_URL`: `http[s]://host[:port]/path[?query]`.
+/// Sends `POST`s to URL references resolved against `DISCOVER_URL` (RFC 3986 §5.2), with
+/// the client's trust roots and `Authorization`. Cheap to clone.
+#[derive(Clone)]
+pub struct Poster {
+    base: Uri,
+    authorization: Option<HeaderValue>,
+    http: HttpClient<HttpsConnector<HttpConnector>, http_body_util::Full<Bytes>>,
+}
+
+impl std::fmt::Debug for Poster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Poster").finish_non_exhaustive()
+    }
+}
+
+/// Why a [`Poster::post`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PostError {
+    /// The reference cannot be resolved against `DISCOVER_URL`.
+    #[error("cannot resolve {0:?} against DISCOVER_URL")]
+    Reference(String),
+    /// Discover could not be reached, or did not answer in time.
+    #[error("cannot reach discover: {0}")]
+    Connect(String),
+    /// Discover answered with an error status.
+    #[error("discover answered {status}: {message}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The error message of the body.
+        message: String,
+    },
+    /// The answer's body could not be read (too large, cut, too slow).
+    #[error("cannot read discover's answer: {0}")]
+    Body(String),
+}
+
+impl Poster {
+    /// `POST`s `body` to `reference` and returns the 2xx answer's body (at most `cap` bytes),
+    /// all within `timeout`.
+    pub async fn post(
+        &self,
+        reference: &str,
+        content_type: &'static str,
+        body: Bytes,
+        cap: usize,
+        timeout: Duration,
+    ) -> Result<Bytes, PostError> {
+        let uri = resolve_reference(&self.base, reference)
+            .ok_or_else(|| PostError::Reference(reference.to_owned()))?;
+        let mut req = Request::post(uri)
+            .header(hyper::header::CONTENT_TYPE, content_type)
+            .header(ACCEPT, "application/json, application/x-pem-file");
+        if let Some(auth) = &self.authorization {
+            req = req.header(AUTHORIZATION, auth.clone());
+        }
+        let req = req
+            .body(http_body_util::Full::new(body))
+            .map_err(|e| PostError::Reference(e.to_string()))?;
+        let resp = match tokio::time::timeout(timeout, self.http.request(req)).await {
+            Err(_) => return Err(PostError::Connect("timed out".to_owned())),
+            Ok(Err(e)) => return Err(PostError::Connect(error_chain(&e))),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            let body = read_capped(resp.into_body(), MAX_ERROR_BYTES, timeout).await;
+            return Err(PostError::Status {
+                status: status.as_u16(),
+                message: error_message(body.as_deref().unwrap_or_default(), false),
+            });
+        }
+        read_capped(resp.into_body(), cap, timeout)
+            .await
+            .map_err(|e| PostError::Body(e.to_string()))
+    }
+}
+
+/// Resolves a URL reference without scheme or authority against `base` (RFC 3986 §5.2):
+/// an absolute path replaces the path, a relative one replaces the last segment. `..`
+/// segments are refused rather than merged.
+pub fn resolve_reference(base: &Uri, reference: &str) -> Option<Uri> {
+    if reference.is_empty()
+        || reference.starts_with("//")
+        || reference.contains("://")
+        || reference.split(['/', '?']).any(|s| s == "..")
+    {
+        return None;
+    }
+    let path = if reference.starts_with('/') {
+        reference.to_owned()
+    } else {
+        let dir = base
+            .path()
+            .rsplit_once('/')
+            .map(|(dir, _)| dir)
+            .unwrap_or("");
+        format!("{dir}/{reference}")
+    };
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = Some(path.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
 fn parse_url(url: &str) -> Result<Uri, ClientError> {
     let bad = |reason: &str| ClientError::Url {
         url: redact(url),
@@ -822,6 +944,22 @@ fn save_state(dir: &Path, json: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn references_resolve_next_to_the_config_url() {
+        let base: Uri = "http://127.0.0.1:7070/v1/sidecars/shop/web/sidemesh-proxy?token=x"
+            .parse()
+            .unwrap();
+        let r = |s: &str| resolve_reference(&base, s).map(|u| u.to_string());
+        assert_eq!(
+            r("sidemesh-proxy/certificate").as_deref(),
+            Some("http://127.0.0.1:7070/v1/sidecars/shop/web/sidemesh-proxy/certificate")
+        );
+        assert_eq!(r("/v1/x").as_deref(), Some("http://127.0.0.1:7070/v1/x"));
+        for bad in ["", "//evil/x", "http://evil/x", "../other/sidemesh-proxy"] {
+            assert_eq!(r(bad), None, "{bad}");
+        }
+    }
     use rand::SeedableRng;
 
     #[test]

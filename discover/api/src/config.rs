@@ -37,6 +37,77 @@ pub struct SidecarConfig {
     /// The variables of the plugin this config is for. Never logged.
     #[serde(default)]
     pub plugin: PluginSettings,
+    /// Mutual TLS between sidecars. Absent means no TLS at all (plaintext hops, no client
+    /// identity), as with a discover that predates this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
+}
+
+/// Mutual TLS between sidecars: how strict the inbound side is, what to trust, and where
+/// the sidecar gets its own certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// How the inbound listeners treat clients without TLS (default `permissive`).
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// The SPIFFE trust domain: identities are
+    /// `spiffe://<trust_domain>/ns/<namespace>/svc/<service>` (default `cluster.local`).
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// The CA certificates (PEM, one or more) that sign sidecar certificates. Peers whose
+    /// chain does not end in one of them are refused.
+    pub trust_bundle_pem: String,
+    /// Where the sidecar sends its certificate signing request (`POST`, PEM body): a URL
+    /// reference resolved against `DISCOVER_URL` as RFC 3986 §5.2 says (so
+    /// `sidemesh-proxy/certificate` next to `.../sidemesh-proxy`). The query of
+    /// `DISCOVER_URL` is not carried over; the `Authorization` header is.
+    pub csr_url: String,
+}
+
+/// How an inbound listener treats clients (Istio's `PeerAuthentication` names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// No TLS: plaintext in and out, no client identity (so `allow_clients` lists refuse
+    /// every client).
+    Disabled,
+    /// Mutual TLS from meshed clients, plaintext from the others (which have no identity).
+    #[default]
+    Permissive,
+    /// Mutual TLS only: plaintext connections are closed.
+    Strict,
+}
+
+impl TlsMode {
+    /// The wire name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disabled => "disabled",
+            TlsMode::Permissive => "permissive",
+            TlsMode::Strict => "strict",
+        }
+    }
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".to_owned()
+}
+
+/// The SPIFFE ID of a workload's service: `spiffe://<trust domain>/ns/<namespace>/svc/<service>`.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/svc/{service}")
+}
+
+/// The `namespace/service` of a SPIFFE ID of `trust_domain` made by [`spiffe_id`], or
+/// `None` when it is not one (another trust domain, another shape, bad names).
+pub fn parse_spiffe_id<'a>(trust_domain: &str, id: &'a str) -> Option<(&'a str, &'a str)> {
+    let rest = id.strip_prefix("spiffe://")?.strip_prefix(trust_domain)?;
+    let rest = rest.strip_prefix("/ns/")?;
+    let (ns, rest) = rest.split_once('/')?;
+    let svc = rest.strip_prefix("svc/")?;
+    let ok = |s: &str| crate::name::check_label(s).is_ok();
+    (ok(ns) && ok(svc)).then_some((ns, svc))
 }
 
 /// Who a sidecar is. `namespace/service` is also the client identity that `allow_clients`

@@ -21,7 +21,7 @@ pub mod snapshot;
 pub mod state;
 
 #[cfg(feature = "client")]
-pub use client::{Client, ClientConfig, ClientError};
+pub use client::{Client, ClientConfig, ClientError, PostError, Poster};
 pub use config::SidecarConfig;
 pub use port::{AppPort, OuterPort, ServicePort};
 pub use snapshot::{ConfigError, Snapshot, ValidationError, ValidationErrors};

@@ -343,6 +343,9 @@ impl Validator {
         self.inbound(&c.inbound);
         let routes = self.outbound(&c.outbound);
         self.dns(&c.dns);
+        if let Some(tls) = &c.tls {
+            self.tls(tls);
+        }
         for name in c.plugin.variables.keys() {
             let ok = !name.is_empty()
                 && name.len() <= 256
@@ -780,6 +783,35 @@ impl Validator {
         );
     }
 
+    fn tls(&mut self, t: &TlsSettings) {
+        self.check("tls.trust_domain", check_dns_name(&t.trust_domain));
+        if t.mode == TlsMode::Disabled {
+            return;
+        }
+        if !t.trust_bundle_pem.contains("-----BEGIN CERTIFICATE-----") {
+            self.err(
+                "tls.trust_bundle_pem",
+                "must hold at least one PEM certificate (-----BEGIN CERTIFICATE-----)",
+            );
+        }
+        let u = &t.csr_url;
+        let bad = u.is_empty()
+            || u.len() > 2048
+            || u.starts_with("//")
+            || u.contains("://")
+            || u.split(['/', '?']).any(|seg| seg == "..")
+            || u.bytes().any(|b| !b.is_ascii_graphic());
+        if bad {
+            self.err(
+                "tls.csr_url",
+                format!(
+                    "must be a relative URL reference without scheme, host or '..' \
+                     (e.g. \"sidemesh-proxy/certificate\"), got {u:?}"
+                ),
+            );
+        }
+    }
+
     fn dns(&mut self, d: &DnsSettings) {
         self.check("dns.cluster_domain", check_dns_name(&d.cluster_domain));
         for (i, u) in d.upstreams.iter().enumerate() {
@@ -821,6 +853,54 @@ fn check_header_name(s: &str) -> Result<(), String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn tls_settings_default_and_validate() {
+        let mut c = base();
+        c["tls"] = json!({"trust_bundle_pem": PEM, "csr_url": "sidemesh-proxy/certificate"});
+        let s = Snapshot::from_json(c.to_string().as_bytes()).unwrap();
+        let tls = s.config().tls.as_ref().unwrap();
+        assert_eq!(tls.mode, TlsMode::Permissive);
+        assert_eq!(tls.trust_domain, "cluster.local");
+        // Absent means no TLS, as before the field existed.
+        let s = Snapshot::from_json(base().to_string().as_bytes()).unwrap();
+        assert!(s.config().tls.is_none());
+
+        c["tls"] = json!({"mode": "strict", "trust_domain": "Bad Domain",
+                          "trust_bundle_pem": "nope", "csr_url": "http://evil/x"});
+        let err = Snapshot::from_json(c.to_string().as_bytes())
+            .unwrap_err()
+            .to_string();
+        for want in ["tls.trust_domain", "tls.trust_bundle_pem", "tls.csr_url"] {
+            assert!(err.contains(want), "{want} missing in {err}");
+        }
+        c["tls"] = json!({"trust_bundle_pem": PEM, "csr_url": "../../other/certificate"});
+        assert!(Snapshot::from_json(c.to_string().as_bytes()).is_err());
+        // Disabled needs neither a bundle nor a CSR URL that works.
+        c["tls"] = json!({"mode": "disabled", "trust_bundle_pem": "", "csr_url": ""});
+        assert!(Snapshot::from_json(c.to_string().as_bytes()).is_ok());
+        c["tls"] = json!({"mode": "sometimes", "trust_bundle_pem": PEM, "csr_url": "x"});
+        assert!(Snapshot::from_json(c.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn spiffe_ids_round_trip_and_refuse_others() {
+        let id = spiffe_id("cluster.local", "shop", "web");
+        assert_eq!(id, "spiffe://cluster.local/ns/shop/svc/web");
+        assert_eq!(parse_spiffe_id("cluster.local", &id), Some(("shop", "web")));
+        for bad in [
+            "spiffe://other.domain/ns/shop/svc/web",
+            "spiffe://cluster.local.evil/ns/shop/svc/web",
+            "spiffe://cluster.local/ns/shop/sa/web",
+            "spiffe://cluster.local/ns/shop/svc/web/extra",
+            "spiffe://cluster.local/ns/Shop/svc/web",
+            "https://cluster.local/ns/shop/svc/web",
+        ] {
+            assert_eq!(parse_spiffe_id("cluster.local", bad), None, "{bad}");
+        }
+    }
 
     fn base() -> serde_json::Value {
         json!({

@@ -1,0 +1,428 @@
+//! The identity authority: discover's CA, which signs the short-lived certificates that
+//! sidecars use for mutual TLS between them.
+//!
+//! A sidecar makes its own key pair and sends a certificate signing request (PEM) to
+//! `POST /v1/sidecars/{ns}/{svc}/{plugin}/certificate`, next to its config URL. The
+//! authority signs only the identity of the config served at that URL: the CSR must ask
+//! for exactly one name, the URI `spiffe://<trust domain>/ns/<ns>/svc/<svc>`, and the
+//! certificate it gets carries that name alone, whatever else the CSR says (its subject,
+//! key usages and validity are ignored). The private key never reaches discover.
+//!
+//! What authenticates the requester is what authenticates the config poll: nothing more
+//! than reaching discover (and, where a deployment puts one in front, the `Authorization`
+//! header). Whoever can read a sidecar's config can get that sidecar's identity; see
+//! `docs/discover-http.md`.
+//!
+//! The CA is either given (`--ca-cert`, `--ca-key`, PEM) or generated once (ECDSA P-256,
+//! ten years) and kept in the data directory as `ca.crt` and `ca.key`, so a restart keeps
+//! the trust bundle that sidecars hold.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use prometheus::{IntCounterVec, Opts, Registry};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use sidemesh_api::config::{TlsMode, TlsSettings, spiffe_id};
+
+/// The file the generated CA certificate is kept in, inside the data directory.
+pub const CA_CERT_FILE: &str = "ca.crt";
+/// The file the generated CA key is kept in (mode 0600), inside the data directory.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// The largest CSR accepted, in bytes.
+pub const MAX_CSR_BYTES: usize = 16 * 1024;
+/// Certificates are back-dated by this much, for clocks slightly behind discover's.
+const BACKDATE: Duration = Duration::from_secs(60);
+/// Lifetime of a generated CA.
+const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// How the authority is set up.
+#[derive(Clone, Debug)]
+pub struct AuthorityConfig {
+    /// The SPIFFE trust domain (default `cluster.local`).
+    pub trust_domain: String,
+    /// The mode written into every config.
+    pub mode: TlsMode,
+    /// Lifetime of the certificates signed (default 24 h).
+    pub cert_ttl: Duration,
+}
+
+impl Default for AuthorityConfig {
+    fn default() -> Self {
+        AuthorityConfig {
+            trust_domain: "cluster.local".to_owned(),
+            mode: TlsMode::Permissive,
+            cert_ttl: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// Why a CSR was not signed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The body is not a PEM CSR, or its signature does not verify.
+    #[error("not a valid certificate signing request: {0}")]
+    BadCsr(String),
+    /// The CSR asks for another identity than the config's, or for more than it.
+    #[error("the CSR must ask for exactly the URI SAN {expected}, got [{got}]")]
+    WrongIdentity {
+        /// The identity of the config at that URL.
+        expected: String,
+        /// What the CSR asked for.
+        got: String,
+    },
+    /// Signing failed (a bug or a broken CA key).
+    #[error("cannot sign: {0}")]
+    Internal(String),
+}
+
+/// Discover's CA. Never prints its key.
+pub struct Authority {
+    config: AuthorityConfig,
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+    issued: IntCounterVec,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authority {
+    /// Loads the CA from `ca_cert` and `ca_key` (PEM files, both or neither), or else from
+    /// `data_dir` (generating and saving it there on first use), or else generates one in
+    /// memory (a warning: sidecars must then restart with discover). Registers
+    /// `sidemesh_discover_certificates_total{result}`.
+    pub fn load(
+        config: AuthorityConfig,
+        ca_cert: Option<&Path>,
+        ca_key: Option<&Path>,
+        data_dir: Option<&Path>,
+        registry: &Registry,
+    ) -> anyhow::Result<Authority> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+        };
+        let (ca_pem, key_pem) = match (ca_cert, ca_key, data_dir) {
+            (Some(c), Some(k), _) => (read(c)?, read(k)?),
+            (Some(_), None, _) | (None, Some(_), _) => {
+                anyhow::bail!("--ca-cert and --ca-key go together: give both or neither")
+            }
+            (None, None, Some(dir)) => {
+                let (c, k) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+                if c.exists() || k.exists() {
+                    (read(&c)?, read(&k)?)
+                } else {
+                    let (cert, key) = generate_ca(&config.trust_domain)?;
+                    std::fs::create_dir_all(dir)?;
+                    write_private(&k, &key)?;
+                    std::fs::write(&c, &cert)?;
+                    tracing::info!(cert = %c.display(), "generated a mesh CA in the data directory");
+                    (cert, key)
+                }
+            }
+            (None, None, None) => {
+                tracing::warn!(
+                    "no --ca-cert/--ca-key and no --data-dir: the mesh CA lives in memory only; \
+                     sidecars must restart when discover does"
+                );
+                generate_ca(&config.trust_domain)?
+            }
+        };
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| anyhow::anyhow!("bad CA key: {e}"))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)
+            .map_err(|e| anyhow::anyhow!("bad CA certificate: {e}"))?;
+        let issued = IntCounterVec::new(
+            Opts::new(
+                "sidemesh_discover_certificates_total",
+                "Certificate signing requests answered, by result (issued, refused).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(issued.clone()))?;
+        for r in ["issued", "refused"] {
+            issued.with_label_values(&[r]);
+        }
+        Ok(Authority {
+            config,
+            issuer,
+            ca_pem,
+            issued,
+        })
+    }
+
+    /// The CA certificate (PEM): the trust bundle.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The TLS settings of the config of `plugin`'s sidecar, served at
+    /// `.../{plugin}`: the CSR goes to `{plugin}/certificate` next to it.
+    pub fn settings(&self, plugin: &str) -> TlsSettings {
+        TlsSettings {
+            mode: self.config.mode,
+            trust_domain: self.config.trust_domain.clone(),
+            trust_bundle_pem: self.ca_pem.clone(),
+            csr_url: format!("{plugin}/certificate"),
+        }
+    }
+
+    /// Signs `csr_pem` for `namespace/service` if it asks for exactly that identity;
+    /// returns the certificate (PEM), valid from now (minus a minute) for the TTL.
+    pub fn sign(
+        &self,
+        namespace: &str,
+        service: &str,
+        csr_pem: &str,
+        now: SystemTime,
+    ) -> Result<String, SignError> {
+        let r = self.sign_inner(namespace, service, csr_pem, now);
+        let result = if r.is_ok() { "issued" } else { "refused" };
+        self.issued.with_label_values(&[result]).inc();
+        r
+    }
+
+    fn sign_inner(
+        &self,
+        namespace: &str,
+        service: &str,
+        csr_pem: &str,
+        now: SystemTime,
+    ) -> Result<String, SignError> {
+        let expected = spiffe_id(&self.config.trust_domain, namespace, service);
+        // Parsing verifies the CSR's self-signature: the requester holds the key.
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| SignError::BadCsr(e.to_string()))?;
+        let sans = &csr.params.subject_alt_names;
+        let only_ours = matches!(sans.as_slice(), [SanType::URI(u)] if u.as_str() == expected);
+        if !only_ours {
+            return Err(SignError::WrongIdentity {
+                expected,
+                got: sans.iter().map(describe_san).collect::<Vec<_>>().join(", "),
+            });
+        }
+        let uri = expected
+            .clone()
+            .try_into()
+            .map_err(|e: rcgen::Error| SignError::Internal(e.to_string()))?;
+        // A fresh set of parameters: nothing of the CSR but its key and checked name.
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{namespace}/{service}"));
+        params.distinguished_name = dn;
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + self.config.cert_ttl).into();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(SerialNumber::from_slice(&rand_serial()));
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|e| SignError::Internal(e.to_string()))?;
+        tracing::info!(
+            namespace,
+            service,
+            ttl_s = self.config.cert_ttl.as_secs(),
+            "certificate issued"
+        );
+        Ok(cert.pem())
+    }
+}
+
+fn describe_san(s: &SanType) -> String {
+    match s {
+        SanType::URI(u) => format!("URI:{}", u.as_str()),
+        SanType::DnsName(d) => format!("DNS:{}", d.as_str()),
+        SanType::IpAddress(ip) => format!("IP:{ip}"),
+        SanType::Rfc822Name(m) => format!("email:{}", m.as_str()),
+        other => format!("{other:?}"),
+    }
+}
+
+fn rand_serial() -> [u8; 16] {
+    let mut b: [u8; 16] = rand::random();
+    // Positive and non-zero, as RFC 5280 §4.1.2.2 wants.
+    b[0] = (b[0] & 0x7f) | 0x01;
+    b
+}
+
+/// A new self-signed CA (ECDSA P-256): (certificate PEM, key PEM).
+fn generate_ca(trust_domain: &str) -> anyhow::Result<(String, String)> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "sidemesh");
+    dn.push(
+        DnType::CommonName,
+        format!("sidemesh mesh CA ({trust_domain})"),
+    );
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = SystemTime::now();
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = (now + CA_LIFETIME).into();
+    params.serial_number = Some(SerialNumber::from_slice(&rand_serial()));
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn write_private(path: &Path, data: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data.as_bytes())?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+
+    fn authority(dir: Option<&Path>) -> Authority {
+        Authority::load(
+            AuthorityConfig::default(),
+            None,
+            None,
+            dir,
+            &Registry::new(),
+        )
+        .unwrap()
+    }
+
+    fn csr(sans: Vec<SanType>) -> (String, KeyPair) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = sans;
+        (p.serialize_request(&key).unwrap().pem().unwrap(), key)
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.to_owned().try_into().unwrap())
+    }
+
+    #[test]
+    fn signs_only_the_configs_identity() {
+        let a = authority(None);
+        let (pem, key) = csr(vec![uri("spiffe://cluster.local/ns/shop/svc/web")]);
+        let cert = a.sign("shop", "web", &pem, SystemTime::now()).unwrap();
+        let der = rustls_pki_types_der(&cert);
+        let (_, x) = X509Certificate::from_der(&der).unwrap();
+        // The sidecar's own public key, one URI SAN, client and server auth, not a CA.
+        assert_eq!(
+            &*x.public_key().subject_public_key.data,
+            key.public_key_raw()
+        );
+        let mut sans = Vec::new();
+        for ext in x.extensions() {
+            if let ParsedExtension::SubjectAlternativeName(s) = ext.parsed_extension() {
+                for n in &s.general_names {
+                    sans.push(format!("{n:?}"));
+                    assert!(
+                        matches!(n, GeneralName::URI(u) if *u == "spiffe://cluster.local/ns/shop/svc/web")
+                    );
+                }
+            }
+        }
+        assert_eq!(sans.len(), 1);
+        assert!(!x.is_ca());
+        let lifetime = x.validity().not_after.timestamp() - x.validity().not_before.timestamp();
+        assert_eq!(lifetime, 86_400 + 60);
+
+        // Another service's identity, an extra name, a DNS name, no name: all refused.
+        for sans in [
+            vec![uri("spiffe://cluster.local/ns/shop/svc/payments")],
+            vec![
+                uri("spiffe://cluster.local/ns/shop/svc/web"),
+                uri("spiffe://cluster.local/ns/shop/svc/payments"),
+            ],
+            vec![SanType::DnsName("web.shop".try_into().unwrap())],
+            vec![],
+        ] {
+            let (pem, _) = csr(sans);
+            let e = a.sign("shop", "web", &pem, SystemTime::now()).unwrap_err();
+            assert!(matches!(e, SignError::WrongIdentity { .. }), "{e}");
+        }
+        assert!(matches!(
+            a.sign("shop", "web", "garbage", SystemTime::now()),
+            Err(SignError::BadCsr(_))
+        ));
+        assert_eq!(a.issued.with_label_values(&["issued"]).get(), 1);
+        assert_eq!(a.issued.with_label_values(&["refused"]).get(), 5);
+    }
+
+    #[test]
+    fn generated_ca_is_kept_in_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = authority(Some(dir.path())).ca_pem().to_owned();
+        let again = authority(Some(dir.path())).ca_pem().to_owned();
+        assert_eq!(first, again);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(CA_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0);
+        let s = authority(Some(dir.path())).settings("sidemesh-proxy");
+        assert_eq!(s.csr_url, "sidemesh-proxy/certificate");
+        assert_eq!(s.trust_bundle_pem, first);
+    }
+
+    #[test]
+    fn a_given_ca_signs_and_is_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = generate_ca("example.org").unwrap();
+        let (c, k) = (dir.path().join("ca.pem"), dir.path().join("ca-key.pem"));
+        std::fs::write(&c, &cert).unwrap();
+        std::fs::write(&k, &key).unwrap();
+        let config = AuthorityConfig {
+            trust_domain: "example.org".into(),
+            ..AuthorityConfig::default()
+        };
+        let a = Authority::load(config, Some(&c), Some(&k), None, &Registry::new()).unwrap();
+        assert_eq!(a.ca_pem(), cert);
+        assert_eq!(a.settings("p").trust_domain, "example.org");
+        let (pem, _) = csr(vec![uri("spiffe://example.org/ns/shop/svc/web")]);
+        assert!(a.sign("shop", "web", &pem, SystemTime::now()).is_ok());
+        // The default trust domain's ID is foreign here.
+        let (pem, _) = csr(vec![uri("spiffe://cluster.local/ns/shop/svc/web")]);
+        assert!(a.sign("shop", "web", &pem, SystemTime::now()).is_err());
+    }
+
+    #[test]
+    fn given_ca_files_must_come_in_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = dir.path().join("c.pem");
+        let e = Authority::load(
+            AuthorityConfig::default(),
+            Some(&c),
+            None,
+            None,
+            &Registry::new(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("go together"));
+    }
+
+    fn rustls_pki_types_der(pem: &str) -> Vec<u8> {
+        let p = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap().1;
+        p.contents
+    }
+}

@@ -1,0 +1,614 @@
+//! Mutual TLS between two sidecars on real loopback sockets: certificates from a CSR
+//! signer standing in for discover, HTTP and TCP over mTLS, `allow_clients` allowing one
+//! client service and refusing another, permissive and strict modes, and renewal.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use sidemesh_proxy::tls::MeshTls;
+use sidemesh_proxy::{Applied, Proxy, ProxyConfig};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// A CA that signs whatever a CSR asks for, for `ttl`: discover's signer, minus its
+/// identity check (tested in discover).
+struct Signer {
+    ca_pem: String,
+    addr: SocketAddr,
+    _stop: CancellationToken,
+}
+
+async fn signer(ttl: Duration) -> Signer {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca_pem = p.self_signed(&key).unwrap().pem();
+    let issuer = Arc::new(rcgen::Issuer::new(p, key));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                r = l.accept() => r.unwrap(),
+                _ = s.cancelled() => return,
+            };
+            let issuer = issuer.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let issuer = issuer.clone();
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let csr = rcgen::CertificateSigningRequestParams::from_pem(
+                                std::str::from_utf8(&body).unwrap(),
+                            )
+                            .unwrap();
+                            let mut params = csr.params.clone();
+                            let now = time::OffsetDateTime::now_utc();
+                            params.not_before = now - time::Duration::seconds(1);
+                            params.not_after = now + ttl;
+                            let cert = params.signed_by(&csr.public_key, &issuer).unwrap();
+                            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                                cert.pem(),
+                            ))))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Signer {
+        ca_pem,
+        addr,
+        _stop: stop,
+    }
+}
+
+/// A sidecar run in-process whose identity task gets certificates from `signer`.
+struct Sidecar {
+    config: watch::Sender<Option<sidemesh_api::Snapshot>>,
+    applied: watch::Receiver<Option<Applied>>,
+    tls: Arc<MeshTls>,
+    registry: prometheus::Registry,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Sidecar {
+    async fn start(signer: &Signer, service: &str, config: ProxyConfig, json: &Value) -> Sidecar {
+        let registry = prometheus::Registry::new();
+        let proxy = Proxy::new(config, &registry).unwrap();
+        let url = format!(
+            "http://{}/v1/sidecars/shop/{service}/sidemesh-proxy",
+            signer.addr
+        );
+        let poster = sidemesh_api::Client::new(
+            sidemesh_api::ClientConfig::new(url),
+            &prometheus::Registry::new(),
+        )
+        .unwrap()
+        .poster()
+        .unwrap();
+        let (tx, rx) = watch::channel(None);
+        let shutdown = CancellationToken::new();
+        let tls = proxy.tls();
+        tokio::spawn(sidemesh_proxy::tls::run_identity(
+            tls.clone(),
+            poster,
+            rx.clone(),
+            shutdown.clone(),
+        ));
+        let applied = proxy.applied();
+        let s = shutdown.clone();
+        tokio::spawn(async move { proxy.run(rx, s).await });
+        let sc = Sidecar {
+            config: tx,
+            applied,
+            tls,
+            registry,
+            shutdown,
+        };
+        sc.set(json).await;
+        assert!(
+            eventually(|| sc.tls.credentials().is_some()).await,
+            "no certificate"
+        );
+        sc
+    }
+
+    async fn set(&self, json: &Value) {
+        let snap = sidemesh_api::Snapshot::from_json(json.to_string().as_bytes()).unwrap();
+        let version = snap.version();
+        self.config.send_replace(Some(snap));
+        let mut rx = self.applied.clone();
+        tokio::time::timeout(
+            WAIT,
+            rx.wait_for(|a| a.as_ref().is_some_and(|a| a.version == version)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+
+    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+}
+
+fn tls(signer: &Signer, mode: &str) -> Value {
+    json!({"mode": mode, "trust_bundle_pem": signer.ca_pem, "csr_url": "sidemesh-proxy/certificate"})
+}
+
+/// The server side: `shop/api` in front of an app at `app`, inbound on `ip:port_outer`.
+fn server_config(
+    version: u64,
+    signer: &Signer,
+    app: SocketAddr,
+    port_outer: u16,
+    protocol: &str,
+    mode: &str,
+    allow: Option<Value>,
+) -> Value {
+    let mut port = json!({"port": app.port(), "port_outer": port_outer, "protocol": protocol});
+    if let Some(a) = allow {
+        port["allow_clients"] = a;
+    }
+    json!({
+        "version": version,
+        "identity": {"namespace": "shop", "service": "api", "plugin": "sidemesh-proxy"},
+        "inbound": [port],
+        "tls": tls(signer, mode),
+    })
+}
+
+/// A client side: `shop/<service>` calling `shop/api` at `svc:80` through the server's
+/// inbound listener (a meshed endpoint).
+fn client_config(
+    signer: &Signer,
+    service: &str,
+    svc: Ipv4Addr,
+    server: SocketAddr,
+    protocol: &str,
+) -> Value {
+    json!({
+        "version": 1,
+        "identity": {"namespace": "shop", "service": service, "plugin": "sidemesh-proxy"},
+        "outbound": [{"name": "api", "namespace": "shop", "address": svc.to_string(),
+            "ports": [{"port": 80, "protocol": protocol, "endpoints": [
+                {"address": server.ip().to_string(), "port": server.port(), "meshed": true}]}],
+            "retry": {"attempts": 0}}],
+        "tls": tls(signer, "permissive"),
+    })
+}
+
+fn config_at(ip: Ipv4Addr, app: Ipv4Addr) -> ProxyConfig {
+    ProxyConfig {
+        inbound_address: ip.into(),
+        app_address: app.into(),
+        drain_timeout: Duration::from_secs(2),
+        ..ProxyConfig::default()
+    }
+}
+
+struct Mesh {
+    signer: Signer,
+    server: Sidecar,
+    web: Sidecar,
+    _evil: Sidecar,
+    web_svc: Ipv4Addr,
+    evil_svc: Ipv4Addr,
+    inbound: SocketAddr,
+}
+
+async fn mesh(protocol: &str, app: SocketAddr, allow: Option<Value>) -> Mesh {
+    let signer = signer(Duration::from_secs(3600)).await;
+    let server_ip = loopback();
+    let port_outer = free_port(server_ip);
+    let inbound = SocketAddr::new(server_ip.into(), port_outer);
+    let Some(app_ip) = (match app.ip() {
+        std::net::IpAddr::V4(v4) => Some(v4),
+        _ => None,
+    }) else {
+        unreachable!()
+    };
+    let server = Sidecar::start(
+        &signer,
+        "api",
+        config_at(server_ip, app_ip),
+        &server_config(1, &signer, app, port_outer, protocol, "permissive", allow),
+    )
+    .await;
+    let (web_svc, evil_svc) = (loopback(), loopback());
+    let web = Sidecar::start(
+        &signer,
+        "web",
+        config_at(loopback(), app_ip),
+        &client_config(&signer, "web", web_svc, inbound, protocol),
+    )
+    .await;
+    let evil = Sidecar::start(
+        &signer,
+        "evil",
+        config_at(loopback(), app_ip),
+        &client_config(&signer, "evil", evil_svc, inbound, protocol),
+    )
+    .await;
+    Mesh {
+        signer,
+        server,
+        web,
+        _evil: evil,
+        web_svc,
+        evil_svc,
+        inbound,
+    }
+}
+
+#[tokio::test]
+async fn http_over_mutual_tls_with_allow_clients() {
+    let app_ip = loopback();
+    let be = backend(app_ip, "api").await;
+    let m = mesh("http1", be.addr, Some(json!(["shop/web"]))).await;
+    let c = h1_client();
+
+    // The allowed client gets through; the app sees its verified identity, not the
+    // forged one its app tried to send.
+    let resp = c
+        .request(
+            hyper::Request::get(format!("http://{}/", m.web_svc))
+                .header("x-sidemesh-client-id", "ops/admin")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["echo-x-sidemesh-client-id"], "shop/web");
+    assert!(
+        m.server.counter(
+            "sidemesh_proxy_tls_connections_total",
+            &[("direction", "inbound")]
+        ) >= 1
+    );
+    assert!(
+        m.web.counter(
+            "sidemesh_proxy_tls_connections_total",
+            &[("direction", "outbound")]
+        ) >= 1
+    );
+
+    // Another mesh service is refused with a 403 that says who and why.
+    let (status, _, body) = get(&c, &format!("http://{}/", m.evil_svc), &[]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("shop/evil") && body.contains("allow_clients"),
+        "{body}"
+    );
+    // A plaintext client (no identity) is refused too while the list is present.
+    let (status, _, body) = get(&c, &format!("http://{}/", m.inbound), &[]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("no identity"), "{body}");
+    let denied = |reason| {
+        m.server.counter(
+            "sidemesh_proxy_authz_denied_total",
+            &[
+                ("direction", "inbound"),
+                ("service", "shop/api"),
+                ("reason", reason),
+            ],
+        )
+    };
+    assert_eq!(denied("not_allowed"), 1);
+    assert_eq!(denied("no_identity"), 1);
+    // A handshake record followed by garbage: closed, counted, and nothing else breaks.
+    let mut s = TcpStream::connect(m.inbound).await.unwrap();
+    s.write_all(b"\x16\x03\x01\x00\x05hello-not-tls")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a bad handshake was not closed");
+    assert!(
+        eventually(|| m.server.counter(
+            "sidemesh_proxy_tls_handshake_failures_total",
+            &[("direction", "inbound")]
+        ) == 1)
+        .await
+    );
+    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+async fn echo_server(ip: Ipv4Addr) -> SocketAddr {
+    raw_server(ip, |mut s: TcpStream| async move {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await
+}
+
+/// Writes `msg` and reads until the echo is complete, the peer closes, or 5 s pass.
+async fn echo(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return Vec::new();
+    };
+    let _ = s.write_all(msg).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got.len() < msg.len() {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn tcp_over_mutual_tls_with_allow_clients() {
+    let app_ip = loopback();
+    let app = echo_server(app_ip).await;
+    let m = mesh("tcp", app, Some(json!(["shop/*"]))).await;
+    assert_eq!(
+        echo(SocketAddr::new(m.web_svc.into(), 80), b"hello mesh").await,
+        b"hello mesh"
+    );
+    assert!(
+        m.server.counter(
+            "sidemesh_proxy_tls_connections_total",
+            &[("direction", "inbound")]
+        ) >= 1
+    );
+    // shop/* allows shop/evil as well; a tighter list closes its connection.
+    m.server
+        .set(&server_config(
+            2,
+            &m.signer,
+            app,
+            m.inbound.port(),
+            "tcp",
+            "permissive",
+            Some(json!(["shop/web"])),
+        ))
+        .await;
+    assert_eq!(
+        echo(SocketAddr::new(m.evil_svc.into(), 80), b"let me in").await,
+        b""
+    );
+    assert_eq!(
+        echo(SocketAddr::new(m.web_svc.into(), 80), b"still ok").await,
+        b"still ok"
+    );
+    assert_eq!(
+        m.server.counter(
+            "sidemesh_proxy_authz_denied_total",
+            &[("reason", "not_allowed")]
+        ),
+        1
+    );
+}
+
+#[tokio::test]
+async fn permissive_accepts_plaintext_and_strict_refuses_it() {
+    let app_ip = loopback();
+    let be = backend(app_ip, "api").await;
+    let m = mesh("http1", be.addr, None).await;
+    let c = h1_client();
+    let plain = format!("http://{}/", m.inbound);
+    let (status, _, _) = get(&c, &plain, &[]).await;
+    assert_eq!(status, 200);
+    m.server
+        .set(&server_config(
+            2,
+            &m.signer,
+            be.addr,
+            m.inbound.port(),
+            "http1",
+            "strict",
+            None,
+        ))
+        .await;
+    // A fresh client: a pooled plaintext connection would be an old one.
+    let fresh = h1_client();
+    let r = tokio::time::timeout(
+        WAIT,
+        fresh.request(
+            hyper::Request::get(&plain)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(
+        r.is_err(),
+        "strict mode answered plaintext: {:?}",
+        r.map(|r| r.status())
+    );
+    assert_eq!(
+        m.server.counter(
+            "sidemesh_proxy_authz_denied_total",
+            &[("reason", "plaintext")]
+        ),
+        1
+    );
+    // Sidecars still get through over mutual TLS.
+    let (status, _, _) = get(&fresh, &format!("http://{}/", m.evil_svc), &[]).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn certificates_are_renewed_before_they_expire() {
+    // Three-second certificates: renewed at two seconds, again and again.
+    let signer = signer(Duration::from_secs(3)).await;
+    let ip = loopback();
+    let sc = Sidecar::start(
+        &signer,
+        "api",
+        config_at(ip, ip),
+        &json!({"version": 1, "identity": {"namespace": "shop", "service": "api", "plugin": "sidemesh-proxy"},
+                "tls": tls(&signer, "permissive")}),
+    )
+    .await;
+    let first = sc.tls.credentials().unwrap().not_after;
+    assert!(
+        eventually(|| sc.tls.credentials().is_some_and(|c| c.not_after > first)).await,
+        "not renewed"
+    );
+    assert!(
+        sc.counter(
+            "sidemesh_proxy_tls_certificate_requests_total",
+            &[("result", "issued")]
+        ) >= 2
+    );
+    // Turning TLS off drops the certificate.
+    sc.set(&json!({"version": 2, "identity": {"namespace": "shop", "service": "api", "plugin": "sidemesh-proxy"}}))
+        .await;
+    assert!(eventually(|| sc.tls.credentials().is_none()).await);
+}
+
+#[tokio::test]
+async fn http1_rides_one_http2_connection_between_sidecars_with_mesh_h2() {
+    let app_ip = loopback();
+    // The app answers with the HTTP version and Host it was given.
+    let be = backend_with(
+        app_ip,
+        Arc::new(|req: hyper::Request<hyper::body::Incoming>| {
+            Box::pin(async move {
+                let host = req
+                    .headers()
+                    .get("host")
+                    .map(|h| h.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                hyper::Response::new(Full::new(Bytes::from(format!(
+                    "{:?} {host}",
+                    req.version()
+                ))))
+            })
+        }),
+    )
+    .await;
+    let signer = signer(Duration::from_secs(3600)).await;
+    let server_ip = loopback();
+    let port_outer = free_port(server_ip);
+    let inbound = SocketAddr::new(server_ip.into(), port_outer);
+    let _server = Sidecar::start(
+        &signer,
+        "api",
+        config_at(server_ip, app_ip),
+        &server_config(1, &signer, be.addr, port_outer, "http1", "permissive", None),
+    )
+    .await;
+    let svc = loopback();
+    let web = Sidecar::start(
+        &signer,
+        "web",
+        ProxyConfig {
+            mesh_h2: true,
+            ..config_at(loopback(), app_ip)
+        },
+        &client_config(&signer, "web", svc, inbound, "http1"),
+    )
+    .await;
+    let c = h1_client();
+    let url = format!("http://{svc}/");
+    let (status, _, body) = get(&c, &url, &[("host", "api.shop")]).await;
+    assert_eq!(status, 200);
+    // The app got HTTP/1.1 with the client's Host, after an HTTP/2 hop.
+    assert_eq!(body, "HTTP/1.1 api.shop");
+    let many: Vec<_> = (0..20)
+        .map(|_| {
+            let (c, url) = (h1_client(), url.clone());
+            tokio::spawn(async move { get(&c, &url, &[]).await.0 })
+        })
+        .collect();
+    for r in many {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    // Twenty-one requests, most of them concurrent, over one mutual TLS connection.
+    assert_eq!(
+        web.counter(
+            "sidemesh_proxy_tls_connections_total",
+            &[("direction", "outbound")]
+        ),
+        1
+    );
+    // With the switch off, the hop is HTTP/1.1 keep-alive: one connection per request in
+    // flight.
+    let svc1 = loopback();
+    let web1 = Sidecar::start(
+        &signer,
+        "web",
+        ProxyConfig {
+            mesh_h2: false,
+            ..config_at(loopback(), app_ip)
+        },
+        &client_config(&signer, "web", svc1, inbound, "http1"),
+    )
+    .await;
+    let url1 = format!("http://{svc1}/");
+    let many: Vec<_> = (0..20)
+        .map(|_| {
+            let (c, url) = (h1_client(), url1.clone());
+            tokio::spawn(async move { get(&c, &url, &[]).await })
+        })
+        .collect();
+    for r in many {
+        let (status, _, body) = r.await.unwrap();
+        assert_eq!((status, body.starts_with("HTTP/1.1")), (200, true));
+    }
+    assert!(
+        web1.counter(
+            "sidemesh_proxy_tls_connections_total",
+            &[("direction", "outbound")]
+        ) > 1
+    );
+}
