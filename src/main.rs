@@ -301,4 +301,9 @@ impl sidemesh_controller::cli::DiscoverHost for DiscoverHost {
     fn set_state(&self, state: sidemesh_api::state::ClusterState) {
         self.0.set_state("kubernetes", state);
     }
+
+    fn apply(&self, upsert: Vec<sidemesh_api::state::Service>, remove: Vec<(String, String)>) {
+        let delta = sidemesh_discover::store::ServiceDelta { upsert, remove };
+        self.0.apply("kubernetes", delta);
+    }
 }

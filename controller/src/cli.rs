@@ -228,6 +228,20 @@ pub struct Args {
     /// Changes within this many milliseconds are indexed together.
     #[arg(long, env = "SIDEMESH_INDEX_DEBOUNCE_MS", default_value_t = 50)]
     pub index_debounce_ms: u64,
+    /// Elect one leader among the replicas (a `coordination.k8s.io` Lease) for the writes
+    /// (status conditions); every replica serves discover and the webhook either way.
+    #[arg(long, env = "SIDEMESH_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// The Lease replicas elect the leader with, as `namespace/name`.
+    #[arg(
+        long,
+        env = "SIDEMESH_LEASE",
+        default_value = "sidemesh/sidemesh-controller"
+    )]
+    pub lease: String,
+    /// This replica's identity in the Lease (the pod name; default: host name and pid).
+    #[arg(long, env = "SIDEMESH_POD_NAME")]
+    pub pod_name: Option<String>,
     /// The cluster DNS Service (`namespace/name`); its ClusterIP is the DNS shims' upstream.
     #[arg(
         long,
@@ -248,6 +262,17 @@ pub trait DiscoverHost: Send + Sync + 'static {
     fn serve(&self, listener: tokio::net::TcpListener) -> std::io::Result<()>;
     /// Replaces the cluster state discover serves (and marks discover ready).
     fn set_state(&self, state: sidemesh_api::state::ClusterState);
+    /// Replaces some services of the state discover serves (`upsert`, whole) and removes
+    /// others (`remove`, as `(namespace, name)`); discover re-renders only what they affect.
+    fn apply(&self, upsert: Vec<sidemesh_api::state::Service>, remove: Vec<(String, String)>);
+}
+
+/// This replica's Lease identity when no pod name is given: host name and process id.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "sidemesh-controller".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Runs the controller with the API server from the usual kubeconfig or in-cluster config,
@@ -312,7 +337,7 @@ pub async fn start(
     discover: std::sync::Arc<dyn DiscoverHost>,
 ) -> anyhow::Result<Running> {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use crate::{index, watch, webhook};
 
@@ -355,7 +380,7 @@ pub async fn start(
     );
 
     let mut tasks = Vec::new();
-    let changed = Arc::new(tokio::sync::Notify::new());
+    let changed = Arc::new(watch::Changes::default());
     let watch_metrics = watch::Metrics::new(registry)?;
     let (stores, watch_tasks) = watch::start(&client, changed.clone(), &watch_metrics);
     tasks.extend(watch_tasks);
@@ -370,36 +395,100 @@ pub async fn start(
     let ready = Arc::new(AtomicBool::new(false));
     let host = discover.clone();
     tasks.push(tokio::spawn(watch::run_index(
-        stores,
+        stores.clone(),
         changed,
         index_cfg,
         Duration::from_millis(args.index_debounce_ms),
         watch_metrics,
         ready.clone(),
-        move |built| {
-            // Moved apart, not cloned: at 10k services a deep copy costs more than the build.
-            let index::Built {
-                state,
-                lookups,
-                statuses,
-                ..
-            } = built;
-            host.set_state(state);
-            lookups_tx.send_replace(Arc::new(lookups));
-            built_tx.send_replace(Arc::new(statuses));
+        move |update| match update {
+            crate::live::Update::Full(built) => {
+                // Moved apart, not cloned: at 10k services a deep copy costs more than the
+                // build.
+                let index::Built {
+                    state,
+                    lookups,
+                    statuses,
+                    ..
+                } = *built;
+                host.set_state(state);
+                lookups_tx.send_replace(Arc::new(lookups));
+                built_tx.send_replace(Arc::new(statuses));
+            }
+            crate::live::Update::Delta { upsert, remove } => host.apply(upsert, remove),
         },
     )));
 
-    // Status writer: only changed statuses, retried on the next change after a failure.
+    // Leadership: only the leader writes. Without election this replica always leads.
+    let (leading_tx, mut leading_rx) = tokio::sync::watch::channel(!args.leader_elect);
+    let leading_rx_for_patches = leading_rx.clone();
+    if args.leader_elect {
+        let (ns, name) = args
+            .lease
+            .split_once('/')
+            .context("--lease must be namespace/name")?;
+        let identity = args.pod_name.clone().unwrap_or_else(default_identity);
+        let cfg = crate::lease::LeaseConfig::new(ns, name, &identity);
+        let elector = crate::lease::Elector::new(client.clone(), cfg);
+        tasks.push(tokio::spawn(elector.run(leading_tx)));
+    } else {
+        tasks.push(tokio::spawn(async move {
+            let _leading = leading_tx; // kept, so the writer's channel stays open
+            std::future::pending::<()>().await
+        }));
+    }
+
+    // Status writer: only changed statuses, only while leading, retried on the next change
+    // after a failure. A new leader forgets what it wrote before: another may have since.
     let status_client = client.clone();
     tasks.push(tokio::spawn(async move {
         let mut tracker = watch::StatusTracker::default();
-        while built_rx.changed().await.is_ok() {
-            let statuses = built_rx.borrow_and_update().clone();
-            for (key, status) in tracker.changed(&statuses) {
-                match watch::write_status(&status_client, &key, &status).await {
-                    Ok(()) => tracker.written(key, status),
-                    Err(e) => tracing::warn!(object = ?key, error = %e, "status not written"),
+        loop {
+            if *leading_rx.borrow_and_update() {
+                let statuses = built_rx.borrow_and_update().clone();
+                for (key, status) in tracker.changed(&statuses) {
+                    if !*leading_rx.borrow() {
+                        break;
+                    }
+                    match watch::write_status(&status_client, &key, &status).await {
+                        Ok(()) => tracker.written(key, status),
+                        Err(e) => tracing::warn!(object = ?key, error = %e, "status not written"),
+                    }
+                }
+            } else {
+                tracker = watch::StatusTracker::default();
+            }
+            tokio::select! {
+                r = built_rx.changed() => if r.is_err() { return },
+                r = leading_rx.changed() => if r.is_err() { return },
+            }
+        }
+    }));
+
+    // Numeric targetPorts of opted-in Services, pointed at the proxies (leader only). A
+    // pass reads the stores (once synced) every few seconds; a failed patch (409 after a
+    // concurrent edit, say) is retried on the next pass.
+    let patch_client = client.clone();
+    let mut patch_leading = leading_rx_for_patches;
+    let patch_stores = stores;
+    let patch_ready = ready.clone();
+    tasks.push(tokio::spawn(async move {
+        // Not `Stores::synced`: a store's readiness wakes one waiter only (the index loop).
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = patch_leading.changed() => if r.is_err() { return },
+            }
+            if !*patch_leading.borrow_and_update() || !patch_ready.load(Ordering::SeqCst) {
+                continue;
+            }
+            for (ns, name, patch) in crate::targetport::plan(&patch_stores.inputs()) {
+                if let Err(e) = watch::patch_service(&patch_client, &ns, &name, &patch).await {
+                    tracing::warn!(namespace = %ns, service = %name, error = %e, "targetPort patch not applied");
+                } else {
+                    tracing::info!(namespace = %ns, service = %name, "targetPorts pointed at the proxies (or restored)");
                 }
             }
         }

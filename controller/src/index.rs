@@ -31,6 +31,10 @@ use crate::crd::{MeshConfig, Plugin, PluginKind};
 use crate::inject::{self, Catalog};
 use crate::webhook::Lookups;
 
+/// A Pod as the controller keeps it: its metadata only (a metadata watch). An injected pod
+/// is recognised by its `sidemesh.io/injected` annotation, which the injector always sets.
+pub type PodMeta = kube::core::PartialObjectMeta<Pod>;
+
 /// Everything the watches hold, as the reflector stores hand it out.
 #[derive(Clone, Debug, Default)]
 pub struct Inputs {
@@ -38,8 +42,8 @@ pub struct Inputs {
     pub services: Vec<Arc<KubeService>>,
     /// EndpointSlices.
     pub slices: Vec<Arc<EndpointSlice>>,
-    /// Pods.
-    pub pods: Vec<Arc<Pod>>,
+    /// Pods (metadata only).
+    pub pods: Vec<Arc<PodMeta>>,
     /// Namespaces.
     pub namespaces: Vec<Arc<Namespace>>,
     /// Plugins.
@@ -68,6 +72,8 @@ pub struct Built {
     pub problems: BTreeMap<ObjectKey, Vec<String>>,
     /// The status each sidemesh object should carry.
     pub statuses: BTreeMap<ObjectKey, DesiredStatus>,
+    /// What each valid MeshConfig gives its workload's service, by `(namespace, service)`.
+    pub meshes: BTreeMap<(String, String), MeshPart>,
 }
 
 /// What the controller writes into a sidemesh object's status.
@@ -235,37 +241,27 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
         .map(|(k, (m, _))| (k.clone(), m.spec.clone()))
         .collect();
 
-    // Pods by namespace/name, for endpoint target refs.
-    let pods: BTreeMap<(&str, &str), &Pod> = inputs
-        .pods
+    // What each valid MeshConfig gives its workload's service.
+    let mesh_parts: BTreeMap<(String, String), MeshPart> = meshes
         .iter()
-        .filter_map(|p| {
-            Some((
-                (
-                    p.metadata.namespace.as_deref()?,
-                    p.metadata.name.as_deref()?,
-                ),
-                p.as_ref(),
-            ))
-        })
+        .map(|(k, (m, deps))| (k.clone(), MeshPart::new(m, deps, &catalog)))
         .collect();
+
+    // Pods by namespace/name, for endpoint target refs.
+    let pods = pods_by_key(&inputs.pods);
+    let pod = |ns: &str, name: &str| pods.get(&(ns, name)).map(|p| Arc::clone(p));
 
     // Slices by the service they belong to.
     let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in &inputs.slices {
-        let (Some(ns), Some(svc)) = (
-            s.metadata.namespace.as_deref(),
-            s.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name")),
-        ) else {
-            continue;
-        };
-        slices.entry((ns, svc.as_str())).or_default().push(s);
+        if let (Some(ns), Some(svc)) = (s.metadata.namespace.as_deref(), slice_service(s)) {
+            slices.entry((ns, svc)).or_default().push(s);
+        }
     }
 
-    let mut services: BTreeMap<(String, String), state::Service> = BTreeMap::new();
+    // Every service that gets an entry: Kubernetes Services, injected workloads (which get a
+    // config even without a Service) and MeshConfig workloads.
+    let mut kube: BTreeMap<(&str, &str), &KubeService> = BTreeMap::new();
     let mut upstreams = Vec::new();
     let mut discover_ip = None;
     for ks in &inputs.services {
@@ -289,100 +285,35 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
                 upstreams.push(format!("{ip}:53"));
             }
         }
-        if spec.type_.as_deref() == Some("ExternalName") {
-            continue;
-        }
-        let mut ports = Vec::new();
-        for p in spec.ports.iter().flatten() {
-            if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
-                continue;
-            }
-            let Ok(port) = u16::try_from(p.port) else {
-                continue;
-            };
-            let target_port = match &p.target_port {
-                Some(IntOrString::Int(n)) => u16::try_from(*n).ok().map(AppPort),
-                _ => None,
-            };
-            ports.push(ServicePortSpec {
-                port: ServicePort(port),
-                target_port,
-                port_outer: None,
-                protocol: port_protocol(p.app_protocol.as_deref(), p.name.as_deref()),
-                name: p.name.clone(),
-            });
-        }
-        let (instances, remaps) = instances(
-            spec.ports.as_deref().unwrap_or_default(),
-            slices
-                .get(&(ns, name))
-                .map(Vec::as_slice)
-                .unwrap_or_default(),
-            &pods,
-        );
-        // The workload's own sidecar listens on port_outer and forwards to the app port; all
-        // pods of one template share the mapping (it is a function of the pod spec).
-        for p in &mut ports {
-            if let Some((app, outer)) = remaps.get(&p.port) {
-                p.target_port = Some(*app);
-                p.port_outer = Some(*outer);
-            }
-        }
-        services.insert(
-            (ns.to_owned(), name.to_owned()),
-            empty_service(ns, name, ports, instances),
-        );
+        kube.insert((ns, name), ks);
     }
-
-    // Injected workloads without a Service still get a config.
+    let mut workloads: BTreeMap<(String, String), usize> = BTreeMap::new();
     for p in &inputs.pods {
-        let (Some(ns), Some(spec)) = (p.metadata.namespace.as_deref(), p.spec.as_ref()) else {
-            continue;
-        };
-        if !inject::is_injected(&p.metadata, spec) {
-            continue;
-        }
-        if let Ok(svc) = inject::service_name(&p.metadata) {
-            services
-                .entry((ns.to_owned(), svc.clone()))
-                .or_insert_with(|| empty_service(ns, &svc, Vec::new(), Vec::new()));
+        if let Some(key) = injected_workload(p) {
+            *workloads.entry(key).or_default() += 1;
         }
     }
-
-    // MeshConfigs onto their services.
-    for ((ns, svc), (m, deps)) in &meshes {
-        let entry = services
-            .entry((ns.clone(), svc.clone()))
-            .or_insert_with(|| empty_service(ns, svc, Vec::new(), Vec::new()));
-        entry.allow_clients = m.spec.allow_clients.clone();
-        entry.use_services = deps
-            .iter()
-            .map(|d| Dependency {
-                service: format!("{}/{}", d.namespace, d.name),
-                routes: d.routes.clone(),
-                balancer: d.balancer.clone().unwrap_or_default(),
-                timeouts: d.timeouts.clone().unwrap_or_default(),
-                retry: d.retry.clone().unwrap_or_default(),
-                limits: d.limits.clone().unwrap_or_default(),
-                outlier_detection: d.outlier_detection.clone(),
-                health_check: d.health_check.clone(),
-            })
-            .collect();
-        entry.plugins = m
-            .spec
-            .plugins
-            .iter()
-            .filter_map(|a| {
-                let p = catalog.plugins.get(&a.name)?;
-                let v = p.version(a.version.as_deref())?;
-                let mut variables = v.variables.clone();
-                variables.extend(a.variables.clone());
-                Some(PluginAttachment {
-                    name: a.name.clone(),
-                    variables,
-                })
-            })
-            .collect();
+    let mut keys: std::collections::BTreeSet<(String, String)> = kube
+        .keys()
+        .map(|(ns, name)| ((*ns).to_owned(), (*name).to_owned()))
+        .collect();
+    keys.extend(workloads.keys().cloned());
+    keys.extend(mesh_parts.keys().cloned());
+    let mut services = Vec::with_capacity(keys.len());
+    for (ns, name) in &keys {
+        let key = (ns.as_str(), name.as_str());
+        let entry = service_entry(
+            ns,
+            name,
+            kube.get(&key).copied(),
+            slices.get(&key).map(Vec::as_slice).unwrap_or_default(),
+            &pod,
+            workloads.contains_key(&(ns.clone(), name.clone())),
+            mesh_parts.get(&(ns.clone(), name.clone())),
+        );
+        if let Some(service) = entry {
+            services.push(service);
+        }
     }
 
     let namespace_labels = inputs
@@ -404,7 +335,7 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
                 ..DnsSettings::default()
             },
             plugins,
-            services: services.into_values().collect(),
+            services,
         },
         lookups: Lookups {
             catalog,
@@ -413,7 +344,173 @@ pub fn build(inputs: &Inputs, cfg: &IndexConfig) -> Built {
         },
         problems,
         statuses,
+        meshes: mesh_parts,
     }
+}
+
+/// Pods by `(namespace, name)`, for endpoint target refs.
+pub fn pods_by_key(pods: &[Arc<PodMeta>]) -> BTreeMap<(&str, &str), &Arc<PodMeta>> {
+    pods.iter()
+        .filter_map(|p| {
+            Some((
+                (
+                    p.metadata.namespace.as_deref()?,
+                    p.metadata.name.as_deref()?,
+                ),
+                p,
+            ))
+        })
+        .collect()
+}
+
+/// The service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).
+pub fn slice_service(slice: &EndpointSlice) -> Option<&str> {
+    slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get("kubernetes.io/service-name")
+        .map(String::as_str)
+}
+
+/// The pods an EndpointSlice's endpoints name, ready or not, as `(namespace, name)`.
+pub fn slice_pods(slice: &EndpointSlice) -> Vec<(String, String)> {
+    let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
+    slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter_map(|ep| {
+            let r = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))?;
+            Some((
+                r.namespace.as_deref().unwrap_or(ns).to_owned(),
+                r.name.clone()?,
+            ))
+        })
+        .collect()
+}
+
+/// The workload service an injected pod serves, as `(namespace, service)`.
+pub fn injected_workload(pod: &PodMeta) -> Option<(String, String)> {
+    let ns = pod.metadata.namespace.as_deref()?;
+    let injected = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(inject::INJECTED));
+    if !injected {
+        return None;
+    }
+    let svc = inject::service_name(&pod.metadata).ok()?;
+    Some((ns.to_owned(), svc))
+}
+
+/// What a valid MeshConfig gives its workload's service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeshPart {
+    allow_clients: Option<Vec<String>>,
+    use_services: Vec<Dependency>,
+    plugins: Vec<PluginAttachment>,
+}
+
+impl MeshPart {
+    fn new(m: &MeshConfig, deps: &[crate::crd::DependencyPolicy], catalog: &Catalog) -> MeshPart {
+        MeshPart {
+            allow_clients: m.spec.allow_clients.clone(),
+            use_services: deps
+                .iter()
+                .map(|d| Dependency {
+                    service: format!("{}/{}", d.namespace, d.name),
+                    routes: d.routes.clone(),
+                    balancer: d.balancer.clone().unwrap_or_default(),
+                    timeouts: d.timeouts.clone().unwrap_or_default(),
+                    retry: d.retry.clone().unwrap_or_default(),
+                    limits: d.limits.clone().unwrap_or_default(),
+                    outlier_detection: d.outlier_detection.clone(),
+                    health_check: d.health_check.clone(),
+                })
+                .collect(),
+            plugins: m
+                .spec
+                .plugins
+                .iter()
+                .filter_map(|a| {
+                    let p = catalog.plugins.get(&a.name)?;
+                    let v = p.version(a.version.as_deref())?;
+                    let mut variables = v.variables.clone();
+                    variables.extend(a.variables.clone());
+                    Some(PluginAttachment {
+                        name: a.name.clone(),
+                        variables,
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One service's entry in the cluster state, from its Kubernetes Service (if any), that
+/// Service's EndpointSlices, the pods they point at (through `pod`), whether injected pods
+/// serve it, and its MeshConfig's part; `None` when nothing makes it exist. Both [`build`]
+/// and the live index ([`crate::live`]) use it, so they agree.
+pub fn service_entry(
+    ns: &str,
+    name: &str,
+    kube: Option<&KubeService>,
+    slices: &[&EndpointSlice],
+    pod: &dyn Fn(&str, &str) -> Option<Arc<PodMeta>>,
+    injected: bool,
+    mesh: Option<&MeshPart>,
+) -> Option<state::Service> {
+    let spec = kube
+        .and_then(|k| k.spec.as_ref())
+        .filter(|s| s.type_.as_deref() != Some("ExternalName"));
+    let mut entry = match spec {
+        Some(spec) => {
+            let mut ports = Vec::new();
+            for p in spec.ports.iter().flatten() {
+                if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                    continue;
+                }
+                let Ok(port) = u16::try_from(p.port) else {
+                    continue;
+                };
+                let target_port = match &p.target_port {
+                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok().map(AppPort),
+                    _ => None,
+                };
+                ports.push(ServicePortSpec {
+                    port: ServicePort(port),
+                    target_port,
+                    port_outer: None,
+                    protocol: port_protocol(p.app_protocol.as_deref(), p.name.as_deref()),
+                    name: p.name.clone(),
+                });
+            }
+            let (instances, remaps) =
+                instances(spec.ports.as_deref().unwrap_or_default(), slices, pod);
+            // The workload's own sidecar listens on port_outer and forwards to the app port;
+            // all pods of one template share the mapping (it is a function of the pod spec).
+            for p in &mut ports {
+                if let Some((app, outer)) = remaps.get(&p.port) {
+                    p.target_port = Some(*app);
+                    p.port_outer = Some(*outer);
+                }
+            }
+            empty_service(ns, name, ports, instances)
+        }
+        None if injected || mesh.is_some() => empty_service(ns, name, Vec::new(), Vec::new()),
+        None => return None,
+    };
+    if let Some(m) = mesh {
+        entry.allow_clients = m.allow_clients.clone();
+        entry.use_services = m.use_services.clone();
+        entry.plugins = m.plugins.clone();
+    }
+    Some(entry)
 }
 
 fn empty_service(
@@ -441,10 +538,14 @@ fn empty_service(
 fn instances(
     service_ports: &[k8s_openapi::api::core::v1::ServicePort],
     slices: &[&EndpointSlice],
-    pods: &BTreeMap<(&str, &str), &Pod>,
+    pods: &dyn Fn(&str, &str) -> Option<Arc<PodMeta>>,
 ) -> (Vec<Instance>, BTreeMap<ServicePort, (AppPort, OuterPort)>) {
     let mut out: BTreeMap<IpAddr, Instance> = BTreeMap::new();
     let mut remaps: BTreeMap<ServicePort, (AppPort, OuterPort)> = BTreeMap::new();
+    // In name order, whatever order the caller found them in: the first slice naming an
+    // address wins, so the result must not depend on store order.
+    let mut slices = slices.to_vec();
+    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     for slice in slices {
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             continue;
@@ -461,9 +562,11 @@ fn instances(
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
                 .and_then(|r| {
                     let pns = r.namespace.as_deref().unwrap_or(ns);
-                    pods.get(&(pns, r.name.as_deref()?)).copied()
+                    pods(pns, r.name.as_deref()?)
                 });
-            let port_map = pod.and_then(|p| inject::parse_port_map(&p.metadata));
+            let port_map = pod
+                .as_ref()
+                .and_then(|p| inject::parse_port_map(&p.metadata));
             let meshed = port_map.is_some();
             let mut ports = Vec::new();
             for sp in service_ports {
@@ -508,12 +611,13 @@ fn instances(
                     continue;
                 };
                 out.entry(ip).or_insert_with(|| Instance {
-                    name: pod.and_then(|p| p.metadata.name.clone()),
+                    name: pod.as_ref().and_then(|p| p.metadata.name.clone()),
                     address: ip,
                     ports: ports.clone(),
                     meshed,
                     zone: ep.zone.clone(),
                     labels: pod
+                        .as_ref()
                         .and_then(|p| p.metadata.labels.clone())
                         .unwrap_or_default()
                         .into_iter()
@@ -528,7 +632,7 @@ fn instances(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The test cluster, as real API objects (`testdata/cluster.json`).

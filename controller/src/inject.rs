@@ -45,6 +45,10 @@ pub const INJECT: &str = "sidemesh.io/inject";
 pub const INJECTED: &str = "sidemesh.io/injected";
 /// Annotation with the port remapping, JSON `{"<app port>": <port_outer>}`.
 pub const PORT_MAP: &str = "sidemesh.io/port-map";
+/// Annotation with the proxy's port name for each remapped app port, JSON
+/// `{"<app port>": "<name>"}`: the app port's own name (moved onto the proxy) or
+/// `sm-<port_outer>`. The controller reads it to point numeric `targetPort`s at the proxy.
+pub const PORT_NAMES: &str = "sidemesh.io/port-names";
 /// Annotation naming the workload's service (its mesh identity).
 pub const SERVICE: &str = "sidemesh.io/service";
 /// The network proxy's container name, and its plugin name in `DISCOVER_URL`.
@@ -364,14 +368,15 @@ pub fn inject(
         ..Default::default()
     }];
     let moved = move_port_names(spec, &port_map);
+    let mut port_names = BTreeMap::new();
     for (app, outer) in &port_map {
+        let name = moved
+            .get(app)
+            .cloned()
+            .unwrap_or_else(|| format!("sm-{}", outer.get()));
+        port_names.insert(app.get().to_string(), name.clone());
         proxy_ports.push(ContainerPort {
-            name: Some(
-                moved
-                    .get(app)
-                    .cloned()
-                    .unwrap_or_else(|| format!("sm-{}", outer.get())),
-            ),
+            name: Some(name),
             container_port: i32::from(outer.get()),
             protocol: Some("TCP".to_owned()),
             ..Default::default()
@@ -572,6 +577,10 @@ pub fn inject(
     let ann = meta.annotations.get_or_insert_with(BTreeMap::new);
     ann.insert(INJECTED.to_owned(), env!("CARGO_PKG_VERSION").to_owned());
     ann.insert(PORT_MAP.to_owned(), port_map_annotation(&port_map));
+    ann.insert(
+        PORT_NAMES.to_owned(),
+        serde_json::to_string(&port_names).unwrap_or_default(),
+    );
     if !ann.contains_key("prometheus.io/scrape") {
         ann.insert("prometheus.io/scrape".to_owned(), "true".to_owned());
         ann.insert("prometheus.io/port".to_owned(), cfg.admin_port.to_string());
@@ -683,6 +692,16 @@ pub fn parse_port_map(meta: &ObjectMeta) -> Option<BTreeMap<AppPort, OuterPort>>
     let m: BTreeMap<String, u16> = serde_json::from_str(raw).ok()?;
     m.into_iter()
         .map(|(k, v)| Some((AppPort(k.parse().ok()?), OuterPort(v))))
+        .collect()
+}
+
+/// Reads a `sidemesh.io/port-names` annotation back: app port to the proxy's port name.
+/// `None` when it is absent or malformed.
+pub fn parse_port_names(meta: &ObjectMeta) -> Option<BTreeMap<u16, String>> {
+    let raw = meta.annotations.as_ref()?.get(PORT_NAMES)?;
+    let m: BTreeMap<String, String> = serde_json::from_str(raw).ok()?;
+    m.into_iter()
+        .map(|(k, v)| Some((k.parse().ok()?, v)))
         .collect()
 }
 
@@ -1167,6 +1186,11 @@ mod tests {
             parse_port_map(&p.metadata).unwrap()[&AppPort(8080)],
             OuterPort(28081)
         );
+        // The proxy's port names by app port, for numeric targetPort rewrites.
+        let names = parse_port_names(&p.metadata).unwrap();
+        assert_eq!(names[&8080], "http");
+        assert_eq!(names[&9090], "sm-29090");
+        assert_eq!(names[&28080], "sm-48080");
         let spec = p.spec.unwrap();
         let proxy = &spec.init_containers.as_ref().unwrap()[0];
         let ports: Vec<_> = proxy

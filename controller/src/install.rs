@@ -26,6 +26,8 @@ pub const DISCOVER_PORT: u16 = 8080;
 pub const ADMIN_PORT: u16 = 9990;
 /// The webhook's path.
 pub const WEBHOOK_PATH: &str = "/inject";
+/// The Lease the controller replicas elect their leader with (in [`NAMESPACE`]).
+pub const LEASE_NAME: &str = "sidemesh-controller";
 
 /// What to install.
 #[derive(Clone, Debug)]
@@ -92,13 +94,16 @@ pub fn manifests(opts: &InstallOptions, certs: Option<&WebhookCerts>) -> Vec<Val
         "apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": {"name": "sidemesh-controller", "namespace": NAMESPACE, "labels": labels}
     }));
-    // Least privilege: read what the index needs, write only sidemesh objects' status.
+    // Least privilege: read what the index needs, write only sidemesh objects' status and
+    // (for the opt-in numeric targetPort rewrite) patch Services.
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
         "metadata": {"name": "sidemesh-controller", "labels": labels},
         "rules": [
             {"apiGroups": [""], "resources": ["services", "pods", "namespaces"],
              "verbs": ["get", "list", "watch"]},
+            // Only for Services that opt in to numeric targetPort rewriting.
+            {"apiGroups": [""], "resources": ["services"], "verbs": ["patch"]},
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
              "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["sidemesh.io"], "resources": ["plugins", "meshconfigs"],
@@ -111,6 +116,24 @@ pub fn manifests(opts: &InstallOptions, certs: Option<&WebhookCerts>) -> Vec<Val
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
         "metadata": {"name": "sidemesh-controller", "labels": labels},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "sidemesh-controller"},
+        "subjects": [{"kind": "ServiceAccount", "name": "sidemesh-controller", "namespace": NAMESPACE}]
+    }));
+    // Leader election: one Lease in sidemesh's own namespace. `create` cannot be limited by
+    // name (the object does not exist yet); reading and renewing are limited to that Lease.
+    out.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "sidemesh-controller-lease", "namespace": NAMESPACE, "labels": labels},
+        "rules": [
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+             "verbs": ["create"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+             "resourceNames": [LEASE_NAME], "verbs": ["get", "update"]}
+        ]
+    }));
+    out.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "sidemesh-controller-lease", "namespace": NAMESPACE, "labels": labels},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sidemesh-controller-lease"},
         "subjects": [{"kind": "ServiceAccount", "name": "sidemesh-controller", "namespace": NAMESPACE}]
     }));
     let dns = webhook_dns_names();
@@ -168,7 +191,10 @@ pub fn manifests(opts: &InstallOptions, certs: Option<&WebhookCerts>) -> Vec<Val
                             {"name": "SIDEMESH_PROXY_IMAGE", "value": opts.image},
                             {"name": "SIDEMESH_DISCOVER_BASE",
                              "value": format!("http://{DISCOVER_SERVICE}.{NAMESPACE}.svc:{DISCOVER_PORT}")},
-                            {"name": "SIDEMESH_LOG_FORMAT", "value": "json"}
+                            {"name": "SIDEMESH_LOG_FORMAT", "value": "json"},
+                            {"name": "SIDEMESH_LEASE", "value": format!("{NAMESPACE}/{LEASE_NAME}")},
+                            {"name": "SIDEMESH_POD_NAME",
+                             "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
                         ],
                         "ports": [
                             {"name": "webhook", "containerPort": WEBHOOK_PORT},
@@ -272,7 +298,7 @@ mod tests {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use serde::Deserialize;
 
@@ -312,6 +338,8 @@ mod tests {
                 "ServiceAccount" => strict::<ServiceAccount>(&v),
                 "ClusterRole" => strict::<ClusterRole>(&v),
                 "ClusterRoleBinding" => strict::<ClusterRoleBinding>(&v),
+                "Role" => strict::<Role>(&v),
+                "RoleBinding" => strict::<RoleBinding>(&v),
                 "Secret" => strict::<Secret>(&v),
                 "Deployment" => strict::<Deployment>(&v),
                 "Service" => strict::<Service>(&v),
@@ -350,6 +378,8 @@ mod tests {
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
                 "Secret",
                 "Deployment",
                 "Service",
@@ -386,7 +416,7 @@ mod tests {
     }
 
     #[test]
-    fn rbac_is_read_only_except_status() {
+    fn rbac_writes_only_status_and_service_patches() {
         let docs = manifests(&opts(true), None);
         let role: ClusterRole = serde_json::from_value(
             docs.iter()
@@ -401,14 +431,41 @@ mod tests {
                 .iter()
                 .any(|v| !["get", "list", "watch"].contains(&v.as_str()));
             if writes {
-                assert!(
-                    rule.resources
-                        .unwrap()
-                        .iter()
-                        .all(|r| r.ends_with("/status"))
-                );
+                let resources = rule.resources.unwrap();
+                // Status subresources, and `patch` on Services (the opt-in targetPort
+                // rewrite); nothing else, no create or delete anywhere.
+                let status = resources.iter().all(|r| r.ends_with("/status"));
+                let services = resources == ["services"] && rule.verbs == ["patch"];
+                assert!(status || services, "{resources:?} {:?}", rule.verbs);
             }
         }
+    }
+
+    #[test]
+    fn lease_rbac_is_one_namespace_and_one_lease() {
+        let docs = manifests(&opts(true), None);
+        let role: Role =
+            serde_json::from_value(docs.iter().find(|d| d["kind"] == "Role").unwrap().clone())
+                .unwrap();
+        assert_eq!(role.metadata.namespace.as_deref(), Some(NAMESPACE));
+        for rule in role.rules.unwrap() {
+            assert_eq!(rule.resources.unwrap(), ["leases"]);
+            let names = rule.resource_names.unwrap_or_default();
+            for verb in &rule.verbs {
+                match verb.as_str() {
+                    // Cannot be limited by name; the only verb that is not.
+                    "create" => assert!(names.is_empty()),
+                    "get" | "update" => assert_eq!(names, [LEASE_NAME]),
+                    other => panic!("unexpected verb {other}"),
+                }
+            }
+        }
+        let deploy = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+        let env = deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap();
+        assert!(env.iter().any(|e| e["name"] == "SIDEMESH_POD_NAME"
+            && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"));
     }
 
     #[test]

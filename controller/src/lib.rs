@@ -4,6 +4,10 @@
 //! - [`crd`]: the `Plugin` and `MeshConfig` custom resources and their validation.
 //! - [`inject`]: injection of the proxy and plugin containers, as pure functions over pod specs.
 //!
+//! - [`index`]: Kubernetes objects to the cluster state, as one pure function.
+//! - [`live`]: the index kept up to date per changed object.
+//! - [`lease`]: leader election, so one replica writes.
+//!
 //! Watches, the admission webhook and the install manifests build on these.
 
 pub mod admin;
@@ -13,7 +17,10 @@ pub mod index;
 pub mod inject;
 pub mod install;
 pub mod job;
+pub mod lease;
+pub mod live;
 pub mod manifest;
+pub mod targetport;
 pub mod tls;
 pub mod watch;
 pub mod webhook;

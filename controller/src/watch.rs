@@ -1,5 +1,10 @@
 //! The watches: kube-runtime reflectors for Services, EndpointSlices, Pods, Namespaces,
-//! Plugins and MeshConfigs, and the loop that turns their stores into a [`Built`] index.
+//! Plugins and MeshConfigs, and the loop that keeps the [`Live`] index up to date from them.
+//!
+//! Each watch records what changed ([`Changed`]): Services, EndpointSlices and Pods by key,
+//! so the index re-derives only the services they feed; a relist, or a change to a Plugin,
+//! MeshConfig or Namespace, asks for a full build. Pods are trimmed before they are stored
+//! ([`trim_pod`]): only what the index reads stays in memory.
 //!
 //! Consistency: a reflector store only swaps in a re-listed set when the list is complete
 //! (`InitDone`), so after a watch restart (410 Gone, an expired resourceVersion, a dropped
@@ -9,28 +14,29 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
 use crate::crd::{MeshConfig, Plugin};
-use crate::index::{self, Built, DesiredStatus, IndexConfig, Inputs};
+use crate::index::{self, DesiredStatus, IndexConfig, Inputs, PodMeta};
+use crate::live::{Changed, Key, Live, Objects, Update, key_of};
 
 /// The reflector stores.
 #[derive(Clone)]
 pub struct Stores {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
-    pods: Store<Pod>,
+    pods: Store<PodMeta>,
     namespaces: Store<Namespace>,
     plugins: Store<Plugin>,
     meshes: Store<MeshConfig>,
@@ -67,6 +73,58 @@ impl Stores {
     }
 }
 
+impl Objects for Stores {
+    fn inputs(&self) -> Inputs {
+        Stores::inputs(self)
+    }
+    fn service(&self, ns: &str, name: &str) -> Option<Arc<Service>> {
+        self.services.get(&ObjectRef::new(name).within(ns))
+    }
+    fn slice(&self, ns: &str, name: &str) -> Option<Arc<EndpointSlice>> {
+        self.slices.get(&ObjectRef::new(name).within(ns))
+    }
+    fn pod(&self, ns: &str, name: &str) -> Option<Arc<PodMeta>> {
+        self.pods.get(&ObjectRef::new(name).within(ns))
+    }
+}
+
+/// What the watches saw change since the index last looked, and the wake-up.
+#[derive(Debug, Default)]
+pub struct Changes {
+    changed: Mutex<Changed>,
+    notify: Notify,
+}
+
+impl Changes {
+    fn record(&self, f: impl FnOnce(&mut Changed)) {
+        f(&mut self.changed.lock().unwrap_or_else(|e| e.into_inner()));
+        self.notify.notify_one();
+    }
+
+    /// Takes what changed so far.
+    fn take(&self) -> Changed {
+        std::mem::take(&mut *self.changed.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Keeps only what the index reads of a Pod's metadata (the watch is metadata-only): name,
+/// namespace, labels and the `sidemesh.io/*` annotations. At 100,000 pods, whole Pods were
+/// most of the controller's memory.
+pub fn trim_pod(pod: &mut PodMeta) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    if let Some(a) = &mut meta.annotations {
+        a.retain(|k, _| k.starts_with("sidemesh.io/"));
+    }
+}
+
+/// Drops what no one reads from any stored object (server-side apply bookkeeping).
+fn trim_meta<K: Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+}
+
 /// The watch metrics.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -96,7 +154,7 @@ impl Metrics {
         let builds = prometheus::Histogram::with_opts(
             prometheus::HistogramOpts::new(
                 "sidemesh_controller_index_build_seconds",
-                "Time to build the index from the watched objects.",
+                "Time to bring the index up to date after changes (a full build or a per-service update).",
             )
             .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
         )?;
@@ -117,54 +175,87 @@ impl Metrics {
     }
 }
 
-/// Starts one reflector per watched resource; each wakes `changed` when its store changes.
+/// Starts one reflector per watched resource; each records in `changed` what it changed.
 /// The tasks run until aborted (errors are retried with backoff).
 pub fn start(
     client: &Client,
-    changed: Arc<Notify>,
+    changed: Arc<Changes>,
     metrics: &Metrics,
 ) -> (Stores, Vec<tokio::task::JoinHandle<()>>) {
     let mut tasks = Vec::new();
     let stores = Stores {
         services: reflect(
-            Api::all(client.clone()),
+            watcher(Api::all(client.clone()), watcher::Config::default()),
             "services",
-            &changed,
+            Marker {
+                changed: changed.clone(),
+                mark: |c, k| {
+                    c.services.insert(k);
+                },
+                trim: trim_meta,
+            },
             metrics,
             &mut tasks,
         ),
         slices: reflect(
-            Api::all(client.clone()),
+            watcher(Api::all(client.clone()), watcher::Config::default()),
             "endpointslices",
-            &changed,
+            Marker {
+                changed: changed.clone(),
+                mark: |c, k| {
+                    c.slices.insert(k);
+                },
+                trim: trim_meta,
+            },
             metrics,
             &mut tasks,
         ),
         pods: reflect(
-            Api::all(client.clone()),
+            watcher(
+                Api::<PodMeta>::all(client.clone()),
+                watcher::Config::default(),
+            ),
             "pods",
-            &changed,
+            Marker {
+                changed: changed.clone(),
+                mark: |c, k| {
+                    c.pods.insert(k);
+                },
+                trim: trim_pod,
+            },
             metrics,
             &mut tasks,
         ),
         namespaces: reflect(
-            Api::all(client.clone()),
+            watcher(Api::all(client.clone()), watcher::Config::default()),
             "namespaces",
-            &changed,
+            Marker {
+                changed: changed.clone(),
+                mark: |c, _| c.all = true,
+                trim: trim_meta,
+            },
             metrics,
             &mut tasks,
         ),
         plugins: reflect(
-            Api::all(client.clone()),
+            watcher(Api::all(client.clone()), watcher::Config::default()),
             "plugins",
-            &changed,
+            Marker {
+                changed: changed.clone(),
+                mark: |c, _| c.all = true,
+                trim: trim_meta,
+            },
             metrics,
             &mut tasks,
         ),
         meshes: reflect(
-            Api::all(client.clone()),
+            watcher(Api::all(client.clone()), watcher::Config::default()),
             "meshconfigs",
-            &changed,
+            Marker {
+                changed: changed.clone(),
+                mark: |c, _| c.all = true,
+                trim: trim_meta,
+            },
             metrics,
             &mut tasks,
         ),
@@ -172,10 +263,19 @@ pub fn start(
     (stores, tasks)
 }
 
+/// How one watch records its changes.
+struct Marker<K> {
+    changed: Arc<Changes>,
+    /// Records a changed (or deleted) object by key.
+    mark: fn(&mut Changed, Key),
+    /// Trims an object before it is stored.
+    trim: fn(&mut K),
+}
+
 fn reflect<K>(
-    api: Api<K>,
+    events: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
     resource: &'static str,
-    changed: &Arc<Notify>,
+    marker: Marker<K>,
     metrics: &Metrics,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Store<K>
@@ -184,60 +284,82 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store();
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-    let changed = changed.clone();
+    let trim = marker.trim;
+    let stream = reflector::reflector(writer, events.modify(trim)).default_backoff();
     let metrics = metrics.clone();
     tasks.push(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
-            match ev {
-                // The store changes on these; `Init`/`InitApply` only fill its buffer.
-                Ok(
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
-                ) => {
-                    metrics.events.with_label_values(&[resource]).inc();
-                    changed.notify_one();
+            // The store changes on these (before the event comes out); `Init`/`InitApply`
+            // only fill the buffer that `InitDone` swaps in whole.
+            let key = match ev {
+                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
+                    key_of(o.meta()).or_else(|| Some((String::new(), o.meta().name.clone()?)))
                 }
-                Ok(_) => {}
+                Ok(watcher::Event::InitDone) => None,
+                Ok(_) => continue,
                 Err(e) => {
                     metrics.errors.with_label_values(&[resource]).inc();
                     tracing::warn!(resource, error = %e, "watch failed; retrying");
+                    continue;
                 }
-            }
+            };
+            metrics.events.with_label_values(&[resource]).inc();
+            marker.changed.record(|c| match key {
+                Some(k) => (marker.mark)(c, k),
+                // A relist: the index rebuilds from the complete new set.
+                None => c.all = true,
+            });
         }
     }));
     reader
 }
 
-/// Builds the index once every store has synced and again after every change (changes that
-/// arrive within `debounce` of each other are built once), handing each result to
-/// `publish`. Marks `ready` after the first publish. Runs until the task is dropped.
+/// Builds the index once every store has synced, then keeps it up to date from what the
+/// watches record (changes that arrive within `debounce` of each other are applied
+/// together), handing each [`Update`] to `publish`. Marks `ready` after the first publish.
+/// Runs until the task is dropped.
 pub async fn run_index(
     stores: Stores,
-    changed: Arc<Notify>,
+    changed: Arc<Changes>,
     cfg: IndexConfig,
     debounce: Duration,
     metrics: Metrics,
     ready: Arc<AtomicBool>,
-    mut publish: impl FnMut(Built) + Send,
+    mut publish: impl FnMut(Update) + Send,
 ) {
     if stores.synced().await.is_err() {
         tracing::error!("a watch stopped before its first sync");
         return;
     }
+    // What happened during the first lists is in the first build.
+    changed.take();
+    let started = Instant::now();
+    let (mut live, built) = Live::full(&stores, &cfg);
+    metrics.builds.observe(started.elapsed().as_secs_f64());
+    metrics.services.set(live.len() as i64);
+    publish(Update::Full(Box::new(built)));
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(services = live.len(), "initial sync done; ready");
     loop {
-        let started = Instant::now();
-        let built = index::build(&stores.inputs(), &cfg);
-        metrics.builds.observe(started.elapsed().as_secs_f64());
-        metrics.services.set(built.state.services.len() as i64);
-        tracing::debug!(services = built.state.services.len(), "index built");
-        publish(built);
-        if !ready.swap(true, Ordering::SeqCst) {
-            tracing::info!("initial sync done; ready");
-        }
-        changed.notified().await;
+        changed.notify.notified().await;
         tokio::time::sleep(debounce).await;
+        let batch = changed.take();
+        if batch.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let update = live.update(&stores, batch);
+        metrics.builds.observe(started.elapsed().as_secs_f64());
+        metrics.services.set(live.len() as i64);
+        if let Some(update) = update {
+            tracing::debug!(
+                services = live.len(),
+                full = matches!(update, Update::Full(_)),
+                "index updated"
+            );
+            publish(update);
+        }
     }
 }
 
@@ -295,5 +417,19 @@ pub async fn write_status(
                 .await?;
         }
     }
+    Ok(())
+}
+
+/// Applies a JSON merge patch to a Service (the numeric `targetPort` rewrite).
+pub async fn patch_service(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<(), kube::Error> {
+    use kube::api::{Patch, PatchParams};
+    Api::<Service>::namespaced(client.clone(), namespace)
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
     Ok(())
 }

@@ -212,6 +212,30 @@ impl DiscoverHost for Recorder {
     fn set_state(&self, state: ClusterState) {
         self.states.lock().unwrap().push(state);
     }
+    /// Records the last state with the delta applied, as discover would serve it.
+    fn apply(&self, upsert: Vec<sidemesh_api::state::Service>, remove: Vec<(String, String)>) {
+        let mut states = self.states.lock().unwrap();
+        let mut next = states
+            .last()
+            .cloned()
+            .expect("a delta before any full state");
+        next.services.retain(|s| {
+            !remove
+                .iter()
+                .any(|(ns, n)| (&s.namespace, &s.name) == (ns, n))
+        });
+        for svc in upsert {
+            match next
+                .services
+                .iter_mut()
+                .find(|s| (&s.namespace, &s.name) == (&svc.namespace, &svc.name))
+            {
+                Some(s) => *s = svc,
+                None => next.services.push(svc),
+            }
+        }
+        states.push(next);
+    }
 }
 
 fn args(dir: &std::path::Path) -> cli::Args {
@@ -226,6 +250,10 @@ fn args(dir: &std::path::Path) -> cli::Args {
         tls_key: dir.join("tls.key"),
         tls_reload_seconds: 60,
         index_debounce_ms: 10,
+        // Elected over the Lease API in tests/lease_mock.rs; this fake API has no leases.
+        leader_elect: false,
+        lease: "sidemesh/sidemesh-controller".into(),
+        pod_name: None,
         cluster_dns: "kube-system/kube-dns".into(),
         settings: InjectSettings {
             proxy_image: "sidemesh:test".into(),
@@ -401,4 +429,54 @@ async fn get_status(url: &str) -> u16 {
         .body(Full::new(Bytes::new()))
         .unwrap();
     sender.send_request(req).await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn opted_in_numeric_target_ports_are_patched_to_the_proxy_names() {
+    let mut fixture = fixture();
+    for svc in fixture["services"].as_array_mut().unwrap() {
+        if svc["metadata"]["name"] == "web" {
+            svc["metadata"]["annotations"] = json!({"sidemesh.io/rewrite-target-ports": "enabled"});
+        }
+    }
+    for pod in fixture["pods"].as_array_mut().unwrap() {
+        if pod["metadata"]["name"] == "web-7c9f8d6b5-x2x9q" {
+            pod["metadata"]["annotations"]["sidemesh.io/port-names"] =
+                r#"{"8080":"http","9000":"sm-29000","8081":"sm-28081"}"#.into();
+        }
+    }
+    let api = FakeApi::new(&fixture);
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let registry = prometheus::Registry::new();
+    let _running = cli::start(args(dir.path()), &registry, api.client(), recorder.clone())
+        .await
+        .unwrap();
+    let path = "/api/v1/namespaces/shop/services/web";
+    eventually("a patch of the web Service", || {
+        api.cluster
+            .lock()
+            .unwrap()
+            .patches
+            .iter()
+            .any(|(p, _)| p == path)
+    })
+    .await;
+    let patches = api.cluster.lock().unwrap().patches.clone();
+    let (_, patch) = patches.iter().find(|(p, _)| p == path).unwrap();
+    let ports = patch["spec"]["ports"].as_array().unwrap();
+    assert!(
+        ports.iter().any(|p| p["targetPort"] == "sm-29000"),
+        "{patch}"
+    );
+    assert_eq!(
+        patch["metadata"]["annotations"]["sidemesh.io/original-target-ports"],
+        r#"{"8081":8081,"9000":9000}"#
+    );
+    // No other Service opted in.
+    assert!(
+        patches
+            .iter()
+            .all(|(p, _)| !p.contains("/services/") || p == path)
+    );
 }

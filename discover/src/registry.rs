@@ -190,93 +190,119 @@ impl Registry {
     /// Adds the registered instances to `state`. A service the state does not define is
     /// created from its registrations (ports from the first registration that lists them).
     pub fn merge_into(&self, state: &mut ClusterState) {
-        // Services at or past this index were created here from registrations.
-        let defined = state.services.len();
-        let mut index: BTreeMap<(String, String), usize> = state
-            .services
-            .iter()
-            .enumerate()
-            .map(|(i, s)| ((s.namespace.clone(), s.name.clone()), i))
-            .collect();
-        for ((ns, svc, inst), e) in &self.entries {
-            let r = &e.registration;
-            let i = *index.entry((ns.clone(), svc.clone())).or_insert_with(|| {
-                state.services.push(Service {
-                    namespace: ns.clone(),
-                    name: svc.clone(),
-                    ports: Vec::new(),
-                    instances: Vec::new(),
-                    use_services: Vec::new(),
-                    allow_clients: None,
-                    inbound_timeouts: Default::default(),
-                    inbound_limits: Default::default(),
-                    plugins: Vec::new(),
-                });
-                state.services.len() - 1
+        merge_entries(state, self.entries.iter());
+    }
+
+    /// One service as [`Registry::merge_into`] would leave it: `defined` (the sources'
+    /// definition, if any) with this service's registered instances added, or a service
+    /// made from its registrations alone; `None` when neither exists. Touches only this
+    /// service's entries, so a per-service change costs nothing for the others.
+    pub fn merge_service(&self, ns: &str, name: &str, defined: Option<Service>) -> Option<Service> {
+        let mut state = ClusterState {
+            services: defined.into_iter().collect(),
+            ..ClusterState::default()
+        };
+        let from = (ns.to_owned(), name.to_owned(), String::new());
+        let entries = self
+            .entries
+            .range(from..)
+            .take_while(|((n, s, _), _)| n == ns && s == name);
+        merge_entries(&mut state, entries);
+        state.services.pop()
+    }
+}
+
+/// Adds the instances of `entries` to `state` (see [`Registry::merge_into`]).
+fn merge_entries<'a>(
+    state: &mut ClusterState,
+    entries: impl Iterator<Item = (&'a InstanceKey, &'a Entry)>,
+) {
+    // Services at or past this index were created here from registrations.
+    let defined = state.services.len();
+    let mut index: BTreeMap<(String, String), usize> = state
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ((s.namespace.clone(), s.name.clone()), i))
+        .collect();
+    for ((ns, svc, inst), e) in entries {
+        let r = &e.registration;
+        let i = *index.entry((ns.clone(), svc.clone())).or_insert_with(|| {
+            state.services.push(Service {
+                namespace: ns.clone(),
+                name: svc.clone(),
+                ports: Vec::new(),
+                instances: Vec::new(),
+                use_services: Vec::new(),
+                allow_clients: None,
+                inbound_timeouts: Default::default(),
+                inbound_limits: Default::default(),
+                plugins: Vec::new(),
             });
-            let Some(service) = state.services.get_mut(i) else {
-                continue;
-            };
-            if i >= defined {
-                for p in &r.ports {
-                    if !service.ports.iter().any(|sp| sp.port == p.port) {
-                        service.ports.push(ServicePortSpec {
-                            port: p.port,
-                            target_port: None,
-                            port_outer: None,
-                            protocol: p.protocol,
-                            name: None,
-                        });
-                    }
+            state.services.len() - 1
+        });
+        let Some(service) = state.services.get_mut(i) else {
+            continue;
+        };
+        if i >= defined {
+            for p in &r.ports {
+                if !service.ports.iter().any(|sp| sp.port == p.port) {
+                    service.ports.push(ServicePortSpec {
+                        port: p.port,
+                        target_port: None,
+                        port_outer: None,
+                        protocol: p.protocol,
+                        name: None,
+                    });
                 }
             }
-            let explicit = r.ports.iter().any(|p| p.target.is_some());
-            let ports = if explicit {
-                r.ports
-                    .iter()
-                    .map(|p| InstancePort {
-                        port: p.port,
-                        target: p.target.unwrap_or_else(|| {
-                            service
-                                .ports
-                                .iter()
-                                .find(|sp| sp.port == p.port)
-                                .map(|sp| match (r.meshed, sp.port_outer) {
-                                    (true, Some(o)) => o.get(),
-                                    _ => sp.app_port().get(),
-                                })
-                                .unwrap_or(p.port.get())
-                        }),
-                    })
-                    .collect()
-            } else {
-                // Only the listed ports, dialled as the service's ports say.
-                r.ports
-                    .iter()
-                    .filter_map(|p| {
-                        let sp = service.ports.iter().find(|sp| sp.port == p.port)?;
-                        let target = match (r.meshed, sp.port_outer) {
-                            (true, Some(o)) => o.get(),
-                            (true, None) => return None,
-                            (false, _) => sp.app_port().get(),
-                        };
-                        Some(InstancePort {
-                            port: p.port,
-                            target,
-                        })
-                    })
-                    .collect()
-            };
-            service.instances.push(Instance {
-                name: Some(inst.clone()),
-                address: r.address,
-                ports,
-                meshed: r.meshed,
-                zone: r.zone.clone(),
-                labels: r.labels.clone(),
-                weight: r.weight,
-            });
         }
+        let explicit = r.ports.iter().any(|p| p.target.is_some());
+        let ports = if explicit {
+            r.ports
+                .iter()
+                .map(|p| InstancePort {
+                    port: p.port,
+                    target: p.target.unwrap_or_else(|| {
+                        service
+                            .ports
+                            .iter()
+                            .find(|sp| sp.port == p.port)
+                            .map(|sp| match (r.meshed, sp.port_outer) {
+                                (true, Some(o)) => o.get(),
+                                _ => sp.app_port().get(),
+                            })
+                            .unwrap_or(p.port.get())
+                    }),
+                })
+                .collect()
+        } else {
+            // Only the listed ports, dialled as the service's ports say.
+            r.ports
+                .iter()
+                .filter_map(|p| {
+                    let sp = service.ports.iter().find(|sp| sp.port == p.port)?;
+                    let target = match (r.meshed, sp.port_outer) {
+                        (true, Some(o)) => o.get(),
+                        (true, None) => return None,
+                        (false, _) => sp.app_port().get(),
+                    };
+                    Some(InstancePort {
+                        port: p.port,
+                        target,
+                    })
+                })
+                .collect()
+        };
+        service.instances.push(Instance {
+            name: Some(inst.clone()),
+            address: r.address,
+            ports,
+            meshed: r.meshed,
+            zone: r.zone.clone(),
+            labels: r.labels.clone(),
+            weight: r.weight,
+        });
     }
 }
 

@@ -122,6 +122,15 @@ impl<'a> Cluster<'a> {
         })
     }
 
+    /// The sidecars of one service: the built-in netproxy and each attached plugin.
+    pub fn sidecars_of<'s>(&self, s: &'s Service) -> impl Iterator<Item = SidecarKey> + 's {
+        plugin_names(s).into_iter().map(move |p| SidecarKey {
+            namespace: s.namespace.clone(),
+            service: s.name.clone(),
+            plugin: p.to_owned(),
+        })
+    }
+
     /// Renders the config of `key`.
     pub fn render(
         &self,

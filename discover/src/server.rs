@@ -1,7 +1,8 @@
 //! The discover service: the [`Store`] behind a lock, long-poll wake-ups per sidecar,
 //! persistence to the data directory, and the HTTP API (hyper 1, HTTP/1.1) as a thin
 //! shell over them. Other parts host it in-process through [`Discover`]: the controller
-//! feeds it from Kubernetes with [`Discover::set_state`], `sidemesh discover` from the
+//! feeds it from Kubernetes with [`Discover::set_state`] once, then per-service deltas with
+//! [`Discover::apply`]; `sidemesh discover` feeds it from the
 //! state file.
 //!
 //! Long polls: every sidecar that has waiting pollers has a `watch` channel carrying its
@@ -28,7 +29,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use crate::metrics::Metrics;
 use crate::registry::{InstanceKey, PutOutcome, Registration, check_key};
 use crate::render::SidecarKey;
-use crate::store::{Changes, Persisted, Store};
+use crate::store::{Changes, Persisted, ServiceDelta, Store};
 
 /// Server limits and the data directory.
 #[derive(Clone, Debug)]
@@ -162,6 +163,16 @@ impl Discover {
     pub fn set_state(&self, source: &str, state: impl Into<Arc<ClusterState>>) {
         let state = state.into();
         self.mutate(|s, now| s.set_source(source, state, now));
+        self.set_ready();
+    }
+
+    /// Applies a per-service change to source `source` (see [`Store::apply_delta`]):
+    /// re-renders only the sidecars the changed services can affect and wakes only their
+    /// pollers. Marks the service ready.
+    pub fn apply(&self, source: &str, delta: ServiceDelta) {
+        if !delta.is_empty() {
+            self.mutate(|s, now| s.apply_delta(source, delta, now));
+        }
         self.set_ready();
     }
 

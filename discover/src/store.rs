@@ -10,13 +10,13 @@
 //!
 //! No I/O and no clock here: time is passed in, so every rule is a plain unit test.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use sidemesh_api::state::ClusterState;
+use sidemesh_api::state::{ClusterState, Service};
 use sidemesh_api::{SidecarConfig, ValidationError};
 
 use crate::addresses::{AddressTable, fnv1a};
@@ -88,6 +88,23 @@ pub struct Changes {
     pub dropped: BTreeMap<String, Vec<ValidationError>>,
 }
 
+/// A change to some services of one source, for sources that know what changed (the
+/// controller): see [`Store::apply_delta`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceDelta {
+    /// Services added or replaced whole.
+    pub upsert: Vec<Service>,
+    /// Services removed, as `(namespace, name)`.
+    pub remove: Vec<(String, String)>,
+}
+
+impl ServiceDelta {
+    /// Whether the delta changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.remove.is_empty()
+    }
+}
+
 /// A service as `GET /v1/services` lists it.
 #[derive(Clone, Debug, Serialize)]
 pub struct ServiceSummary {
@@ -156,6 +173,182 @@ impl Store {
     pub fn remove_source(&mut self, name: &str, now_ms: u64) -> Changes {
         self.sources.remove(name);
         self.rebuild(now_ms)
+    }
+
+    /// Applies a per-service change to source `source` and re-renders only the sidecars it
+    /// can change: the changed services' own and those of the services that use them.
+    ///
+    /// Incremental when `source` is the only source and a build already happened (the
+    /// controller's case); otherwise the delta is applied to the source and everything is
+    /// rebuilt, with the same result. Versions, wake-ups and the address table follow the
+    /// same rules as [`Store::rebuild`].
+    pub fn apply_delta(&mut self, source: &str, delta: ServiceDelta, now_ms: u64) -> Changes {
+        let incremental =
+            self.previous.is_some() && self.sources.len() == 1 && self.sources.contains_key(source);
+        let state = Arc::make_mut(self.sources.entry(source.to_owned()).or_default());
+        let mut keys: BTreeSet<(String, String)> = BTreeSet::new();
+        for (ns, name) in delta.remove {
+            state
+                .services
+                .retain(|s| !(s.namespace == ns && s.name == name));
+            keys.insert((ns, name));
+        }
+        for svc in delta.upsert {
+            let key = (svc.namespace.clone(), svc.name.clone());
+            match state
+                .services
+                .iter_mut()
+                .find(|s| s.namespace == key.0 && s.name == key.1)
+            {
+                Some(s) => *s = svc,
+                None => state.services.push(svc),
+            }
+            keys.insert(key);
+        }
+        let Some(mut merged) = self.previous.take().filter(|_| incremental) else {
+            return self.rebuild(now_ms);
+        };
+        let state = self.sources.get(source).cloned().unwrap_or_default();
+        // The merged entry of each touched service, as a full merge would give it.
+        let mut changed: HashSet<(String, String)> = HashSet::new();
+        let mut set_changed = false;
+        for (ns, name) in keys {
+            let defined = state
+                .services
+                .iter()
+                .find(|s| s.namespace == ns && s.name == name)
+                .cloned();
+            let next = self.registry.merge_service(&ns, &name, defined);
+            let at = merged
+                .services
+                .iter()
+                .position(|s| s.namespace == ns && s.name == name);
+            match (at, next) {
+                (Some(i), Some(n)) if merged.services[i] == n => continue,
+                (Some(i), Some(n)) => merged.services[i] = n,
+                (Some(i), None) => {
+                    merged.services.remove(i);
+                    set_changed = true;
+                }
+                (None, Some(n)) => {
+                    merged.services.push(n);
+                    set_changed = true;
+                }
+                (None, None) => continue,
+            }
+            changed.insert((ns, name));
+        }
+        if set_changed {
+            self.addresses.sync(
+                merged
+                    .services
+                    .iter()
+                    .map(|s| (s.namespace.as_str(), s.name.as_str())),
+            );
+        }
+        let mut changes = Changes::default();
+        {
+            let changed_ref: HashSet<(&str, &str)> = changed
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            let affected = with_dependents(&merged, &changed_ref);
+            let cluster = Cluster::new(&merged);
+            let mut affected: Vec<(&str, &str)> = affected.into_iter().collect();
+            affected.sort_unstable();
+            for (ns, name) in affected {
+                let Some(svc) = cluster.service(ns, name) else {
+                    continue;
+                };
+                let mut keys: Vec<SidecarKey> = cluster.sidecars_of(svc).collect();
+                keys.sort();
+                let mut versions = BTreeMap::new();
+                for key in keys {
+                    if let Some(s) = self.render_sidecar(&cluster, &key, now_ms, &mut changes) {
+                        versions.insert(key.plugin.clone(), s.version);
+                        self.sidecars.insert(key, s);
+                    }
+                }
+                // Plugins detached since, and the summary line.
+                let stale: Vec<SidecarKey> = self
+                    .summary(ns, name)
+                    .map(|s| {
+                        s.sidecars
+                            .keys()
+                            .filter(|p| !versions.contains_key(*p))
+                            .map(|p| SidecarKey {
+                                namespace: ns.to_owned(),
+                                service: name.to_owned(),
+                                plugin: p.clone(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.forget(stale, &mut changes);
+                let summary = ServiceSummary {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                    address: self.addresses.get(ns, name),
+                    instances: svc.instances.len(),
+                    sidecars: versions,
+                };
+                match self.summary_at(ns, name) {
+                    Ok(i) => self.services[i] = summary,
+                    Err(i) => self.services.insert(i, summary),
+                }
+            }
+        }
+        // Services that went: their sidecars and summary line.
+        for (ns, name) in &changed {
+            if merged
+                .services
+                .iter()
+                .any(|s| &s.namespace == ns && &s.name == name)
+            {
+                continue;
+            }
+            if let Ok(i) = self.summary_at(ns, name) {
+                let gone = self.services.remove(i);
+                let stale = gone
+                    .sidecars
+                    .into_keys()
+                    .map(|plugin| SidecarKey {
+                        namespace: ns.clone(),
+                        service: name.clone(),
+                        plugin,
+                    })
+                    .collect();
+                self.forget(stale, &mut changes);
+            }
+        }
+        if set_changed {
+            // Addresses of the services that stayed cannot move, but be exact anyway.
+            for s in &mut self.services {
+                s.address = self.addresses.get(&s.namespace, &s.name);
+            }
+        }
+        self.previous = Some(merged);
+        changes
+    }
+
+    fn summary_at(&self, ns: &str, name: &str) -> Result<usize, usize> {
+        self.services
+            .binary_search_by(|x| (x.namespace.as_str(), x.name.as_str()).cmp(&(ns, name)))
+    }
+
+    fn summary(&self, ns: &str, name: &str) -> Option<&ServiceSummary> {
+        self.summary_at(ns, name).ok().map(|i| &self.services[i])
+    }
+
+    /// Drops sidecars that no longer exist, with their version records (`max_version`
+    /// still guards their return).
+    fn forget(&mut self, keys: Vec<SidecarKey>, changes: &mut Changes) {
+        for key in keys {
+            if self.sidecars.remove(&key).is_some() {
+                self.versions.remove(&key.to_string());
+                changes.removed.push(key);
+            }
+        }
     }
 
     /// Registers or renews an instance; rebuilds unless only the TTL was renewed.
@@ -283,60 +476,9 @@ impl Store {
                     continue;
                 }
             }
-            let rendered = match cluster.render(&key, &self.addresses) {
-                Ok(r) => r,
-                Err(e) => {
-                    changes
-                        .dropped
-                        .entry(format!("{}/{}", key.namespace, key.service))
-                        .or_default()
-                        .push(ValidationError {
-                            path: format!("plugins[{}]", key.plugin),
-                            message: e.to_string(),
-                        });
-                    continue;
-                }
-            };
-            if !rendered.dropped.is_empty() {
-                changes
-                    .dropped
-                    .entry(format!("{}/{}", key.namespace, key.service))
-                    .or_insert(rendered.dropped);
+            if let Some(sidecar) = self.render_sidecar(&cluster, &key, now_ms, &mut changes) {
+                next.insert(key, sidecar);
             }
-            let mut config = rendered.config;
-            let unversioned = serde_json::to_vec(&config).unwrap_or_default();
-            let hash = fnv1a(&unversioned);
-            let name = key.to_string();
-            let version = match self.versions.get(&name) {
-                Some(r) if r.hash == hash => r.version,
-                _ => {
-                    let v = now_ms.max(self.max_version + 1);
-                    self.max_version = v;
-                    self.versions
-                        .insert(name, VersionRecord { hash, version: v });
-                    v
-                }
-            };
-            let unchanged = self
-                .sidecars
-                .get(&key)
-                .filter(|s| s.version == version)
-                .cloned();
-            let sidecar = match unchanged {
-                Some(s) => s,
-                None => {
-                    config.version = version;
-                    let json = Bytes::from(with_version(unversioned, version, &config));
-                    changes.changed.push(key.clone());
-                    Arc::new(Sidecar {
-                        version,
-                        config,
-                        json,
-                        gzip: OnceLock::new(),
-                    })
-                }
-            };
-            next.insert(key, sidecar);
         }
         for key in self.sidecars.keys() {
             if !next.contains_key(key) {
@@ -390,6 +532,72 @@ impl Store {
         self.sidecars = next;
         self.previous = Some(merged);
         changes
+    }
+
+    /// Renders one sidecar and gives it its version: the same `Arc` when its config did not
+    /// change, a new one (recorded in `changes`) when it did, `None` when it cannot be
+    /// rendered (recorded in `changes.dropped`).
+    fn render_sidecar(
+        &mut self,
+        cluster: &Cluster<'_>,
+        key: &SidecarKey,
+        now_ms: u64,
+        changes: &mut Changes,
+    ) -> Option<Arc<Sidecar>> {
+        let rendered = match cluster.render(key, &self.addresses) {
+            Ok(r) => r,
+            Err(e) => {
+                changes
+                    .dropped
+                    .entry(format!("{}/{}", key.namespace, key.service))
+                    .or_default()
+                    .push(ValidationError {
+                        path: format!("plugins[{}]", key.plugin),
+                        message: e.to_string(),
+                    });
+                return None;
+            }
+        };
+        if !rendered.dropped.is_empty() {
+            changes
+                .dropped
+                .entry(format!("{}/{}", key.namespace, key.service))
+                .or_insert(rendered.dropped);
+        }
+        let mut config = rendered.config;
+        let unversioned = serde_json::to_vec(&config).unwrap_or_default();
+        let hash = fnv1a(&unversioned);
+        let name = key.to_string();
+        let version = match self.versions.get(&name) {
+            Some(r) if r.hash == hash => r.version,
+            _ => {
+                let v = now_ms.max(self.max_version + 1);
+                self.max_version = v;
+                self.versions
+                    .insert(name, VersionRecord { hash, version: v });
+                v
+            }
+        };
+        let unchanged = self
+            .sidecars
+            .get(key)
+            .filter(|s| s.version == version)
+            .cloned();
+        let sidecar = match unchanged {
+            Some(s) => s,
+            None => {
+                config.version = version;
+                let json = Bytes::from(with_version(unversioned, version, &config));
+                changes.changed.push(key.clone());
+                Arc::new(Sidecar {
+                    version,
+                    config,
+                    json,
+                    gzip: OnceLock::new(),
+                })
+            }
+        };
+        Some(sidecar)
     }
 }
 
@@ -453,12 +661,21 @@ pub fn affected<'a>(previous: Option<&ClusterState>, current: &'a ClusterState) 
             set_changed = true;
         }
     }
+    Affected::Some {
+        services: with_dependents(current, &changed),
+        set_changed,
+    }
+}
+
+/// The services of `current` that are in `changed` or use one that is (directly or as a
+/// route backend): the ones whose sidecars must be rendered again.
+fn with_dependents<'a>(
+    current: &'a ClusterState,
+    changed: &HashSet<(&str, &str)>,
+) -> HashSet<(&'a str, &'a str)> {
     let mut services = HashSet::new();
     if changed.is_empty() {
-        return Affected::Some {
-            services,
-            set_changed,
-        };
+        return services;
     }
     for s in &current.services {
         let key = (s.namespace.as_str(), s.name.as_str());
@@ -475,10 +692,7 @@ pub fn affected<'a>(previous: Option<&ClusterState>, current: &'a ClusterState) 
             services.insert(key);
         }
     }
-    Affected::Some {
-        services,
-        set_changed,
-    }
+    services
 }
 
 /// The served JSON: the unversioned JSON (`{"version":0,...`, version being the first
@@ -656,6 +870,154 @@ mod tests {
         dns.dns.ttl_seconds = 9;
         let c = st.set_source("file", dns, 3);
         assert_eq!(c.changed.len(), 5);
+    }
+
+    /// Every sidecar's config with its version zeroed, and the summaries without versions.
+    type Summary = (String, String, usize, Vec<String>);
+
+    fn served(st: &Store) -> (BTreeMap<String, String>, Vec<Summary>) {
+        let configs = st
+            .sidecars
+            .iter()
+            .map(|(k, s)| {
+                let mut c = s.config.clone();
+                c.version = 0;
+                (k.to_string(), serde_json::to_string(&c).unwrap())
+            })
+            .collect();
+        let summaries = st
+            .services()
+            .iter()
+            .map(|s| {
+                assert_eq!(s.address, st.addresses.get(&s.namespace, &s.name));
+                let plugins = s.sidecars.keys().cloned().collect();
+                (s.namespace.clone(), s.name.clone(), s.instances, plugins)
+            })
+            .collect();
+        (configs, summaries)
+    }
+
+    fn svc(yaml: &str) -> Service {
+        serde_norway::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn deltas_render_what_a_full_rebuild_renders_and_only_the_affected() {
+        let base = "services:
+- {namespace: demo, name: web, use_services: [{service: api}, {service: new}], plugins: [{name: logger}]}
+- {namespace: demo, name: canary, use_services: [{service: other, routes: [{name: r, backends: [{weight: 1}, {service: demo/api, weight: 1}]}]}]}
+- {namespace: demo, name: other, ports: [{port: 82}]}
+- {namespace: demo, name: api, ports: [{port: 80}], instances: [{address: 10.0.0.1}]}
+- {namespace: demo, name: lone, ports: [{port: 81}]}
+- {namespace: demo, name: gone, ports: [{port: 83}], use_services: [{service: lone}]}
+";
+        let mut st = Store::default();
+        st.set_source("k8s", state(base), 1_000);
+        // A registered instance of api must survive api's redefinition.
+        let reg: Registration = serde_json::from_value(serde_json::json!({
+            "address": "10.0.0.7", "ports": [{"port": 80}], "ttl_seconds": 60
+        }))
+        .unwrap();
+        let k = ("demo".to_owned(), "api".to_owned(), "i1".to_owned());
+        st.registry_put(k, reg, 1_100).unwrap();
+        let lone = st.sidecar(&key("demo", "lone")).unwrap();
+        let steps: Vec<(ServiceDelta, Vec<&str>)> = vec![
+            // An endpoint change: api itself (no config change: no inbound ports, no
+            // dependencies) is rendered, and its users web and canary change.
+            (
+                ServiceDelta {
+                    upsert: vec![svc(
+                        "{namespace: demo, name: api, ports: [{port: 80}], instances: [{address: 10.0.0.1}, {address: 10.0.0.2}]}",
+                    )],
+                    remove: vec![],
+                },
+                vec!["canary", "web"],
+            ),
+            // A service web already depends on appears: it gets an address, web changes.
+            (
+                ServiceDelta {
+                    upsert: vec![svc(
+                        "{namespace: demo, name: new, ports: [{port: 90}], instances: [{address: 10.0.1.1}]}",
+                    )],
+                    remove: vec![],
+                },
+                vec!["new", "web"],
+            ),
+            // A service goes: its sidecar is removed, nobody else changes.
+            (
+                ServiceDelta {
+                    upsert: vec![],
+                    remove: vec![("demo".into(), "gone".into())],
+                },
+                vec![],
+            ),
+            // A plugin detached, and the same content again (no change).
+            (
+                ServiceDelta {
+                    upsert: vec![
+                        svc(
+                            "{namespace: demo, name: web, use_services: [{service: api}, {service: new}]}",
+                        ),
+                        svc("{namespace: demo, name: other, ports: [{port: 82}]}"),
+                    ],
+                    remove: vec![],
+                },
+                vec![],
+            ),
+        ];
+        let mut last_version = st.max_version;
+        for (i, (delta, expect_changed)) in steps.into_iter().enumerate() {
+            let removed_gone = delta.remove.len();
+            let c = st.apply_delta("k8s", delta, 1_000 + i as u64);
+            let mut changed: Vec<&str> = c.changed.iter().map(|k| k.service.as_str()).collect();
+            changed.sort();
+            changed.dedup(); // one service, several plugins
+            assert_eq!(changed, expect_changed, "step {i}");
+            for k in &c.changed {
+                let v = st.sidecar(k).unwrap().version;
+                assert!(v > last_version, "step {i}: versions strictly increase");
+            }
+            last_version = st.max_version;
+            if removed_gone > 0 {
+                assert_eq!(c.removed, [key("demo", "gone")]);
+            }
+            if i == 3 {
+                let mut logger = key("demo", "web");
+                logger.plugin = "logger".into();
+                assert_eq!(c.removed, [logger.clone()]);
+                assert!(st.sidecar(&logger).is_none());
+            }
+            // The same source state rendered from scratch serves the same configs.
+            let mut fresh = Store {
+                registry: st.registry.clone(),
+                addresses: st.addresses.clone(),
+                ..Store::default()
+            };
+            let source = st.sources["k8s"].clone();
+            fresh.set_source("k8s", source, 1);
+            assert_eq!(served(&st), served(&fresh), "step {i}");
+        }
+        // An untouched sidecar is the very same value throughout.
+        assert!(Arc::ptr_eq(
+            &lone,
+            &st.sidecar(&key("demo", "lone")).unwrap()
+        ));
+        // With a second source the delta still applies, through a full rebuild.
+        st.set_source(
+            "file",
+            state("services: [{namespace: other, name: x}]"),
+            5_000,
+        );
+        let c = st.apply_delta(
+            "k8s",
+            ServiceDelta {
+                upsert: vec![],
+                remove: vec![("demo".into(), "lone".into())],
+            },
+            5_001,
+        );
+        assert_eq!(c.removed, [key("demo", "lone")]);
+        assert!(st.sidecar(&key("other", "x")).is_some());
     }
 
     #[test]

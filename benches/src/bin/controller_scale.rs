@@ -287,6 +287,9 @@ async fn main() -> anyhow::Result<()> {
         .arg(dir.join("tls.crt"))
         .arg("--tls-key")
         .arg(dir.join("tls.key"))
+        // One replica, and the fake API server has no Lease API.
+        .arg("--leader-elect")
+        .arg("false")
         .env("KUBECONFIG", &kubeconfig)
         .env("KUBERNETES_SERVICE_HOST", "")
         .env("RUST_LOG", "warn")
