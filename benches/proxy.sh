@@ -6,6 +6,7 @@
 #   benches/proxy.sh                 # ROUNDS=2 DUR=6 PROXY_CPU=0 LOAD_CPU=1 by default
 #   ROUNDS=3 DUR=10 benches/proxy.sh
 #   benches/proxy.sh rss1k           # only: the sidecar's RSS with a 1,000-service config
+#   ONLY="sidemesh haproxy" ROUNDS=1 DUR=3 benches/proxy.sh   # quick comparison
 #
 # Needs: wrk, h2load (nghttp2-client), haproxy, nginx with libnginx-mod-stream, python3,
 # taskset. Envoy joins when its binary is found: `python3 -m venv .venv &&
@@ -28,8 +29,11 @@ done
 
 cargo build --release --quiet --bin sidemesh
 cargo build --release --quiet -p sidemesh-bench --bin proxy_load
-BIN=$PWD/target/release/sidemesh
-LOAD=$PWD/target/release/proxy_load
+# CARGO_TARGET_DIR (e.g. a no-LTO build while iterating) is honoured.
+TARGET=${CARGO_TARGET_DIR:-target}
+case $TARGET in /*) ;; *) TARGET=$PWD/$TARGET ;; esac
+BIN=$TARGET/release/sidemesh
+LOAD=$TARGET/release/proxy_load
 
 if [ "${1:-}" = rss1k ]; then
   # A client that uses 1,000 services: 1,000 outbound listeners, each on its own address.
@@ -201,7 +205,7 @@ declare -A PID=([sidemesh]=$SIDEMESH_PID [haproxy]=$HAPROXY_PID [nginx]=$NGINX_P
 PROXIES="sidemesh haproxy nginx"
 
 # Envoy, one worker, when its binary is there.
-ENVOY=${ENVOY:-$(find .venv -path '*envoy/_bin/envoy' -type f 2>/dev/null | head -1)}
+ENVOY=${ENVOY:-$(find .venv -path '*envoy/_bin/envoy' -type f 2>/dev/null | head -1 || true)}
 if [ -n "$ENVOY" ] && [ -x "$ENVOY" ]; then
   hcm() { # listener name, port, cluster
     cat <<EOT
@@ -260,6 +264,8 @@ EOT
   ADDR[envoy]=127.77.0.4 H2ADDR[envoy]=127.77.0.4 TCPADDR[envoy]=127.77.0.4 ECHOADDR[envoy]=127.77.0.4
   PROXIES="$PROXIES envoy"
 fi
+# ONLY="sidemesh haproxy" restricts a run to some proxies (quicker while iterating).
+if [ -n "${ONLY:-}" ]; then PROXIES=$ONLY; fi
 RES="$OUT/results.tsv"
 : >"$RES"
 rec() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RES"; }

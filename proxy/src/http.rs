@@ -63,31 +63,47 @@ pub(crate) struct ConnCtx {
     pub mode: ServerMode,
 }
 
+/// The HTTP server settings, built once (not per connection) and shared by every
+/// connection: one builder per server mode.
+pub(crate) struct ServerBuilders {
+    h1: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    h2: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+}
+
+impl ServerBuilders {
+    /// The builders for the limits in `limits`.
+    pub(crate) fn new(limits: &crate::ProxyConfig) -> ServerBuilders {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_headers(limits.max_headers)
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes as u32)
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            // Rapid reset and error-reset floods end in GOAWAY (h2 ≥ 0.4.2; these are h2's
+            // defaults, set here so they cannot drift).
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(1024))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        ServerBuilders {
+            h1: builder.clone().http1_only(),
+            h2: builder.http2_only(),
+        }
+    }
+}
+
 /// Serves HTTP on one accepted connection until it ends, or until drain asks it to finish.
 pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
-    let limits = &ctx.shared.config;
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_headers(limits.max_headers)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes as u32)
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        // Rapid reset and error-reset floods end in GOAWAY (h2 ≥ 0.4.2; these are h2's
-        // defaults, set here so they cannot drift).
-        .max_pending_accept_reset_streams(Some(20))
-        .max_local_error_reset_streams(Some(1024))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
     let builder = match ctx.mode {
-        ServerMode::Http1 => builder.http1_only(),
-        ServerMode::Http2 => builder.http2_only(),
+        ServerMode::Http1 => &ctx.shared.servers.h1,
+        ServerMode::Http2 => &ctx.shared.servers.h2,
     };
     let svc_ctx = ctx.clone();
     let scan = crate::hostile::Scan::for_http1(ctx.mode == ServerMode::Http1);
@@ -104,16 +120,14 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
     });
     // Idle client connections are closed (gracefully: a request in flight finishes).
     let idle_ms = ctx.target.service.timeouts.idle_ms;
-    let origin = Instant::now();
-    let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let io =
-        crate::hostile::ScanIo::new(crate::tcp::Timed::new(stream, last.clone(), origin), scan);
+    let activity = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let io = crate::hostile::ScanIo::new(crate::tcp::Timed::new(stream, activity.clone()), scan);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let idle = async {
         match idle_ms {
             0 => std::future::pending().await,
-            ms => crate::tcp::idle_watch(&last, origin, Duration::from_millis(ms)).await,
+            ms => crate::tcp::idle_watch(&activity, Duration::from_millis(ms)).await,
         }
     };
     tokio::select! {

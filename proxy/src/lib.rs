@@ -8,7 +8,7 @@
 //! - [`state`]: the derived, immutable state of one config version.
 //! - [`balance`]: load-balancing policies over endpoints.
 //! - [`http`]: HTTP/1.1, h2c and gRPC proxying with routing, retries and rewrites.
-//! - [`tcp`]: raw TCP proxying with half-close.
+//! - [`tcp`]: raw TCP proxying with half-close (zero-copy `splice` on Linux, in `splice`).
 //! - [`detect`]: protocol detection for `auto` ports.
 //! - [`upstream`]: the connector and pooled clients, with breaker limits.
 //! - [`tls`]: mutual TLS between sidecars, the sidecar's certificate, `allow_clients`.
@@ -31,6 +31,8 @@ pub mod http;
 pub mod metrics;
 pub mod register;
 pub mod resilience;
+#[cfg(target_os = "linux")]
+mod splice;
 pub mod state;
 pub mod tcp;
 pub mod tls;
@@ -108,6 +110,8 @@ pub(crate) struct Shared {
     pub config: ProxyConfig,
     pub metrics: Metrics,
     pub state: ArcSwapOption<State>,
+    /// The HTTP server settings, built once.
+    pub servers: http::ServerBuilders,
     /// Mutual TLS: the sidecar's credentials and the TLS metrics.
     pub tls: Arc<MeshTls>,
     cache: Mutex<Cache>,
@@ -153,6 +157,7 @@ impl Proxy {
         let conn_slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
         Ok(Proxy {
             shared: Arc::new(Shared {
+                servers: http::ServerBuilders::new(&config),
                 config,
                 metrics,
                 state: ArcSwapOption::empty(),
@@ -434,13 +439,19 @@ async fn connection(
     else {
         return;
     };
-    let _ = stream.set_nodelay(true);
+    // No TCP_NODELAY call here: accepted sockets inherit it from the listener (see
+    // `bind`), which saves a syscall per connection.
     let dir = target.direction.as_str();
     let m = &shared.metrics;
-    m.tcp_connections
-        .with_label_values(&[dir, &*target.service.label])
+    // Series resolved once per listener and direction, not per connection.
+    target
+        .connection_metrics
+        .get_or_init(|| {
+            m.tcp_connections
+                .with_label_values(&[dir, &*target.service.label])
+        })
         .inc();
-    let open = m.tcp_open.with_label_values(&[dir]);
+    let open = &m.tcp_open_by_direction[usize::from(target.direction == Direction::Outbound)];
     open.inc();
     // Inbound: peel mutual TLS off (the client's verified identity comes with it).
     let inbound = target.direction == Direction::Inbound;
@@ -526,4 +537,22 @@ async fn connection(
         }
     }
     open.dec();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `connection` relies on this instead of setting TCP_NODELAY on every accepted socket.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = tokio::time::timeout(Duration::from_secs(5), l.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(server.nodelay().unwrap());
+    }
 }

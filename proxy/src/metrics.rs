@@ -51,6 +51,8 @@ pub struct Metrics {
     pub drain_duration: Histogram,
     /// Calls to discover's TTL registry (`--register`), by operation and result.
     pub registrations: IntCounterVec,
+    /// The `tcp_open` series of each direction (inbound, outbound), resolved once.
+    pub tcp_open_by_direction: [IntGauge; 2],
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -107,6 +109,11 @@ impl Metrics {
             .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0]),
         )?;
         registry.register(Box::new(drain_duration.clone()))?;
+        let tcp_open = gauge(
+            "sidemesh_proxy_tcp_connections_open",
+            "Client connections open now.",
+            &["direction"],
+        )?;
         Ok(Metrics {
             requests: counter(
                 "sidemesh_proxy_requests_total",
@@ -119,11 +126,11 @@ impl Metrics {
                 "TCP connections accepted.",
                 &["direction", "service"],
             )?,
-            tcp_open: gauge(
-                "sidemesh_proxy_tcp_connections_open",
-                "Client connections open now.",
-                &["direction"],
-            )?,
+            tcp_open_by_direction: [
+                tcp_open.with_label_values(&["inbound"]),
+                tcp_open.with_label_values(&["outbound"]),
+            ],
+            tcp_open,
             tcp_bytes: counter(
                 "sidemesh_proxy_tcp_bytes_total",
                 "Bytes proxied over raw TCP.",

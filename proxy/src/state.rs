@@ -204,6 +204,8 @@ pub struct Target {
     pub default_backend: Arc<Backend>,
     /// Request metrics per route, and for unrouted requests last; resolved on first use.
     pub request_metrics: Vec<std::sync::OnceLock<crate::metrics::RequestMetrics>>,
+    /// The accepted-connections counter of this listener; resolved on first use.
+    pub connection_metrics: std::sync::OnceLock<prometheus::IntCounter>,
 }
 
 fn metric_slots(routes: usize) -> Vec<std::sync::OnceLock<crate::metrics::RequestMetrics>> {
@@ -298,6 +300,7 @@ impl State {
                     routes: Vec::new(),
                     default_backend: backend,
                     request_metrics: metric_slots(0),
+                    connection_metrics: Default::default(),
                 }),
             );
         }
@@ -424,6 +427,7 @@ impl State {
                         protocol: p.protocol,
                         service: default_backend.service.clone(),
                         request_metrics: metric_slots(routes.len()),
+                        connection_metrics: Default::default(),
                         routes,
                         default_backend,
                     }),

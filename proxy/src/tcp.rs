@@ -1,12 +1,14 @@
 //! Raw TCP proxying: pick an endpoint (retrying connect failures on others), then copy
 //! bytes both ways. End of stream in one direction is passed on as a half-close
 //! (`shutdown(Write)`), so protocols that close their sending side first keep working.
-//! A connection without traffic in either direction for the idle timeout is closed.
+//! A connection without traffic in either direction for the idle timeout is closed. On
+//! Linux the bytes move with `splice(2)` (see `splice`); this copy loop is the fallback
+//! and carries upgraded HTTP connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -91,7 +93,7 @@ pub(crate) async fn proxy(shared: &Shared, target: &Arc<Target>, client: Io, pee
     ep.stats.inflight.fetch_add(1, Ordering::Relaxed);
     let idle =
         (service.timeouts.idle_ms > 0).then(|| Duration::from_millis(service.timeouts.idle_ms));
-    let (up, down, timed_out) = pipe(client, server, idle).await;
+    let (up, down, timed_out) = relay(client, server, idle).await;
     ep.stats.inflight.fetch_sub(1, Ordering::Relaxed);
     if timed_out {
         m.timeouts
@@ -106,6 +108,19 @@ pub(crate) async fn proxy(shared: &Shared, target: &Arc<Target>, client: Io, pee
         .inc_by(down);
 }
 
+/// Relays a connection: zero-copy `splice` on Linux when both sides are plain TCP, the
+/// copy loop for TLS, elsewhere, or when no pipe can be made.
+async fn relay(client: Io, server: Io, idle: Option<Duration>) -> (u64, u64, bool) {
+    #[cfg(target_os = "linux")]
+    if let (Io::Plain(c), Io::Plain(s)) = (&client, &server) {
+        match crate::splice::relay(c, s, idle).await {
+            Ok(r) => return r,
+            Err(e) => tracing::debug!(error = %e, "no pipe for splice; copying instead"),
+        }
+    }
+    pipe(client, server, idle).await
+}
+
 /// Copies `a -> b` and `b -> a` until both directions end, passing each end of stream on
 /// as a half-close. Returns (bytes a->b, bytes b->a, whether the idle timeout ended it).
 pub async fn pipe<A, B>(a: A, b: B, idle: Option<Duration>) -> (u64, u64, bool)
@@ -113,15 +128,14 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let origin = Instant::now();
-    let last = AtomicU64::new(0);
+    let activity = AtomicU64::new(0);
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
     let ab_count = AtomicU64::new(0);
     let ba_count = AtomicU64::new(0);
     let copy = async {
-        let ab = one_way(&mut ar, &mut bw, &ab_count, &last, origin);
-        let ba = one_way(&mut br, &mut aw, &ba_count, &last, origin);
+        let ab = one_way(&mut ar, &mut bw, &ab_count, &activity);
+        let ba = one_way(&mut br, &mut aw, &ba_count, &activity);
         let _ = tokio::join!(ab, ba);
     };
     let timed_out = match idle {
@@ -132,7 +146,7 @@ where
         Some(idle) => {
             tokio::select! {
                 _ = copy => false,
-                _ = idle_watch(&last, origin, idle) => true,
+                _ = idle_watch(&activity, idle) => true,
             }
         }
     };
@@ -143,39 +157,42 @@ where
     )
 }
 
-/// Completes once `last` (milliseconds after `origin` of the latest activity) is more
-/// than `idle` in the past.
-pub(crate) async fn idle_watch(last: &AtomicU64, origin: Instant, idle: Duration) {
+/// Completes once `activity` (a count of reads and writes) has not moved for `idle`.
+///
+/// Counting instead of time-stamping keeps a clock read off every read and write; the
+/// count is sampled four times per `idle`, so a connection closes between `idle` and
+/// 1.5 × `idle` after its latest activity.
+pub(crate) async fn idle_watch(activity: &AtomicU64, idle: Duration) {
+    let step = (idle / 4).max(Duration::from_millis(1));
+    let mut seen = activity.load(Ordering::Relaxed);
+    let mut quiet_since = tokio::time::Instant::now();
     loop {
-        let since = Duration::from_millis(last.load(Ordering::Relaxed));
-        let deadline = origin + since + idle;
-        if Instant::now() >= deadline {
+        tokio::time::sleep(step).await;
+        let now = tokio::time::Instant::now();
+        let count = activity.load(Ordering::Relaxed);
+        if count != seen {
+            seen = count;
+            quiet_since = now;
+        } else if now.duration_since(quiet_since) >= idle {
             return;
         }
-        tokio::time::sleep_until(deadline.into()).await;
     }
 }
 
-/// A stream that notes the time of its latest read or write, for idle timeouts.
+/// A stream that counts its reads and writes, for idle timeouts ([`idle_watch`]).
 pub(crate) struct Timed<S> {
     inner: S,
-    last: Arc<AtomicU64>,
-    origin: Instant,
+    activity: Arc<AtomicU64>,
 }
 
 impl<S> Timed<S> {
-    /// Wraps `inner`; activity is written to `last` as milliseconds after `origin`.
-    pub(crate) fn new(inner: S, last: Arc<AtomicU64>, origin: Instant) -> Timed<S> {
-        Timed {
-            inner,
-            last,
-            origin,
-        }
+    /// Wraps `inner`; every completed read or write bumps `activity`.
+    pub(crate) fn new(inner: S, activity: Arc<AtomicU64>) -> Timed<S> {
+        Timed { inner, activity }
     }
 
     fn touch(&self) {
-        self.last
-            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.activity.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -241,8 +258,7 @@ async fn one_way<R, W>(
     r: &mut R,
     w: &mut W,
     count: &AtomicU64,
-    last: &AtomicU64,
-    origin: Instant,
+    activity: &AtomicU64,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -251,7 +267,7 @@ where
     let mut buf = vec![0u8; BUF];
     loop {
         let n = r.read(&mut buf).await?;
-        last.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        activity.fetch_add(1, Ordering::Relaxed);
         if n == 0 {
             // Pass the end of stream on, but keep the other direction open.
             w.shutdown().await?;

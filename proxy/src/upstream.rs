@@ -14,8 +14,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -163,35 +163,25 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// What one upstream connection shares with the pool: when it last carried bytes, and how
-/// many requests use it now, so that its task can close it once it has been idle (no
-/// request and no traffic) for the idle timeout.
+/// What one upstream connection shares with the pool: a count of its reads and writes,
+/// and how many requests use it now, so that its task can close it once it has been idle
+/// (no request and no traffic) for the idle timeout.
 #[derive(Debug, Default)]
 struct Activity {
-    /// Milliseconds after [`origin`] of the latest read or write.
-    last: Arc<AtomicU64>,
+    /// Reads and writes so far.
+    io: Arc<AtomicU64>,
     /// Requests using the connection now.
     busy: AtomicUsize,
 }
 
-/// A fixed point that connection activity is measured from.
-fn origin() -> Instant {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    *ORIGIN.get_or_init(Instant::now)
-}
-
 /// Completes once the connection has had no request and no traffic for `idle`.
 async fn idle_close(activity: &Activity, idle: Duration) {
-    let origin = origin();
     loop {
-        crate::tcp::idle_watch(&activity.last, origin, idle).await;
+        crate::tcp::idle_watch(&activity.io, idle).await;
         if activity.busy.load(Ordering::Acquire) == 0 {
             return;
         }
         // A request is in flight on a silent connection (a slow answer): not idle.
-        activity
-            .last
-            .store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -219,6 +209,8 @@ const MAX_IDLE_PER_ENDPOINT: usize = 512;
 struct Pools {
     h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
     h2: Mutex<HashMap<SocketAddr, SharedH2>>,
+    /// Held while an endpoint's HTTP/2 connection is being dialled.
+    h2_dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Why a request could not be sent upstream.
@@ -313,13 +305,13 @@ impl Clients {
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, InUse), SendError> {
         loop {
-            let (mut conn, fresh) = match if h2 {
-                self.idle_h2(addr)
+            let (mut conn, fresh) = if h2 {
+                self.checkout_h2(addr, meshed).await?
             } else {
-                self.idle_h1(addr)
-            } {
-                Some(c) => (c, false),
-                None => (self.dial(addr, meshed, h2).await?, true),
+                match self.idle_h1(addr) {
+                    Some(c) => (c, false),
+                    None => (self.dial(addr, meshed, false).await?, true),
+                }
             };
             conn.activity.busy.fetch_add(1, Ordering::AcqRel);
             let sent = match &mut conn.sender {
@@ -369,6 +361,28 @@ impl Clients {
         None
     }
 
+    /// The endpoint's HTTP/2 connection, dialled if there is none. One request dials while
+    /// the others wait for it: without that, a burst of concurrent requests to a new
+    /// endpoint opened a connection each (hundreds, and tens of MiB of buffers).
+    async fn checkout_h2(
+        &self,
+        addr: SocketAddr,
+        meshed: bool,
+    ) -> Result<(Checkout, bool), ConnectError> {
+        if let Some(c) = self.idle_h2(addr) {
+            return Ok((c, false));
+        }
+        let gate = match self.pools.h2_dialing.lock() {
+            Ok(mut gates) => gates.entry(addr).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        let _dialing = gate.lock().await;
+        if let Some(c) = self.idle_h2(addr) {
+            return Ok((c, false));
+        }
+        Ok((self.dial(addr, meshed, true).await?, true))
+    }
+
     fn idle_h2(&self, addr: SocketAddr) -> Option<Checkout> {
         let pools = self.pools.h2.lock().ok()?;
         let c = pools.get(&addr).filter(|c| !c.sender.is_closed())?;
@@ -396,15 +410,7 @@ impl Clients {
     ) -> Result<Checkout, ConnectError> {
         let (stream, slot) = self.connector.connect_endpoint(addr, meshed, h2).await?;
         let activity = Arc::new(Activity::default());
-        let origin = origin();
-        activity
-            .last
-            .store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let io: Io = TokioIo::new(crate::tcp::Timed::new(
-            stream,
-            activity.last.clone(),
-            origin,
-        ));
+        let io: Io = TokioIo::new(crate::tcp::Timed::new(stream, activity.io.clone()));
         let idle = self.connector.idle_timeout();
         let watch = activity.clone();
         // Runs a connection until it ends or idles out; the breaker slot is held as long.
@@ -516,9 +522,19 @@ mod tests {
         assert!(matches!(c.connect(addr).await, Err(ConnectError::Io(_))));
     }
 
-    /// An HTTP/1.1 server on 127.0.0.1:0 that answers "ok" and counts the connections it
-    /// accepts; with `close`, it closes every connection after its first response.
-    async fn counting_server(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// How the test server speaks.
+    #[derive(Clone, Copy)]
+    enum Serve {
+        /// HTTP/1.1 with keep-alive.
+        KeepAlive,
+        /// HTTP/1.1, closing every connection after its first response.
+        Close,
+        /// h2c.
+        H2,
+    }
+
+    /// A server on 127.0.0.1:0 that answers "ok" and counts the connections it accepts.
+    async fn counting_server(how: Serve) -> (SocketAddr, Arc<AtomicUsize>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -532,10 +548,20 @@ mod tests {
                             Bytes::from_static(b"ok"),
                         )))
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(!close)
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
+                    let io = TokioIo::new(s);
+                    let _ = match how {
+                        Serve::H2 => {
+                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, svc)
+                                .await
+                        }
+                        _ => {
+                            hyper::server::conn::http1::Builder::new()
+                                .keep_alive(matches!(how, Serve::KeepAlive))
+                                .serve_connection(io, svc)
+                                .await
+                        }
+                    };
                 });
             }
         });
@@ -575,7 +601,7 @@ mod tests {
 
     #[tokio::test]
     async fn http1_connections_are_reused() {
-        let (addr, accepted) = counting_server(false).await;
+        let (addr, accepted) = counting_server(Serve::KeepAlive).await;
         let c = clients();
         for _ in 0..5 {
             assert_eq!(get(&c, addr).await, "ok");
@@ -585,11 +611,41 @@ mod tests {
 
     #[tokio::test]
     async fn closed_pooled_connection_is_replaced() {
-        let (addr, accepted) = counting_server(true).await;
+        let (addr, accepted) = counting_server(Serve::Close).await;
         let c = clients();
         for _ in 0..3 {
             assert_eq!(get(&c, addr).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn concurrent_http2_requests_share_one_new_connection() {
+        let (addr, accepted) = counting_server(Serve::H2).await;
+        let c = clients();
+        let uri: http::Uri = format!("http://{addr}/").parse().unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let (c, uri) = (c.clone(), uri.clone());
+            tasks.push(tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                let mut req = Request::new(
+                    http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                );
+                *req.uri_mut() = uri;
+                let (resp, _in_use) = c.send(addr, false, true, req).await.unwrap();
+                resp.into_body().collect().await.unwrap().to_bytes()
+            }));
+        }
+        for t in tasks {
+            let body = tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(body, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 }
