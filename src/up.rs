@@ -68,6 +68,7 @@ fn sidecar_args(url: String, inbound: IpAddr, app: IpAddr, drain: Duration) -> s
         register_address: None,
         register_ttl: Duration::from_secs(30),
         mesh_h2: true,
+        http1_engine: sidemesh_proxy::h1::Engine::default(),
     }
 }
 

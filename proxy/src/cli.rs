@@ -98,6 +98,10 @@ pub struct Args {
     /// than HTTP/1.1 keep-alive over mutual TLS; docs/benchmarks.md) or `false`.
     #[arg(long, env = "SIDEMESH_MESH_H2", default_value_t = true, action = clap::ArgAction::Set)]
     pub mesh_h2: bool,
+    /// The engine for HTTP/1.1 client connections: `lean` (the default: the common case in
+    /// the connection's own task, hyper for upgrades, `Expect` and the rest) or `hyper`.
+    #[arg(long, env = "SIDEMESH_HTTP1_ENGINE", value_enum, default_value_t = crate::h1::Engine::Lean)]
+    pub http1_engine: crate::h1::Engine,
 }
 
 /// Something run beside the data plane (the DNS shim): given the config channel, it starts
@@ -224,6 +228,7 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
             header_read_timeout: args.header_read_timeout,
             max_connections: args.max_connections,
             mesh_h2: args.mesh_h2,
+            http1_engine: args.http1_engine,
             ..ProxyConfig::default()
         },
         &registry,

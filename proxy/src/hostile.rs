@@ -78,6 +78,11 @@ pub(crate) fn refuse<B>(req: &Request<B>, scan: Option<&Scan>) -> Option<Respons
     } else {
         header_conflict(req.headers())
     }?;
+    Some(refusal(why))
+}
+
+/// The `400` for a request with ambiguous framing, with `Connection: close`.
+pub(crate) fn refusal(why: &'static str) -> Response<Body> {
     tracing::debug!(reason = why, "refused a request with ambiguous framing");
     let mut r = Response::new(
         Full::new(Bytes::from(format!("sidemesh: {why}\n")))
@@ -92,39 +97,70 @@ pub(crate) fn refuse<B>(req: &Request<B>, scan: Option<&Scan>) -> Option<Respons
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    Some(r)
+    r
 }
 
 /// The framing conflicts visible in a header map.
 fn header_conflict(headers: &http::HeaderMap) -> Option<&'static str> {
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if te.peek().is_some() {
-        if headers.contains_key(header::CONTENT_LENGTH) {
-            return Some("content-length-with-transfer-encoding");
-        }
-        let mut codings = te
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .map(<[u8]>::trim_ascii);
-        let only_chunked = codings
-            .next()
-            .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
-            && codings.next().is_none();
-        if !only_chunked {
-            return Some("unsupported-transfer-encoding");
-        }
-    }
+    body_framing(
+        headers
+            .iter()
+            .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
+    )
+    .err()
+}
+
+/// How a request's body is framed, from its headers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum BodyFraming {
+    /// No `Content-Length` or `Transfer-Encoding`: no body.
+    #[default]
+    None,
+    /// `Content-Length` (one value, possibly repeated).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// The framing of a request from its header lines (`name`, `value`), or the reason it is
+/// ambiguous: `Content-Length` with `Transfer-Encoding`, a coding other than exactly
+/// `chunked` once, `Content-Length` values that are not numbers or disagree. Both HTTP/1.1
+/// engines decide with this one function.
+pub(crate) fn body_framing<'a>(
+    headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+) -> Result<BodyFraming, &'static str> {
+    // No `Transfer-Encoding`; exactly one `chunked` (true); anything else (false).
+    let mut te = None::<bool>;
+    let mut has_length = false;
     let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|b| *b == b',') {
-            let n = parse_decimal(part.trim_ascii());
-            match (n, length) {
-                (None, _) => return Some("bad-content-length"),
-                (Some(n), Some(prev)) if n != prev => return Some("conflicting-content-length"),
-                (Some(n), _) => length = Some(n),
+    let mut bad_length = None;
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            for coding in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                let chunked = coding.eq_ignore_ascii_case(b"chunked");
+                te = Some(te.is_none() && chunked);
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            has_length = true;
+            for part in value.split(|b| *b == b',') {
+                match (parse_decimal(part.trim_ascii()), length) {
+                    (None, _) => bad_length = bad_length.or(Some("bad-content-length")),
+                    (Some(n), Some(prev)) if n != prev => {
+                        bad_length = bad_length.or(Some("conflicting-content-length"))
+                    }
+                    (Some(n), _) => length = Some(n),
+                }
             }
         }
     }
-    None
+    match (te, has_length, bad_length, length) {
+        (Some(_), true, _, _) => Err("content-length-with-transfer-encoding"),
+        (Some(false), false, _, _) => Err("unsupported-transfer-encoding"),
+        (Some(true), false, _, _) => Ok(BodyFraming::Chunked),
+        (None, _, Some(why), _) => Err(why),
+        (None, _, None, Some(n)) => Ok(BodyFraming::Length(n)),
+        (None, _, None, None) => Ok(BodyFraming::None),
+    }
 }
 
 fn parse_decimal(s: &[u8]) -> Option<u64> {

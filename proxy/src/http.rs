@@ -29,10 +29,9 @@ use rand::Rng;
 use sidemesh_api::config::{Protocol, RetryOn, RetryPolicy};
 
 use crate::balance::{Endpoint, request_hash};
-use crate::metrics::RequestMetrics;
+use crate::metrics::{Metrics, RequestMetrics};
 use crate::resilience::{Outcome, backoff, record};
 use crate::state::{Backend, Direction, RouteState, Target};
-use crate::tls::Io;
 use crate::upstream::{Body, BoxError, ConnectError, InUse, SendError};
 use crate::{Drain, Shared};
 
@@ -100,7 +99,10 @@ impl ServerBuilders {
 }
 
 /// Serves HTTP on one accepted connection until it ends, or until drain asks it to finish.
-pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
+pub(crate) async fn serve<S>(ctx: Arc<ConnCtx>, stream: S, drain: Drain)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let builder = match ctx.mode {
         ServerMode::Http1 => &ctx.shared.servers.h1,
         ServerMode::Http2 => &ctx.shared.servers.h2,
@@ -152,6 +154,24 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
 /// Handles one request: everything that can go wrong becomes a response here.
 async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
+    let (target, denied) = resolve(&ctx, req.headers_mut());
+    let (index, backend) = select(&target, &req);
+    let route = index.and_then(|i| target.routes.get(i));
+    let resp = match denied {
+        Some(r) => r,
+        None => forward(&ctx, route, &backend, req).await,
+    };
+    observe(&ctx, &target, index, resp.status().as_u16(), start);
+    resp
+}
+
+/// The listener's target in the current config, and for inbound listeners the
+/// `allow_clients` verdict on the verified identity (a response when the client is refused;
+/// otherwise the identity goes into `headers` for the app, and a forged one is removed).
+pub(crate) fn resolve(
+    ctx: &ConnCtx,
+    headers: &mut HeaderMap,
+) -> (Arc<Target>, Option<Response<Body>>) {
     // Requests read the current config, so endpoint and policy changes apply to new
     // requests on open connections; a listener that was removed finishes on its old one.
     let state = ctx.shared.state.load();
@@ -159,26 +179,27 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body>
         .as_ref()
         .and_then(|s| s.listeners.get(&ctx.listen).cloned())
         .unwrap_or_else(|| ctx.target.clone());
-    // Inbound: `allow_clients` on the verified identity, which the app gets in a header.
     let denied = match (target.direction, state.as_ref()) {
         (Direction::Inbound, Some(s)) => crate::tls::authorize_http(
             &ctx.shared.tls,
             &s.snapshot,
             ctx.listen.port(),
             ctx.client_id.as_deref(),
-            req.headers_mut(),
+            headers,
         ),
         _ => None,
     };
-    drop(state);
-    let (index, backend) = select(&target, &req);
-    let route = index.and_then(|i| target.routes.get(i));
-    let resp = match denied {
-        Some(r) => r,
-        None => forward(&ctx, route, &backend, req).await,
-    };
-    // The series of this listener's service and route are resolved once, on first use,
-    // not per request.
+    (target, denied)
+}
+
+/// Counts a request in its route's series (resolved once, on first use, not per request).
+pub(crate) fn observe(
+    ctx: &ConnCtx,
+    target: &Target,
+    index: Option<usize>,
+    status: u16,
+    start: Instant,
+) {
     let slot = index.unwrap_or(target.routes.len());
     if let Some(cell) = target.request_metrics.get(slot) {
         let rm = cell.get_or_init(|| {
@@ -186,12 +207,14 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body>
                 &ctx.shared.metrics,
                 target.direction.as_str(),
                 &target.service.label,
-                route.map(|r| &*r.name).unwrap_or("default"),
+                index
+                    .and_then(|i| target.routes.get(i))
+                    .map(|r| &*r.name)
+                    .unwrap_or("default"),
             )
         });
-        rm.observe(resp.status().as_u16(), start.elapsed());
+        rm.observe(status, start.elapsed());
     }
-    resp
 }
 
 /// Picks the first matching route (its index) and one of its weighted backends.
@@ -199,22 +222,36 @@ fn select(target: &Target, req: &Request<Incoming>) -> (Option<usize>, Arc<Backe
     if target.routes.is_empty() {
         return (None, target.default_backend.clone());
     }
-    let host = req
-        .uri()
-        .host()
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .map(strip_port);
-    let headers = req.headers();
-    let found = target.routes.iter().position(|r| {
-        r.matcher
-            .matches(req.method().as_str(), host, req.uri().path(), |name| {
-                headers.get(name).and_then(|v| v.to_str().ok())
-            })
+    let host = req.uri().host().or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
     });
+    let headers = req.headers();
+    select_route(
+        target,
+        req.method().as_str(),
+        host,
+        req.uri().path(),
+        |name| headers.get(name).and_then(|v| v.to_str().ok()),
+    )
+}
+
+/// Picks the first route that matches the request's method, host (port stripped here),
+/// path and headers (`header` looks up a first value by lower-case name), and one of its
+/// weighted backends; the default backend when none matches.
+pub(crate) fn select_route<'a>(
+    target: &Target,
+    method: &str,
+    host: Option<&str>,
+    path: &str,
+    header: impl Fn(&str) -> Option<&'a str>,
+) -> (Option<usize>, Arc<Backend>) {
+    let host = host.map(strip_port);
+    let found = target
+        .routes
+        .iter()
+        .position(|r| r.matcher.matches(method, host, path, &header));
     let Some((index, route)) = found.and_then(|i| Some((i, target.routes.get(i)?))) else {
         return (None, target.default_backend.clone());
     };
@@ -255,7 +292,8 @@ fn error(status: StatusCode, why: &'static str) -> Response<Body> {
     r
 }
 
-fn overloaded(why: &'static str) -> Response<Body> {
+/// The `503` for a request a circuit-breaker limit refused, naming the limit.
+pub(crate) fn overloaded(why: &'static str) -> Response<Body> {
     let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "overloaded");
     r.headers_mut()
         .insert(OVERLOADED, HeaderValue::from_static(why));
@@ -272,7 +310,7 @@ fn empty() -> Body {
 
 /// Decrements the service's active-request count when the request is done (its response
 /// body included).
-struct ActiveGuard {
+pub(crate) struct ActiveGuard {
     backend: Arc<Backend>,
 }
 
@@ -287,7 +325,7 @@ impl Drop for ActiveGuard {
 }
 
 /// Decrements an endpoint's in-flight count when the response body is done.
-struct InflightGuard(Arc<Endpoint>);
+pub(crate) struct InflightGuard(pub(crate) Arc<Endpoint>);
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
@@ -439,31 +477,15 @@ async fn forward(
     let m = &ctx.shared.metrics;
     let service = &backend.service;
     let label = &*service.label;
-
-    // Circuit breaker: requests in flight.
-    let active = service.shared.active.fetch_add(1, Ordering::AcqRel);
-    let active_guard = ActiveGuard {
-        backend: backend.clone(),
+    let active_guard = match admit(m, backend) {
+        Ok(g) => g,
+        Err(why) => return overloaded(why),
     };
-    if service.limits.max_requests > 0 && active >= u64::from(service.limits.max_requests) {
-        m.breaker_rejections
-            .with_label_values(&[label, "max_requests"])
-            .inc();
-        return overloaded("max_requests");
-    }
 
     let upgrade = is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-
-    let policy: &RetryPolicy = route
-        .and_then(|r| r.retry.as_ref())
-        .unwrap_or(&service.retry);
-    let request_timeout = route.and_then(|r| r.timeout).or_else(|| {
-        (service.timeouts.request_ms > 0)
-            .then(|| Duration::from_millis(service.timeouts.request_ms))
-    });
-    let deadline = request_timeout.map(|t| tokio::time::Instant::now() + t);
+    let (policy, deadline) = plan(route, service);
 
     // A body can be replayed on a retry only if we hold all of it; buffer small, known
     // bodies when retries are on, stream everything else without retries.
@@ -483,11 +505,7 @@ async fn forward(
         }
     };
     let replayable = matches!(body, ReqBody::Replay(_));
-    let max_tries = if replayable {
-        1 + policy.attempts.min(10)
-    } else {
-        1
-    };
+    let max_tries = max_tries(policy, replayable);
 
     // Headers: hop-by-hop out, route rewrite in, Host kept for HTTP/1.1 upstreams.
     let original_authority = parts.uri.authority().cloned();
@@ -526,7 +544,7 @@ async fn forward(
     let result = loop {
         tries += 1;
         let Some(ep) = backend.balancer.pick(hash, avoid) else {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints");
+            return no_endpoints();
         };
         let Some(body) = body.take() else {
             return error(StatusCode::BAD_GATEWAY, "body-consumed");
@@ -578,13 +596,7 @@ async fn forward(
             std::mem::take(&mut parts.headers)
         };
 
-        let per_try = (policy.per_try_timeout_ms > 0).then(|| {
-            tokio::time::Instant::now() + Duration::from_millis(policy.per_try_timeout_ms)
-        });
-        let try_deadline = match (per_try, deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let try_deadline = try_deadline(policy, deadline);
         ep.stats.inflight.fetch_add(1, Ordering::Relaxed);
         let inflight = InflightGuard(ep.clone());
         let sent = Instant::now();
@@ -596,68 +608,26 @@ async fn forward(
                 Err(_) => Try::TimedOut,
             },
         };
-        let outlier = service.outlier.as_ref();
-        let peers = backend.balancer.endpoints();
-        let retry_on = |why: RetryOn| policy.retry_on.contains(&why);
-        let retriable = match &outcome {
-            Try::Response(r, _) => {
-                ep.stats.observe(sent.elapsed());
-                let s = r.status();
-                let o = if s.is_server_error() {
-                    Outcome::ServerError
-                } else {
-                    Outcome::Success
-                };
-                if record(&ep, o, outlier, peers) {
-                    m.ejections.with_label_values(&[label]).inc();
-                }
-                s.is_server_error()
-                    && (retry_on(RetryOn::ServerError)
-                        || (retry_on(RetryOn::GatewayError) && matches!(s.as_u16(), 502..=504)))
+        let ended = match &outcome {
+            Try::Response(r, _) => Ended::Status(r.status()),
+            Try::ConnectFailed(e) => Ended::ConnectFailed(e),
+            Try::Refused => Ended::Refused,
+            Try::Reset(e) => {
+                tracing::debug!(service = label, error = %e, "upstream request failed");
+                Ended::Reset
             }
-            Try::ConnectFailed(ConnectError::Overloaded(why)) => {
-                m.breaker_rejections.with_label_values(&[label, why]).inc();
-                return overloaded(why);
-            }
-            Try::ConnectFailed(e) => {
-                m.connect_failures.with_label_values(&[label]).inc();
-                if matches!(e, ConnectError::Timeout) {
-                    m.timeouts.with_label_values(&[label, "connect"]).inc();
-                }
-                if record(&ep, Outcome::ConnectFailure, outlier, peers) {
-                    m.ejections.with_label_values(&[label]).inc();
-                }
-                retry_on(RetryOn::ConnectFailure)
-            }
-            Try::Refused => retry_on(RetryOn::RefusedStream),
-            Try::Reset(_) => retry_on(RetryOn::Reset),
-            Try::TimedOut => {
-                let total = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-                m.timeouts
-                    .with_label_values(&[label, if total { "request" } else { "per_try" }])
-                    .inc();
-                !total && retry_on(RetryOn::PerTryTimeout)
-            }
+            Try::TimedOut => Ended::TimedOut,
         };
-        let out_of_time = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-        if retriable && tries < max_tries && !out_of_time {
-            if service
-                .shared
-                .budget
-                .withdraw(policy.budget_percent, policy.min_retries_per_second)
-            {
-                m.retries.with_label_values(&[label]).inc();
-                drop(inflight);
-                avoid = Some(ep.addr);
-                let pause = backoff(
-                    tries,
-                    Duration::from_millis(policy.backoff_base_ms),
-                    Duration::from_millis(policy.backoff_max_ms),
-                );
-                tokio::time::sleep(pause).await;
-                continue;
-            }
-            m.retries_budget_exhausted.with_label_values(&[label]).inc();
+        let retriable = match judge(m, backend, &ep, policy, deadline, ended, sent) {
+            Ok(r) => r,
+            Err(why) => return overloaded(why),
+        };
+        if let Some(pause) = retry_pause(m, service, policy, retriable, tries, max_tries, deadline)
+        {
+            drop(inflight);
+            avoid = Some(ep.addr);
+            tokio::time::sleep(pause).await;
+            continue;
         }
         break (outcome, inflight);
     };
@@ -665,15 +635,10 @@ async fn forward(
     let (outcome, inflight) = result;
     let (resp, conn) = match outcome {
         Try::Response(r, c) => (r, c),
-        Try::ConnectFailed(_) => {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "upstream-connect-failure");
-        }
-        Try::Refused => return error(StatusCode::SERVICE_UNAVAILABLE, "upstream-refused-stream"),
-        Try::Reset(e) => {
-            tracing::debug!(service = label, error = %e, "upstream request failed");
-            return error(StatusCode::BAD_GATEWAY, "upstream-reset");
-        }
-        Try::TimedOut => return error(StatusCode::GATEWAY_TIMEOUT, "upstream-timeout"),
+        Try::ConnectFailed(_) => return Failure::Connect.response(),
+        Try::Refused => return Failure::Refused.response(),
+        Try::Reset(_) => return Failure::Reset.response(),
+        Try::TimedOut => return Failure::TimedOut.response(),
     };
 
     let (mut rparts, rbody) = resp.into_parts();
@@ -708,6 +673,192 @@ async fn forward(
         _guards: (Some(active_guard), inflight),
     };
     Response::from_parts(rparts, body.boxed_unsync())
+}
+
+/// Counts a request against its service's `max_requests` breaker: the guard gives the
+/// slot back when dropped; a full breaker is the limit's name, answered with
+/// [`overloaded`].
+pub(crate) fn admit(m: &Metrics, backend: &Arc<Backend>) -> Result<ActiveGuard, &'static str> {
+    let service = &backend.service;
+    let active = service.shared.active.fetch_add(1, Ordering::AcqRel);
+    let guard = ActiveGuard {
+        backend: backend.clone(),
+    };
+    if service.limits.max_requests > 0 && active >= u64::from(service.limits.max_requests) {
+        m.breaker_rejections
+            .with_label_values(&[&*service.label, "max_requests"])
+            .inc();
+        return Err("max_requests");
+    }
+    Ok(guard)
+}
+
+/// The retry policy of a request (the route's, else the service's) and its overall
+/// deadline (the route's timeout, else the service's request timeout).
+pub(crate) fn plan<'a>(
+    route: Option<&'a RouteState>,
+    service: &'a crate::state::Service,
+) -> (&'a RetryPolicy, Option<tokio::time::Instant>) {
+    let policy = route
+        .and_then(|r| r.retry.as_ref())
+        .unwrap_or(&service.retry);
+    let timeout = route.and_then(|r| r.timeout).or_else(|| {
+        (service.timeouts.request_ms > 0)
+            .then(|| Duration::from_millis(service.timeouts.request_ms))
+    });
+    (policy, timeout.map(|t| tokio::time::Instant::now() + t))
+}
+
+/// The deadline of one try: the per-try timeout, bounded by the request's deadline.
+pub(crate) fn try_deadline(
+    policy: &RetryPolicy,
+    deadline: Option<tokio::time::Instant>,
+) -> Option<tokio::time::Instant> {
+    let per_try = (policy.per_try_timeout_ms > 0)
+        .then(|| tokio::time::Instant::now() + Duration::from_millis(policy.per_try_timeout_ms));
+    match (per_try, deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// How one try at an endpoint ended, as both HTTP/1.1 engines see it.
+pub(crate) enum Ended<'a> {
+    /// A response head with this status.
+    Status(StatusCode),
+    /// No connection (a breaker limit, a timeout, a refused socket).
+    ConnectFailed(&'a ConnectError),
+    /// HTTP/2 `REFUSED_STREAM`: the upstream did not process it.
+    Refused,
+    /// The connection failed while the request was sent or the response head read.
+    Reset,
+    /// The per-try or request deadline passed first.
+    TimedOut,
+}
+
+/// Records how a try ended (EWMA latency, outlier detection, metrics) and says whether
+/// the retry policy allows another try; `Err` names a breaker limit of the connector, to
+/// answer at once with [`overloaded`].
+pub(crate) fn judge(
+    m: &Metrics,
+    backend: &Backend,
+    ep: &Endpoint,
+    policy: &RetryPolicy,
+    deadline: Option<tokio::time::Instant>,
+    ended: Ended<'_>,
+    sent: Instant,
+) -> Result<bool, &'static str> {
+    let service = &backend.service;
+    let label = &*service.label;
+    let outlier = service.outlier.as_ref();
+    let peers = backend.balancer.endpoints();
+    let retry_on = |why: RetryOn| policy.retry_on.contains(&why);
+    Ok(match ended {
+        Ended::Status(s) => {
+            ep.stats.observe(sent.elapsed());
+            let o = if s.is_server_error() {
+                Outcome::ServerError
+            } else {
+                Outcome::Success
+            };
+            if record(ep, o, outlier, peers) {
+                m.ejections.with_label_values(&[label]).inc();
+            }
+            s.is_server_error()
+                && (retry_on(RetryOn::ServerError)
+                    || (retry_on(RetryOn::GatewayError) && matches!(s.as_u16(), 502..=504)))
+        }
+        Ended::ConnectFailed(ConnectError::Overloaded(why)) => {
+            m.breaker_rejections.with_label_values(&[label, why]).inc();
+            return Err(why);
+        }
+        Ended::ConnectFailed(e) => {
+            m.connect_failures.with_label_values(&[label]).inc();
+            if matches!(e, ConnectError::Timeout) {
+                m.timeouts.with_label_values(&[label, "connect"]).inc();
+            }
+            if record(ep, Outcome::ConnectFailure, outlier, peers) {
+                m.ejections.with_label_values(&[label]).inc();
+            }
+            retry_on(RetryOn::ConnectFailure)
+        }
+        Ended::Refused => retry_on(RetryOn::RefusedStream),
+        Ended::Reset => retry_on(RetryOn::Reset),
+        Ended::TimedOut => {
+            let total = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+            m.timeouts
+                .with_label_values(&[label, if total { "request" } else { "per_try" }])
+                .inc();
+            !total && retry_on(RetryOn::PerTryTimeout)
+        }
+    })
+}
+
+/// Whether a retriable try is tried again (tries and time left, and the retry budget
+/// grants it), and the backoff to wait first.
+pub(crate) fn retry_pause(
+    m: &Metrics,
+    service: &crate::state::Service,
+    policy: &RetryPolicy,
+    retriable: bool,
+    tries: u32,
+    max_tries: u32,
+    deadline: Option<tokio::time::Instant>,
+) -> Option<Duration> {
+    let out_of_time = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+    if !retriable || tries >= max_tries || out_of_time {
+        return None;
+    }
+    let label = &*service.label;
+    if !service
+        .shared
+        .budget
+        .withdraw(policy.budget_percent, policy.min_retries_per_second)
+    {
+        m.retries_budget_exhausted.with_label_values(&[label]).inc();
+        return None;
+    }
+    m.retries.with_label_values(&[label]).inc();
+    Some(backoff(
+        tries,
+        Duration::from_millis(policy.backoff_base_ms),
+        Duration::from_millis(policy.backoff_max_ms),
+    ))
+}
+
+/// How many tries a request gets: retries only when its body can be replayed.
+pub(crate) fn max_tries(policy: &RetryPolicy, replayable: bool) -> u32 {
+    if replayable {
+        1 + policy.attempts.min(10)
+    } else {
+        1
+    }
+}
+
+/// Why the last try failed without a response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    Connect,
+    Refused,
+    Reset,
+    TimedOut,
+}
+
+impl Failure {
+    /// The sidecar's answer for it.
+    pub(crate) fn response(self) -> Response<Body> {
+        match self {
+            Failure::Connect => error(StatusCode::SERVICE_UNAVAILABLE, "upstream-connect-failure"),
+            Failure::Refused => error(StatusCode::SERVICE_UNAVAILABLE, "upstream-refused-stream"),
+            Failure::Reset => error(StatusCode::BAD_GATEWAY, "upstream-reset"),
+            Failure::TimedOut => error(StatusCode::GATEWAY_TIMEOUT, "upstream-timeout"),
+        }
+    }
+}
+
+/// The answer when the balancer has no endpoint to offer.
+pub(crate) fn no_endpoints() -> Response<Body> {
+    error(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints")
 }
 
 fn classify(r: Result<(Response<Incoming>, InUse), SendError>) -> Try {

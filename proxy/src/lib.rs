@@ -8,6 +8,7 @@
 //! - [`state`]: the derived, immutable state of one config version.
 //! - [`balance`]: load-balancing policies over endpoints.
 //! - [`http`]: HTTP/1.1, h2c and gRPC proxying with routing, retries and rewrites.
+//! - [`h1`]: the lean HTTP/1.1 engine for the common case (hyper for the rest).
 //! - [`tcp`]: raw TCP proxying with half-close (zero-copy `splice` on Linux, in `splice`).
 //! - [`detect`]: protocol detection for `auto` ports.
 //! - [`upstream`]: the connector and pooled clients, with breaker limits.
@@ -25,6 +26,7 @@ pub mod balance;
 pub mod cli;
 pub mod demo;
 pub mod detect;
+pub mod h1;
 pub mod health;
 pub mod hostile;
 pub mod http;
@@ -86,6 +88,8 @@ pub struct ProxyConfig {
     /// app again. Only between sidecars with mutual TLS. On by default: it measured faster
     /// than HTTP/1.1 keep-alive over mutual TLS (docs/benchmarks.md).
     pub mesh_h2: bool,
+    /// The engine that serves HTTP/1.1 client connections.
+    pub http1_engine: h1::Engine,
 }
 
 impl Default for ProxyConfig {
@@ -101,6 +105,7 @@ impl Default for ProxyConfig {
             max_concurrent_streams: 256,
             max_connections: 16_384,
             mesh_h2: true,
+            http1_engine: h1::Engine::default(),
         }
     }
 }
@@ -533,7 +538,11 @@ async fn connection(
                     ServerMode::Http1
                 },
             });
-            http::serve(ctx, stream, drain).await;
+            if ctx.mode == ServerMode::Http1 && shared.config.http1_engine == h1::Engine::Lean {
+                h1::serve(ctx, stream, drain).await;
+            } else {
+                http::serve(ctx, stream, drain).await;
+            }
         }
     }
     open.dec();

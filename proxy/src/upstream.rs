@@ -211,6 +211,43 @@ struct Pools {
     h2: Mutex<HashMap<SocketAddr, SharedH2>>,
     /// Held while an endpoint's HTTP/2 connection is being dialled.
     h2_dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    /// Idle connections of the lean HTTP/1.1 engine, which speaks HTTP on them itself.
+    raw: Mutex<HashMap<SocketAddr, Vec<RawConn>>>,
+}
+
+/// An HTTP/1.1 connection that the lean engine ([`crate::h1`]) speaks on directly: no
+/// task of its own, its breaker slot held as long as it is open.
+pub(crate) struct RawConn {
+    /// The stream (mutual TLS to meshed endpoints when the sidecar has a certificate).
+    pub(crate) io: MaybeTls,
+    /// The endpoint.
+    pub(crate) addr: SocketAddr,
+    _slot: Option<OwnedSemaphorePermit>,
+    idle_since: std::time::Instant,
+}
+
+impl std::fmt::Debug for RawConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawConn").field("addr", &self.addr).finish()
+    }
+}
+
+impl RawConn {
+    /// Whether a pooled connection may carry another request: not idle for longer than
+    /// `idle`, and (in plaintext, where it can be checked without blocking) not closed by
+    /// the peer nor holding stray bytes.
+    fn usable(&self, idle: Option<Duration>) -> bool {
+        if idle.is_some_and(|t| self.idle_since.elapsed() >= t) {
+            return false;
+        }
+        match &self.io {
+            MaybeTls::Plain(s) => {
+                let mut probe = [0u8; 1];
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            _ => true,
+        }
+    }
 }
 
 /// Why a request could not be sent upstream.
@@ -344,6 +381,52 @@ impl Clients {
                     _ => return Err(SendError::Http(e.into_error())),
                 },
             }
+        }
+    }
+
+    /// An idle connection to `addr` for the lean HTTP/1.1 engine, else a new one (dialled
+    /// through the connector, with its limits); `true` when it is new.
+    pub(crate) async fn checkout_raw(
+        &self,
+        addr: SocketAddr,
+        meshed: bool,
+    ) -> Result<(RawConn, bool), ConnectError> {
+        let idle = self.connector.idle_timeout();
+        if let Ok(mut pools) = self.pools.raw.lock() {
+            if let Some(list) = pools.get_mut(&addr) {
+                while let Some(c) = list.pop() {
+                    if c.usable(idle) {
+                        return Ok((c, false));
+                    }
+                }
+            }
+        }
+        let (io, slot) = self.connector.connect_endpoint(addr, meshed, false).await?;
+        Ok((
+            RawConn {
+                io,
+                addr,
+                _slot: slot,
+                idle_since: std::time::Instant::now(),
+            },
+            true,
+        ))
+    }
+
+    /// Gives a connection whose last response ended cleanly back to the pool; stale ones
+    /// of the same endpoint are closed on the way.
+    pub(crate) fn release_raw(&self, mut conn: RawConn) {
+        let idle = self.connector.idle_timeout();
+        let Ok(mut pools) = self.pools.raw.lock() else {
+            return;
+        };
+        let list = pools.entry(conn.addr).or_default();
+        if idle.is_some_and(|t| list.first().is_some_and(|c| c.idle_since.elapsed() >= t)) {
+            list.retain(|c| idle.is_none_or(|t| c.idle_since.elapsed() < t));
+        }
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            conn.idle_since = std::time::Instant::now();
+            list.push(conn);
         }
     }
 

@@ -1,0 +1,774 @@
+//! The lean HTTP/1.1 engine's codec: a reusable read buffer, one `httparse` pass over a
+//! request or response head (kept as offsets, so no header is copied), the framing rules
+//! (shared with the hyper engine through [`crate::hostile::body_framing`]), a strict chunked
+//! validator that forwards chunked bodies as they are, and the head writers.
+//!
+//! Nothing here allocates per message once the buffers have grown to their working size.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::hostile::{BodyFraming, body_framing};
+
+/// Longest trailer section accepted in a chunked body.
+const MAX_TRAILER_BYTES: usize = 8 * 1024;
+/// Most header lines parsed in one head (the configured limit is capped to it).
+pub(crate) const MAX_HEADERS: usize = 128;
+
+/// A read buffer: bytes `start..end` of `data` are unread. Reused for every message.
+#[derive(Debug)]
+pub(crate) struct Buf {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Buf {
+    /// An empty buffer of `size` bytes.
+    pub(crate) fn new(size: usize) -> Buf {
+        Buf {
+            data: vec![0; size],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The unread bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.data.get(self.start..self.end).unwrap_or(&[])
+    }
+
+    /// How many bytes are unread.
+    pub(crate) fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Whether no byte is unread.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Marks `n` bytes as read.
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Takes the unread bytes out (to hand them to another engine).
+    pub(crate) fn take(&mut self) -> bytes::Bytes {
+        let b = bytes::Bytes::copy_from_slice(self.bytes());
+        self.consume(self.len());
+        b
+    }
+
+    /// Reads once from `r` into the free space, growing the buffer up to `max` bytes when
+    /// the unread bytes fill it. `Ok(0)` is the end of the stream; a full buffer is an error.
+    pub(crate) async fn fill<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        max: usize,
+    ) -> io::Result<usize> {
+        self.make_room(max)?;
+        let n = r.read(&mut self.data[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    fn make_room(&mut self, max: usize) -> io::Result<()> {
+        if self.end < self.data.len() && self.start < self.data.len() / 2 {
+            return Ok(());
+        }
+        if self.start > 0 {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.data.len() {
+            if self.data.len() >= max {
+                return Err(io::Error::other("buffer full"));
+            }
+            let size = (self.data.len() * 2).clamp(4096, max);
+            self.data.resize(size, 0);
+        }
+        Ok(())
+    }
+}
+
+/// A span of a head: offset and length within the buffer the head was parsed from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Span(u32, u32);
+
+impl Span {
+    fn of(base: &[u8], part: &[u8]) -> Span {
+        let off = (part.as_ptr() as usize).saturating_sub(base.as_ptr() as usize);
+        Span(off as u32, part.len() as u32)
+    }
+
+    /// The bytes of the span in `buf`.
+    pub(crate) fn get<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        let start = self.0 as usize;
+        buf.get(start..start + self.1 as usize).unwrap_or(&[])
+    }
+}
+
+/// A parsed request head, as offsets into the read buffer.
+#[derive(Debug, Default)]
+pub(crate) struct RequestHead {
+    /// Length of the head in bytes.
+    pub(crate) len: usize,
+    pub(crate) method: Span,
+    /// The request target (origin form: it starts with `/`).
+    pub(crate) target: Span,
+    /// Header lines (name, value).
+    pub(crate) headers: Vec<(Span, Span)>,
+    /// How the body is framed.
+    pub(crate) framing: BodyFraming,
+    /// `Connection: close` was asked for.
+    pub(crate) close: bool,
+    /// A `Connection` header names other headers (they are removed when forwarding).
+    pub(crate) connection: bool,
+}
+
+/// What parsing a request head came to.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Parsed {
+    /// More bytes are needed.
+    Partial,
+    /// A head the lean engine handles.
+    Complete,
+    /// A head (or bytes) the lean engine leaves to the hyper engine: an upgrade, `Expect`,
+    /// HTTP/1.0, a target not in origin form, or anything it cannot parse (hyper then
+    /// answers it as it always did).
+    Decline(&'static str),
+    /// Ambiguous framing: answer `400` and close.
+    Refuse(&'static str),
+}
+
+/// Whether a token list header value (`Connection`) holds `token`.
+pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+impl RequestHead {
+    /// Parses a request head at the start of `buf` (at most `max_headers` header lines).
+    pub(crate) fn parse(&mut self, buf: &[u8], max_headers: usize) -> Parsed {
+        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let slots = &mut storage[..max_headers.clamp(1, MAX_HEADERS)];
+        let mut req = httparse::Request::new(slots);
+        let len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Parsed::Partial,
+            Err(httparse::Error::TooManyHeaders) => return Parsed::Decline("too-many-headers"),
+            Err(_) => return Parsed::Decline("unparsable"),
+        };
+        if req.version != Some(1) {
+            return Parsed::Decline("http/1.0");
+        }
+        let (Some(method), Some(path)) = (req.method, req.path) else {
+            return Parsed::Decline("unparsable");
+        };
+        if method == "CONNECT" || !path.starts_with('/') {
+            return Parsed::Decline("target-form");
+        }
+        self.len = len;
+        self.method = Span::of(buf, method.as_bytes());
+        self.target = Span::of(buf, path.as_bytes());
+        self.headers.clear();
+        self.close = false;
+        self.connection = false;
+        for h in req.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"upgrade") {
+                return Parsed::Decline("upgrade");
+            }
+            if name.eq_ignore_ascii_case(b"expect") {
+                return Parsed::Decline("expect");
+            }
+            if name.eq_ignore_ascii_case(b"connection") {
+                self.connection = true;
+                self.close |= has_token(h.value, b"close");
+            }
+            self.headers
+                .push((Span::of(buf, name), Span::of(buf, h.value)));
+        }
+        match body_framing(req.headers.iter().map(|h| (h.name.as_bytes(), h.value))) {
+            Ok(f) => self.framing = f,
+            Err(why) => return Parsed::Refuse(why),
+        }
+        Parsed::Complete
+    }
+
+    /// The first value of header `name` (lower case) as text, like `HeaderValue::to_str`.
+    pub(crate) fn header<'a>(&self, buf: &'a [u8], name: &str) -> Option<&'a str> {
+        let (_, v) = self
+            .headers
+            .iter()
+            .find(|(n, _)| n.get(buf).eq_ignore_ascii_case(name.as_bytes()))?;
+        visible_str(v.get(buf))
+    }
+}
+
+/// `bytes` as text when it is visible ASCII (with spaces and tabs), as `HeaderValue::to_str`
+/// requires.
+pub(crate) fn visible_str(bytes: &[u8]) -> Option<&str> {
+    if bytes
+        .iter()
+        .all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
+    {
+        std::str::from_utf8(bytes).ok()
+    } else {
+        None
+    }
+}
+
+/// How a response body is framed (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ResponseFraming {
+    /// No body (`HEAD`, 1xx, 204, 304).
+    None,
+    /// `Content-Length`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+/// A parsed response head, as offsets into the upstream read buffer.
+#[derive(Debug, Default)]
+pub(crate) struct ResponseHead {
+    /// Length of the head in bytes.
+    pub(crate) len: usize,
+    /// The status code.
+    pub(crate) status: u16,
+    /// Header lines (name, value).
+    pub(crate) headers: Vec<(Span, Span)>,
+    /// The connection cannot carry another request after this response.
+    pub(crate) close: bool,
+    /// A `Connection` header names other headers.
+    pub(crate) connection: bool,
+}
+
+/// Why a response head is unusable.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct BadResponse;
+
+impl ResponseHead {
+    /// Parses a response head at the start of `buf`; `Ok(None)` when more bytes are needed.
+    /// `head_request` says whether the request was `HEAD` (no body then).
+    pub(crate) fn parse(
+        &mut self,
+        buf: &[u8],
+        head_request: bool,
+    ) -> Result<Option<ResponseFraming>, BadResponse> {
+        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut storage);
+        let len = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(BadResponse),
+        };
+        let status = resp.code.ok_or(BadResponse)?;
+        self.len = len;
+        self.status = status;
+        self.headers.clear();
+        self.close = resp.version != Some(1);
+        self.connection = false;
+        let mut te = None::<bool>;
+        let mut length = None;
+        for h in resp.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"connection") {
+                self.connection = true;
+                self.close |= has_token(h.value, b"close");
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                // Chunked must be the final coding; anything else is read until close.
+                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(&[]);
+                te = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                for part in h.value.split(|b| *b == b',') {
+                    let n = parse_decimal(part.trim_ascii()).ok_or(BadResponse)?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(BadResponse);
+                    }
+                    length = Some(n);
+                }
+            }
+            self.headers
+                .push((Span::of(buf, name), Span::of(buf, h.value)));
+        }
+        let framing = if head_request || (100..200).contains(&status) || matches!(status, 204 | 304)
+        {
+            ResponseFraming::None
+        } else {
+            match (te, length) {
+                // Both: chunked wins, and the connection is not reused (RFC 9112 §6.3).
+                (Some(true), l) => {
+                    self.close |= l.is_some();
+                    ResponseFraming::Chunked
+                }
+                (Some(false), _) => ResponseFraming::Close,
+                (None, Some(n)) => ResponseFraming::Length(n),
+                (None, None) => ResponseFraming::Close,
+            }
+        };
+        if framing == ResponseFraming::Close {
+            self.close = true;
+        }
+        Ok(Some(framing))
+    }
+}
+
+fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
+}
+
+/// A chunked body that is not valid (RFC 9112 §7.1).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct BadChunk;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    /// Reading a chunk size: its value and digit count.
+    Size(u64, u8),
+    /// Whitespace after the size.
+    SizeSpace(u64),
+    /// A chunk extension, up to CR.
+    Ext(u64),
+    /// Expecting LF after the size line.
+    SizeLf(u64),
+    /// Chunk data left.
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or of the final CRLF).
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+/// Follows a chunked body byte by byte (data in bulk) so that it can be forwarded exactly
+/// as it came, and refuses anything ambiguous: sizes that are not hex or overflow, bare
+/// LF line ends, data longer than its size, control bytes in extensions and trailers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Chunked {
+    state: Chunk,
+    trailer_bytes: usize,
+}
+
+impl Default for Chunked {
+    fn default() -> Self {
+        Chunked {
+            state: Chunk::Size(0, 0),
+            trailer_bytes: 0,
+        }
+    }
+}
+
+impl Chunked {
+    /// Consumes the start of `data`: how many bytes belong to the body, and whether the
+    /// body ended with them.
+    pub(crate) fn feed(&mut self, data: &[u8]) -> Result<(usize, bool), BadChunk> {
+        let mut i = 0;
+        while i < data.len() {
+            if self.state == Chunk::Done {
+                return Ok((i, true));
+            }
+            if let Chunk::Data(n) = self.state {
+                let take = (data.len() - i).min(usize::try_from(n).unwrap_or(usize::MAX));
+                i += take;
+                let left = n - take as u64;
+                self.state = if left == 0 {
+                    Chunk::DataCr
+                } else {
+                    Chunk::Data(left)
+                };
+                continue;
+            }
+            self.state = self.byte(data[i])?;
+            i += 1;
+        }
+        Ok((i, self.state == Chunk::Done))
+    }
+
+    fn byte(&mut self, b: u8) -> Result<Chunk, BadChunk> {
+        Ok(match (self.state, b) {
+            (Chunk::Size(size, digits), _) if b.is_ascii_hexdigit() => {
+                if digits >= 16 {
+                    return Err(BadChunk);
+                }
+                let d = (b as char).to_digit(16).ok_or(BadChunk)?;
+                Chunk::Size(size << 4 | u64::from(d), digits + 1)
+            }
+            (Chunk::Size(size, d), b' ' | b'\t') if d > 0 => Chunk::SizeSpace(size),
+            (Chunk::SizeSpace(size), b' ' | b'\t') => Chunk::SizeSpace(size),
+            (Chunk::Size(size, d), b';') if d > 0 => Chunk::Ext(size),
+            (Chunk::SizeSpace(size), b';') => Chunk::Ext(size),
+            (Chunk::Size(size, d), b'\r') if d > 0 => Chunk::SizeLf(size),
+            (Chunk::SizeSpace(size) | Chunk::Ext(size), b'\r') => Chunk::SizeLf(size),
+            (Chunk::Ext(size), _) if b == b'\t' || !b.is_ascii_control() => Chunk::Ext(size),
+            (Chunk::SizeLf(0), b'\n') => Chunk::TrailerStart,
+            (Chunk::SizeLf(size), b'\n') => Chunk::Data(size),
+            (Chunk::DataCr, b'\r') => Chunk::DataLf,
+            (Chunk::DataLf, b'\n') => Chunk::Size(0, 0),
+            (Chunk::TrailerStart, b'\r') => Chunk::EndLf,
+            (Chunk::TrailerStart | Chunk::TrailerLine, _)
+                if b == b'\t' || !b.is_ascii_control() =>
+            {
+                self.trailer_bytes += 1;
+                if self.trailer_bytes > MAX_TRAILER_BYTES {
+                    return Err(BadChunk);
+                }
+                Chunk::TrailerLine
+            }
+            (Chunk::TrailerLine, b'\r') => Chunk::TrailerLf,
+            (Chunk::TrailerLf, b'\n') => Chunk::TrailerStart,
+            (Chunk::EndLf, b'\n') => Chunk::Done,
+            _ => return Err(BadChunk),
+        })
+    }
+}
+
+/// Where a body is in its framing, for forwarding it piece by piece.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum BodyState {
+    /// This many bytes are left.
+    Length(u64),
+    /// A chunked body.
+    Chunked(Chunked),
+    /// Until the end of the stream.
+    Close,
+}
+
+impl BodyState {
+    /// How many of the bytes in `data` belong to the body, and whether it ended with them.
+    pub(crate) fn step(&mut self, data: &[u8]) -> Result<(usize, bool), BadChunk> {
+        match self {
+            BodyState::Length(n) => {
+                let take = data.len().min(usize::try_from(*n).unwrap_or(usize::MAX));
+                *n -= take as u64;
+                Ok((take, *n == 0))
+            }
+            BodyState::Chunked(c) => c.feed(data),
+            BodyState::Close => Ok((data.len(), false)),
+        }
+    }
+}
+
+/// Hop-by-hop headers: never forwarded (RFC 9110 §7.6.1). `te` is handled apart.
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 8] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Appends a header line, the name in lower case (as the hyper engine sends it).
+pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend(name.iter().map(u8::to_ascii_lowercase));
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends a decimal number.
+pub(crate) fn put_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Whether a header of `headers` (in `buf`) is `Connection` and names `name`.
+pub(crate) fn named_by_connection(buf: &[u8], headers: &[(Span, Span)], name: &[u8]) -> bool {
+    headers
+        .iter()
+        .any(|(n, v)| n.get(buf).eq_ignore_ascii_case(b"connection") && has_token(v.get(buf), name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(bytes: &[u8]) -> (Parsed, RequestHead) {
+        let mut h = RequestHead::default();
+        let p = h.parse(bytes, 100);
+        (p, h)
+    }
+
+    const GET: &[u8] =
+        b"GET /a?b=1 HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\nConnection: keep-alive, x-a\r\n\r\n";
+
+    #[test]
+    fn a_head_split_at_every_byte_is_partial_until_its_end() {
+        for cut in 0..GET.len() {
+            assert_eq!(parse(&GET[..cut]).0, Parsed::Partial, "cut at {cut}");
+        }
+        let (p, h) = parse(GET);
+        assert_eq!(p, Parsed::Complete);
+        assert_eq!(h.len, GET.len());
+        assert_eq!(h.method.get(GET), b"GET");
+        assert_eq!(h.target.get(GET), b"/a?b=1");
+        assert_eq!(h.header(GET, "host"), Some("svc"));
+        assert!(h.connection && !h.close);
+        assert!(named_by_connection(GET, &h.headers, b"X-A"));
+        assert_eq!(h.framing, BodyFraming::None);
+    }
+
+    #[test]
+    fn pipelined_heads_parse_one_after_another() {
+        let two = [
+            GET,
+            b"POST /b HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        ]
+        .concat();
+        let (p, h) = parse(&two);
+        assert_eq!(p, Parsed::Complete);
+        let rest = &two[h.len..];
+        let (p, h2) = parse(rest);
+        assert_eq!(p, Parsed::Complete);
+        assert_eq!(h2.framing, BodyFraming::Length(2));
+        assert!(h2.close);
+        assert_eq!(&rest[h2.len..], b"hi");
+    }
+
+    #[test]
+    fn smuggling_cases_are_refused_from_the_one_parse() {
+        let cases: [(&[u8], &str); 8] = [
+            (b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n", "content-length-with-transfer-encoding"),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n", "content-length-with-transfer-encoding"),
+            (b"POST / HTTP/1.1\r\nTRANSFER-ENCODING: chunked\r\nCONTENT-LENGTH: 0\r\n\r\n", "content-length-with-transfer-encoding"),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n", "unsupported-transfer-encoding"),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "unsupported-transfer-encoding"),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", "unsupported-transfer-encoding"),
+            (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 30\r\n\r\n", "conflicting-content-length"),
+            (b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n", "bad-content-length"),
+        ];
+        for (bytes, why) in cases {
+            assert_eq!(
+                parse(bytes).0,
+                Parsed::Refuse(why),
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        assert_eq!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: 3, 30\r\n\r\n").0,
+            Parsed::Refuse("conflicting-content-length")
+        );
+        let (p, h) = parse(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!((p, h.framing), (Parsed::Complete, BodyFraming::Length(3)));
+    }
+
+    #[test]
+    fn bad_bytes_and_unusual_heads_go_to_the_hyper_engine() {
+        let cases: [&[u8]; 9] = [
+            b"GET / HTTP/1.1\r\nX-A: a\0b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-A: a\rb\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-A: a\r\n b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX\0A: a\r\n\r\n",
+            b"GET /a\r\nb HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            b"GET http://x/ HTTP/1.1\r\n\r\n",
+        ];
+        for bytes in cases {
+            assert!(
+                matches!(parse(bytes).0, Parsed::Decline(_)),
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn too_many_headers_is_declined_and_bare_lf_is_accepted() {
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..101 {
+            many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(parse(&many).0, Parsed::Decline("too-many-headers"));
+        let (p, h) = parse(b"GET /lf HTTP/1.1\nHost: x\n\n");
+        assert_eq!(p, Parsed::Complete);
+        assert_eq!(
+            h.header(b"GET /lf HTTP/1.1\nHost: x\n\n", "host"),
+            Some("x")
+        );
+    }
+
+    fn feed_all(body: &[u8], step: usize) -> Result<(usize, bool), BadChunk> {
+        let mut c = Chunked::default();
+        let mut used = 0;
+        for piece in body.chunks(step) {
+            let (n, done) = c.feed(piece)?;
+            used += n;
+            if done {
+                return Ok((used, true));
+            }
+        }
+        Ok((used, false))
+    }
+
+    #[test]
+    fn chunked_with_extensions_and_trailers_at_every_split() {
+        let body = b"5;name=\"v\"\r\nhello\r\n3 ; x\r\nabc\r\n0\r\nX-T: 1\r\nY: 2\r\n\r\nGET /next";
+        let end = body.len() - b"GET /next".len();
+        for step in 1..body.len() {
+            assert_eq!(feed_all(body, step), Ok((end, true)), "step {step}");
+        }
+    }
+
+    #[test]
+    fn bad_chunks_are_refused() {
+        let cases: [&[u8]; 7] = [
+            b"1ffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+            b"-5\r\nhello\r\n0\r\n\r\n",
+            b"3\r\nhello\r\n0\r\n\r\n",
+            b"\r\nhello\r\n0\r\n\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"0\r\nX: a\0\r\n\r\n",
+        ];
+        for body in cases {
+            assert_eq!(
+                feed_all(body, 1),
+                Err(BadChunk),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(feed_all(body, body.len()), Err(BadChunk));
+        }
+    }
+
+    #[test]
+    fn response_framing() {
+        let mut h = ResponseHead::default();
+        let r = |h: &mut ResponseHead, s: &[u8], head: bool| h.parse(s, head);
+        assert_eq!(
+            r(
+                &mut h,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                false
+            ),
+            Ok(Some(ResponseFraming::Length(2)))
+        );
+        assert!(!h.close);
+        assert_eq!(
+            r(
+                &mut h,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+                true
+            ),
+            Ok(Some(ResponseFraming::None))
+        );
+        for s in [204, 304] {
+            let head = format!("HTTP/1.1 {s} X\r\nContent-Length: 5\r\n\r\n");
+            assert_eq!(
+                r(&mut h, head.as_bytes(), false),
+                Ok(Some(ResponseFraming::None))
+            );
+        }
+        assert_eq!(
+            r(&mut h, b"HTTP/1.1 200 OK\r\n\r\nabc", false),
+            Ok(Some(ResponseFraming::Close))
+        );
+        assert!(h.close);
+        assert_eq!(
+            r(
+                &mut h,
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                false
+            ),
+            Ok(Some(ResponseFraming::Chunked))
+        );
+        assert!(h.close);
+        assert_eq!(
+            r(
+                &mut h,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+                false
+            ),
+            Err(BadResponse)
+        );
+        assert_eq!(r(&mut h, b"HTTP/1.1 200 OK\r\nContent-", false), Ok(None));
+        assert_eq!(
+            r(
+                &mut h,
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                false
+            ),
+            Ok(Some(ResponseFraming::Length(0)))
+        );
+        assert!(h.close);
+    }
+
+    #[test]
+    fn length_bodies_end_at_their_length() {
+        let mut s = BodyState::Length(5);
+        assert_eq!(s.step(b"hel"), Ok((3, false)));
+        assert_eq!(s.step(b"loGET"), Ok((2, true)));
+    }
+
+    /// A bounded random loop: the codec never panics on arbitrary bytes, and whatever it
+    /// accepts has spans inside the input.
+    #[test]
+    fn never_panics_on_random_bytes() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        let alphabet: &[u8] = b"GETPOST /HTTP1.\r\n:;,0123456789abcdefxX-chunkedContent-LengthTransfer-Encoding \t\0\x7f\xff";
+        for round in 0..20_000 {
+            let len = rng.random_range(0..200);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    if round % 2 == 0 {
+                        alphabet[rng.random_range(0..alphabet.len())]
+                    } else {
+                        rng.random()
+                    }
+                })
+                .collect();
+            let mut h = RequestHead::default();
+            if h.parse(&bytes, 100) == Parsed::Complete {
+                assert!(h.len <= bytes.len());
+                for (n, v) in &h.headers {
+                    assert!(!n.get(&bytes).is_empty() || v.get(&bytes).is_empty());
+                }
+            }
+            let mut r = ResponseHead::default();
+            let _ = r.parse(&bytes, round % 3 == 0);
+            let mut c = Chunked::default();
+            if let Ok((n, _)) = c.feed(&bytes) {
+                assert!(n <= bytes.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,864 @@
+//! The lean HTTP/1.1 engine: the common case of HTTP/1.1 proxying done in the client
+//! connection's own task, without hyper's per-request machinery on either side.
+//!
+//! Per request it parses the head once ([`codec`]), picks route, backend and endpoint with
+//! the same functions as the hyper engine ([`crate::http`]: `select_route`, `admit`,
+//! `plan`, `judge`, `retry_pause`), takes a plain HTTP/1.1 connection from the service's
+//! pool (the one it used last first), writes the rewritten head and the body as it comes,
+//! reads the response head, writes it back rewritten, and forwards the response body by
+//! its framing. Bodies are forwarded in their own framing (chunked stays chunked, checked
+//! strictly on the way); a response cut by the upstream is never completed towards the
+//! client: its connection is closed instead.
+//!
+//! At a request boundary, anything unusual (an upgrade, `Expect`, HTTP/1.0, a head it
+//! cannot parse, an HTTP/2 upstream) goes to the hyper engine: the bytes read so far are
+//! put back in front of the stream ([`Rewind`]) and [`crate::http::serve`] takes the
+//! connection over for good.
+
+pub(crate) mod codec;
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Response};
+use http_body_util::BodyExt;
+use sidemesh_api::config::{HashOn, Protocol};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::Drain;
+use crate::balance::{Endpoint, request_hash};
+use crate::hostile::BodyFraming;
+use crate::http::{
+    ConnCtx, Ended, Failure, InflightGuard, admit, judge, max_tries, no_endpoints, observe,
+    overloaded, plan, resolve, retry_pause, select_route, try_deadline,
+};
+use crate::state::{Backend, Direction, Target};
+use crate::tls::Io;
+use crate::upstream::{Body, Clients, ConnectError, RawConn};
+use codec::{
+    BodyState, Buf, Chunked, Parsed, RequestHead, ResponseFraming, ResponseHead, is_hop_by_hop,
+    named_by_connection, put_decimal, put_header,
+};
+
+/// Largest request body held so that it can be replayed on a retry (as the hyper engine).
+const MAX_REPLAY_BODY: usize = 64 * 1024;
+/// Size of the read buffers to start with.
+const BUF_START: usize = 16 * 1024;
+/// Largest upstream response head, and the body-copy buffer size.
+const MAX_UPSTREAM_BUF: usize = 1024 * 1024;
+
+/// Which engine serves HTTP/1.1 client connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// Hyper on both sides, for everything.
+    Hyper,
+    /// The lean engine for the common case, hyper for the rest.
+    #[default]
+    Lean,
+}
+
+/// Serves one HTTP/1.1 client connection with the lean engine, handing it to the hyper
+/// engine if a request needs it.
+pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
+    let mut conn = Lean {
+        max_head: ctx.shared.config.max_header_bytes.max(8192),
+        ctx,
+        client: stream,
+        buf: Buf::new(BUF_START),
+        ubuf: Buf::new(BUF_START),
+        out: Vec::with_capacity(BUF_START),
+        head: RequestHead::default(),
+        rhead: ResponseHead::default(),
+        held: None,
+    };
+    let exit = tokio::select! {
+        e = conn.run(&drain) => e,
+        _ = drain.hard.cancelled() => Exit::Close,
+    };
+    if let Some((c, clients)) = conn.held.take() {
+        clients.release_raw(c);
+    }
+    if let Exit::Handoff(why) = exit {
+        tracing::trace!(peer = %conn.ctx.peer, why, "HTTP/1.1 connection handed to hyper");
+        let prefix = conn.buf.take();
+        let io = Rewind {
+            prefix,
+            inner: conn.client,
+        };
+        crate::http::serve(conn.ctx, io, drain).await;
+    }
+}
+
+/// How the lean engine leaves a connection.
+enum Exit {
+    /// Close it (done, failed, or a response that cannot be followed).
+    Close,
+    /// The hyper engine takes over from the request at the start of the buffer.
+    Handoff(&'static str),
+}
+
+/// What one request came to for the connection.
+enum Next {
+    KeepAlive,
+    Close,
+    Handoff(&'static str),
+}
+
+/// Why forwarding a body stopped.
+enum BodyError {
+    /// The side bodies are read from failed, ended early, or broke the framing.
+    Read,
+    /// The side bodies are written to failed.
+    Write,
+}
+
+/// How one try at an endpoint failed before a response head.
+enum TryError {
+    Connect(ConnectError),
+    Reset,
+    /// The per-try or request deadline passed.
+    TimedOut,
+    /// The client's request body failed: nothing can be answered.
+    Client,
+}
+
+struct Lean {
+    ctx: Arc<ConnCtx>,
+    client: Io,
+    /// Bytes read from the client.
+    buf: Buf,
+    /// Bytes read from the upstream.
+    ubuf: Buf,
+    /// Bytes to write (a head, with the body bytes that came with it).
+    out: Vec<u8>,
+    head: RequestHead,
+    rhead: ResponseHead,
+    max_head: usize,
+    /// The upstream connection of the last request, used again when the balancer picks
+    /// the same endpoint (connection affinity), with the clients it belongs to.
+    held: Option<(RawConn, Clients)>,
+}
+
+impl Lean {
+    async fn run(&mut self, drain: &Drain) -> Exit {
+        let mut first = true;
+        loop {
+            match self.read_head(first, drain).await {
+                Ok(()) => {}
+                Err(exit) => return exit,
+            }
+            first = false;
+            match self.request(drain.soft.is_cancelled()).await {
+                Next::KeepAlive if !drain.soft.is_cancelled() => {}
+                Next::KeepAlive | Next::Close => return Exit::Close,
+                Next::Handoff(why) => return Exit::Handoff(why),
+            }
+        }
+    }
+
+    /// Reads until a complete request head is at the start of the buffer.
+    async fn read_head(&mut self, first: bool, drain: &Drain) -> Result<(), Exit> {
+        let max_headers = self.ctx.shared.config.max_headers;
+        let header_read_timeout = self.ctx.shared.config.header_read_timeout;
+        let idle = match self.ctx.target.service.timeouts.idle_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        };
+        // Slowloris: a head has `header_read_timeout` from its first byte (from the start
+        // for a new connection); waiting for one is bounded by the idle timeout.
+        let mut head_deadline = first.then(|| tokio::time::Instant::now() + header_read_timeout);
+        loop {
+            if !self.buf.is_empty() {
+                match self.head.parse(self.buf.bytes(), max_headers) {
+                    Parsed::Complete => return Ok(()),
+                    Parsed::Partial if self.buf.len() >= self.max_head => {
+                        return Err(Exit::Handoff("head-too-large"));
+                    }
+                    Parsed::Partial => {}
+                    Parsed::Decline(why) => return Err(Exit::Handoff(why)),
+                    Parsed::Refuse(why) => {
+                        let start = Instant::now();
+                        let (target, _) = resolve(&self.ctx, &mut HeaderMap::new());
+                        let _ = self.answer(crate::hostile::refusal(why), true).await;
+                        observe(&self.ctx, &target, None, 400, start);
+                        return Err(Exit::Close);
+                    }
+                }
+                head_deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + header_read_timeout);
+            }
+            let waiting = self.buf.is_empty();
+            let timer = async {
+                match (head_deadline, idle) {
+                    (Some(d), _) => tokio::time::sleep_until(d).await,
+                    (None, Some(t)) => tokio::time::sleep(t).await,
+                    (None, None) => std::future::pending().await,
+                }
+            };
+            let read = tokio::select! {
+                r = self.buf.fill(&mut self.client, self.max_head) => Some(r),
+                _ = timer => None,
+                _ = drain.soft.cancelled(), if waiting => return Err(Exit::Close),
+            };
+            match read {
+                Some(Ok(0) | Err(_)) => return Err(Exit::Close),
+                Some(Ok(_)) => {}
+                None => {
+                    if head_deadline.is_none() {
+                        let m = &self.ctx.shared.metrics;
+                        m.timeouts
+                            .with_label_values(&[&*self.ctx.target.service.label, "idle"])
+                            .inc();
+                    }
+                    return Err(Exit::Close);
+                }
+            }
+        }
+    }
+
+    /// Proxies the request whose head is at the start of the buffer.
+    async fn request(&mut self, closing: bool) -> Next {
+        let start = Instant::now();
+        let ctx = self.ctx.clone();
+        let inbound = self.ctx.target.direction == Direction::Inbound;
+        let mut identity = HeaderMap::new();
+        let (target, denied) = resolve(&self.ctx, &mut identity);
+        let buf = self.buf.bytes();
+        let head = &self.head;
+        let method = std::str::from_utf8(head.method.get(buf)).unwrap_or("");
+        let full_target = std::str::from_utf8(head.target.get(buf)).unwrap_or("/");
+        let path = full_target.split_once('?').map_or(full_target, |(p, _)| p);
+        let (index, backend) = if target.routes.is_empty() {
+            (None, target.default_backend.clone())
+        } else {
+            select_route(&target, method, head.header(buf, "host"), path, |name| {
+                head.header(buf, name)
+            })
+        };
+        if let Some(why) = self.needs_hyper(&backend) {
+            return Next::Handoff(why);
+        }
+        let has_body = head.framing != BodyFraming::None;
+        let head_request = method == "HEAD";
+        let route = index.and_then(|i| target.routes.get(i));
+        if let Some(resp) = denied {
+            return self
+                .answer_early(resp, has_body, &target, index, start)
+                .await;
+        }
+        let m = &ctx.shared.metrics;
+        let _active = match admit(m, &backend) {
+            Ok(g) => g,
+            Err(why) => {
+                return self
+                    .answer_early(overloaded(why), has_body, &target, index, start)
+                    .await;
+            }
+        };
+        let service = &backend.service;
+        let (policy, deadline) = plan(route, service);
+
+        // A small known body is read whole when retries are on, so that it can be replayed.
+        if let BodyFraming::Length(n) = self.head.framing {
+            let want = self.head.len as u64 + n;
+            if policy.attempts > 0 && n as usize <= MAX_REPLAY_BODY {
+                while (self.buf.len() as u64) < want {
+                    let cap = self.max_head + MAX_REPLAY_BODY;
+                    match self.buf.fill(&mut self.client, cap).await {
+                        Ok(0) | Err(_) => return Next::Close,
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+        let buf = self.buf.bytes();
+        let head = &self.head;
+        let replayable = match head.framing {
+            BodyFraming::None => true,
+            BodyFraming::Length(n) => buf.len() as u64 >= head.len as u64 + n,
+            BodyFraming::Chunked => false,
+        };
+        let hash = match service.hash_on.as_ref() {
+            None => None,
+            Some(HashOn::SourceIp) => {
+                request_hash(service.hash_on.as_ref(), &identity, self.ctx.peer)
+            }
+            Some(_) => {
+                let mut map = HeaderMap::new();
+                for (n, v) in &head.headers {
+                    if let (Ok(n), Ok(v)) = (
+                        http::HeaderName::from_bytes(n.get(buf)),
+                        http::HeaderValue::from_bytes(v.get(buf)),
+                    ) {
+                        map.append(n, v);
+                    }
+                }
+                request_hash(service.hash_on.as_ref(), &map, self.ctx.peer)
+            }
+        };
+        let client_id = identity.get(crate::tls::CLIENT_ID_HEADER);
+        write_request_head(
+            &mut self.out,
+            buf,
+            head,
+            route.and_then(|r| r.request_headers.as_ref()),
+            inbound,
+            client_id.map(|v| v.as_bytes()),
+        );
+        let head_len = head.len;
+        self.buf.consume(head_len);
+        let mut body = match self.head.framing {
+            BodyFraming::None => None,
+            BodyFraming::Length(n) => Some(BodyState::Length(n)),
+            BodyFraming::Chunked => Some(BodyState::Chunked(Chunked::default())),
+        };
+        // The body bytes that came with the head go out with it, in one write.
+        let mut body_done = match &mut body {
+            None => true,
+            Some(b) => match gather(b, &mut self.buf, &mut self.out, MAX_REPLAY_BODY) {
+                Ok(done) => done,
+                Err(()) => {
+                    let resp = crate::hostile::refusal("bad-chunked-body");
+                    let _ = self.answer(resp, true).await;
+                    observe(&self.ctx, &target, index, 400, start);
+                    return Next::Close;
+                }
+            },
+        };
+
+        // Only a request whose whole body went into `out` with its head can be sent again.
+        let whole = body_done && replayable;
+        if whole && policy.attempts > 0 {
+            service.shared.budget.deposit();
+        }
+        let max_tries = max_tries(policy, whole);
+        let mut avoid = None;
+        let mut tries = 0;
+        let outcome = loop {
+            tries += 1;
+            let Some(ep) = backend.balancer.pick(hash, avoid) else {
+                break Err((Failure::Connect, Some(no_endpoints())));
+            };
+            let try_deadline = try_deadline(policy, deadline);
+            ep.stats.inflight.fetch_add(1, Ordering::Relaxed);
+            let inflight = InflightGuard(ep.clone());
+            let sent = Instant::now();
+            let attempt = self.attempt(&backend, &ep, &mut body, &mut body_done, head_request);
+            let r = match try_deadline {
+                None => attempt.await,
+                Some(d) => match tokio::time::timeout_at(d, attempt).await {
+                    Ok(r) => r,
+                    Err(_) => Err(TryError::TimedOut),
+                },
+            };
+            let (ended, failure) = match &r {
+                Ok(_) => (Ended::Status(status_of(self.rhead.status)), None),
+                Err(TryError::Client) => return Next::Close,
+                Err(TryError::TimedOut) => (Ended::TimedOut, Some(Failure::TimedOut)),
+                Err(TryError::Connect(e)) => (Ended::ConnectFailed(e), Some(Failure::Connect)),
+                Err(TryError::Reset) => (Ended::Reset, Some(Failure::Reset)),
+            };
+            let retriable = match judge(m, &backend, &ep, policy, deadline, ended, sent) {
+                Ok(r) => r,
+                Err(why) => break Err((Failure::Connect, Some(overloaded(why)))),
+            };
+            let retry = retriable && whole;
+            if let Some(pause) = retry_pause(m, service, policy, retry, tries, max_tries, deadline)
+            {
+                drop(inflight);
+                avoid = Some(ep.addr);
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            match (r, failure) {
+                (Ok(framing), _) => break Ok((framing, inflight)),
+                (Err(_), Some(f)) => break Err((f, None)),
+                (Err(_), None) => break Err((Failure::Reset, None)),
+            }
+        };
+        let (framing, _inflight) = match outcome {
+            Ok(x) => x,
+            Err((failure, resp)) => {
+                let resp = resp.unwrap_or_else(|| failure.response());
+                return self
+                    .answer_after(resp, body_done, &target, index, start)
+                    .await;
+            }
+        };
+
+        // The response head, rewritten, with the body bytes that came with it.
+        let close = self.head.close || closing;
+        let ubytes = self.ubuf.bytes();
+        write_response_head(
+            &mut self.out,
+            ubytes,
+            &self.rhead,
+            framing,
+            route.and_then(|r| r.response_headers.as_ref()),
+            close,
+        );
+        let rhead_len = self.rhead.len;
+        self.ubuf.consume(rhead_len);
+        observe(&self.ctx, &target, index, self.rhead.status, start);
+        let mut rbody = match framing {
+            ResponseFraming::None => None,
+            ResponseFraming::Length(n) => Some(BodyState::Length(n)),
+            ResponseFraming::Chunked => Some(BodyState::Chunked(Chunked::default())),
+            ResponseFraming::Close => Some(BodyState::Close),
+        };
+        let Some((mut up, clients)) = self.held.take() else {
+            return Next::Close;
+        };
+        let result = match &mut rbody {
+            None => self
+                .client
+                .write_all(&self.out)
+                .await
+                .map_err(|_| BodyError::Write),
+            Some(state) => {
+                forward_body(
+                    state,
+                    &mut up.io,
+                    &mut self.ubuf,
+                    &mut self.client,
+                    &mut self.out,
+                )
+                .await
+            }
+        };
+        self.out.clear();
+        match result {
+            Ok(()) => {}
+            // A cut response is never completed: the client's connection closes.
+            Err(_) => return Next::Close,
+        }
+        if !self.rhead.close && self.ubuf.is_empty() {
+            self.held = Some((up, clients));
+        }
+        if close || framing == ResponseFraming::Close {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        }
+    }
+
+    /// Why this request must go to the hyper engine, if it must.
+    fn needs_hyper(&self, backend: &Backend) -> Option<&'static str> {
+        if matches!(backend.protocol, Protocol::Http2 | Protocol::Grpc) {
+            return Some("h2-upstream");
+        }
+        let shared = &self.ctx.shared;
+        if shared.config.mesh_h2
+            && shared.tls.is_on()
+            && backend.balancer.endpoints().iter().any(|e| e.meshed)
+        {
+            return Some("mesh-h2");
+        }
+        None
+    }
+
+    /// One try: the request head and body to the endpoint, and its response head (1xx
+    /// heads skipped) in `self.rhead`; the connection is left in `self.held`.
+    async fn attempt(
+        &mut self,
+        backend: &Backend,
+        ep: &Endpoint,
+        body: &mut Option<BodyState>,
+        body_done: &mut bool,
+        head_request: bool,
+    ) -> Result<ResponseFraming, TryError> {
+        let clients = &backend.service.clients;
+        let (addr, meshed) = (ep.addr, ep.meshed);
+        // `out` holds the whole request (head and body) when the body was complete before
+        // this try: then it can be sent again on a new connection.
+        let whole = *body_done;
+        let (mut conn, mut fresh) = match self.held.take() {
+            Some((c, _)) if c.addr == addr => (c, false),
+            other => {
+                if let Some((c, cl)) = other {
+                    cl.release_raw(c);
+                }
+                clients
+                    .checkout_raw(addr, meshed)
+                    .await
+                    .map_err(TryError::Connect)?
+            }
+        };
+        self.ubuf.consume(self.ubuf.len());
+        loop {
+            let sent = conn.io.write_all(&self.out).await;
+            if sent.is_ok() && !*body_done {
+                if let Some(state) = body.as_mut() {
+                    let mut scratch = std::mem::take(&mut self.out);
+                    scratch.clear();
+                    let r = forward_body(
+                        state,
+                        &mut self.client,
+                        &mut self.buf,
+                        &mut conn.io,
+                        &mut scratch,
+                    )
+                    .await;
+                    self.out = scratch;
+                    match r {
+                        Ok(()) => *body_done = true,
+                        Err(BodyError::Read) => return Err(TryError::Client),
+                        Err(BodyError::Write) => return Err(TryError::Reset),
+                    }
+                }
+            }
+            let got = match sent {
+                Ok(()) => self.read_response_head(&mut conn.io, head_request).await,
+                Err(_) => Err(0),
+            };
+            match got {
+                Ok(f) => {
+                    self.held = Some((conn, clients.clone()));
+                    return Ok(f);
+                }
+                // A reused connection that the upstream had closed before our request got
+                // there: the request went nowhere; send it again on a new connection.
+                Err(0) if !fresh && whole => {
+                    let (c, _) = clients
+                        .checkout_raw(addr, meshed)
+                        .await
+                        .map_err(TryError::Connect)?;
+                    conn = c;
+                    fresh = true;
+                }
+                Err(_) => return Err(TryError::Reset),
+            }
+        }
+    }
+
+    /// Reads a response head into `self.rhead`, skipping interim (1xx) heads. `Err(n)`:
+    /// the connection failed after `n` response bytes.
+    async fn read_response_head<S: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut S,
+        head_request: bool,
+    ) -> Result<ResponseFraming, usize> {
+        let mut seen = 0;
+        loop {
+            if !self.ubuf.is_empty() {
+                match self.rhead.parse(self.ubuf.bytes(), head_request) {
+                    Ok(Some(_)) if self.rhead.status == 101 => return Err(seen.max(1)),
+                    Ok(Some(_)) if (100..200).contains(&self.rhead.status) => {
+                        let n = self.rhead.len;
+                        self.ubuf.consume(n);
+                        continue;
+                    }
+                    Ok(Some(f)) => return Ok(f),
+                    Ok(None) => {}
+                    Err(_) => return Err(seen.max(1)),
+                }
+            }
+            match self.ubuf.fill(io, MAX_UPSTREAM_BUF).await {
+                Ok(0) | Err(_) => return Err(seen),
+                Ok(n) => seen += n,
+            }
+        }
+    }
+
+    /// Answers a request before anything went upstream (its head still in the buffer);
+    /// the connection stays open only if the request had no body to skip.
+    async fn answer_early(
+        &mut self,
+        resp: Response<Body>,
+        has_body: bool,
+        target: &Target,
+        index: Option<usize>,
+        start: Instant,
+    ) -> Next {
+        if !has_body {
+            self.buf.consume(self.head.len);
+        }
+        self.answer_after(resp, !has_body, target, index, start)
+            .await
+    }
+
+    /// Answers a request with the sidecar's own response; the connection stays open only
+    /// if the request's body was read to its end.
+    async fn answer_after(
+        &mut self,
+        resp: Response<Body>,
+        body_read: bool,
+        target: &Target,
+        index: Option<usize>,
+        start: Instant,
+    ) -> Next {
+        let close = !body_read || self.head.close;
+        let status = resp.status().as_u16();
+        let written = self.answer(resp, close).await;
+        observe(&self.ctx, target, index, status, start);
+        if close || written.is_err() {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        }
+    }
+
+    /// Writes a response the sidecar makes itself (errors, refusals).
+    async fn answer(&mut self, resp: Response<Body>, close: bool) -> io::Result<()> {
+        let (parts, mut body) = resp.into_parts();
+        // The sidecar's own bodies are small and in memory; still read at most 64 KiB.
+        let mut bytes = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                if bytes.len() + data.len() > 64 * 1024 {
+                    break;
+                }
+                bytes.extend_from_slice(&data);
+            }
+        }
+        let body = bytes;
+        self.out.clear();
+        self.out.extend_from_slice(b"HTTP/1.1 ");
+        put_decimal(&mut self.out, u64::from(parts.status.as_u16()));
+        self.out.push(b' ');
+        self.out
+            .extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+        for (name, value) in &parts.headers {
+            if name == http::header::CONNECTION || name == http::header::CONTENT_LENGTH {
+                continue;
+            }
+            put_header(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        if close {
+            put_header(&mut self.out, b"connection", b"close");
+        }
+        self.out.extend_from_slice(b"content-length: ");
+        put_decimal(&mut self.out, body.len() as u64);
+        self.out.extend_from_slice(b"\r\n\r\n");
+        self.out.extend_from_slice(&body);
+        let r = self.client.write_all(&self.out).await;
+        self.out.clear();
+        r
+    }
+}
+
+fn status_of(code: u16) -> http::StatusCode {
+    http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_GATEWAY)
+}
+
+/// Moves the body bytes at the start of `buf` into `out` (at most about `limit` bytes);
+/// `Ok(true)` when the body is complete. `Err` when a chunked body breaks its framing.
+fn gather(
+    state: &mut BodyState,
+    buf: &mut Buf,
+    out: &mut Vec<u8>,
+    limit: usize,
+) -> Result<bool, ()> {
+    let avail = buf.bytes();
+    let avail = &avail[..avail.len().min(limit)];
+    let (n, done) = state.step(avail).map_err(|_| ())?;
+    out.extend_from_slice(&avail[..n]);
+    buf.consume(n);
+    Ok(done)
+}
+
+/// Forwards a body from `src` (bytes already read are in `buf`) to `dst`, starting with
+/// what `out` holds (a head, possibly), until the body's framing ends it. `out` is left
+/// empty.
+async fn forward_body<R, W>(
+    state: &mut BodyState,
+    src: &mut R,
+    buf: &mut Buf,
+    dst: &mut W,
+    out: &mut Vec<u8>,
+) -> Result<(), BodyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let done = gather(state, buf, out, MAX_UPSTREAM_BUF).map_err(|()| BodyError::Read)?;
+        if !out.is_empty() {
+            dst.write_all(out).await.map_err(|_| BodyError::Write)?;
+            out.clear();
+        }
+        if done {
+            return Ok(());
+        }
+        match buf.fill(src, MAX_UPSTREAM_BUF).await {
+            Ok(0) if matches!(state, BodyState::Close) => return Ok(()),
+            Ok(0) | Err(_) => return Err(BodyError::Read),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The request head for the upstream: origin form, HTTP/1.1, hop-by-hop headers and those
+/// named in `Connection` removed, the route's rewrite applied, the verified client identity
+/// set on inbound (a forged one removed), and the body's framing stated once.
+fn write_request_head(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &RequestHead,
+    rewrite: Option<&crate::state::Rewrite>,
+    inbound: bool,
+    client_id: Option<&[u8]>,
+) {
+    out.clear();
+    out.extend_from_slice(head.method.get(buf));
+    out.push(b' ');
+    out.extend_from_slice(head.target.get(buf));
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut te_trailers = false;
+    for (n, v) in &head.headers {
+        let (name, value) = (n.get(buf), v.get(buf));
+        if name.eq_ignore_ascii_case(b"te") {
+            te_trailers |= codec::has_token(value, b"trailers");
+            continue;
+        }
+        if is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(b"content-length")
+            || (inbound && name.eq_ignore_ascii_case(crate::tls::CLIENT_ID_HEADER.as_bytes()))
+            || (head.connection && named_by_connection(buf, &head.headers, name))
+            || rewrite.is_some_and(|r| rewritten(r, name))
+        {
+            continue;
+        }
+        put_header(out, name, value);
+    }
+    if te_trailers {
+        put_header(out, b"te", b"trailers");
+    }
+    if let Some(r) = rewrite {
+        for (name, value) in &r.set {
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    if let Some(id) = client_id {
+        put_header(out, crate::tls::CLIENT_ID_HEADER.as_bytes(), id);
+    }
+    match head.framing {
+        BodyFraming::None => {}
+        BodyFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            put_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        BodyFraming::Chunked => put_header(out, b"transfer-encoding", b"chunked"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Whether a rewrite removes or sets (replaces) header `name`.
+fn rewritten(r: &crate::state::Rewrite, name: &[u8]) -> bool {
+    r.remove
+        .iter()
+        .any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
+        || r.set
+            .iter()
+            .any(|(n, _)| n.as_str().as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// The response head for the client: hop-by-hop headers out, the route's rewrite in, the
+/// body's framing stated once, `Connection: close` when the client connection ends after it.
+fn write_response_head(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &ResponseHead,
+    framing: ResponseFraming,
+    rewrite: Option<&crate::state::Rewrite>,
+    close: bool,
+) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    put_decimal(out, u64::from(head.status));
+    out.push(b' ');
+    out.extend_from_slice(
+        status_of(head.status)
+            .canonical_reason()
+            .unwrap_or("")
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\r\n");
+    let keep_length = matches!(framing, ResponseFraming::None | ResponseFraming::Length(_));
+    for (n, v) in &head.headers {
+        let (name, value) = (n.get(buf), v.get(buf));
+        if is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(b"te")
+            || (name.eq_ignore_ascii_case(b"content-length") && !keep_length)
+            || (head.connection && named_by_connection(buf, &head.headers, name))
+            || rewrite.is_some_and(|r| rewritten(r, name))
+        {
+            continue;
+        }
+        put_header(out, name, value);
+    }
+    if let Some(r) = rewrite {
+        for (name, value) in &r.set {
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    match framing {
+        ResponseFraming::Chunked => put_header(out, b"transfer-encoding", b"chunked"),
+        ResponseFraming::Close => put_header(out, b"connection", b"close"),
+        _ => {}
+    }
+    if close && framing != ResponseFraming::Close {
+        put_header(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A stream that yields `prefix` before the bytes of `inner`: the bytes the lean engine
+/// read before it handed the connection to the hyper engine.
+pub(crate) struct Rewind<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let part = self.prefix.split_to(n);
+            buf.put_slice(&part);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
