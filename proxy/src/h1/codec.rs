@@ -491,6 +491,27 @@ pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends a `Date` header for now (RFC 9110 §6.6.1: a proxy adds one to a response that
+/// has none, as the hyper engine does), formatted at most once a second per thread.
+pub(crate) fn put_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static CACHE: std::cell::RefCell<(u64, Vec<u8>)> = const { std::cell::RefCell::new((0, Vec::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs || c.1.is_empty() {
+            c.0 = secs;
+            c.1 = httpdate::fmt_http_date(now).into_bytes();
+        }
+        put_header(out, b"date", &c.1);
+    });
+}
+
 /// Appends a decimal number.
 pub(crate) fn put_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];

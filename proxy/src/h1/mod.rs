@@ -633,6 +633,7 @@ impl Lean {
         if close {
             put_header(&mut self.out, b"connection", b"close");
         }
+        codec::put_date(&mut self.out);
         self.out.extend_from_slice(b"content-length: ");
         put_decimal(&mut self.out, body.len() as u64);
         self.out.extend_from_slice(b"\r\n\r\n");
@@ -782,8 +783,10 @@ fn write_response_head(
     );
     out.extend_from_slice(b"\r\n");
     let keep_length = matches!(framing, ResponseFraming::None | ResponseFraming::Length(_));
+    let mut dated = false;
     for (n, v) in &head.headers {
         let (name, value) = (n.get(buf), v.get(buf));
+        dated |= name.eq_ignore_ascii_case(b"date");
         if is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"te")
             || (name.eq_ignore_ascii_case(b"content-length") && !keep_length)
@@ -798,6 +801,9 @@ fn write_response_head(
         for (name, value) in &r.set {
             put_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
+    }
+    if !dated {
+        codec::put_date(out);
     }
     match framing {
         ResponseFraming::Chunked => put_header(out, b"transfer-encoding", b"chunked"),
