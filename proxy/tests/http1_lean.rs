@@ -311,3 +311,67 @@ async fn upgrades_expect_and_http10_still_work_through_the_hand_off() {
         assert!(resp.ends_with("/old"), "{engine:?}: {resp}");
     }
 }
+
+/// The lean engine's aim: no allocation per request once the buffers are warm. The upstream
+/// and the client here allocate nothing either, so everything counted is the sidecar's.
+#[test]
+fn steady_state_requests_do_not_allocate() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ok =
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nDate: Sun, 22 Nov 2026 00:00:00 GMT\r\n\r\nok";
+    let (_p, mut client) = rt.block_on(async {
+        let ip = loopback();
+        // One response per read: the client sends one request at a time.
+        let addr = raw_server(ip, move |mut s| async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || s.write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let svc = loopback();
+        let cfg = outbound_config(1, svc, 80, "http1", &[addr], json!({}));
+        let config = ProxyConfig {
+            inbound_address: ip.into(),
+            http1_engine: Engine::Lean,
+            ..ProxyConfig::default()
+        };
+        let p = start_with(config, &cfg).await;
+        let c = TcpStream::connect((svc, 80)).await.unwrap();
+        (p, c)
+    });
+    let req = b"GET /n HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut buf = [0u8; 4096];
+    let mut exchange = |n: usize| {
+        rt.block_on(async {
+            for _ in 0..n {
+                client.write_all(req).await.unwrap();
+                let mut got = 0;
+                while !buf[..got].ends_with(b"\r\n\r\nok") {
+                    let r = tokio::time::timeout(WAIT, client.read(&mut buf[got..]))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    assert!(r > 0, "the sidecar closed the connection");
+                    got += r;
+                }
+            }
+        })
+    };
+    exchange(200);
+    let info = allocation_counter::measure(|| exchange(1000));
+    eprintln!(
+        "lean engine: {} allocations for 1000 requests",
+        info.count_total
+    );
+    assert!(
+        info.count_total < 20,
+        "{} allocations for 1000 requests",
+        info.count_total
+    );
+}

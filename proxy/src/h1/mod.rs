@@ -83,6 +83,13 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
     if let Some((c, clients)) = conn.held.take() {
         clients.release_raw(c);
     }
+    if let Exit::Close = exit {
+        // A FIN (or TLS close_notify) after the last response, not just a dropped socket.
+        if !drain.hard.is_cancelled() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.client.shutdown()).await;
+        }
+        return;
+    }
     if let Exit::Handoff(why) = exit {
         tracing::trace!(peer = %conn.ctx.peer, why, "HTTP/1.1 connection handed to hyper");
         let prefix = conn.buf.take();
@@ -182,10 +189,8 @@ impl Lean {
                     Parsed::Partial => {}
                     Parsed::Decline(why) => return Err(Exit::Handoff(why)),
                     Parsed::Refuse(why) => {
-                        let start = Instant::now();
-                        let (target, _) = resolve(&self.ctx, &mut HeaderMap::new());
+                        // Not counted as a request, as on the hyper engine.
                         let _ = self.answer(crate::hostile::refusal(why), true).await;
-                        observe(&self.ctx, &target, None, 400, start);
                         return Err(Exit::Close);
                     }
                 }
