@@ -29,6 +29,7 @@ use http::{HeaderMap, Response};
 use http_body_util::BodyExt;
 use sidemesh_api::config::{HashOn, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Sleep;
 
 use crate::Drain;
 use crate::balance::{Endpoint, request_hash};
@@ -154,13 +155,19 @@ struct Lean {
 impl Lean {
     async fn run(&mut self, drain: &Drain) -> Exit {
         let mut first = true;
+        // One timer for every deadline of the connection (idle, header read, request).
+        let timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(timer);
         loop {
-            match self.read_head(first, drain).await {
+            match self.read_head(first, drain, timer.as_mut()).await {
                 Ok(()) => {}
                 Err(exit) => return exit,
             }
             first = false;
-            match self.request(drain.soft.is_cancelled()).await {
+            match self
+                .request(drain.soft.is_cancelled(), timer.as_mut())
+                .await
+            {
                 Next::KeepAlive if !drain.soft.is_cancelled() => {}
                 Next::KeepAlive | Next::Close => return Exit::Close,
                 Next::Handoff(why) => return Exit::Handoff(why),
@@ -169,7 +176,12 @@ impl Lean {
     }
 
     /// Reads until a complete request head is at the start of the buffer.
-    async fn read_head(&mut self, first: bool, drain: &Drain) -> Result<(), Exit> {
+    async fn read_head(
+        &mut self,
+        first: bool,
+        drain: &Drain,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Result<(), Exit> {
         let max_headers = self.ctx.shared.config.max_headers;
         let header_read_timeout = self.ctx.shared.config.header_read_timeout;
         let idle = match self.ctx.target.service.timeouts.idle_ms {
@@ -198,11 +210,15 @@ impl Lean {
                     .get_or_insert_with(|| tokio::time::Instant::now() + header_read_timeout);
             }
             let waiting = self.buf.is_empty();
+            let wake = match (head_deadline, idle) {
+                (Some(d), _) => Some(d),
+                (None, Some(t)) => Some(tokio::time::Instant::now() + t),
+                (None, None) => None,
+            };
             let timer = async {
-                match (head_deadline, idle) {
-                    (Some(d), _) => tokio::time::sleep_until(d).await,
-                    (None, Some(t)) => tokio::time::sleep(t).await,
-                    (None, None) => std::future::pending().await,
+                match wake {
+                    Some(d) => until(timer.as_mut(), d).await,
+                    None => std::future::pending().await,
                 }
             };
             let read = tokio::select! {
@@ -227,7 +243,7 @@ impl Lean {
     }
 
     /// Proxies the request whose head is at the start of the buffer.
-    async fn request(&mut self, closing: bool) -> Next {
+    async fn request(&mut self, closing: bool, mut timer: Pin<&mut Sleep>) -> Next {
         let start = Instant::now();
         let ctx = self.ctx.clone();
         let inbound = self.ctx.target.direction == Direction::Inbound;
@@ -356,9 +372,9 @@ impl Lean {
             let attempt = self.attempt(&backend, &ep, &mut body, &mut body_done, head_request);
             let r = match try_deadline {
                 None => attempt.await,
-                Some(d) => match tokio::time::timeout_at(d, attempt).await {
-                    Ok(r) => r,
-                    Err(_) => Err(TryError::TimedOut),
+                Some(d) => tokio::select! {
+                    r = attempt => r,
+                    _ = until(timer.as_mut(), d) => Err(TryError::TimedOut),
                 },
             };
             let (ended, failure) = match &r {
@@ -646,6 +662,23 @@ impl Lean {
         let r = self.client.write_all(&self.out).await;
         self.out.clear();
         r
+    }
+}
+
+/// Completes at `deadline` on the connection's one timer. A later deadline than the armed
+/// one waits for that to fire and re-arms then, so a steady stream of requests, whose
+/// deadlines only move forward, re-arms the timer about once per timeout instead of
+/// registering a timer per request.
+async fn until(mut timer: Pin<&mut Sleep>, deadline: tokio::time::Instant) {
+    loop {
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().await;
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        timer.as_mut().reset(deadline);
     }
 }
 
