@@ -209,6 +209,7 @@ impl<'a> Cluster<'a> {
                     allow_clients: svc.allow_clients.clone(),
                     timeouts: svc.inbound_timeouts.clone(),
                     limits: svc.inbound_limits.clone(),
+                    tls_mode: p.tls_mode,
                 })
             })
             .collect();
@@ -394,6 +395,7 @@ fn outbound_index(path: &str) -> Option<(usize, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sidemesh_api::config::TlsMode;
     use sidemesh_api::state::Instance;
 
     fn state(yaml: &str) -> ClusterState {
@@ -451,6 +453,31 @@ services:
 plugins:
   - {name: logger, kind: sidecar, variables: {LEVEL: info, FORMAT: json}}
 "#;
+
+    #[test]
+    fn port_tls_mode_of_the_state_reaches_the_inbound_port() {
+        let s = state(
+            r#"
+services:
+  - namespace: demo
+    name: web
+    ports:
+      - {port: 80, target_port: 8000, port_outer: 18000, tls_mode: strict}
+      - {port: 81, target_port: 8001, port_outer: 18001}
+"#,
+        );
+        s.check().unwrap();
+        let t = table(&s);
+        let r = Cluster::new(&s)
+            .render(&key("demo", "web", "sidemesh-proxy"), &t)
+            .unwrap();
+        let modes: Vec<_> = r.config.inbound.iter().map(|p| p.tls_mode).collect();
+        assert_eq!(modes, [Some(TlsMode::Strict), None]);
+        let bad: Result<ClusterState, _> = serde_norway::from_str(
+            "services: [{namespace: demo, name: web, ports: [{port: 80, tls_mode: loose}]}]",
+        );
+        assert!(bad.is_err(), "an unknown mode is refused");
+    }
 
     #[test]
     fn renders_only_what_the_workload_uses() {

@@ -11,7 +11,8 @@
 //! - **Inbound.** The first byte tells a TLS handshake (0x16) from plaintext ([`accept`]).
 //!   TLS clients must present a mesh certificate; their SPIFFE ID becomes the connection's
 //!   client identity `namespace/service`. Plaintext is accepted in `permissive` mode (with
-//!   no identity) and closed in `strict` mode.
+//!   no identity) and closed in `strict` mode. The mode is per inbound port (its
+//!   `tls_mode`, else the config's); a certificate is requested when any of them needs one.
 //! - **Authorization.** `allow_clients` of the inbound port is checked on that identity:
 //!   HTTP requests get a 403 saying who was refused and why, TCP connections are closed.
 //!   The identity reaches the app in `x-sidemesh-client-id`, which is first removed from
@@ -361,15 +362,6 @@ impl MeshTls {
         self.metrics.certificate_expiry.set(expiry);
         self.credentials.store(credentials.map(Arc::new));
     }
-}
-
-/// The TLS mode of a config: absent settings mean `disabled`.
-pub fn mode_of(snapshot: &Snapshot) -> TlsMode {
-    snapshot
-        .config()
-        .tls
-        .as_ref()
-        .map_or(TlsMode::Disabled, |t| t.mode)
 }
 
 /// A connection that may be TLS, on either side of the sidecar.
@@ -802,12 +794,13 @@ pub async fn run_identity(
     }
 }
 
-/// The TLS settings and identity (`namespace/service`) a config asks for, if TLS is on.
+/// The TLS settings and identity (`namespace/service`) a config asks for, if TLS is on
+/// (for the whole config or for one inbound port).
 fn wanted(s: &Snapshot) -> Option<(TlsSettings, String)> {
-    let t = s.config().tls.as_ref()?;
-    if t.mode == TlsMode::Disabled {
+    if !s.wants_tls() {
         return None;
     }
+    let t = s.config().tls.as_ref()?;
     let id = s.identity();
     Some((t.clone(), format!("{}/{}", id.namespace, id.service)))
 }

@@ -436,6 +436,31 @@ async fn tcp_over_mutual_tls_with_allow_clients() {
     );
 }
 
+/// A plaintext request to `url` gets no answer: the strict listener closes the connection.
+async fn assert_plaintext_refused(
+    c: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    url: &str,
+) {
+    let r = tokio::time::timeout(
+        WAIT,
+        c.request(
+            hyper::Request::get(url)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(
+        r.is_err(),
+        "strict mode answered plaintext at {url}: {:?}",
+        r.map(|r| r.status())
+    );
+}
+
 #[tokio::test]
 async fn permissive_accepts_plaintext_and_strict_refuses_it() {
     let app_ip = loopback();
@@ -458,21 +483,7 @@ async fn permissive_accepts_plaintext_and_strict_refuses_it() {
         .await;
     // A fresh client: a pooled plaintext connection would be an old one.
     let fresh = h1_client();
-    let r = tokio::time::timeout(
-        WAIT,
-        fresh.request(
-            hyper::Request::get(&plain)
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        ),
-    )
-    .await
-    .unwrap();
-    assert!(
-        r.is_err(),
-        "strict mode answered plaintext: {:?}",
-        r.map(|r| r.status())
-    );
+    assert_plaintext_refused(&fresh, &plain).await;
     assert_eq!(
         m.server.counter(
             "sidemesh_proxy_authz_denied_total",
@@ -483,6 +494,60 @@ async fn permissive_accepts_plaintext_and_strict_refuses_it() {
     // Sidecars still get through over mutual TLS.
     let (status, _, _) = get(&fresh, &format!("http://{}/", m.evil_svc), &[]).await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn tls_mode_per_port_strict_port_refuses_plaintext_permissive_port_takes_it() {
+    let app_ip = loopback();
+    let (strict_app, open_app) = (backend(app_ip, "api").await, backend(app_ip, "api").await);
+    let signer = signer(Duration::from_secs(3600)).await;
+    let server_ip = loopback();
+    let strict = SocketAddr::new(server_ip.into(), free_port(server_ip));
+    let open = SocketAddr::new(server_ip.into(), free_port(server_ip));
+    // The config turns TLS off; the ports' own modes override it (and still get the
+    // sidecar a certificate: `Sidecar::start` waits for one).
+    let server = Sidecar::start(
+        &signer,
+        "api",
+        config_at(server_ip, app_ip),
+        &json!({
+            "version": 1,
+            "identity": {"namespace": "shop", "service": "api", "plugin": "sidemesh-proxy"},
+            "inbound": [
+                {"port": strict_app.addr.port(), "port_outer": strict.port(), "protocol": "http1",
+                 "tls_mode": "strict"},
+                {"port": open_app.addr.port(), "port_outer": open.port(), "protocol": "http1",
+                 "tls_mode": "permissive"},
+            ],
+            "tls": tls(&signer, "disabled"),
+        }),
+    )
+    .await;
+    let c = h1_client();
+    let (status, _, _) = get(&c, &format!("http://{open}/"), &[]).await;
+    assert_eq!(status, 200, "the permissive port refused plaintext");
+    assert_plaintext_refused(&h1_client(), &format!("http://{strict}/")).await;
+    assert_eq!(
+        server.counter(
+            "sidemesh_proxy_authz_denied_total",
+            &[("reason", "plaintext")]
+        ),
+        1
+    );
+    // A sidecar gets through the strict port over mutual TLS.
+    let svc = loopback();
+    let _web = Sidecar::start(
+        &signer,
+        "web",
+        config_at(loopback(), app_ip),
+        &client_config(&signer, "web", svc, strict, "http1"),
+    )
+    .await;
+    let (status, _, _) = get(&c, &format!("http://{svc}/"), &[]).await;
+    assert_eq!(status, 200);
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(strict_app.hits.load(Relaxed), 1);
+    assert_eq!(open_app.hits.load(Relaxed), 1);
 }
 
 #[tokio::test]

@@ -197,6 +197,12 @@ pub struct InboundPort {
     /// Limits on traffic into the app on this port.
     #[serde(default)]
     pub limits: Limits,
+    /// This port's TLS mode, overriding `tls.mode` of the config (Istio's port-level
+    /// `PeerAuthentication`). Absent: the config's mode. Without `tls` settings no
+    /// certificate exists, so `strict` then refuses every client (fail closed) and
+    /// `permissive` takes plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_mode: Option<TlsMode>,
 }
 
 /// A service the workload depends on.
