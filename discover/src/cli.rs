@@ -67,6 +67,11 @@ pub struct TlsArgs {
     /// The mesh CA's private key (PEM, PKCS#8).
     #[arg(long, env = "SIDEMESH_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust besides the signing CA, for CA rotation: the
+    /// config's trust bundle carries them all. Watched; a bad edit keeps the last good
+    /// list (logged as an error).
+    #[arg(long, env = "SIDEMESH_CA_TRUST_EXTRA")]
+    pub ca_trust_extra: Option<PathBuf>,
     /// How inbound sidecars treat plaintext clients: `disabled` (no TLS at all),
     /// `permissive` (mutual TLS from sidecars, plaintext from others) or `strict`.
     #[arg(long, env = "SIDEMESH_MESH_TLS", default_value = "permissive", value_parser = parse_tls_mode)]
@@ -109,6 +114,7 @@ impl TlsArgs {
             trust_domain: self.trust_domain.clone(),
             mode: self.mesh_tls,
             cert_ttl: Duration::from_secs(self.cert_ttl_seconds),
+            extra_trust: self.ca_trust_extra.clone(),
         };
         Ok(Some(Arc::new(Authority::load(
             config,

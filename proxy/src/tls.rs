@@ -491,6 +491,10 @@ pub struct TlsPeer {
     pub namespace: Arc<str>,
     /// The service dialled.
     pub service: Arc<str>,
+    /// The config's trust bundle. Part of equality, so a new bundle gives the service new
+    /// connection pools: connections made under the old trust are not reused (a CA
+    /// dropped from the bundle stops being trusted at once, not at the idle timeout).
+    pub trust_bundle: Arc<str>,
 }
 
 impl std::fmt::Debug for TlsPeer {
@@ -504,6 +508,7 @@ impl PartialEq for TlsPeer {
         Arc::ptr_eq(&self.mesh, &other.mesh)
             && self.namespace == other.namespace
             && self.service == other.service
+            && self.trust_bundle == other.trust_bundle
     }
 }
 
@@ -943,6 +948,7 @@ pub(crate) mod tests {
             mesh: cm.clone(),
             namespace: Arc::from(expect.0),
             service: Arc::from(expect.1),
+            trust_bundle: Arc::from(""),
         };
         let stream = TcpStream::connect(addr).await.unwrap();
         let dialled = dial(&peer, stream, false).await;

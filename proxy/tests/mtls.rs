@@ -550,6 +550,74 @@ async fn tls_mode_per_port_strict_port_refuses_plaintext_permissive_port_takes_i
     assert_eq!(open_app.hits.load(Relaxed), 1);
 }
 
+/// CA rotation: a sidecar whose certificate comes from the old CA and one whose
+/// certificate comes from the new CA talk while both trust both CAs, and stop being able
+/// to once the old CA leaves the trust bundle (each picks the new bundle up from its next
+/// config, without a restart, and asks for a certificate again).
+#[tokio::test]
+async fn old_and_new_ca_talk_during_the_overlap_and_not_after() {
+    let app_ip = loopback();
+    let be = backend(app_ip, "api").await;
+    let (old, new) = (
+        signer(Duration::from_secs(3600)).await,
+        signer(Duration::from_secs(3600)).await,
+    );
+    let overlap = format!("{}{}", new.ca_pem, old.ca_pem);
+    let with_bundle = |mut config: Value, version: u64, bundle: &str| {
+        config["version"] = json!(version);
+        config["tls"]["trust_bundle_pem"] = json!(bundle);
+        config
+    };
+    let server_ip = loopback();
+    let port_outer = free_port(server_ip);
+    let inbound = SocketAddr::new(server_ip.into(), port_outer);
+    let server_json = server_config(1, &old, be.addr, port_outer, "http1", "strict", None);
+    let server = Sidecar::start(
+        &old,
+        "api",
+        config_at(server_ip, app_ip),
+        &with_bundle(server_json.clone(), 1, &overlap),
+    )
+    .await;
+    let svc = loopback();
+    let client_json = client_config(&new, "web", svc, inbound, "http1");
+    let web = Sidecar::start(
+        &new,
+        "web",
+        config_at(loopback(), app_ip),
+        &with_bundle(client_json.clone(), 1, &overlap),
+    )
+    .await;
+    let url = format!("http://{svc}/");
+    let (status, _, body) = get(&h1_client(), &url, &[]).await;
+    assert_eq!(status, 200, "old and new CA during the overlap: {body}");
+
+    // The old CA is dropped from both bundles.
+    let issued = |s: &Sidecar| {
+        s.counter(
+            "sidemesh_proxy_tls_certificate_requests_total",
+            &[("result", "issued")],
+        )
+    };
+    let before = (issued(&server), issued(&web));
+    server.set(&with_bundle(server_json, 2, &new.ca_pem)).await;
+    web.set(&with_bundle(client_json, 2, &new.ca_pem)).await;
+    assert!(
+        eventually(|| issued(&server) > before.0 && issued(&web) > before.1).await,
+        "the new trust bundle did not make the sidecars ask for certificates again"
+    );
+    let failures = |s: &Sidecar, dir| {
+        s.counter(
+            "sidemesh_proxy_tls_handshake_failures_total",
+            &[("direction", dir)],
+        )
+    };
+    let (status, _, body) = get(&h1_client(), &url, &[]).await;
+    assert!(status >= 500, "old CA still trusted: {status} {body}");
+    assert!(failures(&web, "outbound") + failures(&server, "inbound") >= 1);
+    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
 #[tokio::test]
 async fn certificates_are_renewed_before_they_expire() {
     // Three-second certificates: renewed at two seconds, again and again.
