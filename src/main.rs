@@ -77,6 +77,11 @@ struct ControllerArgs {
     /// The mesh CA and mutual TLS mode of the hosted discover.
     #[command(flatten)]
     tls: sidemesh_discover::cli::TlsArgs,
+    /// A token file for the hosted discover (the format of `sidemesh discover --tokens`;
+    /// watched): sidecar configs and certificates then need a bearer token that covers
+    /// the workload. Without it, anyone who reaches discover gets any workload's.
+    #[arg(long, env = "SIDEMESH_CONTROLLER_DISCOVER_TOKENS")]
+    discover_tokens: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -106,6 +111,10 @@ fn main() -> anyhow::Result<()> {
         Command::Controller(args) => runtime.block_on(async {
             let opts = sidemesh_discover::server::Options {
                 authority: args.tls.authority(None, &registry)?,
+                auth: sidemesh_discover::cli::load_auth(
+                    args.discover_tokens.as_deref(),
+                    &registry,
+                )?,
                 ..Default::default()
             };
             let discover = sidemesh_discover::server::Discover::new(opts, &registry)?;

@@ -1,7 +1,8 @@
 //! End-to-end test of `sidemesh up`: the quickstart state (with its instance addresses moved
 //! to fresh loopback addresses so parallel runs never collide) served by the built binary;
 //! requests through the client sidecar reach both backend instances, and the client
-//! sidecar's `/metrics` counts them, and shows the sidecar hops were mutual TLS.
+//! sidecar's `/metrics` counts them, and shows the sidecar hops were mutual TLS; discover
+//! refuses a request without a token.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -111,4 +112,22 @@ fn up_quickstart_answers_from_both_instances() {
         !metrics.contains("sidemesh_proxy_tls_handshake_failures_total{direction=\"outbound\"} 1"),
         "{metrics}"
     );
+    // Discover wants a bearer token: the sidecars have theirs, a request without one is
+    // refused, for configs and certificates alike.
+    let discover = up.addr("discover");
+    for (method, path) in [
+        ("GET", "/v1/sidecars/demo/web/sidemesh-proxy"),
+        ("POST", "/v1/sidecars/demo/web/sidemesh-proxy/certificate"),
+    ] {
+        let mut s = TcpStream::connect(&discover).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 401"), "{method} {path}: {resp}");
+    }
 }

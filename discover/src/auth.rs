@@ -173,6 +173,12 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
+/// A new random bearer token: 32 bytes from the OS-seeded generator, as 64 hex digits.
+pub fn generate_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// SHA-256 of `data` as 64 lower-case hex digits (what the token file holds).
 pub fn sha256_hex(data: &[u8]) -> String {
     sha256(data).iter().map(|b| format!("{b:02x}")).collect()

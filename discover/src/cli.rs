@@ -126,22 +126,26 @@ impl TlsArgs {
     }
 }
 
+/// The token check of a token file (`--tokens`, the controller's `--discover-tokens`), for
+/// [`Options::auth`]; the server watches the file once it serves.
+pub fn load_auth(
+    file: Option<&std::path::Path>,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<Option<Arc<Auth>>> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let auth = Arc::new(
+        Auth::load(file, registry).map_err(|e| anyhow::anyhow!("token file rejected: {e}"))?,
+    );
+    tracing::info!(file = %file.display(), tokens = auth.tokens().len(), "token file loaded: configs and certificates need a bearer token");
+    Ok(Some(auth))
+}
+
 /// Runs discover until SIGINT or SIGTERM.
 pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<()> {
-    let auth = match &args.tokens {
-        Some(file) => {
-            let auth = Arc::new(
-                Auth::load(file, &registry)
-                    .map_err(|e| anyhow::anyhow!("token file rejected: {e}"))?,
-            );
-            tracing::info!(file = %file.display(), tokens = auth.tokens().len(), "token file loaded: configs and certificates need a bearer token");
-            Some(auth)
-        }
-        None => None,
-    };
-    let _token_watcher = auth.as_ref().map(|a| AbortOnDrop(a.watch()));
     let opts = Options {
-        auth,
+        auth: load_auth(args.tokens.as_deref(), &registry)?,
         data_dir: args.data_dir.clone(),
         max_wait: Duration::from_secs(args.max_wait_seconds.max(1)),
         max_connections: args.max_connections.max(1),

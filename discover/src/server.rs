@@ -307,6 +307,10 @@ impl Discover {
             }
         });
         lock(&self.shared.tasks).push(expiry.abort_handle());
+        // The token file: watched, valid edits apply.
+        if let Some(auth) = &self.shared.opts.auth {
+            lock(&self.shared.tasks).push(auth.watch().abort_handle());
+        }
         // The extra trust file of CA rotation: watched, and a change re-versions every config.
         if let Some(file) = self
             .shared

@@ -859,7 +859,6 @@ async fn tokens_guard_configs_resources_and_certificates_and_reload() {
     write("demo/web");
     let registry = prometheus::Registry::new();
     let auth = std::sync::Arc::new(Auth::load(&file, &registry).unwrap());
-    let _watch = auth.watch();
     let authority = authority_in(dir.path());
     let opts = Options {
         authority: Some(std::sync::Arc::new(authority)),
