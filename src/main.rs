@@ -101,7 +101,14 @@ fn main() -> anyhow::Result<()> {
         Command::Proxy(args) => {
             let sidecars = args
                 .dns
-                .map(|listen| dns_shim(listen, args.dns_resolv_conf.clone(), registry.clone()))
+                .map(|listen| {
+                    dns_shim(
+                        listen,
+                        args.dns_resolv_conf.clone(),
+                        args.dns_authoritative_zones.clone(),
+                        registry.clone(),
+                    )
+                })
                 .into_iter()
                 .collect();
             runtime.block_on(sidemesh_proxy::cli::run_with(*args, registry, sidecars))
@@ -145,6 +152,7 @@ fn main() -> anyhow::Result<()> {
 fn dns_shim(
     listen: std::net::SocketAddr,
     resolv_conf: std::path::PathBuf,
+    authoritative_zones: Vec<String>,
     registry: prometheus::Registry,
 ) -> sidemesh_proxy::cli::Sidecar {
     Box::new(move |snapshots| {
@@ -158,6 +166,7 @@ fn dns_shim(
             };
             let mut opts = sidemesh_dns::ShimOptions::from_resolv_conf(listen, &conf);
             opts.fallback_upstreams.retain(|u| *u != listen);
+            opts.authoritative_zones = authoritative_zones;
             if opts.fallback_upstreams.is_empty() {
                 tracing::warn!(file = %resolv_conf.display(), "dns shim: no fallback upstreams (resolv.conf lists none but the shim); names outside the mesh answer SERVFAIL unless the config names upstreams");
             }

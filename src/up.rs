@@ -42,6 +42,14 @@ pub struct Args {
     /// mesh names it uses (e.g. `127.0.0.1:5353`; port 53 needs root).
     #[arg(long, env = "SIDEMESH_UP_DNS")]
     pub dns: Option<SocketAddr>,
+    /// Zones the client's DNS shim (`--dns`) alone knows (e.g. `cluster.local`): other
+    /// names in them get NXDOMAIN with an SOA instead of being forwarded.
+    #[arg(
+        long = "authoritative-zone",
+        env = "SIDEMESH_DNS_AUTHORITATIVE_ZONES",
+        value_delimiter = ','
+    )]
+    pub authoritative_zones: Vec<String>,
     /// How long shutdown waits for connections to finish.
     #[arg(long, env = "SIDEMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = sidecar::parse_duration)]
     pub drain_timeout: Duration,
@@ -109,6 +117,7 @@ fn sidecar_args(
         admin: SocketAddr::from(([127, 0, 0, 1], 0)),
         dns: None,
         dns_resolv_conf: "/etc/resolv.conf".into(),
+        dns_authoritative_zones: Vec::new(),
         state_dir: None,
         drain_timeout: drain,
         inbound_address: inbound,
@@ -253,9 +262,13 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
         fields.push((format!("{name}.admin"), r.admin.to_string()));
         if let (0, Some(listen)) = (k, args.dns) {
             let registry = prometheus::Registry::new();
-            let started =
-                crate::dns_shim(listen, "/etc/resolv.conf".into(), registry)(r.snapshots.clone())
-                    .await?;
+            let started = crate::dns_shim(
+                listen,
+                "/etc/resolv.conf".into(),
+                args.authoritative_zones.clone(),
+                registry,
+            )(r.snapshots.clone())
+            .await?;
             for (_, addr) in started {
                 lines.push(format!(
                     "  dig @{} -p {} <service name>   # {name}'s DNS shim",

@@ -56,6 +56,8 @@ fn up_quickstart_answers_from_both_instances() {
             "1s",
             "--dns",
             "127.0.0.1:0",
+            "--authoritative-zone",
+            "cluster.local",
         ],
         &[],
     );
@@ -91,6 +93,23 @@ fn up_quickstart_answers_from_both_instances() {
         .expect("dig is installed (scripts/test.sh installs bind9-dnsutils)");
     let ip = hostport.split(':').next().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ip);
+    // Other names of the authoritative zone: NXDOMAIN from the shim itself.
+    let out = std::process::Command::new("dig")
+        .args([
+            "+time=2",
+            "+tries=1",
+            "-p",
+            &dns_port,
+            "@127.0.0.1",
+            "nothere.demo.svc.cluster.local",
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("status: NXDOMAIN") && out.contains(" aa"),
+        "{out}"
+    );
     let metrics = http_get(&up.addr("web.demo.admin"), "/metrics");
     assert!(
         metrics.contains(

@@ -315,7 +315,9 @@ impl<'a> Cluster<'a> {
             namespace: ns.to_owned(),
             dns_names,
             address,
-            address_v6: None,
+            // The IPv4-mapped form: an app that asks AAAA and dials it from a dual-stack
+            // socket reaches the same outbound listener over IPv4 (RFC 4291 §2.5.5.2).
+            address_v6: Some(address.to_ipv6_mapped()),
             ports,
             routes: d.routes,
             balancer: d.balancer,
@@ -503,6 +505,11 @@ services:
             .collect();
         assert_eq!(names, ["demo/backend", "other/db", "demo/backend-v2"]);
         let backend = &cfg.outbound[0];
+        assert_eq!(
+            backend.address_v6,
+            Some(backend.address.to_ipv6_mapped()),
+            "AAAA answers the IPv4-mapped address"
+        );
         assert_eq!(
             backend.dns_names,
             [
