@@ -378,7 +378,8 @@ impl State {
                     endpoints,
                     s.balancer.zone_aware,
                     s.balancer.zone_min_healthy_percent,
-                ),
+                )
+                .with_spill(s.balancer.spill_min_inflight(), s.balancer.spill_ratio()),
                 protocol: p.protocol,
             }))
         };

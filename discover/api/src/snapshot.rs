@@ -724,6 +724,12 @@ impl Validator {
             0,
             100,
         );
+        if let Some(n) = b.zone_spill_min_inflight {
+            self.range(&format!("{at}.zone_spill_min_inflight"), n, 1, 100_000);
+        }
+        if let Some(r) = b.zone_spill_ratio {
+            self.range(&format!("{at}.zone_spill_ratio"), r, 1, 100);
+        }
     }
 
     fn timeouts(&mut self, at: &str, t: &Timeouts) {
@@ -965,6 +971,37 @@ mod tests {
         assert_eq!(s.tls_mode_by_outer(OuterPort(28080)), TlsMode::Strict);
         assert!(!s.wants_tls());
         c["inbound"][0]["tls_mode"] = json!("sometimes");
+        assert!(matches!(parse(c), Err(ConfigError::Parse(_))));
+    }
+
+    #[test]
+    fn zone_spill_thresholds_are_optional_with_defaults_and_validated() {
+        let mut c = base();
+        let s = parse(c.clone()).unwrap();
+        let b = &s.outbound()[0].balancer;
+        assert_eq!((b.spill_min_inflight(), b.spill_ratio()), (8, 2));
+        let back: serde_json::Value = serde_json::from_slice(&s.to_json()).unwrap();
+        assert!(
+            back["outbound"][0]["balancer"]
+                .get("zone_spill_ratio")
+                .is_none()
+        );
+        c["outbound"][0]["balancer"]["zone_spill_min_inflight"] = json!(32);
+        c["outbound"][0]["balancer"]["zone_spill_ratio"] = json!(4);
+        let s = parse(c.clone()).unwrap();
+        let b = &s.outbound()[0].balancer;
+        assert_eq!((b.spill_min_inflight(), b.spill_ratio()), (32, 4));
+        c["outbound"][0]["balancer"]["zone_spill_min_inflight"] = json!(0);
+        c["outbound"][0]["balancer"]["zone_spill_ratio"] = json!(101);
+        let err = parse(c.clone()).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "outbound[0].balancer.zone_spill_min_inflight: must be within 1..=100000, got 0"
+            ) && err
+                .contains("outbound[0].balancer.zone_spill_ratio: must be within 1..=100, got 101"),
+            "{err}"
+        );
+        c["outbound"][0]["balancer"]["zone_spill_ratio"] = json!(-1);
         assert!(matches!(parse(c), Err(ConfigError::Parse(_))));
     }
 
