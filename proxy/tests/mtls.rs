@@ -14,12 +14,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
+use sidemesh_proxy::ProxyConfig;
 use sidemesh_proxy::tls::MeshTls;
-use sidemesh_proxy::{Applied, Proxy, ProxyConfig};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// A CA that signs whatever a CSR asks for, for `ttl`: discover's signer, minus its
@@ -84,23 +83,19 @@ async fn signer(ttl: Duration) -> Signer {
 
 /// A sidecar run in-process whose identity task gets certificates from `signer`.
 struct Sidecar {
-    config: watch::Sender<Option<sidemesh_api::Snapshot>>,
-    applied: watch::Receiver<Option<Applied>>,
+    running: Running,
     tls: Arc<MeshTls>,
-    registry: prometheus::Registry,
-    shutdown: CancellationToken,
 }
 
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+impl std::ops::Deref for Sidecar {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.running
     }
 }
 
 impl Sidecar {
     async fn start(signer: &Signer, service: &str, config: ProxyConfig, json: &Value) -> Sidecar {
-        let registry = prometheus::Registry::new();
-        let proxy = Proxy::new(config, &registry).unwrap();
         let url = format!(
             "http://{}/v1/sidecars/shop/{service}/sidemesh-proxy",
             signer.addr
@@ -112,62 +107,20 @@ impl Sidecar {
         .unwrap()
         .poster()
         .unwrap();
-        let (tx, rx) = watch::channel(None);
-        let shutdown = CancellationToken::new();
-        let tls = proxy.tls();
+        let (running, tls, configs) = spawn(config);
         tokio::spawn(sidemesh_proxy::tls::run_identity(
             tls.clone(),
             poster,
-            rx.clone(),
-            shutdown.clone(),
+            configs,
+            running.shutdown.clone(),
         ));
-        let applied = proxy.applied();
-        let s = shutdown.clone();
-        tokio::spawn(async move { proxy.run(rx, s).await });
-        let sc = Sidecar {
-            config: tx,
-            applied,
-            tls,
-            registry,
-            shutdown,
-        };
+        let sc = Sidecar { running, tls };
         sc.set(json).await;
         assert!(
             eventually(|| sc.tls.credentials().is_some()).await,
             "no certificate"
         );
         sc
-    }
-
-    async fn set(&self, json: &Value) {
-        let snap = sidemesh_api::Snapshot::from_json(json.to_string().as_bytes()).unwrap();
-        let version = snap.version();
-        self.config.send_replace(Some(snap));
-        let mut rx = self.applied.clone();
-        tokio::time::timeout(
-            WAIT,
-            rx.wait_for(|a| a.as_ref().is_some_and(|a| a.version == version)),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    }
-
-    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| {
-                labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                })
-            })
-            .map(|m| m.get_counter().get_value() as u64)
-            .sum()
     }
 }
 
@@ -341,17 +294,10 @@ async fn http_over_mutual_tls_with_allow_clients() {
     s.write_all(b"\x16\x03\x01\x00\x05hello-not-tls")
         .await
         .unwrap();
-    let mut buf = [0u8; 64];
-    let closed = tokio::time::timeout(WAIT, async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "a bad handshake was not closed");
+    assert!(
+        closed_in_time(&mut s).await,
+        "a bad handshake was not closed"
+    );
     assert!(
         eventually(|| m.server.counter(
             "sidemesh_proxy_tls_handshake_failures_total",
