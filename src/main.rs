@@ -74,14 +74,10 @@ enum Command {
 struct ControllerArgs {
     #[command(flatten)]
     controller: sidemesh_controller::cli::Args,
-    /// The mesh CA and mutual TLS mode of the hosted discover.
+    /// The hosted discover's long polls, connections, tokens (`--discover-tokens`, an alias
+    /// of `--tokens`) and mesh CA, as for `sidemesh discover`.
     #[command(flatten)]
-    tls: sidemesh_discover::cli::TlsArgs,
-    /// A token file for the hosted discover (the format of `sidemesh discover --tokens`;
-    /// watched): sidecar configs and certificates then need a bearer token that covers
-    /// the workload. Without it, anyone who reaches discover gets any workload's.
-    #[arg(long, env = "SIDEMESH_CONTROLLER_DISCOVER_TOKENS")]
-    discover_tokens: Option<std::path::PathBuf>,
+    discover: sidemesh_discover::cli::ServeArgs,
 }
 
 #[derive(clap::Args)]
@@ -116,14 +112,7 @@ fn main() -> anyhow::Result<()> {
         Command::Up(args) => runtime.block_on(up::run(args, registry)),
         Command::DemoBackend(args) => runtime.block_on(sidemesh_proxy::demo::run(args)),
         Command::Controller(args) => runtime.block_on(async {
-            let opts = sidemesh_discover::server::Options {
-                authority: args.tls.authority(None, &registry)?,
-                auth: sidemesh_discover::cli::load_auth(
-                    args.discover_tokens.as_deref(),
-                    &registry,
-                )?,
-                ..Default::default()
-            };
+            let opts = args.discover.options(None, &registry)?;
             let discover = sidemesh_discover::server::Discover::new(opts, &registry)?;
             let host = std::sync::Arc::new(DiscoverHost(discover));
             sidemesh_controller::cli::run(args.controller, registry, host).await
