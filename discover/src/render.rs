@@ -13,6 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use sidemesh_api::config::{
     DnsSettings, Endpoint, Identity, InboundPort, OutboundPort, OutboundService, PluginSettings,
+    TlsMode,
 };
 use sidemesh_api::state::{BUILTIN_NETPROXY, ClusterState, Dependency, Service};
 use sidemesh_api::{SidecarConfig, Snapshot, ValidationError};
@@ -293,7 +294,9 @@ impl<'a> Cluster<'a> {
                             port,
                             weight: inst.weight,
                             zone: inst.zone.clone(),
-                            meshed: inst.meshed,
+                            // A port whose sidecars take no TLS must be dialled in
+                            // plaintext: to its callers the hop is not upgradable.
+                            meshed: inst.meshed && p.tls_mode != Some(TlsMode::Disabled),
                             labels: inst.labels.clone(),
                         })
                     })
@@ -397,7 +400,6 @@ fn outbound_index(path: &str) -> Option<(usize, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sidemesh_api::config::TlsMode;
     use sidemesh_api::state::Instance;
 
     fn state(yaml: &str) -> ClusterState {
@@ -475,6 +477,33 @@ services:
             .unwrap();
         let modes: Vec<_> = r.config.inbound.iter().map(|p| p.tls_mode).collect();
         assert_eq!(modes, [Some(TlsMode::Strict), None]);
+        // Callers dial a port whose sidecars take no TLS in plaintext (not `meshed`), still
+        // at its port_outer; the other ports of the same instance stay meshed.
+        let s = state(
+            r#"
+services:
+  - namespace: demo
+    name: web
+    ports:
+      - {port: 80, port_outer: 18000, tls_mode: disabled}
+      - {port: 81, port_outer: 18001, tls_mode: strict}
+    instances: [{address: 10.0.0.1, meshed: true}]
+  - namespace: demo
+    name: client
+    use_services: [{service: web}]
+"#,
+        );
+        s.check().unwrap();
+        let t = table(&s);
+        let r = Cluster::new(&s)
+            .render(&key("demo", "client", "sidemesh-proxy"), &t)
+            .unwrap();
+        let eps: Vec<_> = r.config.outbound[0]
+            .ports
+            .iter()
+            .map(|p| (p.endpoints[0].port, p.endpoints[0].meshed))
+            .collect();
+        assert_eq!(eps, [(18000, false), (18001, true)]);
         let bad: Result<ClusterState, _> = serde_norway::from_str(
             "services: [{namespace: demo, name: web, ports: [{port: 80, tls_mode: loose}]}]",
         );
