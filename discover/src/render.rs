@@ -458,6 +458,14 @@ plugins:
   - {name: logger, kind: sidecar, variables: {LEVEL: info, FORMAT: json}}
 "#;
 
+    /// The proxy config of `demo/<service>` from a state that must be valid.
+    fn checked_render(s: &ClusterState, service: &str) -> Rendered {
+        s.check().unwrap();
+        Cluster::new(s)
+            .render(&key("demo", service, "sidemesh-proxy"), &table(s))
+            .unwrap()
+    }
+
     #[test]
     fn port_tls_mode_of_the_state_reaches_the_inbound_port() {
         let s = state(
@@ -466,44 +474,30 @@ services:
   - namespace: demo
     name: web
     ports:
-      - {port: 80, target_port: 8000, port_outer: 18000, tls_mode: strict}
-      - {port: 81, target_port: 8001, port_outer: 18001}
-"#,
-        );
-        s.check().unwrap();
-        let t = table(&s);
-        let r = Cluster::new(&s)
-            .render(&key("demo", "web", "sidemesh-proxy"), &t)
-            .unwrap();
-        let modes: Vec<_> = r.config.inbound.iter().map(|p| p.tls_mode).collect();
-        assert_eq!(modes, [Some(TlsMode::Strict), None]);
-        // Callers dial a port whose sidecars take no TLS in plaintext (not `meshed`), still
-        // at its port_outer; the other ports of the same instance stay meshed.
-        let s = state(
-            r#"
-services:
-  - namespace: demo
-    name: web
-    ports:
-      - {port: 80, port_outer: 18000, tls_mode: disabled}
-      - {port: 81, port_outer: 18001, tls_mode: strict}
+      - {port: 80, target_port: 8000, port_outer: 18000, tls_mode: disabled}
+      - {port: 81, target_port: 8001, port_outer: 18001, tls_mode: strict}
+      - {port: 82, target_port: 8002, port_outer: 18002}
     instances: [{address: 10.0.0.1, meshed: true}]
   - namespace: demo
     name: client
     use_services: [{service: web}]
 "#,
         );
-        s.check().unwrap();
-        let t = table(&s);
-        let r = Cluster::new(&s)
-            .render(&key("demo", "client", "sidemesh-proxy"), &t)
-            .unwrap();
+        let r = checked_render(&s, "web");
+        let modes: Vec<_> = r.config.inbound.iter().map(|p| p.tls_mode).collect();
+        assert_eq!(
+            modes,
+            [Some(TlsMode::Disabled), Some(TlsMode::Strict), None]
+        );
+        // Callers dial a port whose sidecars take no TLS in plaintext (not `meshed`), still
+        // at its port_outer; the other ports of the same instance stay meshed.
+        let r = checked_render(&s, "client");
         let eps: Vec<_> = r.config.outbound[0]
             .ports
             .iter()
             .map(|p| (p.endpoints[0].port, p.endpoints[0].meshed))
             .collect();
-        assert_eq!(eps, [(18000, false), (18001, true)]);
+        assert_eq!(eps, [(18000, false), (18001, true), (18002, true)]);
         let bad: Result<ClusterState, _> = serde_norway::from_str(
             "services: [{namespace: demo, name: web, ports: [{port: 80, tls_mode: loose}]}]",
         );
