@@ -444,12 +444,18 @@ async fn permissive_accepts_plaintext_and_strict_refuses_it() {
 
 #[tokio::test]
 async fn tls_mode_per_port_strict_port_refuses_plaintext_permissive_port_takes_it() {
+    // Three ports of one sidecar: strict, permissive, and disabled.
     let app_ip = loopback();
-    let (strict_app, open_app) = (backend(app_ip, "api").await, backend(app_ip, "api").await);
+    let (strict_app, open_app, plain_app) = (
+        backend(app_ip, "api").await,
+        backend(app_ip, "api").await,
+        backend(app_ip, "api").await,
+    );
     let signer = signer(Duration::from_secs(3600)).await;
     let server_ip = loopback();
     let strict = SocketAddr::new(server_ip.into(), free_port(server_ip));
     let open = SocketAddr::new(server_ip.into(), free_port(server_ip));
+    let plain = SocketAddr::new(server_ip.into(), free_port(server_ip));
     // The config turns TLS off; the ports' own modes override it (and still get the
     // sidecar a certificate: `Sidecar::start` waits for one).
     let server = Sidecar::start(
@@ -464,6 +470,8 @@ async fn tls_mode_per_port_strict_port_refuses_plaintext_permissive_port_takes_i
                  "tls_mode": "strict"},
                 {"port": open_app.addr.port(), "port_outer": open.port(), "protocol": "http1",
                  "tls_mode": "permissive"},
+                {"port": plain_app.addr.port(), "port_outer": plain.port(), "protocol": "http1",
+                 "tls_mode": "disabled"},
             ],
             "tls": tls(&signer, "disabled"),
         }),
@@ -480,20 +488,28 @@ async fn tls_mode_per_port_strict_port_refuses_plaintext_permissive_port_takes_i
         ),
         1
     );
-    // A sidecar gets through the strict port over mutual TLS.
-    let svc = loopback();
-    let _web = Sidecar::start(
-        &signer,
-        "web",
-        config_at(loopback(), app_ip),
-        &client_config(&signer, "web", svc, strict, "http1"),
-    )
-    .await;
+    // A sidecar gets through the strict port over mutual TLS, and through the disabled
+    // port in plaintext (discover renders that port's endpoints as not meshed).
+    let (svc, svc_plain) = (loopback(), loopback());
+    let mut web_json = client_config(&signer, "web", svc, strict, "http1");
+    web_json["outbound"].as_array_mut().unwrap().push(json!(
+        {"name": "api-plain", "namespace": "shop", "address": svc_plain.to_string(),
+         "ports": [{"port": 80, "protocol": "http1", "endpoints": [
+            {"address": plain.ip().to_string(), "port": plain.port(), "meshed": false}]}],
+         "retry": {"attempts": 0}}
+    ));
+    let _web = Sidecar::start(&signer, "web", config_at(loopback(), app_ip), &web_json).await;
     let (status, _, _) = get(&c, &format!("http://{svc}/"), &[]).await;
     assert_eq!(status, 200);
+    let (status, _, _) = get(&c, &format!("http://{svc_plain}/"), &[]).await;
+    assert_eq!(
+        status, 200,
+        "the disabled port refused a plaintext sidecar hop"
+    );
     use std::sync::atomic::Ordering::Relaxed;
     assert_eq!(strict_app.hits.load(Relaxed), 1);
     assert_eq!(open_app.hits.load(Relaxed), 1);
+    assert_eq!(plain_app.hits.load(Relaxed), 1);
 }
 
 /// CA rotation: a sidecar whose certificate comes from the old CA and one whose
