@@ -15,8 +15,6 @@ set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
 DUR=${DUR:-5}
-PROXY_CPU=${PROXY_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
 OUT=${OUT:-bench-results/hostile_scan}
 : "${BASE:?set BASE to the base sidemesh binary}"
 bench_init hostile_scan.sh wrk curl taskset python3

@@ -1,6 +1,7 @@
 # Shared set-up of the benchmark driver scripts; sourced (`. benches/lib.sh`), not run.
-# It owns what every driver repeats: the output directory, the tool check, the binary to
-# measure, the processes started (killed on exit) and the waits for a listener.
+# It owns what every driver repeats: the cores (PROXY_CPU, LOAD_CPU), the output directory,
+# the tool check, the binary to measure, the processes started (killed on exit) and the
+# waits for a listener.
 #
 #   bench_init NAME TOOL...   cd to the repository root, make $OUT absolute (creating it),
 #                             and stop with "NAME: TOOL is missing" when a tool is not found
@@ -9,6 +10,10 @@
 #                             remember its PID; `bench_cleanup` (also run on exit) kills them
 #   wait_port HOST PORT       until HOST:PORT accepts a connection, at most 10 s
 #   wait_url URL              until URL answers 2xx, at most 20 s
+
+# The cores: the sidecars under test on PROXY_CPU, the load and the apps on LOAD_CPU.
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
 
 bench_init() {
   BENCH_NAME=$1

@@ -17,8 +17,6 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 ROUNDS=${ROUNDS:-3}
-PROXY_CPU=${PROXY_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
 DUR=${DUR:-8}
 CONNS=${CONNS:-32}
 OUT=${OUT:-bench-results/mesh_mtls}
