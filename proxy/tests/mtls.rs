@@ -512,60 +512,105 @@ async fn tls_mode_per_port_strict_port_refuses_plaintext_permissive_port_takes_i
     assert_eq!(plain_app.hits.load(Relaxed), 1);
 }
 
+/// Two sidecars during a CA rotation: `api` (server) and `web` (its client), one with a
+/// certificate of the old CA and one of the new, both trusting both; `web` has called `api`
+/// once over mutual TLS (its connection stays pooled).
+struct Rotation {
+    old: Signer,
+    new: Signer,
+    be: Backend,
+    server: Sidecar,
+    web: Sidecar,
+    server_json: Value,
+    web_json: Value,
+    url: String,
+}
+
+/// `with_bundle(config, version, bundle)`: `config` at `version` trusting `bundle`.
+fn with_bundle(mut config: Value, version: u64, bundle: &str) -> Value {
+    config["version"] = json!(version);
+    config["tls"]["trust_bundle_pem"] = json!(bundle);
+    config
+}
+
+impl Rotation {
+    /// Starts the pair: the server's certificate from the new CA when `server_new`, else
+    /// from the old one (and the client's from the other).
+    async fn start(server_new: bool) -> Rotation {
+        let app_ip = loopback();
+        let be = backend(app_ip, "api").await;
+        let (old, new) = (
+            signer(Duration::from_secs(3600)).await,
+            signer(Duration::from_secs(3600)).await,
+        );
+        let (server_ca, web_ca) = if server_new {
+            (&new, &old)
+        } else {
+            (&old, &new)
+        };
+        let overlap = format!("{}{}", new.ca_pem, old.ca_pem);
+        let server_ip = loopback();
+        let port_outer = free_port(server_ip);
+        let inbound = SocketAddr::new(server_ip.into(), port_outer);
+        let server_json = server_config(1, server_ca, be.addr, port_outer, "http1", "strict", None);
+        let server = Sidecar::start(
+            server_ca,
+            "api",
+            config_at(server_ip, app_ip),
+            &with_bundle(server_json.clone(), 1, &overlap),
+        )
+        .await;
+        let svc = loopback();
+        let web_json = client_config(web_ca, "web", svc, inbound, "http1");
+        let web = Sidecar::start(
+            web_ca,
+            "web",
+            config_at(loopback(), app_ip),
+            &with_bundle(web_json.clone(), 1, &overlap),
+        )
+        .await;
+        let url = format!("http://{svc}/");
+        let (status, _, body) = get(&h1_client(), &url, &[]).await;
+        assert_eq!(status, 200, "old and new CA during the overlap: {body}");
+        Rotation {
+            old,
+            new,
+            be,
+            server,
+            web,
+            server_json,
+            web_json,
+            url,
+        }
+    }
+
+    /// Certificates issued to `s` so far.
+    fn issued(s: &Sidecar) -> u64 {
+        s.counter(
+            "sidemesh_proxy_tls_certificate_requests_total",
+            &[("result", "issued")],
+        )
+    }
+}
+
 /// CA rotation: a sidecar whose certificate comes from the old CA and one whose
 /// certificate comes from the new CA talk while both trust both CAs, and stop being able
 /// to once the old CA leaves the trust bundle (each picks the new bundle up from its next
 /// config, without a restart, and asks for a certificate again).
 #[tokio::test]
 async fn old_and_new_ca_talk_during_the_overlap_and_not_after() {
-    let app_ip = loopback();
-    let be = backend(app_ip, "api").await;
-    let (old, new) = (
-        signer(Duration::from_secs(3600)).await,
-        signer(Duration::from_secs(3600)).await,
-    );
-    let overlap = format!("{}{}", new.ca_pem, old.ca_pem);
-    let with_bundle = |mut config: Value, version: u64, bundle: &str| {
-        config["version"] = json!(version);
-        config["tls"]["trust_bundle_pem"] = json!(bundle);
-        config
-    };
-    let server_ip = loopback();
-    let port_outer = free_port(server_ip);
-    let inbound = SocketAddr::new(server_ip.into(), port_outer);
-    let server_json = server_config(1, &old, be.addr, port_outer, "http1", "strict", None);
-    let server = Sidecar::start(
-        &old,
-        "api",
-        config_at(server_ip, app_ip),
-        &with_bundle(server_json.clone(), 1, &overlap),
-    )
-    .await;
-    let svc = loopback();
-    let client_json = client_config(&new, "web", svc, inbound, "http1");
-    let web = Sidecar::start(
-        &new,
-        "web",
-        config_at(loopback(), app_ip),
-        &with_bundle(client_json.clone(), 1, &overlap),
-    )
-    .await;
-    let url = format!("http://{svc}/");
-    let (status, _, body) = get(&h1_client(), &url, &[]).await;
-    assert_eq!(status, 200, "old and new CA during the overlap: {body}");
-
+    let r = Rotation::start(false).await;
+    let (server, web) = (&r.server, &r.web);
     // The old CA is dropped from both bundles.
-    let issued = |s: &Sidecar| {
-        s.counter(
-            "sidemesh_proxy_tls_certificate_requests_total",
-            &[("result", "issued")],
-        )
-    };
-    let before = (issued(&server), issued(&web));
-    server.set(&with_bundle(server_json, 2, &new.ca_pem)).await;
-    web.set(&with_bundle(client_json, 2, &new.ca_pem)).await;
+    let before = (Rotation::issued(server), Rotation::issued(web));
+    server
+        .set(&with_bundle(r.server_json.clone(), 2, &r.new.ca_pem))
+        .await;
+    web.set(&with_bundle(r.web_json.clone(), 2, &r.new.ca_pem))
+        .await;
     assert!(
-        eventually(|| issued(&server) > before.0 && issued(&web) > before.1).await,
+        eventually(|| Rotation::issued(server) > before.0 && Rotation::issued(web) > before.1)
+            .await,
         "the new trust bundle did not make the sidecars ask for certificates again"
     );
     let failures = |s: &Sidecar, dir| {
@@ -574,10 +619,30 @@ async fn old_and_new_ca_talk_during_the_overlap_and_not_after() {
             &[("direction", dir)],
         )
     };
-    let (status, _, body) = get(&h1_client(), &url, &[]).await;
+    let (status, _, body) = get(&h1_client(), &r.url, &[]).await;
     assert!(status >= 500, "old CA still trusted: {status} {body}");
-    assert!(failures(&web, "outbound") + failures(&server, "inbound") >= 1);
-    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(failures(web, "outbound") + failures(server, "inbound") >= 1);
+    assert_eq!(r.be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    drop(r.old);
+}
+
+/// A connection that is already open does not outlive the CA it was trusted by: the
+/// server drops the old CA (the client, with an old-CA certificate, has not applied
+/// anything and still holds its pooled connection) and the next request on it fails.
+#[tokio::test]
+async fn an_open_connection_from_a_dropped_ca_is_closed() {
+    let r = Rotation::start(true).await;
+    let before = Rotation::issued(&r.server);
+    r.server
+        .set(&with_bundle(r.server_json.clone(), 2, &r.new.ca_pem))
+        .await;
+    assert!(eventually(|| Rotation::issued(&r.server) > before).await);
+    let (status, _, body) = get(&h1_client(), &r.url, &[]).await;
+    assert!(status >= 500, "a dropped CA still trusted: {status} {body}");
+    assert_eq!(r.be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // The client still trusts the server: only the server's side cut it.
+    assert_eq!(Rotation::issued(&r.web), 1);
+    drop(r.old);
 }
 
 #[tokio::test]
