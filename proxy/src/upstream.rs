@@ -413,6 +413,11 @@ impl Clients {
         ))
     }
 
+    /// Whether `other` shares these clients' pools (the same service's clients).
+    pub(crate) fn same_pools(&self, other: &Clients) -> bool {
+        Arc::ptr_eq(&self.pools, &other.pools)
+    }
+
     /// Gives a connection whose last response ended cleanly back to the pool; stale ones
     /// of the same endpoint are closed on the way.
     pub(crate) fn release_raw(&self, mut conn: RawConn) {

@@ -498,16 +498,19 @@ impl Lean {
         // `out` holds the whole request (head and body) when the body was complete before
         // this try: then it can be sent again on a new connection.
         let whole = *body_done;
-        let (mut conn, mut fresh) = match self.held.take() {
-            Some((c, _)) if c.addr == addr => (c, false),
+        // The held connection serves again if it is to this endpoint and of this service's
+        // pool (its breaker slot counts against that service).
+        let (mut conn, mut fresh, mut owner) = match self.held.take() {
+            Some((c, cl)) if c.addr == addr && cl.same_pools(clients) => (c, false, Some(cl)),
             other => {
                 if let Some((c, cl)) = other {
                     cl.release_raw(c);
                 }
-                clients
+                let (c, fresh) = clients
                     .checkout_raw(addr, meshed)
                     .await
-                    .map_err(TryError::Connect)?
+                    .map_err(TryError::Connect)?;
+                (c, fresh, None)
             }
         };
         self.ubuf.consume(self.ubuf.len());
@@ -539,7 +542,8 @@ impl Lean {
             };
             match got {
                 Ok(f) => {
-                    self.held = Some((conn, clients.clone()));
+                    let owner = owner.take().unwrap_or_else(|| clients.clone());
+                    self.held = Some((conn, owner));
                     return Ok(f);
                 }
                 // A reused connection that the upstream had closed before our request got
