@@ -11,32 +11,17 @@
 # `git archive main`); the other side is this tree's release build, or NEW=/path/to/sidemesh.
 # Needs wrk, curl, taskset, python3.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 
 ROUNDS=${ROUNDS:-3}
 DUR=${DUR:-5}
-PROXY_CPU=${PROXY_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
 OUT=${OUT:-bench-results/hostile_scan}
 : "${BASE:?set BASE to the base sidemesh binary}"
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-for t in wrk curl taskset python3; do
-  command -v "$t" >/dev/null || { echo "hostile_scan.sh: $t is missing" >&2; exit 1; }
-done
-if [ -z "${NEW:-}" ]; then
-  cargo build --release --quiet --bin sidemesh
-  NEW=$PWD/target/release/sidemesh
-fi
-
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/"$1"/"$2") 2>/dev/null && return 0; sleep 0.1; done; echo "no listener on $1:$2" >&2; exit 1; }
+bench_init hostile_scan.sh wrk curl taskset python3
+NEW=$(bench_binary "${NEW:-}")
 
 U=127.78.0.11
-taskset -c "$LOAD_CPU" "$NEW" demo-backend --listen $U:8080 --name up >>"$OUT/procs.log" 2>&1 &
-PIDS+=($!)
+bench_spawn taskset -c "$LOAD_CPU" "$NEW" demo-backend --listen $U:8080 --name up
 cat >"$OUT/state.yaml" <<EOF
 services:
   - namespace: bench
@@ -48,8 +33,7 @@ services:
     ports: [{port: 8080, protocol: http1}]
     instances: [{name: u1, address: $U}]
 EOF
-taskset -c "$LOAD_CPU" "$NEW" discover --state "$OUT/state.yaml" --listen 127.78.0.1:7070 >>"$OUT/procs.log" 2>&1 &
-PIDS+=($!)
+bench_spawn taskset -c "$LOAD_CPU" "$NEW" discover --state "$OUT/state.yaml" --listen 127.78.0.1:7070
 wait_port $U 8080
 wait_port 127.78.0.1 7070
 SVC=$(curl -s http://127.78.0.1:7070/v1/sidecars/bench/client/sidemesh-proxy |

@@ -14,23 +14,14 @@
 # BIN=path/to/sidemesh skips the release build (e.g. to try the script on a debug build).
 # Needs: wrk, curl, python3, taskset. Raw results go to bench-results/mesh_mtls/ (gitignored).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
 
 ROUNDS=${ROUNDS:-3}
-PROXY_CPU=${PROXY_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
 DUR=${DUR:-8}
 CONNS=${CONNS:-32}
 OUT=${OUT:-bench-results/mesh_mtls}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-for t in wrk curl python3 taskset; do
-  command -v "$t" >/dev/null || { echo "mesh_mtls.sh: $t is missing" >&2; exit 1; }
-done
-if [ -z "${BIN:-}" ]; then
-  cargo build --release --quiet --bin sidemesh
-  BIN=$PWD/target/release/sidemesh
-fi
+bench_init mesh_mtls.sh wrk curl python3 taskset
+BIN=$(bench_binary "${BIN:-}")
 
 APP=127.77.0.2 API=127.77.0.3 WEB=127.77.0.4 DISC=127.77.0.5
 cat >"$OUT/state.yaml" <<EOF
@@ -40,15 +31,6 @@ services:
   - {namespace: bench, name: web, use_services: [{service: api}]}
 EOF
 
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; PIDS=(); }
-trap cleanup EXIT
-
-wait_url() { # URL: until it answers 2xx, at most 20 s
-  for _ in $(seq 200); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done
-  echo "mesh_mtls.sh: $1 did not answer" >&2; return 1
-}
-
 # run VARIANT: starts the mesh for VARIANT, runs wrk, stops it; appends to $OUT/raw.tsv.
 run() {
   local variant=$1 tls=permissive h2=(--mesh-h2 false) target
@@ -57,20 +39,16 @@ run() {
     h2) h2=(--mesh-h2 true) ;;
   esac
   rm -rf "$OUT/data"
-  "$BIN" discover --state "$OUT/state.yaml" --listen $DISC:7070 --data-dir "$OUT/data" \
-    --mesh-tls $tls >>"$OUT/procs.log" 2>&1 &
-  PIDS+=($!)
-  taskset -c "$LOAD_CPU" "$BIN" --worker-threads 1 demo-backend --listen $APP:8080 --name api >>"$OUT/procs.log" 2>&1 &
-  PIDS+=($!)
+  bench_spawn "$BIN" discover --state "$OUT/state.yaml" --listen $DISC:7070 --data-dir "$OUT/data" \
+    --mesh-tls $tls
+  bench_spawn taskset -c "$LOAD_CPU" "$BIN" --worker-threads 1 demo-backend --listen $APP:8080 --name api
   wait_url http://$DISC:7070/readyz
-  taskset -c "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $API:15000 --inbound-address $APP \
-    --app-address $APP --discover-url http://$DISC:7070/v1/sidecars/bench/api/sidemesh-proxy \
-    >>"$OUT/procs.log" 2>&1 &
-  PIDS+=($!)
-  taskset -c "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $WEB:15000 --inbound-address $WEB \
-    "${h2[@]}" --discover-url http://$DISC:7070/v1/sidecars/bench/web/sidemesh-proxy \
-    >>"$OUT/procs.log" 2>&1 &
-  PIDS+=($!)
+  bench_spawn taskset -c "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $API:15000 \
+    --inbound-address $APP --app-address $APP \
+    --discover-url http://$DISC:7070/v1/sidecars/bench/api/sidemesh-proxy
+  bench_spawn taskset -c "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $WEB:15000 \
+    --inbound-address $WEB "${h2[@]}" \
+    --discover-url http://$DISC:7070/v1/sidecars/bench/web/sidemesh-proxy
   wait_url http://$API:15000/ready
   wait_url http://$WEB:15000/ready
   if [ "$tls" != disabled ]; then
@@ -101,7 +79,7 @@ errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
 print("\t".join([sys.argv[2], "%.0f" % rps, "%.2f" % pct(50), "%.2f" % pct(99),
                  errors.group(1) if errors else "0", sys.argv[3]]))
 PY
-  cleanup
+  bench_cleanup
   sleep 0.5
 }
 

@@ -74,9 +74,10 @@ enum Command {
 struct ControllerArgs {
     #[command(flatten)]
     controller: sidemesh_controller::cli::Args,
-    /// The mesh CA and mutual TLS mode of the hosted discover.
+    /// The hosted discover's long polls, connections, tokens (`--discover-tokens`, an alias
+    /// of `--tokens`) and mesh CA, as for `sidemesh discover`.
     #[command(flatten)]
-    tls: sidemesh_discover::cli::TlsArgs,
+    discover: sidemesh_discover::cli::ServeArgs,
 }
 
 #[derive(clap::Args)]
@@ -96,7 +97,14 @@ fn main() -> anyhow::Result<()> {
         Command::Proxy(args) => {
             let sidecars = args
                 .dns
-                .map(|listen| dns_shim(listen, args.dns_resolv_conf.clone(), registry.clone()))
+                .map(|listen| {
+                    dns_shim(
+                        listen,
+                        args.dns_resolv_conf.clone(),
+                        args.dns_authoritative_zones.clone(),
+                        registry.clone(),
+                    )
+                })
                 .into_iter()
                 .collect();
             runtime.block_on(sidemesh_proxy::cli::run_with(*args, registry, sidecars))
@@ -104,10 +112,7 @@ fn main() -> anyhow::Result<()> {
         Command::Up(args) => runtime.block_on(up::run(args, registry)),
         Command::DemoBackend(args) => runtime.block_on(sidemesh_proxy::demo::run(args)),
         Command::Controller(args) => runtime.block_on(async {
-            let opts = sidemesh_discover::server::Options {
-                authority: args.tls.authority(None, &registry)?,
-                ..Default::default()
-            };
+            let opts = args.discover.options(None, &registry)?;
             let discover = sidemesh_discover::server::Discover::new(opts, &registry)?;
             let host = std::sync::Arc::new(DiscoverHost(discover));
             sidemesh_controller::cli::run(args.controller, registry, host).await
@@ -136,6 +141,7 @@ fn main() -> anyhow::Result<()> {
 fn dns_shim(
     listen: std::net::SocketAddr,
     resolv_conf: std::path::PathBuf,
+    authoritative_zones: Vec<String>,
     registry: prometheus::Registry,
 ) -> sidemesh_proxy::cli::Sidecar {
     Box::new(move |snapshots| {
@@ -149,6 +155,7 @@ fn dns_shim(
             };
             let mut opts = sidemesh_dns::ShimOptions::from_resolv_conf(listen, &conf);
             opts.fallback_upstreams.retain(|u| *u != listen);
+            opts.authoritative_zones = authoritative_zones;
             if opts.fallback_upstreams.is_empty() {
                 tracing::warn!(file = %resolv_conf.display(), "dns shim: no fallback upstreams (resolv.conf lists none but the shim); names outside the mesh answer SERVFAIL unless the config names upstreams");
             }

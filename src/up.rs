@@ -6,10 +6,14 @@
 //! others, it runs a client sidecar whose outbound listeners are what to curl. Each sidecar
 //! has its own metrics registry and admin address. Sidecars talk mutual TLS to each other
 //! (permissive mode, a CA made for the run) unless `--mesh-tls disabled`; `up` is ready
-//! once every sidecar holds its certificate. Stops (draining) on SIGTERM or SIGINT.
+//! once every sidecar holds its certificate. Discover's configs and certificates need a
+//! bearer token: `up` makes one per service for the run, writes discover's token file and
+//! each sidecar's token in its state directory, and gives each sidecar its own. Stops
+//! (draining) on SIGTERM or SIGINT.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -38,27 +42,89 @@ pub struct Args {
     /// mesh names it uses (e.g. `127.0.0.1:5353`; port 53 needs root).
     #[arg(long, env = "SIDEMESH_UP_DNS")]
     pub dns: Option<SocketAddr>,
+    /// Zones the client's DNS shim (`--dns`) alone knows (e.g. `cluster.local`): other
+    /// names in them get NXDOMAIN with an SOA instead of being forwarded.
+    #[arg(
+        long = "authoritative-zone",
+        env = "SIDEMESH_DNS_AUTHORITATIVE_ZONES",
+        value_delimiter = ','
+    )]
+    pub authoritative_zones: Vec<String>,
     /// How long shutdown waits for connections to finish.
     #[arg(long, env = "SIDEMESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = sidecar::parse_duration)]
     pub drain_timeout: Duration,
     /// Mutual TLS between the sidecars (permissive by default, with a CA made for the run).
     #[command(flatten)]
     pub tls: sidemesh_discover::cli::TlsArgs,
+    /// Where `up` keeps its files: discover's token file (`tokens.yaml`) and each sidecar's
+    /// token (`tokens/<namespace>.<service>.token`). Default: a temporary directory removed
+    /// at exit.
+    #[arg(long, env = "SIDEMESH_UP_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
-fn sidecar_args(url: String, inbound: IpAddr, app: IpAddr, drain: Duration) -> sidecar::Args {
+/// Discover's token check for the run: one random token per service that gets a sidecar,
+/// allowed to act as that service alone. Writes `tokens.yaml` (SHA-256 digests only) and
+/// the tokens themselves (mode 0600) under `dir`; returns the token file of each
+/// `namespace/service`.
+fn write_tokens(
+    dir: &Path,
+    services: &[&sidemesh_api::state::Service],
+) -> anyhow::Result<(PathBuf, BTreeMap<String, PathBuf>)> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let token_dir = dir.join("tokens");
+    std::fs::create_dir_all(&token_dir)
+        .with_context(|| format!("cannot create {}", token_dir.display()))?;
+    let mut yaml = String::from("tokens:\n");
+    let mut files = BTreeMap::new();
+    for svc in services {
+        let id = format!("{}/{}", svc.namespace, svc.name);
+        if files.contains_key(&id) {
+            continue;
+        }
+        let token = sidemesh_discover::auth::generate_token();
+        let file = token_dir.join(format!("{}.{}.token", svc.namespace, svc.name));
+        // Made afresh for each run: an old token left from another run is replaced.
+        let _ = std::fs::remove_file(&file);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        f.write_all(token.as_bytes())?;
+        yaml.push_str(&format!(
+            "  - name: {id}\n    sha256: {}\n    identities: [\"{id}\"]\n",
+            sidemesh_discover::auth::sha256_hex(token.as_bytes())
+        ));
+        files.insert(id, file);
+    }
+    let tokens = dir.join("tokens.yaml");
+    std::fs::write(&tokens, yaml).with_context(|| format!("cannot write {}", tokens.display()))?;
+    Ok((tokens, files))
+}
+
+fn sidecar_args(
+    url: String,
+    inbound: IpAddr,
+    app: IpAddr,
+    drain: Duration,
+    token_file: Option<PathBuf>,
+) -> sidecar::Args {
     sidecar::Args {
         discover_url: Some(url),
         admin: SocketAddr::from(([127, 0, 0, 1], 0)),
         dns: None,
         dns_resolv_conf: "/etc/resolv.conf".into(),
+        dns_authoritative_zones: Vec::new(),
         state_dir: None,
         drain_timeout: drain,
         inbound_address: inbound,
         app_address: app,
         discover_wait: Duration::from_secs(30),
         discover_authorization: None,
-        discover_token_file: None,
+        discover_token_file: token_file,
         max_connections: 16_384,
         header_read_timeout: Duration::from_secs(10),
         detect_timeout: Duration::from_millis(300),
@@ -75,8 +141,24 @@ fn sidecar_args(url: String, inbound: IpAddr, app: IpAddr, drain: Duration) -> s
 pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<()> {
     let (state, _) =
         statefile::load(&args.file).map_err(|e| anyhow::anyhow!("state file rejected: {e}"))?;
+    // The state directory: given, or a temporary one removed when `up` returns.
+    let mut temp = None;
+    let state_dir = match &args.state_dir {
+        Some(d) => d.clone(),
+        None => temp
+            .insert(tempfile::Builder::new().prefix("sidemesh-up-").tempdir()?)
+            .path()
+            .to_owned(),
+    };
+    let meshed: Vec<_> = state
+        .services
+        .iter()
+        .filter(|s| !s.instances.is_empty() || !s.use_services.is_empty())
+        .collect();
+    let (token_file, tokens) = write_tokens(&state_dir, &meshed)?;
     let opts = Options {
         authority: args.tls.authority(None, &registry)?,
+        auth: sidemesh_discover::cli::load_auth(Some(&token_file), &registry)?,
         ..Options::default()
     };
     let tls_on = opts.authority.is_some();
@@ -105,6 +187,9 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
                 args.client_address,
                 args.client_address,
                 args.drain_timeout,
+                tokens
+                    .get(&format!("{}/{}", svc.namespace, svc.name))
+                    .cloned(),
             );
             let r = sidecar::start(&a, prometheus::Registry::new()).await?;
             clients.push(sidecars.len());
@@ -128,7 +213,15 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
                     stop_demos.clone(),
                 ));
             }
-            let a = sidecar_args(url.clone(), inst.address, inst.address, args.drain_timeout);
+            let a = sidecar_args(
+                url.clone(),
+                inst.address,
+                inst.address,
+                args.drain_timeout,
+                tokens
+                    .get(&format!("{}/{}", svc.namespace, svc.name))
+                    .cloned(),
+            );
             let r = sidecar::start(&a, prometheus::Registry::new()).await?;
             sidecars.push((name, r));
         }
@@ -169,9 +262,13 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
         fields.push((format!("{name}.admin"), r.admin.to_string()));
         if let (0, Some(listen)) = (k, args.dns) {
             let registry = prometheus::Registry::new();
-            let started =
-                crate::dns_shim(listen, "/etc/resolv.conf".into(), registry)(r.snapshots.clone())
-                    .await?;
+            let started = crate::dns_shim(
+                listen,
+                "/etc/resolv.conf".into(),
+                args.authoritative_zones.clone(),
+                registry,
+            )(r.snapshots.clone())
+            .await?;
             for (_, addr) in started {
                 lines.push(format!(
                     "  dig @{} -p {} <service name>   # {name}'s DNS shim",

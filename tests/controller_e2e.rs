@@ -145,40 +145,94 @@ fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-#[test]
-fn controller_serves_discover_from_the_cluster() {
-    let (api, url) = FakeApi::start();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
+/// Starts the built controller against the fake API server at `url`, with files in `dir`
+/// and `extra` flags.
+fn start_controller(dir: &std::path::Path, url: &str, extra: &[&str]) -> Sidemesh {
+    let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\nusers:\n- name: u\n  user:\n    token: test\ncontexts:\n- name: c\n  context:\n    cluster: fake\n    user: u\ncurrent-context: c\n"
     )).unwrap();
     let certs = sidemesh_controller::install::generate_certs(&["localhost".to_owned()]).unwrap();
-    std::fs::write(dir.path().join("tls.crt"), certs.cert_pem).unwrap();
-    std::fs::write(dir.path().join("tls.key"), certs.key_pem).unwrap();
-    let crt = dir.path().join("tls.crt");
-    let key = dir.path().join("tls.key");
-    let controller = Sidemesh::start(
-        &[
-            "controller",
-            "--webhook-listen",
-            "127.0.0.1:0",
-            "--discover-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            crt.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--native-sidecars",
-            "true",
-        ],
+    std::fs::write(dir.join("tls.crt"), certs.cert_pem).unwrap();
+    std::fs::write(dir.join("tls.key"), certs.key_pem).unwrap();
+    let crt = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    let mut args = vec![
+        "controller",
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--discover-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        crt.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--native-sidecars",
+        "true",
+    ];
+    args.extend_from_slice(extra);
+    Sidemesh::start(
+        &args,
         &[
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
             ("KUBERNETES_SERVICE_HOST", ""),
         ],
+    )
+}
+
+/// With `--discover-tokens`, the hosted discover serves a workload's config only to a
+/// bearer token that covers it: 401 without one, 403 for another workload's.
+#[test]
+fn controller_discover_tokens_guard_configs() {
+    let (_api, url) = FakeApi::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        "tokens:\n  - {name: web, token: web-secret, identities: [shop/web]}\n",
+    )
+    .unwrap();
+    let controller = start_controller(
+        dir.path(),
+        &url,
+        &["--discover-tokens", tokens.to_str().unwrap()],
     );
+    let discover = controller.addr("discover");
+    let get_with = |path: &str, token: Option<&str>| -> Option<u16> {
+        let mut s = TcpStream::connect(&discover).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.split_whitespace().nth(1)?.parse().ok()
+    };
+    let web = "/v1/sidecars/shop/web/sidemesh-proxy";
+    eventually(Duration::from_secs(20), || {
+        (get_with(web, Some("web-secret"))? == 200).then_some(())
+    })
+    .expect("discover serves shop/web to its token");
+    assert_eq!(get_with(web, None), Some(401));
+    assert_eq!(get_with(web, Some("wrong")), Some(401));
+    assert_eq!(
+        get_with("/v1/sidecars/shop/mysql/sidemesh-proxy", Some("web-secret")),
+        Some(403)
+    );
+}
+
+#[test]
+fn controller_serves_discover_from_the_cluster() {
+    let (api, url) = FakeApi::start();
+    let dir = tempfile::tempdir().unwrap();
+    let controller = start_controller(dir.path(), &url, &[]);
     assert_eq!(controller.ready["ready"], "controller");
     let admin = controller.addr("admin");
     let discover = controller.addr("discover");

@@ -7,41 +7,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{Sidemesh, eventually};
+use common::{Sidemesh, eventually, http_get, metric, start_discover, wait_ready_with_certificate};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// One HTTP/1.1 GET: (status, whole answer); status 0 when there was no answer.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, out)
-}
-
-fn metric(addr: &str, line_start: &str) -> Option<f64> {
-    http_get(addr, "/metrics")
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix(line_start))
-        .and_then(|v| v.trim().parse().ok())
-}
 
 fn sha256_hex(s: &str) -> String {
     sidemesh_discover::auth::sha256_hex(s.as_bytes())
@@ -95,16 +65,10 @@ fn a_sidecar_with_its_token_gets_ready_and_one_with_another_services_token_is_re
     let (web_token, other_token) = (dir.path().join("web.token"), dir.path().join("other.token"));
     std::fs::write(&web_token, "web-token-1\n").unwrap();
     std::fs::write(&other_token, "other-token-2\n").unwrap();
-    let discover = Sidemesh::start(
-        &[
-            "discover",
-            "--state",
-            state.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-        ],
+    let discover = start_discover(
+        &state,
+        &dir.path().join("data"),
+        &[],
         &[("SIDEMESH_DISCOVER_TOKENS", tokens.to_str().unwrap())],
     );
     let d = discover.addr("listen");
@@ -119,14 +83,8 @@ fn a_sidecar_with_its_token_gets_ready_and_one_with_another_services_token_is_re
 
     let good = proxy(&d, &web_token);
     let admin = good.addr("admin");
-    eventually(WAIT, || {
-        let cert = metric(
-            &admin,
-            "sidemesh_proxy_tls_certificate_expiry_timestamp_seconds ",
-        )?;
-        (http_get(&admin, "/ready").0 == 200 && cert > 0.0).then_some(())
-    })
-    .expect("the sidecar with web's token turns ready with a certificate");
+    // The sidecar with web's token turns ready with a certificate.
+    wait_ready_with_certificate(&admin, WAIT);
 
     let forbidden = "sidemesh_discover_auth_failures_total{reason=\"forbidden\"} ";
     let before = metric(&d, forbidden).unwrap();

@@ -321,6 +321,12 @@ fn dig_resolves_names_rendered_from_a_state_file() {
     assert!(addr.starts_with("127."), "got {addr:?}");
     assert_eq!(short(&dns, &["backend.demo"]), addr);
     assert_eq!(short(&dns, &["+tcp", "BACKEND.demo.svc"]), addr);
+    // AAAA: the IPv4-mapped form of the same address, which a dual-stack socket dials
+    // over IPv4 to the same sidecar listener.
+    assert_eq!(
+        short(&dns, &["backend.demo", "AAAA"]),
+        format!("::ffff:{addr}")
+    );
 }
 
 #[test]

@@ -7,11 +7,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::{Sidemesh, eventually};
+use common::{
+    Sidemesh, eventually, free_port, metric, start_discover, wait_ready_with_certificate,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -23,48 +24,15 @@ fn loopback(salt: u32) -> Ipv4Addr {
     Ipv4Addr::new(127, 2 + b[0] % 240, 1 + b[1] % 250, 2 + b[2] % 250)
 }
 
-fn free_port(ip: Ipv4Addr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One HTTP/1.1 GET; the whole answer (empty when the peer closed without one).
 fn http_get(addr: &str, path: &str) -> String {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return String::new();
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n"
-    );
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
-fn metric(admin: &str, line_start: &str) -> Option<f64> {
-    http_get(admin, "/metrics")
-        .lines()
-        .find_map(|l| l.strip_prefix(line_start))
-        .and_then(|v| v.trim().parse().ok())
+    common::http_get(addr, path).1
 }
 
 /// Waits until every sidecar answers `/ready` 200 and holds a certificate.
 fn wait_ready(sidecars: &[&Sidemesh]) {
     for p in sidecars {
-        let admin = p.addr("admin");
-        eventually(WAIT, || {
-            let cert = metric(
-                &admin,
-                "sidemesh_proxy_tls_certificate_expiry_timestamp_seconds ",
-            )?;
-            (http_get(&admin, "/ready").starts_with("HTTP/1.1 200") && cert > 0.0).then_some(())
-        })
-        .expect("sidecar ready with a certificate");
+        wait_ready_with_certificate(&p.addr("admin"), WAIT);
     }
 }
 
@@ -105,20 +73,7 @@ fn strict_mutual_tls_and_allow_clients_through_the_built_binary() {
     )
     .unwrap();
     let data = dir.path().join("data");
-    let discover = Sidemesh::start(
-        &[
-            "discover",
-            "--state",
-            state.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--mesh-tls",
-            "strict",
-        ],
-        &[],
-    );
+    let discover = start_discover(&state, &data, &["--mesh-tls", "strict"], &[]);
     let d = discover.addr("listen");
     assert!(data.join("ca.crt").exists() && data.join("ca.key").exists());
     let _app = Sidemesh::start(

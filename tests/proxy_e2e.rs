@@ -301,6 +301,8 @@ fn dns_shim_runs_in_process_and_answers_service_names() {
             "127.0.0.1:0",
             "--dns-resolv-conf",
             resolv.to_str().unwrap(),
+            "--authoritative-zone",
+            "mesh.test",
         ],
     );
     let dns: SocketAddr = p.addr("dns").parse().unwrap();
@@ -323,4 +325,21 @@ fn dns_shim_runs_in_process_and_answers_service_names() {
         });
         assert!(answer.is_some(), "{name} did not resolve to {svc}");
     }
+    // A name of the authoritative zone the mesh does not know: NXDOMAIN from the shim
+    // itself (the only resolver in resolv.conf is the shim's own address, so a forwarded
+    // query would fail with SERVFAIL).
+    let out = Command::new("dig")
+        .args([
+            "+time=2",
+            "+tries=1",
+            "-p",
+            &dns.port().to_string(),
+            "@127.0.0.1",
+            "nothere.mesh.test",
+        ])
+        .output()
+        .expect("dig is installed");
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+    assert!(out.contains(" aa"), "not authoritative: {out}");
 }

@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::Duration;
 
-use common::{Sidemesh, eventually};
+use common::{Sidemesh, eventually, free_port};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -29,14 +29,6 @@ fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     s.read_to_string(&mut out).ok()?;
     let status = out.split(' ').nth(1)?.parse().ok()?;
     Some((status, out.split_once("\r\n\r\n")?.1.to_owned()))
-}
-
-fn free_port(ip: Ipv4Addr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! End-to-end test of `sidemesh up`: the quickstart state (with its instance addresses moved
 //! to fresh loopback addresses so parallel runs never collide) served by the built binary;
 //! requests through the client sidecar reach both backend instances, and the client
-//! sidecar's `/metrics` counts them, and shows the sidecar hops were mutual TLS.
+//! sidecar's `/metrics` counts them, and shows the sidecar hops were mutual TLS; discover
+//! refuses a request without a token.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -55,6 +56,8 @@ fn up_quickstart_answers_from_both_instances() {
             "1s",
             "--dns",
             "127.0.0.1:0",
+            "--authoritative-zone",
+            "cluster.local",
         ],
         &[],
     );
@@ -90,6 +93,23 @@ fn up_quickstart_answers_from_both_instances() {
         .expect("dig is installed (scripts/test.sh installs bind9-dnsutils)");
     let ip = hostport.split(':').next().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ip);
+    // Other names of the authoritative zone: NXDOMAIN from the shim itself.
+    let out = std::process::Command::new("dig")
+        .args([
+            "+time=2",
+            "+tries=1",
+            "-p",
+            &dns_port,
+            "@127.0.0.1",
+            "nothere.demo.svc.cluster.local",
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("status: NXDOMAIN") && out.contains(" aa"),
+        "{out}"
+    );
     let metrics = http_get(&up.addr("web.demo.admin"), "/metrics");
     assert!(
         metrics.contains(
@@ -111,4 +131,22 @@ fn up_quickstart_answers_from_both_instances() {
         !metrics.contains("sidemesh_proxy_tls_handshake_failures_total{direction=\"outbound\"} 1"),
         "{metrics}"
     );
+    // Discover wants a bearer token: the sidecars have theirs, a request without one is
+    // refused, for configs and certificates alike.
+    let discover = up.addr("discover");
+    for (method, path) in [
+        ("GET", "/v1/sidecars/demo/web/sidemesh-proxy"),
+        ("POST", "/v1/sidecars/demo/web/sidemesh-proxy/certificate"),
+    ] {
+        let mut s = TcpStream::connect(&discover).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 401"), "{method} {path}: {resp}");
+    }
 }

@@ -185,14 +185,26 @@ pub struct InstallArgs {
     /// output then holds no private key; `deploy/sidemesh.yaml` is this form).
     #[arg(long, env = "SIDEMESH_CERT_MANAGER")]
     pub cert_manager: bool,
+    /// Where the controller's mesh CA (which signs sidecar certificates) comes from:
+    /// `per-replica` (each replica makes one at start), `secret` (mount the Secret
+    /// `sidemesh-mesh-ca` you create, with `ca.crt` and `ca.key`), or `generate` (make one
+    /// now and print it as that Secret).
+    #[arg(long, env = "SIDEMESH_INSTALL_MESH_CA", default_value = "per-replica", value_parser = ["per-replica", "secret", "generate"])]
+    pub mesh_ca: String,
 }
 
 /// Runs `sidemesh install`.
 pub fn install(args: InstallArgs) -> anyhow::Result<()> {
     use crate::install;
+    let mesh_ca = match args.mesh_ca.as_str() {
+        "secret" => install::MeshCa::Secret,
+        "generate" => install::generate_mesh_ca()?,
+        _ => install::MeshCa::PerReplica,
+    };
     let opts = install::InstallOptions {
         image: args.image,
         cert_manager: args.cert_manager,
+        mesh_ca,
     };
     let certs = if opts.cert_manager {
         None

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use sidemesh_api::config::{DnsSettings, Protocol};
+use sidemesh_api::config::{DnsSettings, Protocol, TlsMode};
 use sidemesh_api::port::{AppPort, OuterPort, ServicePort};
 use sidemesh_api::state::{
     self, ClusterState, Dependency, Instance, InstancePort, PluginAttachment, ServicePortSpec,
@@ -470,6 +470,11 @@ pub fn service_entry(
         .filter(|s| s.type_.as_deref() != Some("ExternalName"));
     let mut entry = match spec {
         Some(spec) => {
+            let tls_modes = kube
+                .and_then(|k| k.metadata.annotations.as_ref())
+                .and_then(|a| a.get(PORT_TLS_MODE))
+                .map(|v| port_tls_modes(v))
+                .unwrap_or_default();
             let mut ports = Vec::new();
             for p in spec.ports.iter().flatten() {
                 if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
@@ -488,6 +493,13 @@ pub fn service_entry(
                     port_outer: None,
                     protocol: port_protocol(p.app_protocol.as_deref(), p.name.as_deref()),
                     name: p.name.clone(),
+                    // By name first: it survives renumbering.
+                    tls_mode: p
+                        .name
+                        .as_deref()
+                        .and_then(|n| tls_modes.get(n))
+                        .or_else(|| tls_modes.get(&port.to_string()))
+                        .copied(),
                 });
             }
             let (instances, remaps) =
@@ -511,6 +523,40 @@ pub fn service_entry(
         entry.plugins = m.plugins.clone();
     }
     Some(entry)
+}
+
+/// The Service annotation that sets the TLS mode of the sidecars' inbound listeners per
+/// port: `<port name or number>=<disabled|permissive|strict>`, comma-separated, e.g.
+/// `http=strict,9090=permissive`. Ports not named keep discover's mode.
+pub const PORT_TLS_MODE: &str = "sidemesh.io/port-tls-mode";
+
+/// The per-port TLS modes of a [`PORT_TLS_MODE`] value, keyed by port name or number.
+/// Malformed items are left out (with a warning): the port keeps discover's mode.
+pub fn port_tls_modes(value: &str) -> BTreeMap<String, TlsMode> {
+    let mut out = BTreeMap::new();
+    for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let parsed = item.split_once('=').and_then(|(port, mode)| {
+            let mode = match mode.trim() {
+                "disabled" => TlsMode::Disabled,
+                "permissive" => TlsMode::Permissive,
+                "strict" => TlsMode::Strict,
+                _ => return None,
+            };
+            let port = port.trim();
+            (!port.is_empty()).then(|| (port.to_owned(), mode))
+        });
+        match parsed {
+            Some((port, mode)) => {
+                out.insert(port, mode);
+            }
+            None => tracing::warn!(
+                annotation = PORT_TLS_MODE,
+                item,
+                "ignored: expected <port name or number>=<disabled|permissive|strict>"
+            ),
+        }
+    }
+    out
 }
 
 fn empty_service(
@@ -722,6 +768,43 @@ pub(crate) mod tests {
         assert!(!mysql.instances[0].meshed);
         assert_eq!(mysql.instances[0].ports[0].target, 3306);
         assert!(b.state.service("shop", "legacy-db").is_none());
+    }
+
+    #[test]
+    fn port_tls_mode_annotation_sets_the_ports_mode_by_name_or_number() {
+        let mut inputs = inputs();
+        let mut web = (*inputs.services[0]).clone();
+        web.metadata.annotations = Some(BTreeMap::from([(
+            PORT_TLS_MODE.to_owned(),
+            "http=strict, 9000=disabled,admin=sometimes,=strict".to_owned(),
+        )]));
+        inputs.services[0] = Arc::new(web);
+        let b = build(&inputs, &IndexConfig::default());
+        let web = b.state.service("shop", "web").unwrap();
+        let modes: Vec<_> = web
+            .ports
+            .iter()
+            .map(|p| (p.port.get(), p.tls_mode))
+            .collect();
+        // The malformed items are left out: that port keeps discover's mode.
+        assert_eq!(
+            modes,
+            [
+                (80, Some(TlsMode::Strict)),
+                (9000, Some(TlsMode::Disabled)),
+                (8081, None)
+            ]
+        );
+        // Without the annotation no port overrides anything.
+        let b = build(&super::tests::inputs(), &IndexConfig::default());
+        let web = b.state.service("shop", "web").unwrap();
+        assert!(web.ports.iter().all(|p| p.tls_mode.is_none()));
+        // The state the controller hands discover keeps it (discover renders it into
+        // `inbound[].tls_mode`; see discover's render tests).
+        assert_eq!(
+            port_tls_modes("8080=permissive").get("8080"),
+            Some(&TlsMode::Permissive)
+        );
     }
 
     #[test]

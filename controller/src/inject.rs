@@ -29,7 +29,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
     HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodDNSConfig,
-    PodDNSConfigOption, PodSpec, Probe, ResourceRequirements, SecurityContext, Volume, VolumeMount,
+    PodDNSConfigOption, PodSpec, Probe, ResourceRequirements, SecretKeySelector, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -55,6 +56,18 @@ pub const SERVICE: &str = "sidemesh.io/service";
 pub const PROXY: &str = "sidemesh-proxy";
 /// The `DISCOVER_URL` environment variable every plugin container gets.
 pub const DISCOVER_URL: &str = "DISCOVER_URL";
+/// The environment variable that carries the `Authorization` value for discover (the
+/// proxy's `--discover-authorization`), from the Secret [`token_secret`] when it exists.
+pub const DISCOVER_AUTHORIZATION: &str = "SIDEMESH_DISCOVER_AUTHORIZATION";
+/// The key of [`token_secret`] that holds `Bearer <token>`.
+pub const TOKEN_SECRET_KEY: &str = "authorization";
+
+/// The Secret, in the workload's namespace, whose key [`TOKEN_SECRET_KEY`] holds the
+/// workload's `Authorization` value for discover (`Bearer <token>`, for a discover with a
+/// token file). Optional: without it, the containers poll without a token.
+pub fn token_secret(service: &str) -> String {
+    format!("sidemesh-discover-token-{service}")
+}
 
 /// Cluster-wide injection settings.
 #[derive(Clone, Debug)]
@@ -306,6 +319,21 @@ pub fn inject(
             set_env(&mut env, k, v);
         }
         set_env(&mut env, DISCOVER_URL, &discover(plugin));
+        // The workload's discover token, when its Secret exists (`optional`: a pod without
+        // one still starts, and polls without a token).
+        env.retain(|e| e.name != DISCOVER_AUTHORIZATION);
+        env.push(EnvVar {
+            name: DISCOVER_AUTHORIZATION.to_owned(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: token_secret(&service),
+                    key: TOKEN_SECRET_KEY.to_owned(),
+                    optional: Some(true),
+                }),
+                ..Default::default()
+            }),
+        });
         env
     };
     let existing: BTreeSet<&str> = spec
@@ -1155,6 +1183,32 @@ mod tests {
         assert!(!proxy.contains_key("SINK") && !proxy.contains_key("REPO"));
         let app = env_of(find("app"));
         assert!(!app.contains_key("DISCOVER_URL") && !app.contains_key("SINK"));
+        // Every container that polls discover gets the workload's token, from its optional
+        // Secret; the app does not.
+        for c in [
+            find(PROXY),
+            find("plugin-code-pull"),
+            find("plugin-log-shipper"),
+        ] {
+            let e = c
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == DISCOVER_AUTHORIZATION)
+                .unwrap_or_else(|| panic!("{} has no token", c.name));
+            let r = e
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap();
+            assert_eq!(
+                (r.name.as_str(), r.key.as_str(), r.optional),
+                ("sidemesh-discover-token-web", TOKEN_SECRET_KEY, Some(true))
+            );
+        }
+        assert!(!app.contains_key(DISCOVER_AUTHORIZATION));
         let res = find("plugin-log-shipper").resources.clone().unwrap();
         assert_eq!(res.limits.unwrap()["memory"].0, "48Mi");
         assert_eq!(res.requests.unwrap()["cpu"].0, "20m");

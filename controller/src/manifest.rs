@@ -347,7 +347,8 @@ mod tests {
                 "MYSQL_PASSWORD",
                 "GIT_BRANCH",
                 "GIT_TOKEN",
-                "DISCOVER_URL"
+                "DISCOVER_URL",
+                "SIDEMESH_DISCOVER_AUTHORIZATION"
             ]
         );
         // The StatefulSet's volume claim templates and the CronJob's schedule survive.

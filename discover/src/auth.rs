@@ -173,6 +173,12 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
+/// A new random bearer token: 32 bytes from the OS-seeded generator, as 64 hex digits.
+pub fn generate_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// SHA-256 of `data` as 64 lower-case hex digits (what the token file holds).
 pub fn sha256_hex(data: &[u8]) -> String {
     sha256(data).iter().map(|b| format!("{b:02x}")).collect()
@@ -495,28 +501,38 @@ impl Auth {
     /// half a second, through [`Auth::reload`]. Runs until the task is aborted.
     pub fn watch(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let auth = self.clone();
-        tokio::spawn(async move {
-            let mut last = stamp(&auth.path);
-            let mut tick = tokio::time::interval(POLL_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let now = stamp(&auth.path);
-                if now == last {
-                    continue;
-                }
-                // Let a writer finish before reading (at most one more interval).
-                tokio::time::sleep(POLL_INTERVAL / 5).await;
-                last = stamp(&auth.path);
-                if last.is_none() {
-                    // Mid-replace, or removed: keep the tokens in force until it is back.
-                    continue;
-                }
-                let a = auth.clone();
-                let _ = tokio::task::spawn_blocking(move || a.reload()).await;
-            }
+        watch_file(self.path.clone(), move || {
+            auth.reload();
         })
     }
+}
+
+/// Polls `path` every 250 ms and calls `reload` (on a blocking thread) once the file's
+/// modification time or length changed and it exists again. A missing file (mid-replace,
+/// or removed) calls nothing: what was loaded stays in force until it is back.
+pub(crate) fn watch_file(
+    path: PathBuf,
+    reload: impl Fn() + Clone + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = stamp(&path);
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = stamp(&path);
+            if now == last {
+                continue;
+            }
+            // Let a writer finish before reading (at most one more interval).
+            tokio::time::sleep(POLL_INTERVAL / 5).await;
+            last = stamp(&path);
+            if last.is_none() {
+                continue;
+            }
+            let _ = tokio::task::spawn_blocking(reload.clone()).await;
+        }
+    })
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {

@@ -32,6 +32,16 @@ pub struct Args {
     /// restarts.
     #[arg(long, env = "SIDEMESH_DISCOVER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Long polls, connections, tokens and the mesh CA.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// The flags of a discover server, shared by `sidemesh discover` and `sidemesh controller`
+/// (which hosts discover in-process): what [`Options`] is made of besides the data
+/// directory.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
     /// The longest long poll honoured, in seconds.
     #[arg(
         long,
@@ -49,11 +59,34 @@ pub struct Args {
     /// A token file (YAML or JSON; watched, valid edits apply within a second): the bearer
     /// tokens, by SHA-256, and the identities (`ns/svc`, `ns/*`, `*`) each may fetch configs
     /// and certificates for. Without it, anyone who can connect gets any workload's.
-    #[arg(long, env = "SIDEMESH_DISCOVER_TOKENS")]
+    #[arg(
+        long,
+        visible_alias = "discover-tokens",
+        env = "SIDEMESH_DISCOVER_TOKENS"
+    )]
     pub tokens: Option<PathBuf>,
     /// Mutual TLS between sidecars: the mesh CA and mode.
     #[command(flatten)]
     pub tls: TlsArgs,
+}
+
+impl ServeArgs {
+    /// The server options these flags describe, with the data directory `data_dir` (where
+    /// a generated CA is kept too).
+    pub fn options(
+        &self,
+        data_dir: Option<&std::path::Path>,
+        registry: &prometheus::Registry,
+    ) -> anyhow::Result<Options> {
+        Ok(Options {
+            auth: load_auth(self.tokens.as_deref(), registry)?,
+            data_dir: data_dir.map(Into::into),
+            max_wait: Duration::from_secs(self.max_wait_seconds.max(1)),
+            max_connections: self.max_connections.max(1),
+            authority: self.tls.authority(data_dir, registry)?,
+            ..Options::default()
+        })
+    }
 }
 
 /// The identity authority's flags, shared by `sidemesh discover` and `sidemesh controller`
@@ -67,6 +100,11 @@ pub struct TlsArgs {
     /// The mesh CA's private key (PEM, PKCS#8).
     #[arg(long, env = "SIDEMESH_CA_KEY", requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust besides the signing CA, for CA rotation: the
+    /// config's trust bundle carries them all. Watched; a bad edit keeps the last good
+    /// list (logged as an error).
+    #[arg(long, env = "SIDEMESH_CA_TRUST_EXTRA")]
+    pub ca_trust_extra: Option<PathBuf>,
     /// How inbound sidecars treat plaintext clients: `disabled` (no TLS at all),
     /// `permissive` (mutual TLS from sidecars, plaintext from others) or `strict`.
     #[arg(long, env = "SIDEMESH_MESH_TLS", default_value = "permissive", value_parser = parse_tls_mode)]
@@ -109,6 +147,7 @@ impl TlsArgs {
             trust_domain: self.trust_domain.clone(),
             mode: self.mesh_tls,
             cert_ttl: Duration::from_secs(self.cert_ttl_seconds),
+            extra_trust: self.ca_trust_extra.clone(),
         };
         Ok(Some(Arc::new(Authority::load(
             config,
@@ -120,28 +159,25 @@ impl TlsArgs {
     }
 }
 
+/// The token check of a token file (`--tokens`, the controller's `--discover-tokens`), for
+/// [`Options::auth`]; the server watches the file once it serves.
+pub fn load_auth(
+    file: Option<&std::path::Path>,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<Option<Arc<Auth>>> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let auth = Arc::new(
+        Auth::load(file, registry).map_err(|e| anyhow::anyhow!("token file rejected: {e}"))?,
+    );
+    tracing::info!(file = %file.display(), tokens = auth.tokens().len(), "token file loaded: configs and certificates need a bearer token");
+    Ok(Some(auth))
+}
+
 /// Runs discover until SIGINT or SIGTERM.
 pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<()> {
-    let auth = match &args.tokens {
-        Some(file) => {
-            let auth = Arc::new(
-                Auth::load(file, &registry)
-                    .map_err(|e| anyhow::anyhow!("token file rejected: {e}"))?,
-            );
-            tracing::info!(file = %file.display(), tokens = auth.tokens().len(), "token file loaded: configs and certificates need a bearer token");
-            Some(auth)
-        }
-        None => None,
-    };
-    let _token_watcher = auth.as_ref().map(|a| AbortOnDrop(a.watch()));
-    let opts = Options {
-        auth,
-        data_dir: args.data_dir.clone(),
-        max_wait: Duration::from_secs(args.max_wait_seconds.max(1)),
-        max_connections: args.max_connections.max(1),
-        authority: args.tls.authority(args.data_dir.as_deref(), &registry)?,
-        ..Options::default()
-    };
+    let opts = args.serve.options(args.data_dir.as_deref(), &registry)?;
     let discover = Discover::new(opts, &registry)?;
     let _watcher = match &args.state {
         Some(file) => {

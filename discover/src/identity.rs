@@ -16,10 +16,20 @@
 //! The CA is either given (`--ca-cert`, `--ca-key`, PEM) or generated once (ECDSA P-256,
 //! ten years) and kept in the data directory as `ca.crt` and `ca.key`, so a restart keeps
 //! the trust bundle that sidecars hold.
+//!
+//! **Rotation.** Extra CA certificates to keep trusting while the signing CA changes come
+//! from `--ca-trust-extra FILE` (PEM): the trust bundle of every config is the signing CA
+//! followed by them. The file is watched; an edit that is not a list of CA certificates is
+//! refused with an error and the last good list stays. Any change of the bundle (a new
+//! signing CA after a restart, an edit of the extra file) changes every config's version,
+//! so sidecars learn it at their next poll and get a certificate of the signing CA; see
+//! [`Authority::salt`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use prometheus::{IntCounterVec, Opts, Registry};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -47,6 +57,9 @@ pub struct AuthorityConfig {
     pub mode: TlsMode,
     /// Lifetime of the certificates signed (default 24 h).
     pub cert_ttl: Duration,
+    /// A PEM file of extra CA certificates to trust besides the signing CA (a CA being
+    /// rotated out or in); watched while discover serves.
+    pub extra_trust: Option<PathBuf>,
 }
 
 impl Default for AuthorityConfig {
@@ -55,6 +68,7 @@ impl Default for AuthorityConfig {
             trust_domain: "cluster.local".to_owned(),
             mode: TlsMode::Permissive,
             cert_ttl: Duration::from_secs(86_400),
+            extra_trust: None,
         }
     }
 }
@@ -83,6 +97,8 @@ pub struct Authority {
     config: AuthorityConfig,
     issuer: Issuer<'static, KeyPair>,
     ca_pem: String,
+    /// The extra trusted CA certificates (PEM, checked), from `config.extra_trust`.
+    extra_pem: ArcSwap<String>,
     issued: IntCounterVec,
 }
 
@@ -150,17 +166,66 @@ impl Authority {
         for r in ["issued", "refused"] {
             issued.with_label_values(&[r]);
         }
+        let extra = match &config.extra_trust {
+            Some(file) => read_extra_trust(file).map_err(|e| anyhow::anyhow!("{e}"))?,
+            None => String::new(),
+        };
         Ok(Authority {
             config,
             issuer,
             ca_pem,
+            extra_pem: ArcSwap::from_pointee(extra),
             issued,
         })
     }
 
-    /// The CA certificate (PEM): the trust bundle.
+    /// The signing CA's certificate (PEM).
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// The trust bundle (PEM): the signing CA, then the extra trusted CAs.
+    pub fn trust_bundle_pem(&self) -> String {
+        let extra = self.extra_pem.load();
+        let mut bundle = self.ca_pem.trim_end().to_owned();
+        bundle.push('\n');
+        if !extra.is_empty() {
+            bundle.push_str(&extra);
+        }
+        bundle
+    }
+
+    /// The extra trust file, if any.
+    pub fn extra_trust_file(&self) -> Option<&Path> {
+        self.config.extra_trust.as_deref()
+    }
+
+    /// Reads the extra trust file again. On success the bundle includes what it holds now
+    /// and `Ok(true)` says whether that changed anything; on error the last good list stays.
+    pub fn reload_extra_trust(&self) -> Result<bool, String> {
+        let Some(file) = &self.config.extra_trust else {
+            return Ok(false);
+        };
+        let extra = read_extra_trust(file)?;
+        if **self.extra_pem.load() == extra {
+            return Ok(false);
+        }
+        self.extra_pem.store(Arc::new(extra));
+        Ok(true)
+    }
+
+    /// A fingerprint of everything the served TLS settings carry but the config's own
+    /// content (mode, trust domain, trust bundle). The store mixes it into each config's
+    /// content hash, so a change of it gives every config a new version: pollers holding
+    /// the old version are woken, and a restart with a new CA is not answered `304`.
+    pub fn salt(&self) -> u64 {
+        let s = format!(
+            "{}\n{}\n{}",
+            self.config.mode.as_str(),
+            self.config.trust_domain,
+            self.trust_bundle_pem()
+        );
+        crate::addresses::fnv1a(s.as_bytes())
     }
 
     /// The TLS settings of the config of `plugin`'s sidecar, served at
@@ -169,7 +234,7 @@ impl Authority {
         TlsSettings {
             mode: self.config.mode,
             trust_domain: self.config.trust_domain.clone(),
-            trust_bundle_pem: self.ca_pem.clone(),
+            trust_bundle_pem: self.trust_bundle_pem(),
             csr_url: format!("{plugin}/certificate"),
         }
     }
@@ -239,6 +304,50 @@ impl Authority {
         );
         Ok(cert.pem())
     }
+}
+
+/// Reads and checks an extra trust file: PEM certificates, each a CA (none when empty).
+/// Returns the text, or what is wrong.
+fn read_extra_trust(file: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read --ca-trust-extra {}: {e}", file.display()))?;
+    check_extra_trust(&text).map_err(|e| format!("--ca-trust-extra {}: {e}", file.display()))
+}
+
+/// Checks the text of an extra trust file; see [`read_extra_trust`]. The text is kept as
+/// it is (text between PEM blocks is ignored by every reader).
+fn check_extra_trust(text: &str) -> Result<String, String> {
+    use x509_parser::pem::Pem;
+    // An empty file trusts nothing extra: the last step of a rotation.
+    if text.trim().is_empty() {
+        return Ok(String::new());
+    }
+    let mut count = 0;
+    for (i, pem) in Pem::iter_from_buffer(text.as_bytes()).enumerate() {
+        let pem = pem.map_err(|e| format!("PEM block {}: {e}", i + 1))?;
+        if pem.label != "CERTIFICATE" {
+            return Err(format!(
+                "PEM block {} is a {}, expected a CERTIFICATE",
+                i + 1,
+                pem.label
+            ));
+        }
+        let cert = pem
+            .parse_x509()
+            .map_err(|e| format!("certificate {}: {e}", i + 1))?;
+        if !cert.is_ca() {
+            return Err(format!(
+                "certificate {} ({}) is not a CA certificate",
+                i + 1,
+                cert.subject()
+            ));
+        }
+        count += 1;
+    }
+    if count == 0 {
+        return Err("holds no PEM certificate".to_owned());
+    }
+    Ok(format!("{}\n", text.trim()))
 }
 
 fn describe_san(s: &SanType) -> String {
@@ -404,6 +513,56 @@ mod tests {
         // The default trust domain's ID is foreign here.
         let (pem, _) = csr(vec![uri("spiffe://cluster.local/ns/shop/svc/web")]);
         assert!(a.sign("shop", "web", &pem, SystemTime::now()).is_err());
+    }
+
+    #[test]
+    fn extra_trust_joins_the_bundle_and_a_bad_edit_keeps_the_last_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old_ca, old_key) = generate_ca("cluster.local").unwrap();
+        let extra = dir.path().join("extra.pem");
+        std::fs::write(&extra, &old_ca).unwrap();
+        let config = AuthorityConfig {
+            extra_trust: Some(extra.clone()),
+            ..AuthorityConfig::default()
+        };
+        let a = Authority::load(config.clone(), None, None, None, &Registry::new()).unwrap();
+        let bundle = a.settings("p").trust_bundle_pem;
+        assert!(
+            bundle.starts_with(a.ca_pem().trim_end()),
+            "signing CA first"
+        );
+        assert!(bundle.contains(old_ca.trim()), "extra CA in the bundle");
+        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+        let with_old = a.salt();
+        assert_eq!(a.reload_extra_trust(), Ok(false), "unchanged file");
+
+        // Bad edits: an error that says what is wrong, and the last good bundle stays.
+        let leaf = {
+            let key = KeyPair::generate().unwrap();
+            CertificateParams::new(vec!["x.example".into()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap()
+                .pem()
+        };
+        for (bad, want) in [
+            ("garbage", "no PEM certificate"),
+            (old_key.as_str(), "expected a CERTIFICATE"),
+            (leaf.as_str(), "not a CA certificate"),
+        ] {
+            std::fs::write(&extra, bad).unwrap();
+            let e = a.reload_extra_trust().unwrap_err();
+            assert!(e.contains(want) && e.contains("extra.pem"), "{e}");
+            assert_eq!(a.settings("p").trust_bundle_pem, bundle);
+        }
+        // At start a bad file is an error.
+        assert!(Authority::load(config, None, None, None, &Registry::new()).is_err());
+
+        // Emptied: the old CA is dropped, the salt (so every config's version) changes.
+        std::fs::write(&extra, "").unwrap();
+        assert_eq!(a.reload_extra_trust(), Ok(true));
+        assert_eq!(a.settings("p").trust_bundle_pem.trim(), a.ca_pem().trim());
+        assert_ne!(a.salt(), with_old);
     }
 
     #[test]

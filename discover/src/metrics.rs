@@ -22,6 +22,8 @@ pub struct Metrics {
     pub sidecars: IntGauge,
     /// Time to re-render every sidecar after a change.
     pub rebuild_seconds: Histogram,
+    /// Reloads of the extra trusted CAs (`--ca-trust-extra`) by result (`ok`, `failed`).
+    pub trust_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -71,8 +73,16 @@ impl Metrics {
                     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 ]),
             )?,
+            trust_reloads: IntCounterVec::new(
+                Opts::new(
+                    "sidemesh_discover_trust_reloads_total",
+                    "Reloads of the extra trusted CA file that changed the trust bundle, by result.",
+                ),
+                &["result"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.trust_reloads.clone()))?;
         registry.register(Box::new(m.long_polls_waiting.clone()))?;
         registry.register(Box::new(m.configs_rendered.clone()))?;
         registry.register(Box::new(m.state_reloads.clone()))?;
@@ -83,6 +93,7 @@ impl Metrics {
         // Pre-create the label sets people alert on, so they read 0 rather than absent.
         for r in ["ok", "failed"] {
             m.state_reloads.with_label_values(&[r]);
+            m.trust_reloads.with_label_values(&[r]);
         }
         Ok(m)
     }

@@ -253,6 +253,7 @@ fn merge_entries<'a>(
                         port_outer: None,
                         protocol: p.protocol,
                         name: None,
+                        tls_mode: None,
                     });
                 }
             }

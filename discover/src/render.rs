@@ -13,6 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use sidemesh_api::config::{
     DnsSettings, Endpoint, Identity, InboundPort, OutboundPort, OutboundService, PluginSettings,
+    TlsMode,
 };
 use sidemesh_api::state::{BUILTIN_NETPROXY, ClusterState, Dependency, Service};
 use sidemesh_api::{SidecarConfig, Snapshot, ValidationError};
@@ -209,6 +210,7 @@ impl<'a> Cluster<'a> {
                     allow_clients: svc.allow_clients.clone(),
                     timeouts: svc.inbound_timeouts.clone(),
                     limits: svc.inbound_limits.clone(),
+                    tls_mode: p.tls_mode,
                 })
             })
             .collect();
@@ -292,7 +294,9 @@ impl<'a> Cluster<'a> {
                             port,
                             weight: inst.weight,
                             zone: inst.zone.clone(),
-                            meshed: inst.meshed,
+                            // A port whose sidecars take no TLS must be dialled in
+                            // plaintext: to its callers the hop is not upgradable.
+                            meshed: inst.meshed && p.tls_mode != Some(TlsMode::Disabled),
                             labels: inst.labels.clone(),
                         })
                     })
@@ -314,7 +318,9 @@ impl<'a> Cluster<'a> {
             namespace: ns.to_owned(),
             dns_names,
             address,
-            address_v6: None,
+            // The IPv4-mapped form: an app that asks AAAA and dials it from a dual-stack
+            // socket reaches the same outbound listener over IPv4 (RFC 4291 §2.5.5.2).
+            address_v6: Some(address.to_ipv6_mapped()),
             ports,
             routes: d.routes,
             balancer: d.balancer,
@@ -452,6 +458,52 @@ plugins:
   - {name: logger, kind: sidecar, variables: {LEVEL: info, FORMAT: json}}
 "#;
 
+    /// The proxy config of `demo/<service>` from a state that must be valid.
+    fn checked_render(s: &ClusterState, service: &str) -> Rendered {
+        s.check().unwrap();
+        Cluster::new(s)
+            .render(&key("demo", service, "sidemesh-proxy"), &table(s))
+            .unwrap()
+    }
+
+    #[test]
+    fn port_tls_mode_of_the_state_reaches_the_inbound_port() {
+        let s = state(
+            r#"
+services:
+  - namespace: demo
+    name: web
+    ports:
+      - {port: 80, target_port: 8000, port_outer: 18000, tls_mode: disabled}
+      - {port: 81, target_port: 8001, port_outer: 18001, tls_mode: strict}
+      - {port: 82, target_port: 8002, port_outer: 18002}
+    instances: [{address: 10.0.0.1, meshed: true}]
+  - namespace: demo
+    name: client
+    use_services: [{service: web}]
+"#,
+        );
+        let r = checked_render(&s, "web");
+        let modes: Vec<_> = r.config.inbound.iter().map(|p| p.tls_mode).collect();
+        assert_eq!(
+            modes,
+            [Some(TlsMode::Disabled), Some(TlsMode::Strict), None]
+        );
+        // Callers dial a port whose sidecars take no TLS in plaintext (not `meshed`), still
+        // at its port_outer; the other ports of the same instance stay meshed.
+        let r = checked_render(&s, "client");
+        let eps: Vec<_> = r.config.outbound[0]
+            .ports
+            .iter()
+            .map(|p| (p.endpoints[0].port, p.endpoints[0].meshed))
+            .collect();
+        assert_eq!(eps, [(18000, false), (18001, true), (18002, true)]);
+        let bad: Result<ClusterState, _> = serde_norway::from_str(
+            "services: [{namespace: demo, name: web, ports: [{port: 80, tls_mode: loose}]}]",
+        );
+        assert!(bad.is_err(), "an unknown mode is refused");
+    }
+
     #[test]
     fn renders_only_what_the_workload_uses() {
         let s = state(DEMO);
@@ -476,6 +528,11 @@ plugins:
             .collect();
         assert_eq!(names, ["demo/backend", "other/db", "demo/backend-v2"]);
         let backend = &cfg.outbound[0];
+        assert_eq!(
+            backend.address_v6,
+            Some(backend.address.to_ipv6_mapped()),
+            "AAAA answers the IPv4-mapped address"
+        );
         assert_eq!(
             backend.dns_names,
             [

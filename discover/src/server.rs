@@ -139,7 +139,11 @@ impl Discover {
                 saved.registry = p.registry;
             }
         }
-        let store = Store::new(saved, now_ms());
+        let mut store = Store::new(saved, now_ms());
+        if let Some(a) = &opts.authority {
+            // Before the first build: nothing is re-rendered, the hashes just include it.
+            store.set_tls_salt(a.salt(), now_ms());
+        }
         let metrics = Metrics::new(registry)?;
         metrics.registry_instances.set(store.registry_len() as i64);
         Ok(Discover {
@@ -303,6 +307,24 @@ impl Discover {
             }
         });
         lock(&self.shared.tasks).push(expiry.abort_handle());
+        // The token file: watched, valid edits apply.
+        if let Some(auth) = &self.shared.opts.auth {
+            lock(&self.shared.tasks).push(auth.watch().abort_handle());
+        }
+        // The extra trust file of CA rotation: watched, and a change re-versions every config.
+        if let Some(file) = self
+            .shared
+            .opts
+            .authority
+            .as_ref()
+            .and_then(|a| a.extra_trust_file())
+        {
+            let watcher = crate::auth::watch_file(file.to_owned(), {
+                let d = self.clone();
+                move || d.reload_extra_trust()
+            });
+            lock(&self.shared.tasks).push(watcher.abort_handle());
+        }
         // Versions and addresses: saved after changes, coalesced.
         if let Some(dir) = self.shared.opts.data_dir.clone() {
             let d = self.clone();
@@ -321,6 +343,31 @@ impl Discover {
                 }
             });
             lock(&self.shared.tasks).push(saver.abort_handle());
+        }
+    }
+
+    /// Reads the extra trust file of the identity authority again; when the trust bundle
+    /// changed, every config gets a new version (its pollers are woken). A bad file keeps
+    /// the last good bundle and is logged as an error.
+    pub fn reload_extra_trust(&self) {
+        let Some(authority) = self.shared.opts.authority.clone() else {
+            return;
+        };
+        let m = &self.shared.metrics;
+        match authority.reload_extra_trust() {
+            Ok(false) => {}
+            Ok(true) => {
+                m.trust_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(
+                    file = ?authority.extra_trust_file(),
+                    "extra trusted CAs reloaded; every config gets the new trust bundle"
+                );
+                self.mutate(|s, now| s.set_tls_salt(authority.salt(), now));
+            }
+            Err(e) => {
+                m.trust_reloads.with_label_values(&["failed"]).inc();
+                tracing::error!(error = %e, "extra trusted CAs rejected; keeping the last good trust bundle");
+            }
         }
     }
 

@@ -133,6 +133,9 @@ pub struct Store {
     services: Vec<ServiceSummary>,
     /// The merged state of the last rebuild, to find what the next one must re-render.
     previous: Option<ClusterState>,
+    /// Mixed into every config's content hash: a fingerprint of what is served with the
+    /// configs but not stored in them (the TLS settings); 0 without TLS.
+    tls_salt: u64,
 }
 
 impl Store {
@@ -146,6 +149,22 @@ impl Store {
             max_version: saved.max_version,
             ..Store::default()
         }
+    }
+
+    /// Sets the fingerprint of the TLS settings served with the configs (see
+    /// [`crate::identity::Authority::salt`]). When it changes after the first build, every
+    /// config is re-rendered and gets a new version, so its pollers learn the new settings.
+    pub fn set_tls_salt(&mut self, salt: u64, now_ms: u64) -> Changes {
+        if salt == self.tls_salt {
+            return Changes::default();
+        }
+        self.tls_salt = salt;
+        if self.previous.is_none() {
+            return Changes::default();
+        }
+        // Without a previous state every sidecar counts as affected.
+        self.previous = None;
+        self.rebuild(now_ms)
     }
 
     /// What to save.
@@ -566,7 +585,7 @@ impl Store {
         }
         let mut config = rendered.config;
         let unversioned = serde_json::to_vec(&config).unwrap_or_default();
-        let hash = fnv1a(&unversioned);
+        let hash = fnv1a(&unversioned) ^ self.tls_salt;
         let name = key.to_string();
         let version = match self.versions.get(&name) {
             Some(r) if r.hash == hash => r.version,

@@ -731,6 +731,112 @@ async fn configs_carry_tls_settings_and_csrs_are_signed_for_their_own_identity_o
     assert_eq!(get(addr, path).await.status, 405);
 }
 
+/// CA rotation: the extra trusted CAs join every config's trust bundle; an edit of the
+/// file wakes the pollers with a new version, a bad edit keeps the last good bundle, and a
+/// restart with another signing CA (same data directory) is not answered `304`.
+#[tokio::test]
+async fn extra_trusted_cas_reach_every_config_and_a_change_of_them_a_new_version() {
+    use sidemesh_discover::identity::{Authority, AuthorityConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let (old_dir, new_dir, data) = (
+        dir.path().join("old"),
+        dir.path().join("new"),
+        dir.path().join("data"),
+    );
+    let old_ca = authority_in(&old_dir).ca_pem().to_owned();
+    let extra = dir.path().join("extra.pem");
+    std::fs::write(&extra, &old_ca).unwrap();
+    let authority = |ca_dir: &std::path::Path| {
+        let config = AuthorityConfig {
+            extra_trust: Some(extra.clone()),
+            ..AuthorityConfig::default()
+        };
+        Authority::load(
+            config,
+            None,
+            None,
+            Some(ca_dir),
+            &prometheus::Registry::new(),
+        )
+        .unwrap()
+    };
+    let a = authority(&new_dir);
+    let new_ca = a.ca_pem().to_owned();
+    let opts = Options {
+        authority: Some(std::sync::Arc::new(a)),
+        data_dir: Some(data.clone()),
+        ..Options::default()
+    };
+    let (d, addr, serving) = start(opts, Some(STATE)).await;
+    let path = "/v1/sidecars/demo/web/sidemesh-proxy";
+    let first = get(addr, path).await;
+    let bundle = first.json()["tls"]["trust_bundle_pem"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        bundle.contains(new_ca.trim()) && bundle.contains(old_ca.trim()),
+        "{bundle}"
+    );
+    sidemesh_api::Snapshot::from_json(&first.body).unwrap();
+
+    // A bad edit: refused, counted, the bundle and version stay.
+    std::fs::write(&extra, "not a certificate").unwrap();
+    let failed = || {
+        d.metrics()
+            .trust_reloads
+            .with_label_values(&["failed"])
+            .get()
+    };
+    eventually(Duration::from_secs(10), async || failed() == 1).await;
+    let same = get(addr, path).await;
+    assert_eq!(same.etag(), first.etag());
+    assert_eq!(same.json()["tls"]["trust_bundle_pem"], bundle.as_str());
+
+    // Dropping the old CA wakes a long poll with a new version carrying the new bundle.
+    let etag = first.etag();
+    let poll = tokio::spawn(async move {
+        request(
+            addr,
+            "GET",
+            &format!("{path}?wait=20"),
+            &[("if-none-match", &etag)],
+            b"",
+        )
+        .await
+    });
+    eventually(Duration::from_secs(5), async || gauge(&d) >= 1).await;
+    std::fs::write(&extra, "").unwrap();
+    let woke = poll.await.unwrap();
+    assert_eq!(woke.status, 200);
+    assert_ne!(woke.etag(), first.etag());
+    let bundle = woke.json()["tls"]["trust_bundle_pem"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!bundle.contains(old_ca.trim()) && bundle.contains(new_ca.trim()));
+    let dropped = woke.etag();
+    serving.task.abort();
+    d.stop();
+    drop(d);
+
+    // Restarted on the same data with the old CA signing: a new version, not a 304.
+    let opts = Options {
+        authority: Some(std::sync::Arc::new(authority(&old_dir))),
+        data_dir: Some(data),
+        ..Options::default()
+    };
+    let (_d, addr, _s) = start(opts, Some(STATE)).await;
+    let again = request(addr, "GET", path, &[("if-none-match", &dropped)], b"").await;
+    assert_eq!(again.status, 200);
+    assert!(
+        again.json()["tls"]["trust_bundle_pem"]
+            .as_str()
+            .unwrap()
+            .starts_with(old_ca.trim())
+    );
+}
+
 /// With a token file, a workload's config, resources and certificate need a bearer token
 /// that covers it (401 without or with an unknown one, 403 for another workload's), the
 /// open routes stay open, and an edit of the file applies while a bad edit is ignored.
@@ -753,7 +859,6 @@ async fn tokens_guard_configs_resources_and_certificates_and_reload() {
     write("demo/web");
     let registry = prometheus::Registry::new();
     let auth = std::sync::Arc::new(Auth::load(&file, &registry).unwrap());
-    let _watch = auth.watch();
     let authority = authority_in(dir.path());
     let opts = Options {
         authority: Some(std::sync::Arc::new(authority)),

@@ -39,7 +39,7 @@ impl Readiness {
         let wants = snapshots
             .borrow()
             .as_ref()
-            .is_some_and(|s| crate::tls::mode_of(s) != sidemesh_api::config::TlsMode::Disabled);
+            .is_some_and(sidemesh_api::Snapshot::wants_tls);
         wants && !tls.is_on()
     }
 

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use sidemesh_api::config::{BalancePolicy, HashOn};
+use sidemesh_api::config::{BalancePolicy, Balancer as BalancerConfig, HashOn};
 
 /// The time constant of the peak-EWMA latency average.
 const EWMA_DECAY: Duration = Duration::from_secs(10);
@@ -140,6 +140,7 @@ pub struct Balancer {
     endpoints: Vec<Arc<Endpoint>>,
     zone_aware: bool,
     zone_min_healthy_percent: u8,
+    spill: Spill,
     next: AtomicUsize,
     schedule: Vec<u32>,
     ring: Vec<(u64, u32)>,
@@ -172,11 +173,22 @@ impl Balancer {
             endpoints,
             zone_aware,
             zone_min_healthy_percent,
+            spill: Spill::default(),
             next: AtomicUsize::new(0),
             schedule,
             ring,
             maglev,
         }
+    }
+
+    /// Sets the spill-over thresholds (the contract's `zone_spill_min_inflight` and
+    /// `zone_spill_ratio`; see [`Load::overloaded_next_to`]).
+    pub fn with_spill(mut self, min_inflight: u32, ratio: u32) -> Balancer {
+        self.spill = Spill {
+            min_inflight: u64::from(min_inflight),
+            ratio: u64::from(ratio),
+        };
+        self
     }
 
     /// The endpoints, in config order.
@@ -262,7 +274,7 @@ impl Balancer {
         {
             // Too few healthy endpoints at home: all healthy endpoints share the traffic.
             Zone::Any
-        } else if own.overloaded_next_to(&other) {
+        } else if own.overloaded_next_to(&other, &self.spill) {
             Zone::Remote
         } else {
             Zone::Local
@@ -315,12 +327,25 @@ impl Balancer {
     }
 }
 
-/// In-flight requests per own-zone endpoint below which the zone never counts as
-/// overloaded: crossing zones costs latency and money, so light load stays at home.
-const SPILL_MIN_INFLIGHT: u64 = 8;
-/// How much busier (in-flight requests per unit of weight) the own zone must be than the
-/// other zones before a request spills over.
-const SPILL_RATIO: u64 = 2;
+/// When the own zone counts as overloaded next to the others.
+#[derive(Clone, Copy, Debug)]
+struct Spill {
+    /// In-flight requests per own-zone endpoint below which the zone never counts as
+    /// overloaded: crossing zones costs latency and money, so light load stays at home.
+    min_inflight: u64,
+    /// How much busier (in-flight requests per unit of weight) the own zone must be than
+    /// the other zones before a request spills over.
+    ratio: u64,
+}
+
+impl Default for Spill {
+    fn default() -> Spill {
+        Spill {
+            min_inflight: u64::from(BalancerConfig::DEFAULT_ZONE_SPILL_MIN_INFLIGHT),
+            ratio: u64::from(BalancerConfig::DEFAULT_ZONE_SPILL_RATIO),
+        }
+    }
+}
 
 /// Healthy endpoints of one side (own zone or the others), their weight and load.
 #[derive(Debug, Default)]
@@ -332,14 +357,14 @@ struct Load {
 
 impl Load {
     /// Whether this (own) zone is overloaded next to `other`: its endpoints average at
-    /// least [`SPILL_MIN_INFLIGHT`] requests in flight, and per unit of weight it carries
-    /// more than [`SPILL_RATIO`] times the load of the other zones. Spilling raises the
+    /// least `spill.min_inflight` requests in flight, and per unit of weight it carries
+    /// more than `spill.ratio` times the load of the other zones. Spilling raises the
     /// other zones' load, so the share that spills settles by itself.
-    fn overloaded_next_to(&self, other: &Load) -> bool {
+    fn overloaded_next_to(&self, other: &Load, spill: &Spill) -> bool {
         other.endpoints > 0
-            && self.inflight >= SPILL_MIN_INFLIGHT * self.endpoints as u64
+            && self.inflight >= spill.min_inflight.saturating_mul(self.endpoints as u64)
             && u128::from(self.inflight) * u128::from(other.weight)
-                > u128::from(SPILL_RATIO) * u128::from(other.inflight) * u128::from(self.weight)
+                > u128::from(spill.ratio) * u128::from(other.inflight) * u128::from(self.weight)
     }
 }
 
@@ -760,6 +785,27 @@ mod tests {
                 x.stats.inflight.store(0, Ordering::Relaxed);
             }
         }
+    }
+
+    #[test]
+    fn zone_spill_thresholds_come_from_the_config() {
+        let e = zoned(2);
+        let home = |m: &HashMap<u16, usize>| m.get(&1).unwrap_or(&0) + m.get(&2).unwrap_or(&0);
+        // 20 in flight per own endpoint, 5 at the others: spills with the defaults.
+        for (x, n) in e.iter().zip([20, 20, 5, 5]) {
+            x.stats.inflight.store(n, Ordering::Relaxed);
+        }
+        let defaults = Balancer::new(BalancePolicy::Random, e.clone(), true, 70);
+        assert_eq!(home(&counts(&defaults, 300, |_| None)), 0);
+        // A floor of 32 per endpoint: not overloaded yet, everything stays home.
+        let floor = Balancer::new(BalancePolicy::Random, e.clone(), true, 70).with_spill(32, 2);
+        assert_eq!(home(&counts(&floor, 300, |_| None)), 300);
+        // A ratio of 4: 20 is not more than 4 x 5, so it stays home too.
+        let ratio = Balancer::new(BalancePolicy::Random, e.clone(), true, 70).with_spill(8, 4);
+        assert_eq!(home(&counts(&ratio, 300, |_| None)), 300);
+        // A ratio of 3: 20 > 3 x 5, so it spills.
+        let spill = Balancer::new(BalancePolicy::Random, e.clone(), true, 70).with_spill(8, 3);
+        assert_eq!(home(&counts(&spill, 300, |_| None)), 0);
     }
 
     /// Runs a closed-loop model: each tick `arrivals` requests are picked (and held in

@@ -38,6 +38,14 @@ pub struct Args {
         default_value = "/etc/resolv.conf"
     )]
     pub dns_resolv_conf: std::path::PathBuf,
+    /// Zones the in-process DNS shim alone knows (e.g. `cluster.local` outside
+    /// Kubernetes): other names in them get NXDOMAIN with an SOA instead of being forwarded.
+    #[arg(
+        long = "authoritative-zone",
+        env = "SIDEMESH_DNS_AUTHORITATIVE_ZONES",
+        value_delimiter = ','
+    )]
+    pub dns_authoritative_zones: Vec<String>,
     /// Directory for the last good config, so a restart serves while discover is down.
     #[arg(long, env = "SIDEMESH_STATE_DIR")]
     pub state_dir: Option<PathBuf>,

@@ -459,7 +459,7 @@ async fn connection(
         let own = snapshot.identity();
         let own = format!("{}/{}", own.namespace, own.service);
         let accepted = tokio::select! {
-            a = tls::accept(&shared.tls, tls::mode_of(&snapshot), &own, stream, shared.config.detect_timeout) => a,
+            a = tls::accept(&shared.tls, snapshot.tls_mode_by_outer(sidemesh_api::OuterPort(listen.port())), &own, stream, shared.config.detect_timeout) => a,
             _ = drain.hard.cancelled() => Accepted::Refused,
         };
         match accepted {

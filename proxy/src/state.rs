@@ -307,6 +307,12 @@ impl State {
 
         // Services first, so that routes can point at other services' backends.
         let mut services = Vec::with_capacity(snapshot.outbound().len());
+        let trust_bundle: Arc<str> = snapshot
+            .config()
+            .tls
+            .as_ref()
+            .map_or("", |t| t.trust_bundle_pem.as_str())
+            .into();
         for s in snapshot.outbound() {
             let key = format!("{}/{}", s.namespace, s.name);
             let shared = cache.services.remove(&key).unwrap_or_default();
@@ -316,6 +322,7 @@ impl State {
                 mesh,
                 namespace: Arc::from(s.namespace.as_str()),
                 service: Arc::from(s.name.as_str()),
+                trust_bundle: trust_bundle.clone(),
             });
             let clients = shared.clients(ConnectorConfig {
                 tls,
@@ -371,7 +378,8 @@ impl State {
                     endpoints,
                     s.balancer.zone_aware,
                     s.balancer.zone_min_healthy_percent,
-                ),
+                )
+                .with_spill(s.balancer.spill_min_inflight(), s.balancer.spill_ratio()),
                 protocol: p.protocol,
             }))
         };

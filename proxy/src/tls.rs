@@ -11,7 +11,8 @@
 //! - **Inbound.** The first byte tells a TLS handshake (0x16) from plaintext ([`accept`]).
 //!   TLS clients must present a mesh certificate; their SPIFFE ID becomes the connection's
 //!   client identity `namespace/service`. Plaintext is accepted in `permissive` mode (with
-//!   no identity) and closed in `strict` mode.
+//!   no identity) and closed in `strict` mode. The mode is per inbound port (its
+//!   `tls_mode`, else the config's); a certificate is requested when any of them needs one.
 //! - **Authorization.** `allow_clients` of the inbound port is checked on that identity:
 //!   HTTP requests get a 403 saying who was refused and why, TCP connections are closed.
 //!   The identity reaches the app in `x-sidemesh-client-id`, which is first removed from
@@ -20,6 +21,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -89,6 +91,9 @@ pub struct Credentials {
     /// The same, offering ALPN `h2`: HTTP/1.1 carried over one HTTP/2 connection.
     client_h2: Arc<rustls::ClientConfig>,
     server: Arc<rustls::ServerConfig>,
+    /// Checks a client's chain against the trust bundle (also after the handshake: see
+    /// [`PeerTrust`]).
+    client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -150,7 +155,7 @@ impl Credentials {
                 .map_err(|e| TlsError::Bad(format!("client verifier: {e}")))?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(client_verifier)
+            .with_client_cert_verifier(client_verifier.clone())
             .with_single_cert(chain, key)?;
         // Chosen only when the client offers it (`--mesh-h2`); otherwise no ALPN at all.
         server.alpn_protocols = vec![ALPN_H2.to_vec()];
@@ -165,6 +170,7 @@ impl Credentials {
             client: Arc::new(client),
             client_h2: Arc::new(client_h2),
             server: Arc::new(server),
+            client_verifier,
         })
     }
 }
@@ -328,6 +334,8 @@ impl TlsMetrics {
 #[derive(Debug)]
 pub struct MeshTls {
     credentials: ArcSwapOption<Credentials>,
+    /// Bumped by every [`MeshTls::install`]: inbound connections re-check their peer then.
+    generation: AtomicU64,
     /// The metrics.
     pub metrics: TlsMetrics,
 }
@@ -337,6 +345,7 @@ impl MeshTls {
     pub fn new(registry: &Registry) -> prometheus::Result<MeshTls> {
         Ok(MeshTls {
             credentials: ArcSwapOption::empty(),
+            generation: AtomicU64::new(0),
             metrics: TlsMetrics::new(registry)?,
         })
     }
@@ -360,16 +369,43 @@ impl MeshTls {
             .unwrap_or(0);
         self.metrics.certificate_expiry.set(expiry);
         self.credentials.store(credentials.map(Arc::new));
+        self.generation.fetch_add(1, Ordering::Release);
     }
 }
 
-/// The TLS mode of a config: absent settings mean `disabled`.
-pub fn mode_of(snapshot: &Snapshot) -> TlsMode {
-    snapshot
-        .config()
-        .tls
-        .as_ref()
-        .map_or(TlsMode::Disabled, |t| t.mode)
+/// An inbound TLS peer's certificate chain, checked again against the trust bundle after
+/// the sidecar's credentials change: a CA dropped from the bundle (rotation, compromise)
+/// stops being trusted on connections that are already open, not only on new ones.
+pub struct PeerTrust {
+    mesh: Arc<MeshTls>,
+    chain: Vec<CertificateDer<'static>>,
+    /// The credentials generation last checked against, and its verdict.
+    checked: u64,
+    trusted: bool,
+}
+
+impl PeerTrust {
+    /// Whether the peer still verifies. One atomic load while the credentials are the same;
+    /// a chain verification once after each change.
+    fn still_trusted(&mut self) -> bool {
+        let now = self.mesh.generation.load(Ordering::Acquire);
+        if now != self.checked {
+            self.checked = now;
+            self.trusted = match (self.mesh.credentials(), self.chain.split_first()) {
+                (Some(c), Some((leaf, intermediates))) => c
+                    .client_verifier
+                    .verify_client_cert(leaf, intermediates, UnixTime::now())
+                    .is_ok(),
+                _ => false,
+            };
+            if !self.trusted {
+                tracing::info!(
+                    "closing an inbound connection: its client certificate is no longer trusted"
+                );
+            }
+        }
+        self.trusted
+    }
 }
 
 /// A connection that may be TLS, on either side of the sidecar.
@@ -385,6 +421,8 @@ pub enum Io {
         stream: Box<tokio_rustls::server::TlsStream<TcpStream>>,
         /// Bytes read ahead, served before the stream's.
         prefix: Bytes,
+        /// The client's chain, re-checked when the credentials change.
+        trust: Box<PeerTrust>,
     },
 }
 
@@ -427,7 +465,17 @@ impl AsyncRead for Io {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Client(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Io::Server { stream, prefix } => {
+            Io::Server {
+                stream,
+                prefix,
+                trust,
+            } => {
+                if !trust.still_trusted() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "the client's certificate is no longer trusted",
+                    )));
+                }
                 if !prefix.is_empty() {
                     let n = prefix.len().min(buf.remaining());
                     buf.put_slice(&prefix[..n]);
@@ -499,6 +547,10 @@ pub struct TlsPeer {
     pub namespace: Arc<str>,
     /// The service dialled.
     pub service: Arc<str>,
+    /// The config's trust bundle. Part of equality, so a new bundle gives the service new
+    /// connection pools: connections made under the old trust are not reused (a CA
+    /// dropped from the bundle stops being trusted at once, not at the idle timeout).
+    pub trust_bundle: Arc<str>,
 }
 
 impl std::fmt::Debug for TlsPeer {
@@ -512,6 +564,7 @@ impl PartialEq for TlsPeer {
         Arc::ptr_eq(&self.mesh, &other.mesh)
             && self.namespace == other.namespace
             && self.service == other.service
+            && self.trust_bundle == other.trust_bundle
     }
 }
 
@@ -568,7 +621,7 @@ pub enum Accepted {
 /// how long to wait for the client's first byte before treating it as plaintext (server-
 /// first protocols send nothing).
 pub async fn accept(
-    mesh: &MeshTls,
+    mesh: &Arc<MeshTls>,
     mode: TlsMode,
     own_service: &str,
     stream: TcpStream,
@@ -580,6 +633,8 @@ pub async fn accept(
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout(peek_wait, stream.peek(&mut first)).await;
     let is_tls = matches!(peeked, Ok(Ok(1))) && first[0] == TLS_HANDSHAKE;
+    // Read before the credentials: a change between the two is re-checked at the first read.
+    let generation = mesh.generation.load(Ordering::Acquire);
     let creds = mesh.credentials();
     match (is_tls, creds) {
         (true, Some(creds)) => {
@@ -610,10 +665,22 @@ pub async fn accept(
                 return Accepted::Refused;
             };
             m.connections.with_label_values(&["inbound"]).inc();
+            let trust = Box::new(PeerTrust {
+                mesh: mesh.clone(),
+                chain: s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                    .unwrap_or_default(),
+                checked: generation,
+                trusted: true,
+            });
             Accepted::Go(
                 Io::Server {
                     stream: Box::new(s),
                     prefix: Bytes::new(),
+                    trust,
                 },
                 Some(Arc::from(id)),
             )
@@ -647,7 +714,7 @@ pub async fn detect_in<T>(
     timeout: Duration,
     classify: impl Fn(&[u8]) -> Option<T>,
 ) -> Option<T> {
-    let Io::Server { stream, prefix } = io else {
+    let Io::Server { stream, prefix, .. } = io else {
         return None;
     };
     let mut buf = BytesMut::from(&prefix[..]);
@@ -802,12 +869,13 @@ pub async fn run_identity(
     }
 }
 
-/// The TLS settings and identity (`namespace/service`) a config asks for, if TLS is on.
+/// The TLS settings and identity (`namespace/service`) a config asks for, if TLS is on
+/// (for the whole config or for one inbound port).
 fn wanted(s: &Snapshot) -> Option<(TlsSettings, String)> {
-    let t = s.config().tls.as_ref()?;
-    if t.mode == TlsMode::Disabled {
+    if !s.wants_tls() {
         return None;
     }
+    let t = s.config().tls.as_ref()?;
     let id = s.identity();
     Some((t.clone(), format!("{}/{}", id.namespace, id.service)))
 }
@@ -950,6 +1018,7 @@ pub(crate) mod tests {
             mesh: cm.clone(),
             namespace: Arc::from(expect.0),
             service: Arc::from(expect.1),
+            trust_bundle: Arc::from(""),
         };
         let stream = TcpStream::connect(addr).await.unwrap();
         let dialled = dial(&peer, stream, false).await;

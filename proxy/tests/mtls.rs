@@ -14,12 +14,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
+use sidemesh_proxy::ProxyConfig;
 use sidemesh_proxy::tls::MeshTls;
-use sidemesh_proxy::{Applied, Proxy, ProxyConfig};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// A CA that signs whatever a CSR asks for, for `ttl`: discover's signer, minus its
@@ -84,23 +83,19 @@ async fn signer(ttl: Duration) -> Signer {
 
 /// A sidecar run in-process whose identity task gets certificates from `signer`.
 struct Sidecar {
-    config: watch::Sender<Option<sidemesh_api::Snapshot>>,
-    applied: watch::Receiver<Option<Applied>>,
+    running: Running,
     tls: Arc<MeshTls>,
-    registry: prometheus::Registry,
-    shutdown: CancellationToken,
 }
 
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+impl std::ops::Deref for Sidecar {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.running
     }
 }
 
 impl Sidecar {
     async fn start(signer: &Signer, service: &str, config: ProxyConfig, json: &Value) -> Sidecar {
-        let registry = prometheus::Registry::new();
-        let proxy = Proxy::new(config, &registry).unwrap();
         let url = format!(
             "http://{}/v1/sidecars/shop/{service}/sidemesh-proxy",
             signer.addr
@@ -112,62 +107,20 @@ impl Sidecar {
         .unwrap()
         .poster()
         .unwrap();
-        let (tx, rx) = watch::channel(None);
-        let shutdown = CancellationToken::new();
-        let tls = proxy.tls();
+        let (running, tls, configs) = spawn(config);
         tokio::spawn(sidemesh_proxy::tls::run_identity(
             tls.clone(),
             poster,
-            rx.clone(),
-            shutdown.clone(),
+            configs,
+            running.shutdown.clone(),
         ));
-        let applied = proxy.applied();
-        let s = shutdown.clone();
-        tokio::spawn(async move { proxy.run(rx, s).await });
-        let sc = Sidecar {
-            config: tx,
-            applied,
-            tls,
-            registry,
-            shutdown,
-        };
+        let sc = Sidecar { running, tls };
         sc.set(json).await;
         assert!(
             eventually(|| sc.tls.credentials().is_some()).await,
             "no certificate"
         );
         sc
-    }
-
-    async fn set(&self, json: &Value) {
-        let snap = sidemesh_api::Snapshot::from_json(json.to_string().as_bytes()).unwrap();
-        let version = snap.version();
-        self.config.send_replace(Some(snap));
-        let mut rx = self.applied.clone();
-        tokio::time::timeout(
-            WAIT,
-            rx.wait_for(|a| a.as_ref().is_some_and(|a| a.version == version)),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    }
-
-    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| {
-                labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                })
-            })
-            .map(|m| m.get_counter().get_value() as u64)
-            .sum()
     }
 }
 
@@ -341,17 +294,10 @@ async fn http_over_mutual_tls_with_allow_clients() {
     s.write_all(b"\x16\x03\x01\x00\x05hello-not-tls")
         .await
         .unwrap();
-    let mut buf = [0u8; 64];
-    let closed = tokio::time::timeout(WAIT, async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "a bad handshake was not closed");
+    assert!(
+        closed_in_time(&mut s).await,
+        "a bad handshake was not closed"
+    );
     assert!(
         eventually(|| m.server.counter(
             "sidemesh_proxy_tls_handshake_failures_total",
@@ -436,6 +382,31 @@ async fn tcp_over_mutual_tls_with_allow_clients() {
     );
 }
 
+/// A plaintext request to `url` gets no answer: the strict listener closes the connection.
+async fn assert_plaintext_refused(
+    c: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    url: &str,
+) {
+    let r = tokio::time::timeout(
+        WAIT,
+        c.request(
+            hyper::Request::get(url)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(
+        r.is_err(),
+        "strict mode answered plaintext at {url}: {:?}",
+        r.map(|r| r.status())
+    );
+}
+
 #[tokio::test]
 async fn permissive_accepts_plaintext_and_strict_refuses_it() {
     let app_ip = loopback();
@@ -458,21 +429,7 @@ async fn permissive_accepts_plaintext_and_strict_refuses_it() {
         .await;
     // A fresh client: a pooled plaintext connection would be an old one.
     let fresh = h1_client();
-    let r = tokio::time::timeout(
-        WAIT,
-        fresh.request(
-            hyper::Request::get(&plain)
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        ),
-    )
-    .await
-    .unwrap();
-    assert!(
-        r.is_err(),
-        "strict mode answered plaintext: {:?}",
-        r.map(|r| r.status())
-    );
+    assert_plaintext_refused(&fresh, &plain).await;
     assert_eq!(
         m.server.counter(
             "sidemesh_proxy_authz_denied_total",
@@ -483,6 +440,209 @@ async fn permissive_accepts_plaintext_and_strict_refuses_it() {
     // Sidecars still get through over mutual TLS.
     let (status, _, _) = get(&fresh, &format!("http://{}/", m.evil_svc), &[]).await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn tls_mode_per_port_strict_port_refuses_plaintext_permissive_port_takes_it() {
+    // Three ports of one sidecar: strict, permissive, and disabled.
+    let app_ip = loopback();
+    let (strict_app, open_app, plain_app) = (
+        backend(app_ip, "api").await,
+        backend(app_ip, "api").await,
+        backend(app_ip, "api").await,
+    );
+    let signer = signer(Duration::from_secs(3600)).await;
+    let server_ip = loopback();
+    let strict = SocketAddr::new(server_ip.into(), free_port(server_ip));
+    let open = SocketAddr::new(server_ip.into(), free_port(server_ip));
+    let plain = SocketAddr::new(server_ip.into(), free_port(server_ip));
+    // The config turns TLS off; the ports' own modes override it (and still get the
+    // sidecar a certificate: `Sidecar::start` waits for one).
+    let server = Sidecar::start(
+        &signer,
+        "api",
+        config_at(server_ip, app_ip),
+        &json!({
+            "version": 1,
+            "identity": {"namespace": "shop", "service": "api", "plugin": "sidemesh-proxy"},
+            "inbound": [
+                {"port": strict_app.addr.port(), "port_outer": strict.port(), "protocol": "http1",
+                 "tls_mode": "strict"},
+                {"port": open_app.addr.port(), "port_outer": open.port(), "protocol": "http1",
+                 "tls_mode": "permissive"},
+                {"port": plain_app.addr.port(), "port_outer": plain.port(), "protocol": "http1",
+                 "tls_mode": "disabled"},
+            ],
+            "tls": tls(&signer, "disabled"),
+        }),
+    )
+    .await;
+    let c = h1_client();
+    let (status, _, _) = get(&c, &format!("http://{open}/"), &[]).await;
+    assert_eq!(status, 200, "the permissive port refused plaintext");
+    assert_plaintext_refused(&h1_client(), &format!("http://{strict}/")).await;
+    assert_eq!(
+        server.counter(
+            "sidemesh_proxy_authz_denied_total",
+            &[("reason", "plaintext")]
+        ),
+        1
+    );
+    // A sidecar gets through the strict port over mutual TLS, and through the disabled
+    // port in plaintext (discover renders that port's endpoints as not meshed).
+    let (svc, svc_plain) = (loopback(), loopback());
+    let mut web_json = client_config(&signer, "web", svc, strict, "http1");
+    web_json["outbound"].as_array_mut().unwrap().push(json!(
+        {"name": "api-plain", "namespace": "shop", "address": svc_plain.to_string(),
+         "ports": [{"port": 80, "protocol": "http1", "endpoints": [
+            {"address": plain.ip().to_string(), "port": plain.port(), "meshed": false}]}],
+         "retry": {"attempts": 0}}
+    ));
+    let _web = Sidecar::start(&signer, "web", config_at(loopback(), app_ip), &web_json).await;
+    let (status, _, _) = get(&c, &format!("http://{svc}/"), &[]).await;
+    assert_eq!(status, 200);
+    let (status, _, _) = get(&c, &format!("http://{svc_plain}/"), &[]).await;
+    assert_eq!(
+        status, 200,
+        "the disabled port refused a plaintext sidecar hop"
+    );
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(strict_app.hits.load(Relaxed), 1);
+    assert_eq!(open_app.hits.load(Relaxed), 1);
+    assert_eq!(plain_app.hits.load(Relaxed), 1);
+}
+
+/// Two sidecars during a CA rotation: `api` (server) and `web` (its client), one with a
+/// certificate of the old CA and one of the new, both trusting both; `web` has called `api`
+/// once over mutual TLS (its connection stays pooled).
+struct Rotation {
+    old: Signer,
+    new: Signer,
+    be: Backend,
+    server: Sidecar,
+    web: Sidecar,
+    server_json: Value,
+    web_json: Value,
+    url: String,
+}
+
+/// `with_bundle(config, version, bundle)`: `config` at `version` trusting `bundle`.
+fn with_bundle(mut config: Value, version: u64, bundle: &str) -> Value {
+    config["version"] = json!(version);
+    config["tls"]["trust_bundle_pem"] = json!(bundle);
+    config
+}
+
+impl Rotation {
+    /// Starts the pair: the server's certificate from the new CA when `server_new`, else
+    /// from the old one (and the client's from the other).
+    async fn start(server_new: bool) -> Rotation {
+        let app_ip = loopback();
+        let be = backend(app_ip, "api").await;
+        let (old, new) = (
+            signer(Duration::from_secs(3600)).await,
+            signer(Duration::from_secs(3600)).await,
+        );
+        let (server_ca, web_ca) = if server_new {
+            (&new, &old)
+        } else {
+            (&old, &new)
+        };
+        let overlap = format!("{}{}", new.ca_pem, old.ca_pem);
+        let server_ip = loopback();
+        let port_outer = free_port(server_ip);
+        let inbound = SocketAddr::new(server_ip.into(), port_outer);
+        let server_json = server_config(1, server_ca, be.addr, port_outer, "http1", "strict", None);
+        let server = Sidecar::start(
+            server_ca,
+            "api",
+            config_at(server_ip, app_ip),
+            &with_bundle(server_json.clone(), 1, &overlap),
+        )
+        .await;
+        let svc = loopback();
+        let web_json = client_config(web_ca, "web", svc, inbound, "http1");
+        let web = Sidecar::start(
+            web_ca,
+            "web",
+            config_at(loopback(), app_ip),
+            &with_bundle(web_json.clone(), 1, &overlap),
+        )
+        .await;
+        let url = format!("http://{svc}/");
+        let (status, _, body) = get(&h1_client(), &url, &[]).await;
+        assert_eq!(status, 200, "old and new CA during the overlap: {body}");
+        Rotation {
+            old,
+            new,
+            be,
+            server,
+            web,
+            server_json,
+            web_json,
+            url,
+        }
+    }
+
+    /// Certificates issued to `s` so far.
+    fn issued(s: &Sidecar) -> u64 {
+        s.counter(
+            "sidemesh_proxy_tls_certificate_requests_total",
+            &[("result", "issued")],
+        )
+    }
+}
+
+/// CA rotation: a sidecar whose certificate comes from the old CA and one whose
+/// certificate comes from the new CA talk while both trust both CAs, and stop being able
+/// to once the old CA leaves the trust bundle (each picks the new bundle up from its next
+/// config, without a restart, and asks for a certificate again).
+#[tokio::test]
+async fn old_and_new_ca_talk_during_the_overlap_and_not_after() {
+    let r = Rotation::start(false).await;
+    let (server, web) = (&r.server, &r.web);
+    // The old CA is dropped from both bundles.
+    let before = (Rotation::issued(server), Rotation::issued(web));
+    server
+        .set(&with_bundle(r.server_json.clone(), 2, &r.new.ca_pem))
+        .await;
+    web.set(&with_bundle(r.web_json.clone(), 2, &r.new.ca_pem))
+        .await;
+    assert!(
+        eventually(|| Rotation::issued(server) > before.0 && Rotation::issued(web) > before.1)
+            .await,
+        "the new trust bundle did not make the sidecars ask for certificates again"
+    );
+    let failures = |s: &Sidecar, dir| {
+        s.counter(
+            "sidemesh_proxy_tls_handshake_failures_total",
+            &[("direction", dir)],
+        )
+    };
+    let (status, _, body) = get(&h1_client(), &r.url, &[]).await;
+    assert!(status >= 500, "old CA still trusted: {status} {body}");
+    assert!(failures(web, "outbound") + failures(server, "inbound") >= 1);
+    assert_eq!(r.be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    drop(r.old);
+}
+
+/// A connection that is already open does not outlive the CA it was trusted by: the
+/// server drops the old CA (the client, with an old-CA certificate, has not applied
+/// anything and still holds its pooled connection) and the next request on it fails.
+#[tokio::test]
+async fn an_open_connection_from_a_dropped_ca_is_closed() {
+    let r = Rotation::start(true).await;
+    let before = Rotation::issued(&r.server);
+    r.server
+        .set(&with_bundle(r.server_json.clone(), 2, &r.new.ca_pem))
+        .await;
+    assert!(eventually(|| Rotation::issued(&r.server) > before).await);
+    let (status, _, body) = get(&h1_client(), &r.url, &[]).await;
+    assert!(status >= 500, "a dropped CA still trusted: {status} {body}");
+    assert_eq!(r.be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // The client still trusts the server: only the server's side cut it.
+    assert_eq!(Rotation::issued(&r.web), 1);
+    drop(r.old);
 }
 
 #[tokio::test]

@@ -126,3 +126,77 @@ pub fn eventually<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Opti
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// One HTTP/1.1 GET on a fresh connection (10 s read timeout): the status and the whole
+/// answer, head included; `(0, "")` when the peer closed without answering.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+/// The value of the first `/metrics` line at `addr` that starts with `line_start` (the
+/// metric name with its labels and the space before the value).
+pub fn metric(addr: &str, line_start: &str) -> Option<f64> {
+    http_get(addr, "/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Starts `sidemesh discover` on `127.0.0.1:0` with the state file `state`, the data
+/// directory `data`, extra flags and environment.
+pub fn start_discover(
+    state: &std::path::Path,
+    data: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Sidemesh {
+    let mut args = vec![
+        "discover",
+        "--state",
+        state.to_str().expect("a UTF-8 path"),
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().expect("a UTF-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    Sidemesh::start(&args, env)
+}
+
+/// Waits (at most `within`) until the sidecar whose admin address is `admin` answers
+/// `/ready` 200 and holds a certificate; panics otherwise.
+pub fn wait_ready_with_certificate(admin: &str, within: Duration) {
+    eventually(within, || {
+        let cert = metric(
+            admin,
+            "sidemesh_proxy_tls_certificate_expiry_timestamp_seconds ",
+        )?;
+        (http_get(admin, "/ready").0 == 200 && cert > 0.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the sidecar at {admin} is not ready with a certificate"));
+}
+
+/// A port free on `ip` right now (bound and released), for a process to listen on.
+pub fn free_port(ip: std::net::Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
+}

@@ -197,6 +197,12 @@ pub struct InboundPort {
     /// Limits on traffic into the app on this port.
     #[serde(default)]
     pub limits: Limits,
+    /// This port's TLS mode, overriding `tls.mode` of the config (Istio's port-level
+    /// `PeerAuthentication`). Absent: the config's mode. Without `tls` settings no
+    /// certificate exists, so `strict` then refuses every client (fail closed) and
+    /// `permissive` takes plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_mode: Option<TlsMode>,
 }
 
 /// A service the workload depends on.
@@ -412,6 +418,36 @@ pub struct Balancer {
     /// Below this share of healthy own-zone endpoints, traffic spills to other zones (0..=100).
     #[serde(default = "default_zone_min_healthy")]
     pub zone_min_healthy_percent: u8,
+    /// Spill-over on overload: the own zone counts as overloaded only while its healthy
+    /// endpoints average at least this many requests (or TCP connections) in flight,
+    /// 1..=100000. Absent: [`Balancer::DEFAULT_ZONE_SPILL_MIN_INFLIGHT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_spill_min_inflight: Option<u32>,
+    /// ... and carry, per unit of weight, more than this many times the in-flight load of
+    /// the other zones' healthy endpoints, 1..=100. Absent:
+    /// [`Balancer::DEFAULT_ZONE_SPILL_RATIO`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_spill_ratio: Option<u32>,
+}
+
+impl Balancer {
+    /// The default of `zone_spill_min_inflight`: light load stays in the own zone, as
+    /// crossing zones costs latency and money.
+    pub const DEFAULT_ZONE_SPILL_MIN_INFLIGHT: u32 = 8;
+    /// The default of `zone_spill_ratio`.
+    pub const DEFAULT_ZONE_SPILL_RATIO: u32 = 2;
+
+    /// `zone_spill_min_inflight`, or its default.
+    pub fn spill_min_inflight(&self) -> u32 {
+        self.zone_spill_min_inflight
+            .unwrap_or(Self::DEFAULT_ZONE_SPILL_MIN_INFLIGHT)
+    }
+
+    /// `zone_spill_ratio`, or its default.
+    pub fn spill_ratio(&self) -> u32 {
+        self.zone_spill_ratio
+            .unwrap_or(Self::DEFAULT_ZONE_SPILL_RATIO)
+    }
 }
 
 fn default_true() -> bool {
@@ -426,6 +462,8 @@ impl Default for Balancer {
             hash_on: None,
             zone_aware: default_true(),
             zone_min_healthy_percent: default_zone_min_healthy(),
+            zone_spill_min_inflight: None,
+            zone_spill_ratio: None,
         }
     }
 }

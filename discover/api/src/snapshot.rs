@@ -169,6 +169,35 @@ impl Snapshot {
         &self.inner.config.dns
     }
 
+    /// The TLS mode of inbound port `port`: its own `tls_mode`, else the config's
+    /// `tls.mode`, else (no `tls` settings) `disabled`.
+    pub fn inbound_tls_mode(&self, port: &InboundPort) -> TlsMode {
+        port.tls_mode.unwrap_or_else(|| {
+            self.inner
+                .config
+                .tls
+                .as_ref()
+                .map_or(TlsMode::Disabled, |t| t.mode)
+        })
+    }
+
+    /// The TLS mode of the inbound listener on `port_outer` (`disabled` for a port that is
+    /// not inbound).
+    pub fn tls_mode_by_outer(&self, port_outer: OuterPort) -> TlsMode {
+        self.inbound_by_outer(port_outer)
+            .map_or(TlsMode::Disabled, |p| self.inbound_tls_mode(p))
+    }
+
+    /// Whether this sidecar needs a certificate: `tls` is present and its mode, or the
+    /// mode of one of the inbound ports, is not `disabled`.
+    pub fn wants_tls(&self) -> bool {
+        self.inner
+            .config
+            .tls
+            .as_ref()
+            .is_some_and(|t| needs_credentials(t, &self.inner.config.inbound))
+    }
+
     /// Whether `client` (`namespace/service`) may call inbound port `port`.
     pub fn client_allowed(port: &InboundPort, client: Option<&str>) -> bool {
         match &port.allow_clients {
@@ -344,7 +373,7 @@ impl Validator {
         let routes = self.outbound(&c.outbound);
         self.dns(&c.dns);
         if let Some(tls) = &c.tls {
-            self.tls(tls);
+            self.tls(tls, &c.inbound);
         }
         for name in c.plugin.variables.keys() {
             let ok = !name.is_empty()
@@ -695,6 +724,12 @@ impl Validator {
             0,
             100,
         );
+        if let Some(n) = b.zone_spill_min_inflight {
+            self.range(&format!("{at}.zone_spill_min_inflight"), n, 1, 100_000);
+        }
+        if let Some(r) = b.zone_spill_ratio {
+            self.range(&format!("{at}.zone_spill_ratio"), r, 1, 100);
+        }
     }
 
     fn timeouts(&mut self, at: &str, t: &Timeouts) {
@@ -783,9 +818,9 @@ impl Validator {
         );
     }
 
-    fn tls(&mut self, t: &TlsSettings) {
+    fn tls(&mut self, t: &TlsSettings, inbound: &[InboundPort]) {
         self.check("tls.trust_domain", check_dns_name(&t.trust_domain));
-        if t.mode == TlsMode::Disabled {
+        if !needs_credentials(t, inbound) {
             return;
         }
         if !t.trust_bundle_pem.contains("-----BEGIN CERTIFICATE-----") {
@@ -824,6 +859,15 @@ impl Validator {
         }
         self.range("dns.ttl_seconds", d.ttl_seconds, 0, 86_400);
     }
+}
+
+/// Whether TLS settings `t` with these inbound ports need a certificate: the config's mode
+/// or a port's own mode is not `disabled`.
+fn needs_credentials(t: &TlsSettings, inbound: &[InboundPort]) -> bool {
+    t.mode != TlsMode::Disabled
+        || inbound
+            .iter()
+            .any(|p| p.tls_mode.is_some_and(|m| m != TlsMode::Disabled))
 }
 
 /// Parses an upstream resolver as `ip`, `ip:port` or `[v6]:port` (port 53 by default).
@@ -883,6 +927,82 @@ mod tests {
         assert!(Snapshot::from_json(c.to_string().as_bytes()).is_ok());
         c["tls"] = json!({"mode": "sometimes", "trust_bundle_pem": PEM, "csr_url": "x"});
         assert!(Snapshot::from_json(c.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn tls_mode_per_inbound_port_overrides_the_configs() {
+        let mut c = base();
+        c["inbound"] = json!([
+            {"port": 8080, "port_outer": 28080, "tls_mode": "strict"},
+            {"port": 9090, "port_outer": 29090},
+        ]);
+        c["tls"] =
+            json!({"mode": "permissive", "trust_bundle_pem": PEM, "csr_url": "x/certificate"});
+        let s = parse(c.clone()).unwrap();
+        assert_eq!(s.tls_mode_by_outer(OuterPort(28080)), TlsMode::Strict);
+        assert_eq!(s.tls_mode_by_outer(OuterPort(29090)), TlsMode::Permissive);
+        assert_eq!(s.tls_mode_by_outer(OuterPort(1)), TlsMode::Disabled);
+        assert!(s.wants_tls());
+        // The round trip keeps the field; an absent one stays absent.
+        let back: serde_json::Value = serde_json::from_slice(&s.to_json()).unwrap();
+        assert_eq!(back["inbound"][0]["tls_mode"], "strict");
+        assert!(back["inbound"][1].get("tls_mode").is_none());
+
+        // A config that disables TLS but makes one port strict still needs a certificate,
+        // so the bundle and the CSR URL are checked.
+        c["tls"] = json!({"mode": "disabled", "trust_bundle_pem": "", "csr_url": ""});
+        let err = parse(c.clone()).unwrap_err().to_string();
+        assert!(
+            err.contains("tls.trust_bundle_pem") && err.contains("tls.csr_url"),
+            "{err}"
+        );
+        c["tls"] = json!({"mode": "disabled", "trust_bundle_pem": PEM, "csr_url": "x/certificate"});
+        let s = parse(c.clone()).unwrap();
+        assert!(s.wants_tls());
+        assert_eq!(s.tls_mode_by_outer(OuterPort(29090)), TlsMode::Disabled);
+        // Only `disabled` overrides: no certificate needed.
+        c["inbound"][0]["tls_mode"] = json!("disabled");
+        assert!(!parse(c.clone()).unwrap().wants_tls());
+
+        // Without `tls` a strict port fails closed and nothing wants a certificate.
+        c["inbound"][0]["tls_mode"] = json!("strict");
+        c.as_object_mut().unwrap().remove("tls");
+        let s = parse(c.clone()).unwrap();
+        assert_eq!(s.tls_mode_by_outer(OuterPort(28080)), TlsMode::Strict);
+        assert!(!s.wants_tls());
+        c["inbound"][0]["tls_mode"] = json!("sometimes");
+        assert!(matches!(parse(c), Err(ConfigError::Parse(_))));
+    }
+
+    #[test]
+    fn zone_spill_thresholds_are_optional_with_defaults_and_validated() {
+        let mut c = base();
+        let s = parse(c.clone()).unwrap();
+        let b = &s.outbound()[0].balancer;
+        assert_eq!((b.spill_min_inflight(), b.spill_ratio()), (8, 2));
+        let back: serde_json::Value = serde_json::from_slice(&s.to_json()).unwrap();
+        assert!(
+            back["outbound"][0]["balancer"]
+                .get("zone_spill_ratio")
+                .is_none()
+        );
+        c["outbound"][0]["balancer"]["zone_spill_min_inflight"] = json!(32);
+        c["outbound"][0]["balancer"]["zone_spill_ratio"] = json!(4);
+        let s = parse(c.clone()).unwrap();
+        let b = &s.outbound()[0].balancer;
+        assert_eq!((b.spill_min_inflight(), b.spill_ratio()), (32, 4));
+        c["outbound"][0]["balancer"]["zone_spill_min_inflight"] = json!(0);
+        c["outbound"][0]["balancer"]["zone_spill_ratio"] = json!(101);
+        let err = parse(c.clone()).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "outbound[0].balancer.zone_spill_min_inflight: must be within 1..=100000, got 0"
+            ) && err
+                .contains("outbound[0].balancer.zone_spill_ratio: must be within 1..=100, got 101"),
+            "{err}"
+        );
+        c["outbound"][0]["balancer"]["zone_spill_ratio"] = json!(-1);
+        assert!(matches!(parse(c), Err(ConfigError::Parse(_))));
     }
 
     #[test]

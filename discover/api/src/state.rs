@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{
     Balancer, DnsSettings, HealthCheck, Limits, OutlierDetection, Protocol, RetryPolicy, Route,
-    Timeouts,
+    Timeouts, TlsMode,
 };
 use crate::name::{check_client, check_label, check_token};
 use crate::port::{AppPort, OuterPort, ServicePort};
@@ -99,6 +99,10 @@ pub struct ServicePortSpec {
     /// An optional name (a DNS label), e.g. `http`, as Kubernetes port names go.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The TLS mode of the instances' sidecars on this port, overriding discover's
+    /// `--mesh-tls` (becomes `inbound[].tls_mode` of the contract). Absent: discover's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_mode: Option<TlsMode>,
 }
 
 impl ServicePortSpec {

@@ -16,6 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sidemesh_api::Snapshot;
+use sidemesh_proxy::tls::MeshTls;
 use sidemesh_proxy::{Applied, Proxy, ProxyConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -151,6 +152,24 @@ impl Drop for Running {
 }
 
 impl Running {
+    /// The sum of counter `name` over the series whose labels include all of `labels`.
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
     /// Sends a config and waits until its version is applied.
     pub async fn set(&self, json: &serde_json::Value) -> Applied {
         let snap = Snapshot::from_json(json.to_string().as_bytes()).expect("valid config");
@@ -183,12 +202,22 @@ pub async fn start(inbound: Ipv4Addr, json: &serde_json::Value) -> Running {
 }
 
 pub async fn start_with(config: ProxyConfig, json: &serde_json::Value) -> Running {
+    let (r, _, _) = spawn(config);
+    r.set(json).await;
+    r
+}
+
+/// Starts a proxy without a config yet: the handle, its TLS state, and the config channel
+/// the proxy reads (for the identity task of mutual TLS tests).
+pub fn spawn(config: ProxyConfig) -> (Running, Arc<MeshTls>, watch::Receiver<Option<Snapshot>>) {
     let registry = prometheus::Registry::new();
     let proxy = Proxy::new(config, &registry).unwrap();
+    let tls = proxy.tls();
     let (tx, rx) = watch::channel(None);
     let applied = proxy.applied();
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
+    let configs = rx.clone();
     let task = tokio::spawn(async move { proxy.run(rx, s).await });
     let r = Running {
         config: tx,
@@ -197,8 +226,24 @@ pub async fn start_with(config: ProxyConfig, json: &serde_json::Value) -> Runnin
         task,
         registry,
     };
-    r.set(json).await;
-    r
+    (r, tls, configs)
+}
+
+/// Reads from `s` until the peer closes the connection (or it fails); whether that
+/// happened within [`WAIT`].
+pub async fn closed_in_time(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
 }
 
 /// A sidecar config with one outbound service.
