@@ -6,6 +6,7 @@
 #   benches/proxy.sh                 # ROUNDS=2 DUR=6 PROXY_CPU=0 LOAD_CPU=1 by default
 #   ROUNDS=3 DUR=10 benches/proxy.sh
 #   benches/proxy.sh rss1k           # only: the sidecar's RSS with a 1,000-service config
+#                                    # (a full run reports it too, as rss_1k_idle_kib)
 #   ONLY="sidemesh haproxy" ROUNDS=1 DUR=3 benches/proxy.sh   # quick comparison
 #
 # Needs: wrk, h2load (nghttp2-client), haproxy, nginx with libnginx-mod-stream, python3,
@@ -321,6 +322,11 @@ for round in $(seq "$ROUNDS"); do
   rec "$round" mesh_direct h1_p99_ms "$(awk '$1=="99%" {print $2}' <<<"$w")"
 done
 for p in $PROXIES; do rec 0 "$p" rss_peak_kib "$(rss_kib "${PID[$p]}" VmHWM)"; done
+# The sidecar's idle RSS with a 1,000-service config (the rss1k mode: its own discover and
+# sidecar on 127.88.*, stopped when it returns).
+if [[ " $PROXIES " == *" sidemesh "* ]]; then
+  rec 0 sidemesh rss_1k_idle_kib "$("$PWD/benches/proxy.sh" rss1k | awk '/VmRSS/ {print $2}')"
+fi
 
 python3 - "$RES" <<'EOF'
 import collections, statistics, sys
