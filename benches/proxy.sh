@@ -274,7 +274,12 @@ ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rss_kib() { awk -v k="$2" '$1==k":" {print $2}' "/proc/$1/status"; }
 
 sleep 1
-for p in $PROXIES; do rec 0 "$p" rss_idle_kib "$(rss_kib "${PID[$p]}" VmRSS)"; done
+# RssAnon is the process's private memory (heap, stacks); the rest of VmRSS is mostly
+# file-backed code pages, shared with every other process running the same binary.
+for p in $PROXIES; do
+  rec 0 "$p" rss_idle_kib "$(rss_kib "${PID[$p]}" VmRSS)"
+  rec 0 "$p" rss_idle_anon_kib "$(rss_kib "${PID[$p]}" RssAnon)"
+done
 
 CLK=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do
@@ -321,7 +326,10 @@ for round in $(seq "$ROUNDS"); do
   rec "$round" mesh_direct h1_rps "$(awk '/Requests\/sec/ {print $2}' <<<"$w")"
   rec "$round" mesh_direct h1_p99_ms "$(awk '$1=="99%" {print $2}' <<<"$w")"
 done
-for p in $PROXIES; do rec 0 "$p" rss_peak_kib "$(rss_kib "${PID[$p]}" VmHWM)"; done
+for p in $PROXIES; do
+  rec 0 "$p" rss_peak_kib "$(rss_kib "${PID[$p]}" VmHWM)"
+  rec 0 "$p" rss_end_anon_kib "$(rss_kib "${PID[$p]}" RssAnon)"
+done
 # The sidecar's idle RSS with a 1,000-service config (the rss1k mode: its own discover and
 # sidecar on 127.88.*, stopped when it returns).
 if [[ " $PROXIES " == *" sidemesh "* ]]; then
