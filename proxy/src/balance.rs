@@ -75,8 +75,17 @@ impl EndpointStats {
     /// Records one observed latency: a higher sample replaces the average at once (the
     /// "peak"), a lower one decays it towards the sample.
     pub fn observe(&self, rtt: Duration) {
-        let sample = rtt.as_nanos() as f64;
+        self.observe_at(rtt, Instant::now());
+    }
+
+    /// Records the latency of a request sent at `sent` and answered now (one clock read).
+    pub fn observe_since(&self, sent: Instant) {
         let now = Instant::now();
+        self.observe_at(now.saturating_duration_since(sent), now);
+    }
+
+    fn observe_at(&self, rtt: Duration, now: Instant) {
+        let sample = rtt.as_nanos() as f64;
         if let Ok(mut e) = self.ewma.lock() {
             if sample > e.rtt_ns || e.rtt_ns == 0.0 {
                 e.rtt_ns = sample;
@@ -115,6 +124,8 @@ impl EndpointStats {
 pub struct Endpoint {
     /// Where to dial.
     pub addr: SocketAddr,
+    /// `addr` as an HTTP/2 `:authority`, made once here rather than formatted per request.
+    pub authority: Option<http::uri::Authority>,
     /// Relative weight (1..=10000).
     pub weight: u32,
     /// Whether the endpoint is in the sidecar's own zone.
@@ -123,6 +134,11 @@ pub struct Endpoint {
     pub meshed: bool,
     /// Load, latency and health, shared across config versions.
     pub stats: Arc<EndpointStats>,
+}
+
+/// `addr` as a URI authority (`ip:port`, IPv6 in brackets).
+pub fn authority_of(addr: SocketAddr) -> Option<http::uri::Authority> {
+    http::uri::Authority::try_from(addr.to_string()).ok()
 }
 
 /// Milliseconds since a process-wide origin; the clock of ejections.
@@ -558,8 +574,10 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, w)| {
+                let addr: SocketAddr = format!("10.0.0.{}:80", i + 1).parse().unwrap();
                 Arc::new(Endpoint {
-                    addr: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
+                    addr,
+                    authority: authority_of(addr),
                     weight: *w,
                     local: false,
                     meshed: false,

@@ -389,9 +389,15 @@ impl ReqBody {
         match self {
             ReqBody::Replay(b) if b.is_empty() => Some(empty()),
             ReqBody::Replay(b) => Some(full(b.clone())),
-            ReqBody::Stream(s) => s
-                .take()
-                .map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+            // A body already at its end (a bodiless h2 request) is sent as `Empty`, which
+            // boxes without allocating.
+            ReqBody::Stream(s) => s.take().map(|b| {
+                if b.is_end_stream() {
+                    empty()
+                } else {
+                    b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
+                }
+            }),
         }
     }
 }
@@ -564,9 +570,9 @@ async fn forward(
                 .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok());
             let authority = match host {
                 Some(a) => a,
-                None => match http::uri::Authority::try_from(ep.addr.to_string()) {
-                    Ok(a) => a,
-                    Err(_) => return error(StatusCode::BAD_REQUEST, "bad-path"),
+                None => match &ep.authority {
+                    Some(a) => a.clone(),
+                    None => return error(StatusCode::BAD_REQUEST, "bad-path"),
                 },
             };
             match Uri::builder()
@@ -755,7 +761,7 @@ pub(crate) fn judge(
     let retry_on = |why: RetryOn| policy.retry_on.contains(&why);
     Ok(match ended {
         Ended::Status(s) => {
-            ep.stats.observe(sent.elapsed());
+            ep.stats.observe_since(sent);
             let o = if s.is_server_error() {
                 Outcome::ServerError
             } else {

@@ -170,8 +170,10 @@ mod tests {
     fn eps(n: usize) -> Vec<Arc<Endpoint>> {
         (0..n)
             .map(|i| {
+                let addr: std::net::SocketAddr = format!("10.0.0.{}:80", i + 1).parse().unwrap();
                 Arc::new(Endpoint {
-                    addr: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
+                    addr,
+                    authority: crate::balance::authority_of(addr),
                     weight: 100,
                     local: false,
                     meshed: false,

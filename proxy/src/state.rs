@@ -278,6 +278,7 @@ impl State {
                 BalancePolicy::RoundRobin,
                 vec![Arc::new(Endpoint {
                     addr: app,
+                    authority: crate::balance::authority_of(app),
                     weight: 100,
                     local: true,
                     meshed: false,
@@ -364,6 +365,7 @@ impl State {
                     let addr = SocketAddr::new(e.address, e.port);
                     Arc::new(Endpoint {
                         addr,
+                        authority: crate::balance::authority_of(addr),
                         weight: e.weight.max(1),
                         local: own_zone.is_some() && e.zone == own_zone,
                         meshed: e.meshed,

@@ -23,6 +23,7 @@ fn zone_aware_picks_allocate_nothing() {
         .map(|i| {
             Arc::new(Endpoint {
                 addr: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
+                authority: None,
                 weight: 100,
                 local: i < 3,
                 meshed: false,
