@@ -428,6 +428,11 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 
 /// Removes hop-by-hop headers and those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages (every HTTP/2 one) carry none of them: one pass over the few names
+    // present is cheaper than a dozen hashed removals.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -471,6 +476,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+/// Whether `name` is one that [`strip_hop_by_hop`] may remove or rewrite without being
+/// named in `Connection`.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TRAILER
+        || name == header::UPGRADE
+        || name == header::TE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// Sends the request upstream, with retries, and builds the response.
@@ -883,5 +902,37 @@ fn classify(r: Result<(Response<Incoming>, InUse), SendError>) -> Try {
             }
             Try::Reset(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_end_to_end_ones_stay() {
+        // Nothing hop-by-hop: the map is left as it is (the fast path).
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
+
+        // Named in Connection, a fixed hop-by-hop name, and TE other than trailers go.
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-kept, close"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key(header::HOST));
+
+        // TE: trailers is end to end.
+        h.insert(header::TE, HeaderValue::from_static("trailers, gzip"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
     }
 }
