@@ -157,6 +157,8 @@ pub struct Balancer {
     zone_aware: bool,
     zone_min_healthy_percent: u8,
     spill: Spill,
+    /// Whether some endpoint is meshed (fixed with the endpoints; read per request).
+    any_meshed: bool,
     next: AtomicUsize,
     schedule: Vec<u32>,
     ring: Vec<(u64, u32)>,
@@ -186,6 +188,7 @@ impl Balancer {
         };
         Balancer {
             policy,
+            any_meshed: endpoints.iter().any(|e| e.meshed),
             endpoints,
             zone_aware,
             zone_min_healthy_percent,
@@ -210,6 +213,11 @@ impl Balancer {
     /// The endpoints, in config order.
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints
+    }
+
+    /// Whether any endpoint is meshed (behind a sidecar).
+    pub fn any_meshed(&self) -> bool {
+        self.any_meshed
     }
 
     /// How many endpoints are healthy now.
@@ -585,6 +593,18 @@ mod tests {
                 })
             })
             .collect()
+    }
+
+    #[test]
+    fn any_meshed_follows_the_endpoints() {
+        let plain = Balancer::new(BalancePolicy::RoundRobin, eps(&[1, 1]), false, 50);
+        assert!(!plain.any_meshed());
+        let mut mixed = eps(&[1, 1]);
+        if let Some(e) = mixed.get_mut(1).and_then(Arc::get_mut) {
+            e.meshed = true;
+        }
+        let mixed = Balancer::new(BalancePolicy::RoundRobin, mixed, false, 50);
+        assert!(mixed.any_meshed());
     }
 
     fn counts(b: &Balancer, n: usize, hash: impl Fn(usize) -> Option<u64>) -> HashMap<u16, usize> {

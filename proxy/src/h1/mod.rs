@@ -474,10 +474,7 @@ impl Lean {
             return Some("h2-upstream");
         }
         let shared = &self.ctx.shared;
-        if shared.config.mesh_h2
-            && shared.tls.is_on()
-            && backend.balancer.endpoints().iter().any(|e| e.meshed)
-        {
+        if shared.config.mesh_h2 && shared.tls.is_on() && backend.balancer.any_meshed() {
             return Some("mesh-h2");
         }
         None
