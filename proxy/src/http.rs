@@ -446,21 +446,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(&name);
     }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TRAILER,
-        header::UPGRADE,
-    ] {
-        if keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
+    for name in HOP_BY_HOP {
+        if keep_upgrade && (name == "upgrade" || name == "connection") {
             continue;
         }
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
     // `te: trailers` is end to end in HTTP/2 and gRPC needs it; any other TE is hop-by-hop.
     let te_trailers = headers
         .get(header::TE)
@@ -478,18 +469,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1), in lower case: never forwarded by either engine.
+/// `te` is handled apart (`te: trailers` is end to end).
+pub(crate) const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "trailer",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
 /// Whether `name` is one that [`strip_hop_by_hop`] may remove or rewrite without being
 /// named in `Connection`.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::TRAILER
-        || name == header::UPGRADE
-        || name == header::TE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    name == header::TE || HOP_BY_HOP.contains(&name.as_str())
 }
 
 /// Sends the request upstream, with retries, and builds the response.

@@ -468,19 +468,11 @@ impl BodyState {
     }
 }
 
-/// Hop-by-hop headers: never forwarded (RFC 9110 §7.6.1). `te` is handled apart.
+/// Whether a header name is hop-by-hop ([`crate::http::HOP_BY_HOP`]; `te` is handled apart).
 pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 8] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-        b"trailer",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    ];
-    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+    crate::http::HOP_BY_HOP
+        .iter()
+        .any(|h| h.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// Appends a header line, the name in lower case (as the hyper engine sends it).
