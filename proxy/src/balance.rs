@@ -552,23 +552,38 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// A request's headers as the hashing policies read them: either engine's form (hyper's
+/// `HeaderMap`, or the lean engine's parsed head) without copying it into the other.
+pub trait RequestHeaders {
+    /// The values of header `name` (lower case), in order.
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl RequestHeaders for http::HeaderMap {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).iter().map(|v| v.as_bytes())
+    }
+}
+
 /// The hash key of a request for `hash_on`, when the request has one.
 pub fn request_hash(
     hash_on: Option<&HashOn>,
-    headers: &http::HeaderMap,
+    headers: &impl RequestHeaders,
     client: SocketAddr,
 ) -> Option<u64> {
     match hash_on? {
-        HashOn::Header(name) => headers.get(name.as_str()).map(|v| hash_bytes(v.as_bytes())),
+        HashOn::Header(name) => headers.values(name).next().map(hash_bytes),
         HashOn::Cookie(name) => headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+            .values("cookie")
+            .filter_map(|v| std::str::from_utf8(v).ok())
             .flat_map(|v| v.split(';'))
             .filter_map(|kv| kv.trim().split_once('='))
             .find(|(k, _)| *k == name)
             .map(|(_, v)| hash_bytes(v.as_bytes())),
-        HashOn::SourceIp => Some(hash_bytes(client.ip().to_string().as_bytes())),
+        HashOn::SourceIp => Some(match client.ip() {
+            std::net::IpAddr::V4(a) => hash_bytes(&a.octets()),
+            std::net::IpAddr::V6(a) => hash_bytes(&a.octets()),
+        }),
     }
 }
 
@@ -917,7 +932,7 @@ mod tests {
         );
         assert_eq!(
             request_hash(Some(&HashOn::SourceIp), &h, ip),
-            Some(hash_bytes(b"10.1.1.1"))
+            Some(hash_bytes(&[10, 1, 1, 1]))
         );
         assert_eq!(
             request_hash(Some(&HashOn::Cookie("none".into())), &h, ip),

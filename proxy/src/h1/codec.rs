@@ -214,6 +214,22 @@ impl RequestHead {
     }
 }
 
+/// A parsed request head with the buffer it points into, for the hashing policies.
+pub(crate) struct HeadView<'b> {
+    pub(crate) buf: &'b [u8],
+    pub(crate) head: &'b RequestHead,
+}
+
+impl crate::balance::RequestHeaders for HeadView<'_> {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.head
+            .headers
+            .iter()
+            .filter(move |(n, _)| n.get(self.buf).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v.get(self.buf))
+    }
+}
+
 /// `bytes` as text when it is visible ASCII (with spaces and tabs), as `HeaderValue::to_str`
 /// requires.
 pub(crate) fn visible_str(bytes: &[u8]) -> Option<&str> {
@@ -538,6 +554,34 @@ mod tests {
 
     const GET: &[u8] =
         b"GET /a?b=1 HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\nConnection: keep-alive, x-a\r\n\r\n";
+
+    #[test]
+    fn hash_keys_from_the_head_match_those_from_a_header_map() {
+        use crate::balance::request_hash;
+        use sidemesh_api::config::HashOn;
+        let raw = b"GET / HTTP/1.1\r\nHost: svc\r\nX-User: alice\r\nCookie: a=1\r\nCookie: session=xyz; b=2\r\n\r\n";
+        let (p, head) = parse(raw);
+        assert_eq!(p, Parsed::Complete);
+        let view = HeadView {
+            buf: raw,
+            head: &head,
+        };
+        let mut map = http::HeaderMap::new();
+        map.insert("x-user", http::HeaderValue::from_static("alice"));
+        map.append("cookie", http::HeaderValue::from_static("a=1"));
+        map.append("cookie", http::HeaderValue::from_static("session=xyz; b=2"));
+        let peer = "10.1.1.1:5000".parse().unwrap();
+        for on in [
+            HashOn::Header("x-user".into()),
+            HashOn::Cookie("session".into()),
+            HashOn::Cookie("absent".into()),
+            HashOn::Header("absent".into()),
+        ] {
+            let from_head = request_hash(Some(&on), &view, peer);
+            assert_eq!(from_head, request_hash(Some(&on), &map, peer), "{on:?}");
+            assert_eq!(from_head.is_some(), !format!("{on:?}").contains("absent"));
+        }
+    }
 
     #[test]
     fn a_head_split_at_every_byte_is_partial_until_its_end() {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, Response};
 use http_body_util::BodyExt;
-use sidemesh_api::config::{HashOn, Protocol};
+use sidemesh_api::config::Protocol;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Sleep;
 
@@ -304,24 +304,11 @@ impl Lean {
             BodyFraming::Length(n) => buf.len() as u64 >= head.len as u64 + n,
             BodyFraming::Chunked => false,
         };
-        let hash = match service.hash_on.as_ref() {
-            None => None,
-            Some(HashOn::SourceIp) => {
-                request_hash(service.hash_on.as_ref(), &identity, self.ctx.peer)
-            }
-            Some(_) => {
-                let mut map = HeaderMap::new();
-                for (n, v) in &head.headers {
-                    if let (Ok(n), Ok(v)) = (
-                        http::HeaderName::from_bytes(n.get(buf)),
-                        http::HeaderValue::from_bytes(v.get(buf)),
-                    ) {
-                        map.append(n, v);
-                    }
-                }
-                request_hash(service.hash_on.as_ref(), &map, self.ctx.peer)
-            }
-        };
+        let hash = request_hash(
+            service.hash_on.as_ref(),
+            &codec::HeadView { buf, head },
+            self.ctx.peer,
+        );
         let client_id = identity.get(crate::tls::CLIENT_ID_HEADER);
         write_request_head(
             &mut self.out,
