@@ -20,6 +20,11 @@ ROUNDS=${ROUNDS:-2}
 DUR=${DUR:-6}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
+# NET, NET1K (the first two octets of the loopback addresses used) and NS (the services'
+# namespace, which the outbound listener addresses derive from) let two runs share a machine.
+NET=${NET:-127.77}
+NET1K=${NET1K:-127.88}
+NS=${NS:-bench}
 OUT=${OUT:-bench-results/proxy}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -40,21 +45,21 @@ if [ "${1:-}" = rss1k ]; then
   # A client that uses 1,000 services: 1,000 outbound listeners, each on its own address.
   python3 -c '
 import sys
-lines = ["services:", "  - namespace: big", "    name: client", "    use_services:"]
+lines = ["services:", "  - namespace: %s" % sys.argv[2], "    name: client", "    use_services:"]
 lines += ["      - {service: s%d}" % i for i in range(1000)]
 for i in range(1000):
-    lines.append("  - namespace: big\n    name: s%d\n    ports: [{port: 8080, protocol: http1}]\n"
-                 "    instances: [{name: i%d, address: 127.88.%d.%d}]" % (i, i, i // 250, i % 250 + 1))
+    lines.append("  - namespace: %s\n" % sys.argv[2] + "    name: s%d\n    ports: [{port: 8080, protocol: http1}]\n"
+                 "    instances: [{name: i%d, address: %s.%d.%d}]" % (i, i, sys.argv[3], i // 250, i % 250 + 1))
 open(sys.argv[1], "w").write("\n".join(lines) + "\n")
-' "$OUT/state-1k.yaml"
-  "$BIN" discover --state "$OUT/state-1k.yaml" --listen 127.88.100.1:7070 >>"$OUT/procs.log" 2>&1 &
+' "$OUT/state-1k.yaml" "$NS-1k" "$NET1K"
+  "$BIN" discover --state "$OUT/state-1k.yaml" --listen $NET1K.100.1:7070 >>"$OUT/procs.log" 2>&1 &
   PIDS=($!)
   trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
-  env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin 127.88.100.2:15000 --inbound-address 127.88.100.3 \
-    --discover-url http://127.88.100.1:7070/v1/sidecars/big/client/sidemesh-proxy >>"$OUT/procs.log" 2>&1 &
+  env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $NET1K.100.2:15000 --inbound-address $NET1K.100.3 \
+    --discover-url http://$NET1K.100.1:7070/v1/sidecars/$NS-1k/client/sidemesh-proxy >>"$OUT/procs.log" 2>&1 &
   PIDS+=($!)
-  for _ in $(seq 100); do curl -sf http://127.88.100.2:15000/ready >/dev/null && break; sleep 0.2; done
-  curl -s http://127.88.100.2:15000/ready
+  for _ in $(seq 100); do curl -sf http://$NET1K.100.2:15000/ready >/dev/null && break; sleep 0.2; done
+  curl -s http://$NET1K.100.2:15000/ready
   grep -E "VmRSS|VmHWM" "/proc/${PIDS[1]}/status"
   exit 0
 fi
@@ -68,7 +73,7 @@ on_load() { taskset -c "$LOAD_CPU" "$@"; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/"$1"/"$2") 2>/dev/null && return 0; sleep 0.1; done; echo "no listener on $1:$2" >&2; exit 1; }
 
 # Upstreams (on the load core): two HTTP backends (HTTP/1.1 and h2c), TCP sinks and echoes.
-U1=127.77.0.11 U2=127.77.0.12 MESHED=127.77.0.13
+U1=$NET.0.11 U2=$NET.0.12 MESHED=$NET.0.13
 for u in $U1 $U2; do
   bg "$LOAD_CPU" "$BIN" demo-backend --listen $u:8080 --name "$u"
   bg "$LOAD_CPU" "$LOAD" sink --listen $u:9000
@@ -81,7 +86,7 @@ for u in $U1 $U2; do wait_port $u 8080; wait_port $u 9000; wait_port $u 9001; do
 # inbound sidecar in front of the "meshed" backend for the whole mesh path.
 cat >"$OUT/state.yaml" <<EOF
 services:
-  - namespace: bench
+  - namespace: $NS
     name: client
     use_services:
       - {service: up, balancer: {policy: round_robin}, retry: {attempts: 0}}
@@ -89,37 +94,37 @@ services:
       - {service: sink, balancer: {policy: round_robin}}
       - {service: echo, balancer: {policy: round_robin}}
       - {service: meshed, retry: {attempts: 0}}
-  - namespace: bench
+  - namespace: $NS
     name: up
     ports: [{port: 8080, protocol: http1}]
     instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
-  - namespace: bench
+  - namespace: $NS
     name: up2
     ports: [{port: 8081, target_port: 8080, protocol: http2}]
     instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
-  - namespace: bench
+  - namespace: $NS
     name: sink
     ports: [{port: 9000, protocol: tcp}]
     instances: [{name: s1, address: $U1}, {name: s2, address: $U2}]
-  - namespace: bench
+  - namespace: $NS
     name: echo
     ports: [{port: 9001, protocol: tcp}]
     instances: [{name: e1, address: $U1}, {name: e2, address: $U2}]
-  - namespace: bench
+  - namespace: $NS
     name: meshed
     ports: [{port: 8090, port_outer: 18090, protocol: http1}]
     instances: [{name: m1, address: $MESHED, meshed: true}]
 EOF
-bg "$LOAD_CPU" "$BIN" discover --state "$OUT/state.yaml" --listen 127.77.0.1:7070
-wait_port 127.77.0.1 7070
-bg "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin 127.77.0.20:15000 \
-  --inbound-address 127.77.0.20 --discover-url http://127.77.0.1:7070/v1/sidecars/bench/client/sidemesh-proxy
+bg "$LOAD_CPU" "$BIN" discover --state "$OUT/state.yaml" --listen $NET.0.1:7070
+wait_port $NET.0.1 7070
+bg "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $NET.0.20:15000 \
+  --inbound-address $NET.0.20 --discover-url http://$NET.0.1:7070/v1/sidecars/$NS/client/sidemesh-proxy
 SIDEMESH_PID=$!
-bg "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin 127.77.0.21:15000 \
+bg "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $NET.0.21:15000 \
   --inbound-address $MESHED --app-address $MESHED \
-  --discover-url http://127.77.0.1:7070/v1/sidecars/bench/meshed/sidemesh-proxy
+  --discover-url http://$NET.0.1:7070/v1/sidecars/$NS/meshed/sidemesh-proxy
 addr_of() {
-  curl -s http://127.77.0.1:7070/v1/sidecars/bench/client/sidemesh-proxy |
+  curl -s http://$NET.0.1:7070/v1/sidecars/$NS/client/sidemesh-proxy |
     python3 -c "import json,sys; print([s['address'] for s in json.load(sys.stdin)['outbound'] if s['name']=='$1'][0])"
 }
 SM=$(addr_of up); SM2=$(addr_of up2); SM_SINK=$(addr_of sink); SM_ECHO=$(addr_of echo); SM_MESHED=$(addr_of meshed)
@@ -136,11 +141,11 @@ defaults
   timeout server 30s
 frontend h1
   mode http
-  bind 127.77.0.2:8080
+  bind $NET.0.2:8080
   default_backend up
 frontend h2
   mode http
-  bind 127.77.0.2:8081 proto h2
+  bind $NET.0.2:8081 proto h2
   default_backend up2
 backend up
   mode http
@@ -155,13 +160,13 @@ backend up2
   server u2 $U2:8080 proto h2
 listen sink
   mode tcp
-  bind 127.77.0.2:9000
+  bind $NET.0.2:9000
   balance roundrobin
   server s1 $U1:9000
   server s2 $U2:9000
 listen echo
   mode tcp
-  bind 127.77.0.2:9001
+  bind $NET.0.2:9001
   balance roundrobin
   server e1 $U1:9001
   server e2 $U2:9001
@@ -181,27 +186,27 @@ http {
   access_log off;
   upstream up { server $U1:8080; server $U2:8080; keepalive 128; }
   server {
-    listen 127.77.0.3:8080;
-    listen 127.77.0.3:8081 http2;
+    listen $NET.0.3:8080;
+    listen $NET.0.3:8081 http2;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
 stream {
   upstream sink { server $U1:9000; server $U2:9000; }
   upstream echo { server $U1:9001; server $U2:9001; }
-  server { listen 127.77.0.3:9000; proxy_pass sink; }
-  server { listen 127.77.0.3:9001; proxy_pass echo; }
+  server { listen $NET.0.3:9000; proxy_pass sink; }
+  server { listen $NET.0.3:9001; proxy_pass echo; }
 }
 EOF
 bg "$PROXY_CPU" nginx -p "$OUT/nginx" -e stderr -c "$OUT/nginx/nginx.conf"
 NGINX_MASTER=$!
-for a in 127.77.0.2 127.77.0.3; do wait_port $a 8080; wait_port $a 8081; wait_port $a 9000; done
+for a in $NET.0.2 $NET.0.3; do wait_port $a 8080; wait_port $a 8081; wait_port $a 9000; done
 NGINX_PID=$(pgrep -P "$NGINX_MASTER" nginx | head -1)
 
-declare -A ADDR=([sidemesh]=$SM [haproxy]=127.77.0.2 [nginx]=127.77.0.3)
-declare -A H2ADDR=([sidemesh]=$SM2 [haproxy]=127.77.0.2 [nginx]=127.77.0.3)
-declare -A TCPADDR=([sidemesh]=$SM_SINK [haproxy]=127.77.0.2 [nginx]=127.77.0.3)
-declare -A ECHOADDR=([sidemesh]=$SM_ECHO [haproxy]=127.77.0.2 [nginx]=127.77.0.3)
+declare -A ADDR=([sidemesh]=$SM [haproxy]=$NET.0.2 [nginx]=$NET.0.3)
+declare -A H2ADDR=([sidemesh]=$SM2 [haproxy]=$NET.0.2 [nginx]=$NET.0.3)
+declare -A TCPADDR=([sidemesh]=$SM_SINK [haproxy]=$NET.0.2 [nginx]=$NET.0.3)
+declare -A ECHOADDR=([sidemesh]=$SM_ECHO [haproxy]=$NET.0.2 [nginx]=$NET.0.3)
 declare -A PID=([sidemesh]=$SIDEMESH_PID [haproxy]=$HAPROXY_PID [nginx]=$NGINX_PID)
 PROXIES="sidemesh haproxy nginx"
 
@@ -211,7 +216,7 @@ if [ -n "$ENVOY" ] && [ -x "$ENVOY" ]; then
   hcm() { # listener name, port, cluster
     cat <<EOT
   - name: $1
-    address: {socket_address: {address: 127.77.0.4, port_value: $2}}
+    address: {socket_address: {address: $NET.0.4, port_value: $2}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -229,7 +234,7 @@ EOT
   tcpl() { # listener name, port, cluster
     cat <<EOT
   - name: $1
-    address: {socket_address: {address: 127.77.0.4, port_value: $2}}
+    address: {socket_address: {address: $NET.0.4, port_value: $2}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.tcp_proxy
@@ -252,7 +257,7 @@ EOT
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config: {http2_protocol_options: {}}'
   {
-    echo "admin: {address: {socket_address: {address: 127.77.0.4, port_value: 9901}}}"
+    echo "admin: {address: {socket_address: {address: $NET.0.4, port_value: 9901}}}"
     echo "static_resources:"
     echo "  listeners:"
     hcm h1 8080 up; hcm h2 8081 up2; tcpl sink 9000 sink; tcpl echo 9001 echo
@@ -261,8 +266,8 @@ EOT
   } >"$OUT/envoy.yaml"
   bg "$PROXY_CPU" "$ENVOY" -c "$OUT/envoy.yaml" --concurrency 1 --log-level warn --base-id 77
   PID[envoy]=$!
-  for port in 8080 8081 9000; do wait_port 127.77.0.4 $port; done
-  ADDR[envoy]=127.77.0.4 H2ADDR[envoy]=127.77.0.4 TCPADDR[envoy]=127.77.0.4 ECHOADDR[envoy]=127.77.0.4
+  for port in 8080 8081 9000; do wait_port $NET.0.4 $port; done
+  ADDR[envoy]=$NET.0.4 H2ADDR[envoy]=$NET.0.4 TCPADDR[envoy]=$NET.0.4 ECHOADDR[envoy]=$NET.0.4
   PROXIES="$PROXIES envoy"
 fi
 # ONLY="sidemesh haproxy" restricts a run to some proxies (quicker while iterating).
@@ -331,7 +336,7 @@ for p in $PROXIES; do
   rec 0 "$p" rss_end_anon_kib "$(rss_kib "${PID[$p]}" RssAnon)"
 done
 # The sidecar's idle RSS with a 1,000-service config (the rss1k mode: its own discover and
-# sidecar on 127.88.*, stopped when it returns).
+# sidecar on $NET1K.*, stopped when it returns).
 if [[ " $PROXIES " == *" sidemesh "* ]]; then
   rec 0 sidemesh rss_1k_idle_kib "$("$PWD/benches/proxy.sh" rss1k | awk '/VmRSS/ {print $2}')"
 fi
