@@ -95,6 +95,8 @@ impl ServeArgs {
 pub struct TlsArgs {
     /// The mesh CA certificate (PEM) that signs sidecar certificates. Without it (and
     /// `--ca-key`), a CA is generated in `--data-dir` and kept there across restarts.
+    /// Watched (either way): a new certificate with its own key signs from then on, a
+    /// pair that does not belong together keeps the last good CA (logged as an error).
     #[arg(long, env = "SIDEMESH_CA_CERT", requires = "ca_key")]
     pub ca_cert: Option<PathBuf>,
     /// The mesh CA's private key (PEM, PKCS#8).

@@ -20,10 +20,13 @@
 //! **Rotation.** Extra CA certificates to keep trusting while the signing CA changes come
 //! from `--ca-trust-extra FILE` (PEM): the trust bundle of every config is the signing CA
 //! followed by them. The file is watched; an edit that is not a list of CA certificates is
-//! refused with an error and the last good list stays. Any change of the bundle (a new
-//! signing CA after a restart, an edit of the extra file) changes every config's version,
-//! so sidecars learn it at their next poll and get a certificate of the signing CA; see
-//! [`Authority::salt`].
+//! refused with an error and the last good list stays. The signing CA's own files (given,
+//! or kept in the data directory) are watched too: a new certificate and key that belong
+//! together replace the signing CA without a restart, and a pair that does not (a
+//! certificate that is not a CA, a key of another certificate, a half-written file) is
+//! refused and the last good CA keeps signing. Any change of the bundle (a new signing CA,
+//! an edit of the extra file) changes every config's version, so sidecars learn it at
+//! their next poll and get a certificate of the signing CA; see [`Authority::salt`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,11 +95,19 @@ pub enum SignError {
     Internal(String),
 }
 
+/// The CA that signs: its key and certificate.
+struct Signing {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+}
+
 /// Discover's CA. Never prints its key.
 pub struct Authority {
     config: AuthorityConfig,
-    issuer: Issuer<'static, KeyPair>,
-    ca_pem: String,
+    signing: ArcSwap<Signing>,
+    /// The files the signing CA was read from (certificate, key), watched for rotation;
+    /// `None` for a CA that lives in memory only.
+    ca_files: Option<(PathBuf, PathBuf)>,
     /// The extra trusted CA certificates (PEM, checked), from `config.extra_trust`.
     extra_pem: ArcSwap<String>,
     issued: IntCounterVec,
@@ -126,14 +137,18 @@ impl Authority {
             std::fs::read_to_string(p)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
         };
+        let mut ca_files = None;
         let (ca_pem, key_pem) = match (ca_cert, ca_key, data_dir) {
-            (Some(c), Some(k), _) => (read(c)?, read(k)?),
+            (Some(c), Some(k), _) => {
+                ca_files = Some((c.to_owned(), k.to_owned()));
+                (read(c)?, read(k)?)
+            }
             (Some(_), None, _) | (None, Some(_), _) => {
                 anyhow::bail!("--ca-cert and --ca-key go together: give both or neither")
             }
             (None, None, Some(dir)) => {
                 let (c, k) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
-                if c.exists() || k.exists() {
+                let pair = if c.exists() || k.exists() {
                     (read(&c)?, read(&k)?)
                 } else {
                     let (cert, key) = generate_ca(&config.trust_domain)?;
@@ -142,7 +157,9 @@ impl Authority {
                     std::fs::write(&c, &cert)?;
                     tracing::info!(cert = %c.display(), "generated a mesh CA in the data directory");
                     (cert, key)
-                }
+                };
+                ca_files = Some((c, k));
+                pair
             }
             (None, None, None) => {
                 tracing::warn!(
@@ -152,9 +169,7 @@ impl Authority {
                 generate_ca(&config.trust_domain)?
             }
         };
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| anyhow::anyhow!("bad CA key: {e}"))?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)
-            .map_err(|e| anyhow::anyhow!("bad CA certificate: {e}"))?;
+        let signing = signing(&ca_pem, &key_pem).map_err(|e| anyhow::anyhow!("{e}"))?;
         let issued = IntCounterVec::new(
             Opts::new(
                 "sidemesh_discover_certificates_total",
@@ -172,22 +187,50 @@ impl Authority {
         };
         Ok(Authority {
             config,
-            issuer,
-            ca_pem,
+            signing: ArcSwap::from_pointee(signing),
+            ca_files,
             extra_pem: ArcSwap::from_pointee(extra),
             issued,
         })
     }
 
     /// The signing CA's certificate (PEM).
-    pub fn ca_pem(&self) -> &str {
-        &self.ca_pem
+    pub fn ca_pem(&self) -> String {
+        self.signing.load().ca_pem.clone()
+    }
+
+    /// The files the signing CA comes from (certificate, key), if it has files.
+    pub fn ca_files(&self) -> Option<(&Path, &Path)> {
+        self.ca_files
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()))
+    }
+
+    /// Reads the signing CA's files again. When they hold another CA whose key belongs to
+    /// its certificate, that CA signs from now on and `Ok(true)` says so; `Ok(false)` when
+    /// nothing changed; on error (unreadable, not a CA, a key of another certificate: also
+    /// the state between writing one file and the other) the last good CA stays.
+    pub fn reload_ca(&self) -> Result<bool, String> {
+        let Some((cert_file, key_file)) = &self.ca_files else {
+            return Ok(false);
+        };
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        };
+        let (ca_pem, key_pem) = (read(cert_file)?, read(key_file)?);
+        if ca_pem == self.signing.load().ca_pem {
+            return Ok(false);
+        }
+        let next = signing(&ca_pem, &key_pem)
+            .map_err(|e| format!("{} and {}: {e}", cert_file.display(), key_file.display()))?;
+        self.signing.store(Arc::new(next));
+        Ok(true)
     }
 
     /// The trust bundle (PEM): the signing CA, then the extra trusted CAs.
     pub fn trust_bundle_pem(&self) -> String {
         let extra = self.extra_pem.load();
-        let mut bundle = self.ca_pem.trim_end().to_owned();
+        let mut bundle = self.signing.load().ca_pem.trim_end().to_owned();
         bundle.push('\n');
         if !extra.is_empty() {
             bundle.push_str(&extra);
@@ -294,7 +337,7 @@ impl Authority {
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(SerialNumber::from_slice(&rand_serial()));
         let cert = params
-            .signed_by(&csr.public_key, &self.issuer)
+            .signed_by(&csr.public_key, &self.signing.load().issuer)
             .map_err(|e| SignError::Internal(e.to_string()))?;
         tracing::info!(
             namespace,
@@ -304,6 +347,41 @@ impl Authority {
         );
         Ok(cert.pem())
     }
+}
+
+/// The signing CA of a certificate and key (PEM): the certificate must be one CA
+/// certificate and the key its own.
+fn signing(ca_pem: &str, key_pem: &str) -> Result<Signing, String> {
+    use x509_parser::pem::Pem;
+    let key = KeyPair::from_pem(key_pem).map_err(|e| format!("bad CA key: {e}"))?;
+    let mut pems = Pem::iter_from_buffer(ca_pem.as_bytes());
+    let pem = match (pems.next(), pems.next()) {
+        (Some(Ok(pem)), None) if pem.label == "CERTIFICATE" => pem,
+        (None, _) => return Err("bad CA certificate: no PEM certificate".to_owned()),
+        (Some(Err(e)), _) => return Err(format!("bad CA certificate: {e}")),
+        _ => return Err("bad CA certificate: expected exactly one PEM CERTIFICATE".to_owned()),
+    };
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| format!("bad CA certificate: {e}"))?;
+    if !cert.is_ca() {
+        return Err(format!(
+            "the certificate ({}) is not a CA certificate",
+            cert.subject()
+        ));
+    }
+    if *cert.public_key().subject_public_key.data != *key.public_key_raw() {
+        return Err(format!(
+            "the key is not the key of the CA certificate ({})",
+            cert.subject()
+        ));
+    }
+    let issuer =
+        Issuer::from_ca_cert_pem(ca_pem, key).map_err(|e| format!("bad CA certificate: {e}"))?;
+    Ok(Signing {
+        issuer,
+        ca_pem: ca_pem.to_owned(),
+    })
 }
 
 /// Reads and checks an extra trust file: PEM certificates, each a CA (none when empty).
@@ -513,6 +591,83 @@ mod tests {
         // The default trust domain's ID is foreign here.
         let (pem, _) = csr(vec![uri("spiffe://cluster.local/ns/shop/svc/web")]);
         assert!(a.sign("shop", "web", &pem, SystemTime::now()).is_err());
+    }
+
+    #[test]
+    fn a_new_ca_in_the_files_signs_and_a_bad_pair_keeps_the_last_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("ca.pem"), dir.path().join("ca-key.pem"));
+        let (old_cert, old_key) = generate_ca("cluster.local").unwrap();
+        std::fs::write(&c, &old_cert).unwrap();
+        std::fs::write(&k, &old_key).unwrap();
+        let a = Authority::load(
+            AuthorityConfig::default(),
+            Some(&c),
+            Some(&k),
+            None,
+            &Registry::new(),
+        )
+        .unwrap();
+        assert_eq!(a.ca_files(), Some((c.as_path(), k.as_path())));
+        assert_eq!(a.reload_ca(), Ok(false), "unchanged files");
+        let old_salt = a.salt();
+        let issuer_of = |cert: &str| {
+            let der = rustls_pki_types_der(cert);
+            let (_, x) = X509Certificate::from_der(&der).unwrap();
+            x.issuer().to_string()
+        };
+        let (pem, _) = csr(vec![uri("spiffe://cluster.local/ns/shop/svc/web")]);
+        let subject_of = |ca: &str| {
+            let der = rustls_pki_types_der(ca);
+            let (_, x) = X509Certificate::from_der(&der).unwrap();
+            x.subject().to_string()
+        };
+        let signed = a.sign("shop", "web", &pem, SystemTime::now()).unwrap();
+        assert_eq!(issuer_of(&signed), subject_of(&old_cert));
+
+        // Half a rotation (the new certificate, the old key), a leaf, garbage: refused with
+        // what is wrong, and the old CA keeps signing.
+        let (new_cert, new_key) = generate_ca("next.cluster.local").unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["x.example".into()])
+            .unwrap()
+            .self_signed(&leaf_key)
+            .unwrap()
+            .pem();
+        for (cert, key, want) in [
+            (new_cert.as_str(), old_key.clone(), "not the key of the CA"),
+            (
+                leaf.as_str(),
+                leaf_key.serialize_pem(),
+                "not a CA certificate",
+            ),
+            ("garbage", new_key.clone(), "no PEM certificate"),
+            (new_cert.as_str(), "garbage".to_owned(), "bad CA key"),
+        ] {
+            std::fs::write(&c, cert).unwrap();
+            std::fs::write(&k, &key).unwrap();
+            let e = a.reload_ca().unwrap_err();
+            assert!(e.contains(want) && e.contains("ca.pem"), "{e}");
+            assert_eq!(a.ca_pem(), old_cert);
+            assert_eq!(a.salt(), old_salt);
+        }
+        let signed = a.sign("shop", "web", &pem, SystemTime::now()).unwrap();
+        assert_eq!(issuer_of(&signed), subject_of(&old_cert));
+
+        // The whole new pair: it signs, and the bundle (so the salt) changes.
+        std::fs::write(&c, &new_cert).unwrap();
+        std::fs::write(&k, &new_key).unwrap();
+        assert_eq!(a.reload_ca(), Ok(true));
+        assert_eq!(a.ca_pem(), new_cert);
+        assert_ne!(a.salt(), old_salt);
+        assert!(a.trust_bundle_pem().starts_with(new_cert.trim_end()));
+        let signed = a.sign("shop", "web", &pem, SystemTime::now()).unwrap();
+        assert_eq!(issuer_of(&signed), subject_of(&new_cert));
+        assert_ne!(subject_of(&new_cert), subject_of(&old_cert));
+
+        // A CA of memory only has no files to reload.
+        assert_eq!(authority(None).reload_ca(), Ok(false));
+        assert!(authority(None).ca_files().is_none());
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub rebuild_seconds: Histogram,
     /// Reloads of the extra trusted CAs (`--ca-trust-extra`) by result (`ok`, `failed`).
     pub trust_reloads: IntCounterVec,
+    /// Reloads of the signing CA's files (`--ca-cert`/`--ca-key` or the data directory's)
+    /// by result (`ok`, `failed`).
+    pub ca_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -80,9 +83,17 @@ impl Metrics {
                 ),
                 &["result"],
             )?,
+            ca_reloads: IntCounterVec::new(
+                Opts::new(
+                    "sidemesh_discover_ca_reloads_total",
+                    "Reloads of the signing CA's files that changed the signing CA, by result.",
+                ),
+                &["result"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.trust_reloads.clone()))?;
+        registry.register(Box::new(m.ca_reloads.clone()))?;
         registry.register(Box::new(m.long_polls_waiting.clone()))?;
         registry.register(Box::new(m.configs_rendered.clone()))?;
         registry.register(Box::new(m.state_reloads.clone()))?;
@@ -94,6 +105,7 @@ impl Metrics {
         for r in ["ok", "failed"] {
             m.state_reloads.with_label_values(&[r]);
             m.trust_reloads.with_label_values(&[r]);
+            m.ca_reloads.with_label_values(&[r]);
         }
         Ok(m)
     }

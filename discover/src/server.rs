@@ -325,6 +325,22 @@ impl Discover {
             });
             lock(&self.shared.tasks).push(watcher.abort_handle());
         }
+        // The signing CA's files: watched, and a valid new CA signs from then on.
+        if let Some((cert, key)) = self
+            .shared
+            .opts
+            .authority
+            .as_ref()
+            .and_then(|a| a.ca_files())
+        {
+            for file in [cert, key] {
+                let watcher = crate::auth::watch_file(file.to_owned(), {
+                    let d = self.clone();
+                    move || d.reload_ca()
+                });
+                lock(&self.shared.tasks).push(watcher.abort_handle());
+            }
+        }
         // Versions and addresses: saved after changes, coalesced.
         if let Some(dir) = self.shared.opts.data_dir.clone() {
             let d = self.clone();
@@ -367,6 +383,33 @@ impl Discover {
             Err(e) => {
                 m.trust_reloads.with_label_values(&["failed"]).inc();
                 tracing::error!(error = %e, "extra trusted CAs rejected; keeping the last good trust bundle");
+            }
+        }
+    }
+
+    /// Reads the signing CA's files again; when they hold a new valid CA, it signs every
+    /// certificate from now on and every config gets a new version with it in the trust
+    /// bundle (its pollers are woken). A bad or half-written pair keeps the last good CA
+    /// and is logged as an error (a rotation that writes the certificate and then the key
+    /// passes through such a state and completes with the second write).
+    pub fn reload_ca(&self) {
+        let Some(authority) = self.shared.opts.authority.clone() else {
+            return;
+        };
+        let m = &self.shared.metrics;
+        match authority.reload_ca() {
+            Ok(false) => {}
+            Ok(true) => {
+                m.ca_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(
+                    files = ?authority.ca_files(),
+                    "signing CA reloaded; every config gets the new trust bundle"
+                );
+                self.mutate(|s, now| s.set_tls_salt(authority.salt(), now));
+            }
+            Err(e) => {
+                m.ca_reloads.with_label_values(&["failed"]).inc();
+                tracing::error!(error = %e, "new signing CA rejected; the last good CA keeps signing");
             }
         }
     }
