@@ -94,5 +94,5 @@ sys.exit(n != 100000)' "$ECHO"; done
 for a in 127.67.0.20 127.67.0.21; do curl -sf http://$a:15000/metrics >/dev/null; curl -sf http://$a:15000/live >/dev/null; done
 kill -TERM $CLIENT $INBOUND
 wait $CLIENT $INBOUND || true
-scripts/callgrind-functions.py /sidemesh "$OUT"/callgrind.* >link/symbol-order.txt
+scripts/callgrind-functions.py "/$(basename "$BIN")" "$OUT"/callgrind.* >link/symbol-order.txt
 echo "link/symbol-order.txt: $(wc -l <link/symbol-order.txt) functions" >&2
