@@ -19,7 +19,6 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderMap, Request, Response};
 use serde_json::json;
-use sidemesh_proxy::ProxyConfig;
 use sidemesh_proxy::http2::Engine;
 use support::*;
 use tokio::net::{TcpListener, TcpStream};
@@ -142,17 +141,7 @@ async fn sidecar(
     let ip = loopback();
     let svc = loopback();
     let cfg = outbound_config(1, svc, 80, "http2", endpoints, extra);
-    let p = start_with(
-        ProxyConfig {
-            inbound_address: ip.into(),
-            drain_timeout: Duration::from_secs(5),
-            http2_engine: engine,
-            ..ProxyConfig::default()
-        },
-        &cfg,
-    )
-    .await;
-    (p, svc)
+    (start_h2(ip, &cfg, engine).await, svc)
 }
 
 /// An h2c client connection to the sidecar at `svc`.
