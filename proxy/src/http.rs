@@ -288,7 +288,7 @@ fn strip_port(host: &str) -> &str {
 }
 
 /// An error the sidecar answers itself.
-fn error(status: StatusCode, why: &'static str) -> Response<Body> {
+pub(crate) fn error(status: StatusCode, why: &'static str) -> Response<Body> {
     let mut r = Response::new(full(Bytes::from(format!("sidemesh: {why}\n"))));
     *r.status_mut() = status;
     r.headers_mut().insert(ERROR, HeaderValue::from_static(why));

@@ -205,12 +205,6 @@ async fn forward(
     };
     let max_tries = max_tries(policy, replay.is_some());
     let path_and_query = prepare_head(&mut parts, route, false);
-    if let Some(b) = replay.as_ref().filter(|b| !b.is_empty()) {
-        parts.headers.insert(
-            http::header::CONTENT_LENGTH,
-            http::HeaderValue::from(b.len()),
-        );
-    }
     let hash = crate::balance::request_hash(service.hash_on.as_ref(), &parts.headers, ctx.peer);
     if replay.is_some() {
         service.shared.budget.deposit();
@@ -228,7 +222,7 @@ async fn forward(
             .clone()
             .and_then(|a| h2_uri(a, &path_and_query))
         else {
-            let r = crate::http::Failure::Connect.response();
+            let r = crate::http::error(http::StatusCode::BAD_REQUEST, "bad-path");
             return send_body_response(r, respond, seen).await;
         };
         let mut up = Request::new(());
