@@ -486,14 +486,8 @@ impl Clients {
         loop {
             let (conn, fresh) = match self.idle_lean_h2(addr) {
                 Some(c) => (c, false),
-                None => {
-                    let gate = self.dial_gate(addr);
-                    let _dialing = gate.lock().await;
-                    match self.idle_lean_h2(addr) {
-                        Some(c) => (c, false),
-                        None => (self.dial_lean_h2(addr, meshed).await?, true),
-                    }
-                }
+                // Boxed: dialling (TLS included) is a large future, and rare.
+                None => Box::pin(self.dial_or_wait_lean_h2(addr, meshed)).await?,
             };
             conn.activity.busy.fetch_add(1, Ordering::AcqRel);
             let hold = H2Hold(conn.activity.clone());
@@ -511,6 +505,21 @@ impl Clients {
                 send,
                 hold,
             });
+        }
+    }
+
+    /// A connection to `addr` made by another request meanwhile (`false`), else a new one
+    /// (`true`): one request dials while the others wait for it.
+    async fn dial_or_wait_lean_h2(
+        &self,
+        addr: SocketAddr,
+        meshed: bool,
+    ) -> Result<(LeanH2, bool), H2OpenError> {
+        let gate = self.dial_gate(addr);
+        let _dialing = gate.lock().await;
+        match self.idle_lean_h2(addr) {
+            Some(c) => Ok((c, false)),
+            None => Ok((self.dial_lean_h2(addr, meshed).await?, true)),
         }
     }
 
