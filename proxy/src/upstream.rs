@@ -405,9 +405,13 @@ impl Clients {
         let mut lean_h2 = h2::client::Builder::new();
         lean_h2
             .enable_push(false)
+            // At most this many streams before the endpoint's SETTINGS say how many.
+            .initial_max_send_streams(100)
             .initial_window_size(2 * 1024 * 1024)
             .initial_connection_window_size(5 * 1024 * 1024)
-            .max_send_buffer_size(1024 * 1024);
+            .max_header_list_size(16 * 1024)
+            .max_send_buffer_size(1024 * 1024)
+            .max_local_error_reset_streams(Some(1024));
         Clients {
             connector,
             pools: Arc::new(Pools::default()),
