@@ -117,6 +117,12 @@ async fn answer(
             let mut send = respond.send_response(head(status), false).unwrap();
             let _ = send.send_data(Bytes::from(all), true);
         }
+        // An answer after 300 ms.
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut send = respond.send_response(head(200), false).unwrap();
+            let _ = send.send_data(Bytes::from_static(b"late"), true);
+        }
         // No answer; counts the reset that ends the wait.
         "/hang" => {
             seen.hanging.fetch_add(1, Ordering::SeqCst);
@@ -146,12 +152,19 @@ async fn sidecar(
 
 /// An h2c client connection to the sidecar at `svc`.
 async fn client(svc: Ipv4Addr) -> h2::client::SendRequest<Bytes> {
+    client_and_end(svc).await.0
+}
+
+/// An h2c client connection to the sidecar at `svc`, and the task that ends with it.
+async fn client_and_end(
+    svc: Ipv4Addr,
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
     let s = TcpStream::connect((svc, 80)).await.unwrap();
     let (send, conn) = h2::client::handshake(s).await.unwrap();
-    tokio::spawn(async move {
+    let end = tokio::spawn(async move {
         let _ = conn.await;
     });
-    send
+    (send, end)
 }
 
 fn request(method: &str, svc: Ipv4Addr, path: &str) -> Request<()> {
@@ -400,4 +413,59 @@ async fn a_full_upstream_connection_does_not_hold_other_requests() {
         (resp.status().as_u16(), body.unwrap().0),
         (200, b"ok".to_vec())
     );
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed() {
+    for engine in ENGINES {
+        let (up, _) = upstream(loopback(), 100).await;
+        let (_p, svc) = sidecar(engine, &[up], json!({"timeouts": {"idle_ms": 200}})).await;
+        let (mut c, end) = client_and_end(svc).await;
+        let (resp, _) = call(&mut c, request("GET", svc, "/"), None).await;
+        assert_eq!(resp.status(), 200, "{engine:?}");
+        let t0 = std::time::Instant::now();
+        tokio::time::timeout(WAIT, end)
+            .await
+            .unwrap_or_else(|_| panic!("{engine:?}: idle connection left open"))
+            .unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(150),
+            "{engine:?}: closed too early"
+        );
+    }
+}
+
+#[tokio::test]
+async fn drain_lets_a_stream_in_flight_finish() {
+    for engine in ENGINES {
+        let (up, _) = upstream(loopback(), 100).await;
+        let (p, svc) = sidecar(engine, &[up], json!({})).await;
+        let (c, end) = client_and_end(svc).await;
+        let mut held = c.clone();
+        let slow =
+            tokio::spawn(async move { call(&mut held, request("GET", svc, "/slow"), None).await });
+        // Once the stream is on its way, the sidecar is asked to stop.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        p.shutdown.cancel();
+        let (resp, body) = tokio::time::timeout(WAIT, slow).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200, "{engine:?}");
+        assert_eq!(body.unwrap().0, b"late", "{engine:?}");
+        // Then the connection ends (GOAWAY, then close), and no new stream is served.
+        tokio::time::timeout(WAIT, end)
+            .await
+            .unwrap_or_else(|_| panic!("{engine:?}: drained connection left open"))
+            .unwrap();
+        let refused = async {
+            c.clone()
+                .ready()
+                .await
+                .ok()?
+                .send_request(request("GET", svc, "/"), true)
+                .ok()
+        };
+        assert!(
+            refused.await.is_none(),
+            "{engine:?}: a stream opened after the drain"
+        );
+    }
 }
