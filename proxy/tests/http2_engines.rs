@@ -373,7 +373,7 @@ async fn routes_match_headers_and_rewrite_both_ways() {
              "backends": [{"subset": {}, "weight": 1}],
              "request_headers": {"set": {"x-routed": "beta"}},
              "response_headers": {"set": {"x-route": "beta"}, "remove": ["x-backend-secret"]}}]});
-        let (_p, svc) = sidecar(engine, &[up, other], routes).await;
+        let (p, svc) = sidecar(engine, &[up, other], routes).await;
         let mut c = client(svc).await;
         let mut req = request("GET", svc, "/");
         req.headers_mut().insert("x-beta", "1".parse().unwrap());
@@ -391,6 +391,16 @@ async fn routes_match_headers_and_rewrite_both_ways() {
             resp.headers().contains_key("x-backend-secret"),
             "{engine:?}"
         );
+        // Each counted in its route's series.
+        for route in ["beta", "default"] {
+            let labels = [
+                ("route", route),
+                ("status_class", "2xx"),
+                ("direction", "outbound"),
+            ];
+            let n = p.counter("sidemesh_proxy_requests_total", &labels);
+            assert_eq!(n, 1, "{engine:?} {route}");
+        }
     }
 }
 
