@@ -262,7 +262,9 @@ async fn forward(
     let max_tries = max_tries(policy, replay.is_some());
     let path_and_query = prepare_head(&mut parts, route, false);
     let hash = crate::balance::request_hash(service.hash_on.as_ref(), &parts.headers, ctx.peer);
-    if replay.is_some() {
+    // Requests that could be retried feed the retry budget (as on the hyper path, where a
+    // bodiless request is replayable only when retries are on).
+    if replay.is_some() && policy.attempts > 0 {
         service.shared.budget.deposit();
     }
     let mut avoid = None;
