@@ -135,6 +135,7 @@ fn sidecar_args(
         register_ttl: Duration::from_secs(30),
         mesh_h2: true,
         http1_engine: sidemesh_proxy::h1::Engine::default(),
+        http2_engine: sidemesh_proxy::http2::Engine::default(),
     }
 }
 

@@ -110,6 +110,10 @@ pub struct Args {
     /// the connection's own task, hyper for upgrades, `Expect` and the rest) or `hyper`.
     #[arg(long, env = "SIDEMESH_HTTP1_ENGINE", value_enum, default_value_t = crate::h1::Engine::Lean)]
     pub http1_engine: crate::h1::Engine,
+    /// The engine for HTTP/2 client connections: `lean` (the default: the `h2` crate on
+    /// both sides, streams polled by their connection's task) or `hyper`.
+    #[arg(long, env = "SIDEMESH_HTTP2_ENGINE", value_enum, default_value_t = crate::http2::Engine::Lean)]
+    pub http2_engine: crate::http2::Engine,
 }
 
 /// Something run beside the data plane (the DNS shim): given the config channel, it starts
@@ -237,6 +241,7 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
             max_connections: args.max_connections,
             mesh_h2: args.mesh_h2,
             http1_engine: args.http1_engine,
+            http2_engine: args.http2_engine,
             ..ProxyConfig::default()
         },
         &registry,

@@ -67,6 +67,8 @@ pub(crate) struct ConnCtx {
 pub(crate) struct ServerBuilders {
     h1: hyper_util::server::conn::auto::Builder<TokioExecutor>,
     h2: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    /// The lean HTTP/2 engine's ([`crate::http2`]).
+    pub(crate) lean_h2: h2::server::Builder,
 }
 
 impl ServerBuilders {
@@ -94,6 +96,7 @@ impl ServerBuilders {
         ServerBuilders {
             h1: builder.clone().http1_only(),
             h2: builder.http2_only(),
+            lean_h2: crate::http2::server_builder(limits),
         }
     }
 }
@@ -152,7 +155,11 @@ where
 }
 
 /// Handles one request: everything that can go wrong becomes a response here.
-async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn handle<B>(ctx: Arc<ConnCtx>, mut req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let start = Instant::now();
     let (target, denied) = resolve(&ctx, req.headers_mut());
     let (index, backend) = select(&target, &req);
@@ -218,7 +225,7 @@ pub(crate) fn observe(
 }
 
 /// Picks the first matching route (its index) and one of its weighted backends.
-fn select(target: &Target, req: &Request<Incoming>) -> (Option<usize>, Arc<Backend>) {
+pub(crate) fn select<B>(target: &Target, req: &Request<B>) -> (Option<usize>, Arc<Backend>) {
     if target.routes.is_empty() {
         return (None, target.default_backend.clone());
     }
@@ -281,7 +288,7 @@ fn strip_port(host: &str) -> &str {
 }
 
 /// An error the sidecar answers itself.
-fn error(status: StatusCode, why: &'static str) -> Response<Body> {
+pub(crate) fn error(status: StatusCode, why: &'static str) -> Response<Body> {
     let mut r = Response::new(full(Bytes::from(format!("sidemesh: {why}\n"))));
     *r.status_mut() = status;
     r.headers_mut().insert(ERROR, HeaderValue::from_static(why));
@@ -379,12 +386,16 @@ impl http_body::Body for GuardedBody {
 }
 
 /// The request body, replayable when it is small and known.
-enum ReqBody {
+enum ReqBody<B> {
     Replay(Bytes),
-    Stream(Option<Incoming>),
+    Stream(Option<B>),
 }
 
-impl ReqBody {
+impl<B> ReqBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     fn take(&mut self) -> Option<Body> {
         match self {
             ReqBody::Replay(b) if b.is_empty() => Some(empty()),
@@ -395,7 +406,7 @@ impl ReqBody {
                 if b.is_end_stream() {
                     empty()
                 } else {
-                    b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
+                    b.map_err(Into::into).boxed_unsync()
                 }
             }),
         }
@@ -411,7 +422,7 @@ enum Try {
     TimedOut,
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && connection_has(req.headers(), "upgrade")
@@ -488,13 +499,94 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::TE || HOP_BY_HOP.contains(&name.as_str())
 }
 
-/// Sends the request upstream, with retries, and builds the response.
-async fn forward(
+/// Whether requests to a backend go upstream over HTTP/2: when its port says so, or (on
+/// auto ports) when the client spoke HTTP/2; gRPC needs it.
+pub(crate) fn upstream_h2(protocol: Protocol, mode: ServerMode) -> bool {
+    match protocol {
+        Protocol::Http2 | Protocol::Grpc => true,
+        Protocol::Http1 => false,
+        Protocol::Auto | Protocol::Tcp => mode == ServerMode::Http2,
+    }
+}
+
+/// The request body for the tries: a body can be replayed on a retry only if we hold all
+/// of it, so small, known bodies are buffered when retries are on; everything else is
+/// streamed (and gets no retry). `Err` is the answer to a body that failed while buffered.
+async fn request_body<B>(
+    body: B,
+    policy: &RetryPolicy,
+    upgrade: bool,
+) -> Result<ReqBody<B>, Response<Body>>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    if policy.attempts == 0 || upgrade {
+        return Ok(ReqBody::Stream(Some(body)));
+    }
+    if body.is_end_stream() {
+        return Ok(ReqBody::Replay(Bytes::new()));
+    }
+    match body.size_hint().exact() {
+        Some(n) if n as usize <= MAX_REPLAY_BODY => {
+            match Limited::new(body, MAX_REPLAY_BODY).collect().await {
+                Ok(c) => Ok(ReqBody::Replay(c.to_bytes())),
+                Err(_) => Err(error(StatusCode::BAD_REQUEST, "bad-request-body")),
+            }
+        }
+        _ => Ok(ReqBody::Stream(Some(body))),
+    }
+}
+
+/// Rewrites a request head for upstream (hop-by-hop headers out, `Host` from the
+/// authority when missing, the route's header rewrite in) and returns its path and query.
+pub(crate) fn prepare_head(
+    parts: &mut http::request::Parts,
+    route: Option<&RouteState>,
+    upgrade: bool,
+) -> http::uri::PathAndQuery {
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+    }
+    if let Some(rw) = route.and_then(|r| r.request_headers.as_ref()) {
+        rw.apply(&mut parts.headers);
+    }
+    parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+}
+
+/// The absolute URI an HTTP/2 upstream request needs for its pseudo-headers.
+pub(crate) fn h2_uri(
+    authority: http::uri::Authority,
+    path_and_query: &http::uri::PathAndQuery,
+) -> Option<Uri> {
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path_and_query.clone())
+        .build()
+        .ok()
+}
+
+/// Sends the request upstream over hyper's clients, with retries, and builds the response.
+pub(crate) async fn forward<B>(
     ctx: &ConnCtx,
     route: Option<&RouteState>,
     backend: &Arc<Backend>,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
+    mut req: Request<B>,
+) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let m = &ctx.shared.metrics;
     let service = &backend.service;
     let label = &*service.label;
@@ -508,52 +600,18 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let (policy, deadline) = plan(route, service);
 
-    // A body can be replayed on a retry only if we hold all of it; buffer small, known
-    // bodies when retries are on, stream everything else without retries.
-    let mut body = if policy.attempts == 0 || upgrade {
-        ReqBody::Stream(Some(body))
-    } else if body.is_end_stream() {
-        ReqBody::Replay(Bytes::new())
-    } else {
-        match body.size_hint().exact() {
-            Some(n) if n as usize <= MAX_REPLAY_BODY => {
-                match Limited::new(body, MAX_REPLAY_BODY).collect().await {
-                    Ok(c) => ReqBody::Replay(c.to_bytes()),
-                    Err(_) => return error(StatusCode::BAD_REQUEST, "bad-request-body"),
-                }
-            }
-            _ => ReqBody::Stream(Some(body)),
-        }
+    let mut body = match request_body(body, policy, upgrade).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
     let replayable = matches!(body, ReqBody::Replay(_));
     let max_tries = max_tries(policy, replayable);
 
-    // Headers: hop-by-hop out, route rewrite in, Host kept for HTTP/1.1 upstreams.
-    let original_authority = parts.uri.authority().cloned();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(a) = &original_authority {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
-    }
-    if let Some(rw) = route.and_then(|r| r.request_headers.as_ref()) {
-        rw.apply(&mut parts.headers);
-    }
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let path_and_query = prepare_head(&mut parts, route, upgrade);
 
     // The upstream protocol: h2 when the port says so, or (on auto ports) when the client
     // spoke h2; gRPC needs it.
-    let use_h2 = match backend.protocol {
-        Protocol::Http2 | Protocol::Grpc => true,
-        Protocol::Http1 => false,
-        Protocol::Auto | Protocol::Tcp => ctx.mode == ServerMode::Http2,
-    } && !upgrade;
+    let use_h2 = upstream_h2(backend.protocol, ctx.mode) && !upgrade;
     let clients = &service.clients;
 
     let hash = request_hash(service.hash_on.as_ref(), &parts.headers, ctx.peer);
@@ -590,14 +648,9 @@ async fn forward(
                     None => return error(StatusCode::BAD_REQUEST, "bad-path"),
                 },
             };
-            match Uri::builder()
-                .scheme("http")
-                .authority(authority)
-                .path_and_query(path_and_query.clone())
-                .build()
-            {
-                Ok(u) => u,
-                Err(_) => return error(StatusCode::BAD_REQUEST, "bad-path"),
+            match h2_uri(authority, &path_and_query) {
+                Some(u) => u,
+                None => return error(StatusCode::BAD_REQUEST, "bad-path"),
             }
         } else {
             Uri::from(path_and_query.clone())

@@ -9,6 +9,8 @@
 //! - [`balance`]: load-balancing policies over endpoints.
 //! - [`http`]: HTTP/1.1, h2c and gRPC proxying with routing, retries and rewrites.
 //! - [`h1`]: the lean HTTP/1.1 engine for the common case (hyper for the rest).
+//! - [`http2`]: the lean HTTP/2 engine (the `h2` crate on both sides; hyper's forwarding
+//!   for HTTP/1.1 upstreams).
 //! - [`tcp`]: raw TCP proxying with half-close (zero-copy `splice` on Linux, in `splice`).
 //! - [`detect`]: protocol detection for `auto` ports.
 //! - [`upstream`]: the connector and pooled clients, with breaker limits.
@@ -30,6 +32,7 @@ pub mod h1;
 pub mod health;
 pub mod hostile;
 pub mod http;
+pub mod http2;
 pub mod metrics;
 pub mod register;
 pub mod resilience;
@@ -90,6 +93,8 @@ pub struct ProxyConfig {
     pub mesh_h2: bool,
     /// The engine that serves HTTP/1.1 client connections.
     pub http1_engine: h1::Engine,
+    /// The engine that serves HTTP/2 client connections.
+    pub http2_engine: http2::Engine,
 }
 
 impl Default for ProxyConfig {
@@ -106,6 +111,7 @@ impl Default for ProxyConfig {
             max_connections: 16_384,
             mesh_h2: true,
             http1_engine: h1::Engine::default(),
+            http2_engine: http2::Engine::default(),
         }
     }
 }
@@ -540,6 +546,10 @@ async fn connection(
             });
             if ctx.mode == ServerMode::Http1 && shared.config.http1_engine == h1::Engine::Lean {
                 h1::serve(ctx, stream, drain).await;
+            } else if ctx.mode == ServerMode::Http2
+                && shared.config.http2_engine == http2::Engine::Lean
+            {
+                http2::serve(ctx, stream, drain).await;
             } else {
                 http::serve(ctx, stream, drain).await;
             }

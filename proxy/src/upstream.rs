@@ -9,7 +9,7 @@
 //! service, boxing and checkout bookkeeping were a large share of the proxy's CPU.
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -213,6 +213,85 @@ struct Pools {
     h2_dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     /// Idle connections of the lean HTTP/1.1 engine, which speaks HTTP on them itself.
     raw: Mutex<HashMap<SocketAddr, Vec<RawConn>>>,
+    /// The lean HTTP/2 engine's connections (the `h2` crate's, without hyper), shared by
+    /// every request to their endpoint: one, and another whenever all are at the stream
+    /// limit the endpoint set.
+    lean_h2: Mutex<HashMap<SocketAddr, Vec<LeanH2>>>,
+}
+
+/// A live HTTP/2 connection of the lean engine.
+#[derive(Clone)]
+struct LeanH2 {
+    sender: h2::client::SendRequest<Bytes>,
+    activity: Arc<Activity>,
+    /// The endpoint's `SETTINGS_MAX_CONCURRENT_STREAMS`, as the connection last saw it.
+    limit: Arc<AtomicUsize>,
+}
+
+impl LeanH2 {
+    /// Whether the connection may take another stream without queueing it.
+    fn has_room(&self) -> bool {
+        self.activity.busy.load(Ordering::Acquire) < self.limit.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for LeanH2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeanH2").finish_non_exhaustive()
+    }
+}
+
+/// A stream the lean HTTP/2 engine opened upstream: the response to wait for, the request
+/// body's sending half, and the hold on the connection (it counts as busy, so it is not
+/// closed as idle, until this is dropped).
+pub(crate) struct H2Stream {
+    pub(crate) response: h2::client::ResponseFuture,
+    pub(crate) send: h2::SendStream<Bytes>,
+    pub(crate) hold: H2Hold,
+}
+
+/// Marks an upstream HTTP/2 connection busy while held.
+pub(crate) struct H2Hold(Arc<Activity>);
+
+impl Drop for H2Hold {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why the lean HTTP/2 engine could not open a stream upstream.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum H2OpenError {
+    /// No connection to the endpoint could be made.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The connection refused the stream.
+    #[error("upstream HTTP/2 stream not opened: {0}")]
+    H2(#[from] h2::Error),
+}
+
+/// How often an HTTP/2 connection without traffic is pinged, and how long the pong may take
+/// before the connection is closed as dead (the hyper engine's settings too).
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Completes when a ping on an HTTP/2 connection goes unanswered for
+/// [`KEEPALIVE_TIMEOUT`]: pings are sent after [`KEEPALIVE_INTERVAL`] without traffic (on
+/// `io`), and only while `wanted` says so. Never completes without a `PingPong`.
+pub(crate) async fn keepalive(pp: Option<h2::PingPong>, io: &AtomicU64, wanted: impl Fn() -> bool) {
+    let Some(mut pp) = pp else {
+        return std::future::pending().await;
+    };
+    loop {
+        crate::tcp::idle_watch(io, KEEPALIVE_INTERVAL).await;
+        if !wanted() {
+            continue;
+        }
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pp.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+    }
 }
 
 /// An HTTP/1.1 connection that the lean engine ([`crate::h1`]) speaks on directly: no
@@ -309,6 +388,7 @@ pub struct Clients {
     pools: Arc<Pools>,
     h1: Arc<http1::Builder>,
     h2: Arc<http2::Builder<TokioExecutor>>,
+    lean_h2: Arc<h2::client::Builder>,
 }
 
 impl Clients {
@@ -321,11 +401,23 @@ impl Clients {
         h2.timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_while_idle(false);
+        // hyper's client defaults, so that both engines have the same windows and buffers.
+        let mut lean_h2 = h2::client::Builder::new();
+        lean_h2
+            .enable_push(false)
+            // At most this many streams before the endpoint's SETTINGS say how many.
+            .initial_max_send_streams(100)
+            .initial_window_size(2 * 1024 * 1024)
+            .initial_connection_window_size(5 * 1024 * 1024)
+            .max_header_list_size(16 * 1024)
+            .max_send_buffer_size(1024 * 1024)
+            .max_local_error_reset_streams(Some(1024));
         Clients {
             connector,
             pools: Arc::new(Pools::default()),
             h1: Arc::new(h1),
             h2: Arc::new(h2),
+            lean_h2: Arc::new(lean_h2),
         }
     }
 
@@ -382,6 +474,135 @@ impl Clients {
                 },
             }
         }
+    }
+
+    /// Opens a stream for `head` on the endpoint's HTTP/2 connection of the lean engine,
+    /// dialled if there is none (one request dials while the others wait); `end_of_stream`
+    /// when the request has no body. A reused connection found gone before the stream was
+    /// opened is replaced once. `head`'s URI must be absolute.
+    pub(crate) async fn open_h2(
+        &self,
+        addr: SocketAddr,
+        meshed: bool,
+        head: Request<()>,
+        end_of_stream: bool,
+    ) -> Result<H2Stream, H2OpenError> {
+        loop {
+            let (conn, fresh) = match self.idle_lean_h2(addr) {
+                Some(c) => (c, false),
+                // Boxed: dialling (TLS included) is a large future, and rare.
+                None => Box::pin(self.dial_or_wait_lean_h2(addr, meshed)).await?,
+            };
+            conn.activity.busy.fetch_add(1, Ordering::AcqRel);
+            let hold = H2Hold(conn.activity.clone());
+            let mut sender = match conn.sender.ready().await {
+                Ok(s) => s,
+                Err(e) if fresh => return Err(e.into()),
+                Err(_) => {
+                    self.forget_lean_h2(addr, &conn.activity);
+                    continue;
+                }
+            };
+            let (response, send) = sender.send_request(head, end_of_stream)?;
+            return Ok(H2Stream {
+                response,
+                send,
+                hold,
+            });
+        }
+    }
+
+    /// A connection to `addr` made by another request meanwhile (`false`), else a new one
+    /// (`true`): one request dials while the others wait for it.
+    async fn dial_or_wait_lean_h2(
+        &self,
+        addr: SocketAddr,
+        meshed: bool,
+    ) -> Result<(LeanH2, bool), H2OpenError> {
+        let gate = self.dial_gate(addr);
+        let _dialing = gate.lock().await;
+        match self.idle_lean_h2(addr) {
+            Some(c) => Ok((c, false)),
+            None => Ok((self.dial_lean_h2(addr, meshed).await?, true)),
+        }
+    }
+
+    /// A connection to `addr` with room for another stream.
+    fn idle_lean_h2(&self, addr: SocketAddr) -> Option<LeanH2> {
+        let pools = self.pools.lean_h2.lock().ok()?;
+        pools.get(&addr)?.iter().find(|c| c.has_room()).cloned()
+    }
+
+    /// Takes a connection that failed out of the pool.
+    fn forget_lean_h2(&self, addr: SocketAddr, activity: &Arc<Activity>) {
+        forget_lean_h2(&self.pools, addr, activity);
+    }
+
+    /// The lock held while a connection to `addr` is dialled.
+    fn dial_gate(&self, addr: SocketAddr) -> Arc<tokio::sync::Mutex<()>> {
+        match self.pools.h2_dialing.lock() {
+            Ok(mut gates) => gates.entry(addr).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    /// Dials `addr` for the lean HTTP/2 engine and starts the connection's task, which
+    /// ends it when it fails, idles out or stops answering pings, and then takes it out of
+    /// the pool.
+    async fn dial_lean_h2(&self, addr: SocketAddr, meshed: bool) -> Result<LeanH2, H2OpenError> {
+        let (stream, slot) = self.connector.connect_endpoint(addr, meshed, true).await?;
+        let activity = Arc::new(Activity::default());
+        let io = crate::tcp::Timed::new(stream, activity.io.clone());
+        let (sender, mut conn) = self
+            .lean_h2
+            .handshake(io)
+            .await
+            .map_err(|e| ConnectError::Io(io::Error::other(e)))?;
+        let limit = Arc::new(AtomicUsize::new(conn.max_concurrent_send_streams()));
+        let seen_limit = limit.clone();
+        let idle = self.connector.idle_timeout();
+        let watch = activity.clone();
+        let pools = Arc::downgrade(&self.pools);
+        let ping = conn.ping_pong();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let idle_out = async {
+                match idle {
+                    None => std::future::pending().await,
+                    Some(t) => idle_close(&watch, t).await,
+                }
+            };
+            let busy = || watch.busy.load(Ordering::Acquire) > 0;
+            // The connection, noting the endpoint's stream limit as its SETTINGS come.
+            let run = poll_fn(|cx| {
+                let r = Pin::new(&mut conn).poll(cx);
+                seen_limit.store(conn.max_concurrent_send_streams(), Ordering::Relaxed);
+                r
+            });
+            tokio::select! {
+                r = run => {
+                    if let Err(e) = r {
+                        tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+                    }
+                }
+                _ = idle_out => {}
+                _ = keepalive(ping, &watch.io, busy) => {
+                    tracing::debug!(%addr, "upstream HTTP/2 connection did not answer a ping");
+                }
+            }
+            if let Some(pools) = pools.upgrade() {
+                forget_lean_h2(&pools, addr, &watch);
+            }
+        });
+        let c = LeanH2 {
+            sender,
+            activity,
+            limit,
+        };
+        if let Ok(mut pools) = self.pools.lean_h2.lock() {
+            pools.entry(addr).or_default().push(c.clone());
+        }
+        Ok(c)
     }
 
     /// An idle connection to `addr` for the lean HTTP/1.1 engine, else a new one (dialled
@@ -460,10 +681,7 @@ impl Clients {
         if let Some(c) = self.idle_h2(addr) {
             return Ok((c, false));
         }
-        let gate = match self.pools.h2_dialing.lock() {
-            Ok(mut gates) => gates.entry(addr).or_default().clone(),
-            Err(_) => Arc::default(),
-        };
+        let gate = self.dial_gate(addr);
         let _dialing = gate.lock().await;
         if let Some(c) = self.idle_h2(addr) {
             return Ok((c, false));
@@ -545,6 +763,18 @@ impl Clients {
                 sender: Sender::H1(sender),
                 activity,
             })
+        }
+    }
+}
+
+/// Takes the lean engine's connection with `activity` out of the pool of `addr`.
+fn forget_lean_h2(pools: &Pools, addr: SocketAddr, activity: &Arc<Activity>) {
+    if let Ok(mut map) = pools.lean_h2.lock() {
+        if let Some(list) = map.get_mut(&addr) {
+            list.retain(|c| !Arc::ptr_eq(&c.activity, activity));
+            if list.is_empty() {
+                map.remove(&addr);
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 
 use serde_json::json;
+use sidemesh_proxy::http2::Engine;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -39,13 +40,16 @@ fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
 /// :authority (RFC 7541 appendix A).
 const GET_BLOCK: &[u8] = &[0x82, 0x86, 0x84, 0x01, 0x01, b'x'];
 
-/// A sidecar with one h2c outbound service in front of a counting backend.
-async fn setup() -> (Running, Backend, Ipv4Addr) {
+/// Every case runs against both HTTP/2 engines.
+const ENGINES: [Engine; 2] = [Engine::Lean, Engine::Hyper];
+
+/// A sidecar on `engine` with one h2c outbound service in front of a counting backend.
+async fn setup(engine: Engine) -> (Running, Backend, Ipv4Addr) {
     let ip = loopback();
     let be = backend(ip, "a").await;
     let svc = loopback();
     let cfg = outbound_config(1, svc, 80, "http2", &[be.addr], json!({}));
-    (start(ip, &cfg).await, be, svc)
+    (start_h2(ip, &cfg, engine).await, be, svc)
 }
 
 /// Opens an h2c connection and sends the preface and an empty SETTINGS frame.
@@ -90,9 +94,8 @@ async fn still_serves(svc: Ipv4Addr) {
     assert_eq!((status, backend.as_str()), (200, "a"));
 }
 
-#[tokio::test]
-async fn rapid_reset_gets_goaway_and_bounded_upstream_work() {
-    let (_p, be, svc) = setup().await;
+async fn rapid_reset_gets_goaway_and_bounded_upstream_work_on(engine: Engine) {
+    let (_p, be, svc) = setup(engine).await;
     still_serves(svc).await;
     let before = be.hits.load(Ordering::Relaxed);
     let (mut r, mut w) = open(svc).await.into_split();
@@ -158,9 +161,8 @@ async fn continuation_flood(svc: Ipv4Addr, first: &[u8], chunk: &[u8]) -> (Optio
     (code, written)
 }
 
-#[tokio::test]
-async fn endless_continuation_is_cut_off_with_bounded_memory() {
-    let (_p, be, svc) = setup().await;
+async fn endless_continuation_is_cut_off_with_bounded_memory_on(engine: Engine) {
+    let (_p, be, svc) = setup(engine).await;
     // A literal header whose name claims 1 MiB: the decoder needs more with every frame.
     let mut first = vec![0x00, 0x7f];
     let mut n = (1u32 << 20) - 127;
@@ -185,9 +187,8 @@ async fn endless_continuation_is_cut_off_with_bounded_memory() {
     );
 }
 
-#[tokio::test]
-async fn more_streams_than_allowed_are_refused_not_queued() {
-    let (_p, _be, svc) = setup().await;
+async fn more_streams_than_allowed_are_refused_not_queued_on(engine: Engine) {
+    let (_p, _be, svc) = setup(engine).await;
     // Open 1,000 streams whose request bodies never end: past the advertised concurrency
     // limit (256) the sidecar refuses streams instead of holding them.
     let (mut r, mut w) = open(svc).await.into_split();
@@ -223,12 +224,11 @@ async fn more_streams_than_allowed_are_refused_not_queued() {
     still_serves(svc).await;
 }
 
-#[tokio::test]
-async fn differing_content_lengths_over_h2_never_reach_the_upstream() {
+async fn differing_content_lengths_over_h2_never_reach_the_upstream_on(engine: Engine) {
     // Content-length values that disagree: h2 (0.4.20) resets the stream itself, and the
     // sidecar's own header check would answer 400; either way an HTTP/1 upstream never
     // sees both values.
-    let (_p, be, svc) = setup().await;
+    let (_p, be, svc) = setup(engine).await;
     let (mut r, mut w) = open(svc).await.into_split();
     let mut block = vec![0x83, 0x86, 0x84, 0x01, 0x01, b'x']; // POST http://x/
     for v in [b"3".as_slice(), b"30".as_slice()] {
@@ -259,4 +259,32 @@ async fn differing_content_lengths_over_h2_never_reach_the_upstream() {
         0,
         "the request reached the upstream"
     );
+}
+
+#[tokio::test]
+async fn rapid_reset_gets_goaway_and_bounded_upstream_work() {
+    for engine in ENGINES {
+        rapid_reset_gets_goaway_and_bounded_upstream_work_on(engine).await;
+    }
+}
+
+#[tokio::test]
+async fn endless_continuation_is_cut_off_with_bounded_memory() {
+    for engine in ENGINES {
+        endless_continuation_is_cut_off_with_bounded_memory_on(engine).await;
+    }
+}
+
+#[tokio::test]
+async fn more_streams_than_allowed_are_refused_not_queued() {
+    for engine in ENGINES {
+        more_streams_than_allowed_are_refused_not_queued_on(engine).await;
+    }
+}
+
+#[tokio::test]
+async fn differing_content_lengths_over_h2_never_reach_the_upstream() {
+    for engine in ENGINES {
+        differing_content_lengths_over_h2_never_reach_the_upstream_on(engine).await;
+    }
 }

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use sidemesh_proxy::ProxyConfig;
+use sidemesh_proxy::http2::Engine;
 use sidemesh_proxy::tls::MeshTls;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -675,6 +676,60 @@ async fn certificates_are_renewed_before_they_expire() {
     assert!(eventually(|| sc.tls.credentials().is_none()).await);
 }
 
+/// HTTP/1.1 from a client sidecar with `mesh_h2` to an app behind an inbound sidecar whose
+/// HTTP/2 engine is `engine`: the app gets HTTP/1.1 with the client's Host, and every request
+/// rides one mutual TLS connection.
+async fn mesh_h2_hop(signer: &Signer, app_ip: Ipv4Addr, app: SocketAddr, engine: Engine) {
+    let server_ip = loopback();
+    let port_outer = free_port(server_ip);
+    let inbound = SocketAddr::new(server_ip.into(), port_outer);
+    let _server = Sidecar::start(
+        signer,
+        "api",
+        ProxyConfig {
+            http2_engine: engine,
+            ..config_at(server_ip, app_ip)
+        },
+        &server_config(1, signer, app, port_outer, "http1", "permissive", None),
+    )
+    .await;
+    let svc = loopback();
+    let web = Sidecar::start(
+        signer,
+        "web",
+        ProxyConfig {
+            mesh_h2: true,
+            ..config_at(loopback(), app_ip)
+        },
+        &client_config(signer, "web", svc, inbound, "http1"),
+    )
+    .await;
+    let c = h1_client();
+    let url = format!("http://{svc}/");
+    let (status, _, body) = get(&c, &url, &[("host", "api.shop")]).await;
+    assert_eq!(status, 200, "{engine:?}");
+    // The app got HTTP/1.1 with the client's Host, after an HTTP/2 hop.
+    assert_eq!(body, "HTTP/1.1 api.shop", "{engine:?}");
+    let many: Vec<_> = (0..20)
+        .map(|_| {
+            let (c, url) = (h1_client(), url.clone());
+            tokio::spawn(async move { get(&c, &url, &[]).await.0 })
+        })
+        .collect();
+    for r in many {
+        assert_eq!(r.await.unwrap(), 200, "{engine:?}");
+    }
+    // Twenty-one requests, most of them concurrent, over one mutual TLS connection.
+    assert_eq!(
+        web.counter(
+            "sidemesh_proxy_tls_connections_total",
+            &[("direction", "outbound")]
+        ),
+        1,
+        "{engine:?}"
+    );
+}
+
 #[tokio::test]
 async fn http1_rides_one_http2_connection_between_sidecars_with_mesh_h2() {
     let app_ip = loopback();
@@ -697,6 +752,12 @@ async fn http1_rides_one_http2_connection_between_sidecars_with_mesh_h2() {
     )
     .await;
     let signer = signer(Duration::from_secs(3600)).await;
+    // The inbound sidecar serves the HTTP/2 hop with either HTTP/2 engine.
+    for engine in [Engine::Lean, Engine::Hyper] {
+        mesh_h2_hop(&signer, app_ip, be.addr, engine).await;
+    }
+    // With the switch off, the hop is HTTP/1.1 keep-alive: one connection per request in
+    // flight.
     let server_ip = loopback();
     let port_outer = free_port(server_ip);
     let inbound = SocketAddr::new(server_ip.into(), port_outer);
@@ -707,42 +768,6 @@ async fn http1_rides_one_http2_connection_between_sidecars_with_mesh_h2() {
         &server_config(1, &signer, be.addr, port_outer, "http1", "permissive", None),
     )
     .await;
-    let svc = loopback();
-    let web = Sidecar::start(
-        &signer,
-        "web",
-        ProxyConfig {
-            mesh_h2: true,
-            ..config_at(loopback(), app_ip)
-        },
-        &client_config(&signer, "web", svc, inbound, "http1"),
-    )
-    .await;
-    let c = h1_client();
-    let url = format!("http://{svc}/");
-    let (status, _, body) = get(&c, &url, &[("host", "api.shop")]).await;
-    assert_eq!(status, 200);
-    // The app got HTTP/1.1 with the client's Host, after an HTTP/2 hop.
-    assert_eq!(body, "HTTP/1.1 api.shop");
-    let many: Vec<_> = (0..20)
-        .map(|_| {
-            let (c, url) = (h1_client(), url.clone());
-            tokio::spawn(async move { get(&c, &url, &[]).await.0 })
-        })
-        .collect();
-    for r in many {
-        assert_eq!(r.await.unwrap(), 200);
-    }
-    // Twenty-one requests, most of them concurrent, over one mutual TLS connection.
-    assert_eq!(
-        web.counter(
-            "sidemesh_proxy_tls_connections_total",
-            &[("direction", "outbound")]
-        ),
-        1
-    );
-    // With the switch off, the hop is HTTP/1.1 keep-alive: one connection per request in
-    // flight.
     let svc1 = loopback();
     let web1 = Sidecar::start(
         &signer,

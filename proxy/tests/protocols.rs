@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use serde_json::json;
+use sidemesh_proxy::http2::Engine;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -60,8 +61,7 @@ async fn http1_keeps_host_and_posts_bodies() {
     assert_eq!(&body[..], b"a:payload");
 }
 
-#[tokio::test]
-async fn h2c_outbound_multiplexes_and_passes_trailers() {
+async fn h2c_outbound_multiplexes_and_passes_trailers_on(engine: Engine) {
     let ip = loopback();
     let be = backend_with(
         ip,
@@ -81,7 +81,7 @@ async fn h2c_outbound_multiplexes_and_passes_trailers() {
     .await;
     let svc = loopback();
     let cfg = outbound_config(1, svc, 50051, "grpc", &[be.addr], json!({}));
-    let _p = start(ip, &cfg).await;
+    let _p = start_h2(ip, &cfg, engine).await;
     let c = h2_client();
     let mut tasks = Vec::new();
     for _ in 0..20 {
@@ -101,8 +101,7 @@ async fn h2c_outbound_multiplexes_and_passes_trailers() {
     }
 }
 
-#[tokio::test]
-async fn grpc_trailers_reach_the_client() {
+async fn grpc_trailers_reach_the_client_on(engine: Engine) {
     let ip = loopback();
     // A raw h2 server that sends trailers, to check they cross the proxy.
     let l = TcpListener::bind((ip, 0)).await.unwrap();
@@ -126,7 +125,7 @@ async fn grpc_trailers_reach_the_client() {
     });
     let svc = loopback();
     let cfg = outbound_config(1, svc, 50051, "grpc", &[addr], json!({}));
-    let _p = start(ip, &cfg).await;
+    let _p = start_h2(ip, &cfg, engine).await;
     let c = h2_client();
     let req = Request::post(format!("http://{svc}:50051/pkg.Svc/Call"))
         .header("te", "trailers")
@@ -368,4 +367,18 @@ async fn unreachable_endpoint_answers_503_and_no_endpoints_503() {
     let (status, _, body) = get(&c, &format!("http://{svc}/"), &[]).await;
     assert_eq!(status, 503);
     assert!(body.contains("no-endpoints"), "{body}");
+}
+
+#[tokio::test]
+async fn h2c_outbound_multiplexes_and_passes_trailers() {
+    for engine in [Engine::Lean, Engine::Hyper] {
+        h2c_outbound_multiplexes_and_passes_trailers_on(engine).await;
+    }
+}
+
+#[tokio::test]
+async fn grpc_trailers_reach_the_client() {
+    for engine in [Engine::Lean, Engine::Hyper] {
+        grpc_trailers_reach_the_client_on(engine).await;
+    }
 }

@@ -201,6 +201,24 @@ pub async fn start(inbound: Ipv4Addr, json: &serde_json::Value) -> Running {
     .await
 }
 
+/// Starts a proxy like [`start`] whose HTTP/2 client connections are served by `engine`.
+pub async fn start_h2(
+    inbound: Ipv4Addr,
+    json: &serde_json::Value,
+    engine: sidemesh_proxy::http2::Engine,
+) -> Running {
+    start_with(
+        ProxyConfig {
+            inbound_address: inbound.into(),
+            drain_timeout: Duration::from_secs(5),
+            http2_engine: engine,
+            ..ProxyConfig::default()
+        },
+        json,
+    )
+    .await
+}
+
 pub async fn start_with(config: ProxyConfig, json: &serde_json::Value) -> Running {
     let (r, _, _) = spawn(config);
     r.set(json).await;
