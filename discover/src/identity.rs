@@ -108,6 +108,9 @@ pub struct Authority {
     /// The files the signing CA was read from (certificate, key), watched for rotation;
     /// `None` for a CA that lives in memory only.
     ca_files: Option<(PathBuf, PathBuf)>,
+    /// Held while the CA files are reloaded: the certificate's and the key's watchers
+    /// both reload, and two reloads at once would both see the change.
+    reloading: std::sync::Mutex<()>,
     /// The extra trusted CA certificates (PEM, checked), from `config.extra_trust`.
     extra_pem: ArcSwap<String>,
     issued: IntCounterVec,
@@ -189,6 +192,7 @@ impl Authority {
             config,
             signing: ArcSwap::from_pointee(signing),
             ca_files,
+            reloading: std::sync::Mutex::new(()),
             extra_pem: ArcSwap::from_pointee(extra),
             issued,
         })
@@ -217,6 +221,7 @@ impl Authority {
         let read = |p: &Path| {
             std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
         };
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let (ca_pem, key_pem) = (read(cert_file)?, read(key_file)?);
         if ca_pem == self.signing.load().ca_pem {
             return Ok(false);
