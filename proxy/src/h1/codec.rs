@@ -7,6 +7,7 @@
 
 use std::io;
 
+use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::hostile::{BodyFraming, body_framing};
@@ -16,45 +17,57 @@ const MAX_TRAILER_BYTES: usize = 8 * 1024;
 /// Most header lines parsed in one head (the configured limit is capped to it).
 pub(crate) const MAX_HEADERS: usize = 128;
 
-/// A read buffer: bytes `start..end` of `data` are unread. Reused for every message.
+/// A read buffer: bytes `start..` of `data` are unread. Reused for every message.
+///
+/// Nothing is allocated until the first read, and the memory is never zero-filled: reads
+/// go into the vector's spare capacity. It starts at the size given to [`Buf::new`] (most
+/// heads are well under 1 KiB), doubles when unread bytes fill it (a long head, up to the
+/// caller's maximum), and doubles up to [`ADAPTIVE_MAX`] after a read that filled all the
+/// free space (a body streaming through), so that a large body is not moved in small
+/// reads.
 #[derive(Debug)]
 pub(crate) struct Buf {
     data: Vec<u8>,
     start: usize,
-    end: usize,
+    /// The capacity the next read makes room for.
+    size: usize,
 }
 
+/// Largest size a buffer grows to because reads keep filling it (unread bytes that fill
+/// it grow it further, up to the caller's maximum).
+pub(crate) const ADAPTIVE_MAX: usize = 16 * 1024;
+
 impl Buf {
-    /// An empty buffer of `size` bytes.
+    /// An empty buffer that will start with `size` bytes of room; nothing is allocated yet.
     pub(crate) fn new(size: usize) -> Buf {
         Buf {
-            data: vec![0; size],
+            data: Vec::new(),
             start: 0,
-            end: 0,
+            size: size.max(64),
         }
     }
 
     /// The unread bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
-        self.data.get(self.start..self.end).unwrap_or(&[])
+        self.data.get(self.start..).unwrap_or(&[])
     }
 
     /// How many bytes are unread.
     pub(crate) fn len(&self) -> usize {
-        self.end - self.start
+        self.data.len() - self.start
     }
 
     /// Whether no byte is unread.
     pub(crate) fn is_empty(&self) -> bool {
-        self.start == self.end
+        self.start == self.data.len()
     }
 
     /// Marks `n` bytes as read.
     pub(crate) fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
-        if self.start == self.end {
+        self.start = (self.start + n).min(self.data.len());
+        if self.start == self.data.len() {
             self.start = 0;
-            self.end = 0;
+            self.data.clear();
         }
     }
 
@@ -72,29 +85,36 @@ impl Buf {
         r: &mut R,
         max: usize,
     ) -> io::Result<usize> {
-        self.make_room(max)?;
-        let n = r.read(&mut self.data[self.end..]).await?;
-        self.end += n;
+        let room = self.make_room(max)?;
+        let n = r.read_buf(&mut (&mut self.data).limit(room)).await?;
+        if n == room && self.size < ADAPTIVE_MAX.min(max) {
+            self.size = (self.size * 2).min(ADAPTIVE_MAX.min(max));
+        }
         Ok(n)
     }
 
-    fn make_room(&mut self, max: usize) -> io::Result<()> {
-        if self.end < self.data.len() && self.start < self.data.len() / 2 {
-            return Ok(());
-        }
-        if self.start > 0 {
-            self.data.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
+    /// Makes free space after the unread bytes (moving them to the front, growing the
+    /// buffer); how many bytes the next read may take.
+    fn make_room(&mut self, max: usize) -> io::Result<usize> {
+        let cap = self.data.capacity();
+        let len = self.data.len();
+        if self.start > 0 && (len == cap || self.start >= cap / 2) {
+            self.data.copy_within(self.start.., 0);
+            self.data.truncate(len - self.start);
             self.start = 0;
         }
-        if self.end == self.data.len() {
-            if self.data.len() >= max {
-                return Err(io::Error::other("buffer full"));
-            }
-            let size = (self.data.len() * 2).clamp(4096, max);
-            self.data.resize(size, 0);
+        let len = self.data.len();
+        if len >= max {
+            return Err(io::Error::other("buffer full"));
         }
-        Ok(())
+        if len >= self.size {
+            self.size = (len * 2).max(4096);
+        }
+        let want = self.size.min(max);
+        if self.data.capacity() < want {
+            self.data.reserve_exact(want - len);
+        }
+        Ok(self.data.capacity().min(max) - len)
     }
 }
 
@@ -156,6 +176,14 @@ pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
 }
 
 impl RequestHead {
+    /// An empty head with room for `headers` header lines.
+    pub(crate) fn with_capacity(headers: usize) -> RequestHead {
+        RequestHead {
+            headers: Vec::with_capacity(headers),
+            ..RequestHead::default()
+        }
+    }
+
     /// Parses a request head at the start of `buf` (at most `max_headers` header lines).
     pub(crate) fn parse(&mut self, buf: &[u8], max_headers: usize) -> Parsed {
         let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -276,6 +304,14 @@ pub(crate) struct ResponseHead {
 pub(crate) struct BadResponse;
 
 impl ResponseHead {
+    /// An empty head with room for `headers` header lines.
+    pub(crate) fn with_capacity(headers: usize) -> ResponseHead {
+        ResponseHead {
+            headers: Vec::with_capacity(headers),
+            ..ResponseHead::default()
+        }
+    }
+
     /// Parses a response head at the start of `buf`; `Ok(None)` when more bytes are needed.
     /// `head_request` says whether the request was `HEAD` (no body then).
     pub(crate) fn parse(
@@ -554,6 +590,47 @@ mod tests {
 
     const GET: &[u8] =
         b"GET /a?b=1 HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\nConnection: keep-alive, x-a\r\n\r\n";
+
+    #[tokio::test]
+    async fn buffers_allocate_on_first_read_and_grow_to_what_is_needed() {
+        let src: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut r = &src[..];
+        let mut b = Buf::new(4096);
+        assert_eq!(b.data.capacity(), 0, "nothing allocated before a read");
+        assert_eq!(b.fill(&mut r, 1 << 20).await.unwrap(), 4096);
+        // Reads that fill the free space double it, up to ADAPTIVE_MAX.
+        let mut reads = Vec::new();
+        for _ in 0..4 {
+            b.consume(b.len());
+            reads.push(b.fill(&mut r, 1 << 20).await.unwrap());
+        }
+        assert_eq!(reads, [8192, ADAPTIVE_MAX, ADAPTIVE_MAX, ADAPTIVE_MAX]);
+        assert_eq!(b.data.capacity(), ADAPTIVE_MAX);
+        let read = 4096 + 8192 + 3 * ADAPTIVE_MAX;
+        assert_eq!(b.bytes(), &src[read - ADAPTIVE_MAX..read]);
+
+        // Unread bytes are kept in order across partial consumes and moves to the front.
+        b.consume(ADAPTIVE_MAX - 10);
+        let got = b.fill(&mut r, 1 << 20).await.unwrap();
+        assert_eq!(b.bytes(), &src[read - 10..read + got]);
+    }
+
+    #[tokio::test]
+    async fn unread_bytes_grow_a_buffer_up_to_its_maximum_only() {
+        let src = vec![b'x'; 100_000];
+        let mut r = &src[..];
+        let mut b = Buf::new(4096);
+        let mut total = 0;
+        let err = loop {
+            match b.fill(&mut r, 10_000).await {
+                Ok(n) => total += n,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.to_string(), "buffer full");
+        assert_eq!((total, b.len()), (10_000, 10_000));
+        assert!(b.data.capacity() <= 16_384);
+    }
 
     #[test]
     fn hash_keys_from_the_head_match_those_from_a_header_map() {

@@ -48,8 +48,13 @@ use codec::{
 
 /// Largest request body held so that it can be replayed on a retry (as the hyper engine).
 const MAX_REPLAY_BODY: usize = 64 * 1024;
-/// Size of the read buffers to start with.
-const BUF_START: usize = 16 * 1024;
+/// Size of the read buffers to start with (allocated on the first read; most heads are
+/// well under 1 KiB, and the buffers grow for longer ones and for bodies).
+const BUF_START: usize = 4 * 1024;
+/// Room for the heads written to start with (within the allocator's per-thread cache).
+const OUT_START: usize = 1024;
+/// Header lines of a head to make room for to start with.
+const HEADERS_START: usize = 16;
 /// Largest upstream response head, and the body-copy buffer size.
 const MAX_UPSTREAM_BUF: usize = 1024 * 1024;
 
@@ -72,9 +77,9 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
         client: stream,
         buf: Buf::new(BUF_START),
         ubuf: Buf::new(BUF_START),
-        out: Vec::with_capacity(BUF_START),
-        head: RequestHead::default(),
-        rhead: ResponseHead::default(),
+        out: Vec::with_capacity(OUT_START),
+        head: RequestHead::with_capacity(HEADERS_START),
+        rhead: ResponseHead::with_capacity(HEADERS_START),
         held: None,
     };
     let exit = tokio::select! {
