@@ -26,6 +26,7 @@ pub mod balance;
 pub mod cli;
 pub mod demo;
 pub mod detect;
+mod drain;
 pub mod h1;
 pub mod health;
 pub mod hostile;
@@ -54,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::detect::Detected;
+pub(crate) use crate::drain::Drain;
 use crate::http::{ConnCtx, ServerMode};
 use crate::metrics::Metrics;
 use crate::state::{Cache, Direction, State};
@@ -121,14 +123,6 @@ pub(crate) struct Shared {
     pub tls: Arc<MeshTls>,
     cache: Mutex<Cache>,
     conn_slots: Arc<Semaphore>,
-}
-
-/// Two-stage stop signal for connections: `soft` asks them to finish (stop accepting,
-/// HTTP graceful shutdown), `hard` ends them.
-#[derive(Clone, Default)]
-pub(crate) struct Drain {
-    pub soft: CancellationToken,
-    pub hard: CancellationToken,
 }
 
 /// The outcome of applying one config version.
@@ -398,9 +392,12 @@ async fn accept_loop(
     drain: Drain,
     tracker: TaskTracker,
 ) {
+    // One wait for the whole loop, not one registered and dropped per connection.
+    let stop = drain.soft.cancelled();
+    tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
-            _ = drain.soft.cancelled() => break,
+            _ = stop.as_mut() => break,
             r = listener.accept() => r,
         };
         match accepted {

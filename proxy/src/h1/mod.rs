@@ -33,6 +33,7 @@ use tokio::time::Sleep;
 
 use crate::Drain;
 use crate::balance::{Endpoint, request_hash};
+use crate::drain::Fired;
 use crate::hostile::BodyFraming;
 use crate::http::{
     ConnCtx, Ended, Failure, InflightGuard, admit, judge, max_tries, no_endpoints, observe,
@@ -163,8 +164,11 @@ impl Lean {
         // One timer for every deadline of the connection (idle, header read, request).
         let timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(timer);
+        // One wait for a drain for the whole connection, not one per request.
+        let soft = drain.soft.cancelled();
+        tokio::pin!(soft);
         loop {
-            match self.read_head(first, drain, timer.as_mut()).await {
+            match self.read_head(first, soft.as_mut(), timer.as_mut()).await {
                 Ok(()) => {}
                 Err(exit) => return exit,
             }
@@ -180,11 +184,12 @@ impl Lean {
         }
     }
 
-    /// Reads until a complete request head is at the start of the buffer.
+    /// Reads until a complete request head is at the start of the buffer; while none has
+    /// started, `soft` (the drain) ends the connection.
     async fn read_head(
         &mut self,
         first: bool,
-        drain: &Drain,
+        mut soft: Pin<&mut Fired<'_>>,
         mut timer: Pin<&mut Sleep>,
     ) -> Result<(), Exit> {
         let max_headers = self.ctx.shared.config.max_headers;
@@ -229,7 +234,7 @@ impl Lean {
             let read = tokio::select! {
                 r = self.buf.fill(&mut self.client, self.max_head) => Some(r),
                 _ = timer => None,
-                _ = drain.soft.cancelled(), if waiting => return Err(Exit::Close),
+                _ = soft.as_mut(), if waiting => return Err(Exit::Close),
             };
             match read {
                 Some(Ok(0) | Err(_)) => return Err(Exit::Close),
