@@ -433,12 +433,13 @@ async fn connection(
     drain: Drain,
     _slot: OwnedSemaphorePermit,
 ) {
-    let Some((target, snapshot)) = shared
-        .state
-        .load()
-        .as_ref()
-        .and_then(|s| Some((s.listeners.get(&listen).cloned()?, s.snapshot.clone())))
-    else {
+    let Some((target, snapshot, generation)) = shared.state.load().as_ref().and_then(|s| {
+        Some((
+            s.listeners.get(&listen).cloned()?,
+            s.snapshot.clone(),
+            s.generation,
+        ))
+    }) else {
         return;
     };
     // No TCP_NODELAY call here: accepted sockets inherit it from the listener (see
@@ -529,6 +530,7 @@ async fn connection(
                 peer,
                 target,
                 client_id,
+                generation,
                 mode: if mode == Detected::Http2 {
                     ServerMode::Http2
                 } else {

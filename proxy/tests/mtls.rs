@@ -266,6 +266,31 @@ async fn http_over_mutual_tls_with_allow_clients() {
         ) >= 1
     );
 
+    // The same over HTTP/1.1 between the sidecars (no mesh_h2): the inbound sidecar's
+    // lean HTTP/1.1 engine sets the identity and drops the forged one.
+    let svc1 = loopback();
+    let _web1 = Sidecar::start(
+        &m.signer,
+        "web",
+        ProxyConfig {
+            mesh_h2: false,
+            ..config_at(loopback(), app_ip)
+        },
+        &client_config(&m.signer, "web", svc1, m.inbound, "http1"),
+    )
+    .await;
+    let resp = c
+        .request(
+            hyper::Request::get(format!("http://{svc1}/"))
+                .header("x-sidemesh-client-id", "ops/admin")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["echo-x-sidemesh-client-id"], "shop/web");
+
     // Another mesh service is refused with a 403 that says who and why.
     let (status, _, body) = get(&c, &format!("http://{}/", m.evil_svc), &[]).await;
     assert_eq!(status, 403, "{body}");
@@ -305,7 +330,7 @@ async fn http_over_mutual_tls_with_allow_clients() {
         ) == 1)
         .await
     );
-    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
 
 async fn echo_server(ip: Ipv4Addr) -> SocketAddr {

@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Response};
+use http::Response;
 use http_body_util::BodyExt;
 use sidemesh_api::config::Protocol;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -257,8 +257,11 @@ impl Lean {
         let start = Instant::now();
         let ctx = self.ctx.clone();
         let inbound = self.ctx.target.direction == Direction::Inbound;
-        let mut identity = HeaderMap::new();
-        let (target, denied) = resolve(&self.ctx, &mut identity);
+        let (target, authz) = resolve(&ctx);
+        let (client_id, denied) = match authz {
+            Ok(id) => (id, None),
+            Err(resp) => (None, Some(resp)),
+        };
         let buf = self.buf.bytes();
         let head = &self.head;
         let method = std::str::from_utf8(head.method.get(buf)).unwrap_or("");
@@ -319,14 +322,13 @@ impl Lean {
             &codec::HeadView { buf, head },
             self.ctx.peer,
         );
-        let client_id = identity.get(crate::tls::CLIENT_ID_HEADER);
         write_request_head(
             &mut self.out,
             buf,
             head,
             route.and_then(|r| r.request_headers.as_ref()),
             inbound,
-            client_id.map(|v| v.as_bytes()),
+            client_id.map(str::as_bytes),
         );
         let head_len = head.len;
         self.buf.consume(head_len);
