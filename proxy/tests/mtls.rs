@@ -233,6 +233,31 @@ async fn mesh(protocol: &str, app: SocketAddr, allow: Option<Value>) -> Mesh {
     }
 }
 
+/// The client identity the app saw for a request through the sidecar listening on `svc`
+/// that carried a forged one.
+async fn identity_seen(
+    c: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    svc: Ipv4Addr,
+) -> String {
+    let resp = c
+        .request(
+            hyper::Request::get(format!("http://{svc}/"))
+                .header("x-sidemesh-client-id", "ops/admin")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.headers()["echo-x-sidemesh-client-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 #[tokio::test]
 async fn http_over_mutual_tls_with_allow_clients() {
     let app_ip = loopback();
@@ -242,17 +267,7 @@ async fn http_over_mutual_tls_with_allow_clients() {
 
     // The allowed client gets through; the app sees its verified identity, not the
     // forged one its app tried to send.
-    let resp = c
-        .request(
-            hyper::Request::get(format!("http://{}/", m.web_svc))
-                .header("x-sidemesh-client-id", "ops/admin")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["echo-x-sidemesh-client-id"], "shop/web");
+    assert_eq!(identity_seen(&c, m.web_svc).await, "shop/web");
     assert!(
         m.server.counter(
             "sidemesh_proxy_tls_connections_total",
@@ -279,17 +294,7 @@ async fn http_over_mutual_tls_with_allow_clients() {
         &client_config(&m.signer, "web", svc1, m.inbound, "http1"),
     )
     .await;
-    let resp = c
-        .request(
-            hyper::Request::get(format!("http://{svc1}/"))
-                .header("x-sidemesh-client-id", "ops/admin")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["echo-x-sidemesh-client-id"], "shop/web");
+    assert_eq!(identity_seen(&c, svc1).await, "shop/web");
 
     // Another mesh service is refused with a 403 that says who and why.
     let (status, _, body) = get(&c, &format!("http://{}/", m.evil_svc), &[]).await;
