@@ -212,7 +212,41 @@ struct Pools {
     /// Held while an endpoint's HTTP/2 connection is being dialled.
     h2_dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     /// Idle connections of the lean HTTP/1.1 engine, which speaks HTTP on them itself.
-    raw: Mutex<HashMap<SocketAddr, Vec<RawConn>>>,
+    raw: Mutex<RawPool>,
+}
+
+/// The idle connections of the lean HTTP/1.1 engine, per endpoint.
+#[derive(Debug, Default)]
+struct RawPool {
+    idle: HashMap<SocketAddr, Vec<RawConn>>,
+    /// Whether a [`reap`] task watches this pool (one at most, only while it holds
+    /// connections).
+    reaping: bool,
+}
+
+/// Closes a pool's idle lean-engine connections once they have been idle for `idle` (or
+/// their peer closed them), looking four times per `idle`, so a connection closes between
+/// `idle` and 1.25 × `idle` after its last use even if no request comes to take it. Ends
+/// when the pool is empty (the next release starts another) or gone.
+async fn reap(pools: std::sync::Weak<Pools>, idle: Duration) {
+    let step = (idle / 4).max(Duration::from_millis(1));
+    loop {
+        tokio::time::sleep(step).await;
+        let Some(pools) = pools.upgrade() else {
+            return;
+        };
+        let Ok(mut raw) = pools.raw.lock() else {
+            return;
+        };
+        raw.idle.retain(|_, list| {
+            list.retain(|c| c.usable(Some(idle)));
+            !list.is_empty()
+        });
+        if raw.idle.is_empty() {
+            raw.reaping = false;
+            return;
+        }
+    }
 }
 
 /// An HTTP/1.1 connection that the lean engine ([`crate::h1`]) speaks on directly: no
@@ -393,7 +427,7 @@ impl Clients {
     ) -> Result<(RawConn, bool), ConnectError> {
         let idle = self.connector.idle_timeout();
         if let Ok(mut pools) = self.pools.raw.lock() {
-            if let Some(list) = pools.get_mut(&addr) {
+            if let Some(list) = pools.idle.get_mut(&addr) {
                 while let Some(c) = list.pop() {
                     if c.usable(idle) {
                         return Ok((c, false));
@@ -418,20 +452,24 @@ impl Clients {
         Arc::ptr_eq(&self.pools, &other.pools)
     }
 
-    /// Gives a connection whose last response ended cleanly back to the pool; stale ones
-    /// of the same endpoint are closed on the way.
+    /// Gives a connection whose last response ended cleanly back to the pool, where
+    /// [`reap`] closes it once idle for the idle timeout.
     pub(crate) fn release_raw(&self, mut conn: RawConn) {
         let idle = self.connector.idle_timeout();
         let Ok(mut pools) = self.pools.raw.lock() else {
             return;
         };
-        let list = pools.entry(conn.addr).or_default();
-        if idle.is_some_and(|t| list.first().is_some_and(|c| c.idle_since.elapsed() >= t)) {
-            list.retain(|c| idle.is_none_or(|t| c.idle_since.elapsed() < t));
+        let list = pools.idle.entry(conn.addr).or_default();
+        if list.len() >= MAX_IDLE_PER_ENDPOINT {
+            return;
         }
-        if list.len() < MAX_IDLE_PER_ENDPOINT {
-            conn.idle_since = std::time::Instant::now();
-            list.push(conn);
+        conn.idle_since = std::time::Instant::now();
+        list.push(conn);
+        if let Some(t) = idle.filter(|_| !pools.reaping) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                pools.reaping = true;
+                rt.spawn(reap(Arc::downgrade(&self.pools), t));
+            }
         }
     }
 
@@ -593,6 +631,45 @@ mod tests {
         ));
         drop(first);
         waiter.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn idle_raw_connections_close_without_the_pool_being_touched() {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let idle = Duration::from_millis(200);
+        let c = Clients::new(ConnectorConfig {
+            connect_timeout: Some(Duration::from_secs(2)),
+            max_connections: 0,
+            max_pending: 0,
+            idle_timeout: Some(idle),
+            tls: None,
+        });
+        let (conn, fresh) = c.checkout_raw(addr, false).await.unwrap();
+        assert!(fresh);
+        let (mut server, _) = l.accept().await.unwrap();
+        let released = std::time::Instant::now();
+        c.release_raw(conn);
+        // Nothing touches the pool again: the upstream still sees the close.
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut b))
+            .await
+            .expect("closed in time")
+            .unwrap();
+        assert_eq!(n, 0);
+        let took = released.elapsed();
+        assert!(took >= idle, "closed after {took:?}");
+        // With the pool empty, its reaper has ended.
+        let pools = &c.pools;
+        assert!(pools.raw.lock().unwrap().idle.is_empty());
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while pools.raw.lock().unwrap().reaping {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("reaper ended");
     }
 
     #[tokio::test]
