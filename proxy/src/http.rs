@@ -792,7 +792,10 @@ pub(crate) fn judge(
     let retry_on = |why: RetryOn| policy.retry_on.contains(&why);
     Ok(match ended {
         Ended::Status(s) => {
-            ep.stats.observe_since(sent);
+            // The latency sample (a clock read, a lock and an `exp`) only feeds peak EWMA.
+            if backend.balancer.uses_latency() {
+                ep.stats.observe_since(sent);
+            }
             let o = if s.is_server_error() {
                 Outcome::ServerError
             } else {

@@ -529,7 +529,14 @@ pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
 
 /// Appends a header line, the name in lower case (as the hyper engine sends it).
 pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend(name.iter().map(u8::to_ascii_lowercase));
+    out.reserve(name.len() + value.len() + 4);
+    let at = out.len();
+    // Copied whole and lowered in place: byte by byte through an iterator cost several
+    // times more (a capacity check per byte).
+    out.extend_from_slice(name);
+    if let Some(copied) = out.get_mut(at..) {
+        copied.make_ascii_lowercase();
+    }
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
@@ -630,6 +637,17 @@ mod tests {
         assert_eq!(err.to_string(), "buffer full");
         assert_eq!((total, b.len()), (10_000, 10_000));
         assert!(b.data.capacity() <= 16_384);
+    }
+
+    #[test]
+    fn header_lines_lower_the_name_only() {
+        let mut out = b"GET / HTTP/1.1\r\n".to_vec();
+        put_header(&mut out, b"X-Mixed-Case", b"Value Kept AS-IS");
+        put_header(&mut out, b"host", b"Svc");
+        assert_eq!(
+            out,
+            b"GET / HTTP/1.1\r\nx-mixed-case: Value Kept AS-IS\r\nhost: Svc\r\n"
+        );
     }
 
     #[test]
