@@ -397,6 +397,7 @@ async fn accept_loop(
     tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
+            biased;
             _ = stop.as_mut() => break,
             r = listener.accept() => r,
         };

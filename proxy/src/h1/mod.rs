@@ -83,9 +83,11 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
         rhead: ResponseHead::with_capacity(HEADERS_START),
         held: None,
     };
+    // `biased`: polled in this order, without drawing a random start per poll.
     let exit = tokio::select! {
-        e = conn.run(&drain) => e,
+        biased;
         _ = drain.hard.cancelled() => Exit::Close,
+        e = conn.run(&drain) => e,
     };
     if let Some((c, clients)) = conn.held.take() {
         clients.release_raw(c);
@@ -232,6 +234,7 @@ impl Lean {
                 }
             };
             let read = tokio::select! {
+                biased;
                 r = self.buf.fill(&mut self.client, self.max_head) => Some(r),
                 _ = timer => None,
                 _ = soft.as_mut(), if waiting => return Err(Exit::Close),
@@ -372,6 +375,7 @@ impl Lean {
             let r = match try_deadline {
                 None => attempt.await,
                 Some(d) => tokio::select! {
+                    biased;
                     r = attempt => r,
                     _ = until(timer.as_mut(), d) => Err(TryError::TimedOut),
                 },
