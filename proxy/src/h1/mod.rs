@@ -267,12 +267,12 @@ impl Lean {
         };
         let buf = self.buf.bytes();
         let head = &self.head;
-        let method = std::str::from_utf8(head.method.get(buf)).unwrap_or("");
-        let full_target = std::str::from_utf8(head.target.get(buf)).unwrap_or("/");
-        let path = full_target.split_once('?').map_or(full_target, |(p, _)| p);
         let (index, backend) = if target.routes.is_empty() {
             (None, target.default_backend.clone())
         } else {
+            let method = std::str::from_utf8(head.method.get(buf)).unwrap_or("");
+            let full_target = std::str::from_utf8(head.target.get(buf)).unwrap_or("/");
+            let path = full_target.split_once('?').map_or(full_target, |(p, _)| p);
             select_route(&target, method, head.header(buf, "host"), path, |name| {
                 head.header(buf, name)
             })
@@ -281,7 +281,7 @@ impl Lean {
             return Next::Handoff(why);
         }
         let has_body = head.framing != BodyFraming::None;
-        let head_request = method == "HEAD";
+        let head_request = head.method.get(buf) == b"HEAD";
         let route = index.and_then(|i| target.routes.get(i));
         if let Some(resp) = denied {
             return self
