@@ -426,6 +426,10 @@ async fn accept_loop(
     // Dropping the listener closes it: no new connections.
 }
 
+/// Serves one accepted connection. Its future is moved and copied whole several times on
+/// the way into its task (and the task's stage is rewritten whole when it ends), so what
+/// only some connections need (the TLS handshake, detection, raw TCP, hyper) is boxed,
+/// which keeps the lean HTTP/1.1 path's future small.
 async fn connection(
     shared: Arc<Shared>,
     listen: SocketAddr,
@@ -462,8 +466,16 @@ async fn connection(
     let (mut stream, client_id) = if inbound {
         let own = snapshot.identity();
         let own = format!("{}/{}", own.namespace, own.service);
+        let mode = snapshot.tls_mode_by_outer(sidemesh_api::OuterPort(listen.port()));
+        let accept = Box::pin(tls::accept(
+            &shared.tls,
+            mode,
+            &own,
+            stream,
+            shared.config.detect_timeout,
+        ));
         let accepted = tokio::select! {
-            a = tls::accept(&shared.tls, snapshot.tls_mode_by_outer(sidemesh_api::OuterPort(listen.port())), &own, stream, shared.config.detect_timeout) => a,
+            a = accept => a,
             _ = drain.hard.cancelled() => Accepted::Refused,
         };
         match accepted {
@@ -485,13 +497,16 @@ async fn connection(
         Protocol::Tcp => Detected::Tcp,
         Protocol::Auto => {
             let timeout = shared.config.detect_timeout;
+            let detect = Box::pin(async {
+                match &mut stream {
+                    Io::Plain(s) => detect::detect(s, timeout).await,
+                    tls => tls::detect_in(tls, timeout, detect::classify)
+                        .await
+                        .unwrap_or(Detected::Tcp),
+                }
+            });
             tokio::select! {
-                d = async {
-                    match &mut stream {
-                        Io::Plain(s) => detect::detect(s, timeout).await,
-                        tls => tls::detect_in(tls, timeout, detect::classify).await.unwrap_or(Detected::Tcp),
-                    }
-                } => d,
+                d = detect => d,
                 _ = drain.hard.cancelled() => Detected::Tcp,
             }
         }
@@ -520,7 +535,7 @@ async fn connection(
                 return;
             }
             tokio::select! {
-                _ = tcp::proxy(&shared, &target, stream, peer) => {}
+                _ = Box::pin(tcp::proxy(&shared, &target, stream, peer)) => {}
                 _ = drain.hard.cancelled() => {}
             }
         }
@@ -539,9 +554,9 @@ async fn connection(
                 },
             });
             if ctx.mode == ServerMode::Http1 && shared.config.http1_engine == h1::Engine::Lean {
-                h1::serve(ctx, stream, drain).await;
+                Box::pin(h1::serve(ctx, stream, drain)).await;
             } else {
-                http::serve(ctx, stream, drain).await;
+                Box::pin(http::serve(ctx, stream, drain)).await;
             }
         }
     }

@@ -502,7 +502,10 @@ impl Clients {
                 }
             }
         }
-        let (io, slot) = self.connector.connect_endpoint(addr, meshed, false).await?;
+        // Boxed: the dial (a TLS handshake, maybe) inline would make every lean connection's
+        // future larger, and that is copied whole several times per connection.
+        let dial = Box::pin(self.connector.connect_endpoint(addr, meshed, false));
+        let (io, slot) = dial.await?;
         Ok((
             RawConn {
                 io,

@@ -17,6 +17,7 @@
 
 pub(crate) mod codec;
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -44,7 +45,7 @@ use crate::tls::Io;
 use crate::upstream::{Body, Clients, ConnectError, RawConn};
 use codec::{
     BodyState, Buf, Chunked, Parsed, RequestHead, ResponseFraming, ResponseHead, is_hop_by_hop,
-    named_by_connection, put_decimal, put_header,
+    named_by_connection, put_decimal, put_header, put_line,
 };
 
 /// Largest request body held so that it can be replayed on a retry (as the hyper engine).
@@ -106,7 +107,9 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
             prefix,
             inner: conn.client,
         };
-        crate::http::serve(conn.ctx, io, drain).await;
+        // Boxed: hyper's connection future inline would make every lean connection's
+        // future several times larger.
+        Box::pin(crate::http::serve(conn.ctx, io, drain)).await;
     }
 }
 
@@ -628,8 +631,18 @@ impl Lean {
         }
     }
 
-    /// Writes a response the sidecar makes itself (errors, refusals).
-    async fn answer(&mut self, resp: Response<Body>, close: bool) -> io::Result<()> {
+    /// Writes a response the sidecar makes itself (errors, refusals). Boxed: it is off the
+    /// common path, and its future inline would make every connection's future larger
+    /// (and that is copied whole several times per connection).
+    fn answer(
+        &mut self,
+        resp: Response<Body>,
+        close: bool,
+    ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + '_>> {
+        Box::pin(self.answer_inline(resp, close))
+    }
+
+    async fn answer_inline(&mut self, resp: Response<Body>, close: bool) -> io::Result<()> {
         let (parts, mut body) = resp.into_parts();
         // The sidecar's own bodies are small and in memory; still read at most 64 KiB.
         let mut bytes = Vec::new();
@@ -768,7 +781,7 @@ fn write_request_head(
         {
             continue;
         }
-        put_header(out, name, value);
+        put_line(out, buf, *n, *v);
     }
     if te_trailers {
         put_header(out, b"te", b"trailers");
@@ -837,7 +850,7 @@ fn write_response_head(
         {
             continue;
         }
-        put_header(out, name, value);
+        put_line(out, buf, *n, *v);
     }
     if let Some(r) = rewrite {
         for (name, value) in &r.set {
