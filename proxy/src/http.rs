@@ -167,7 +167,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body>
             }
         }
     }
-    let denied = authz.err();
+    let denied = authz.err().map(|r| *r);
     let (index, backend) = select(&target, &req);
     let route = index.and_then(|i| target.routes.get(i));
     let resp = match denied {
@@ -182,7 +182,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body>
 /// `allow_clients` verdict on the verified identity ([`crate::tls::authorize`]): `Err` is
 /// the response for a refused client, `Ok` the identity to pass on to the app (always
 /// `Ok(None)` outbound).
-pub(crate) fn resolve(ctx: &ConnCtx) -> (Arc<Target>, Result<Option<&str>, Response<Body>>) {
+pub(crate) fn resolve(ctx: &ConnCtx) -> (Arc<Target>, crate::tls::Verdict<'_>) {
     // Requests read the current config, so endpoint and policy changes apply to new
     // requests on open connections; a listener that was removed finishes on its old one.
     // Under the config the connection was accepted with, its target is the one it has.

@@ -746,6 +746,10 @@ pub fn refusal(port: &InboundPort, client: Option<&str>) -> Option<&'static str>
     }
 }
 
+/// What [`authorize`] decides: the identity to pass on to the app, or the response for a
+/// refused client.
+pub(crate) type Verdict<'c> = Result<Option<&'c str>, Box<Response<Body>>>;
+
 /// The inbound HTTP policy of one request: `allow_clients` on the verified identity.
 /// `Err` is the 403 to answer when the client is refused; `Ok` is the identity to pass on
 /// to the app in [`CLIENT_ID_HEADER`] (none without one, or when `port_outer` is not an
@@ -756,7 +760,7 @@ pub(crate) fn authorize<'c>(
     snapshot: &Snapshot,
     port_outer: u16,
     client: Option<&'c str>,
-) -> Result<Option<&'c str>, Response<Body>> {
+) -> Verdict<'c> {
     let Some(port) = snapshot.inbound_by_outer(sidemesh_api::OuterPort(port_outer)) else {
         return Ok(None);
     };
@@ -791,7 +795,7 @@ pub(crate) fn authorize<'c>(
     );
     r.headers_mut()
         .insert(crate::http::ERROR, HeaderValue::from_static("forbidden"));
-    Err(r)
+    Err(Box::new(r))
 }
 
 /// Keeps the sidecar's certificate current for as long as `stop` is not cancelled:

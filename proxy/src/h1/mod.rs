@@ -266,7 +266,7 @@ impl Lean {
         let (target, authz) = resolve(&ctx);
         let (client_id, denied) = match authz {
             Ok(id) => (id, None),
-            Err(resp) => (None, Some(resp)),
+            Err(resp) => (None, Some(*resp)),
         };
         let buf = self.buf.bytes();
         let head = &self.head;
@@ -840,7 +840,7 @@ fn write_response_head(
     let keep_length = matches!(framing, ResponseFraming::None | ResponseFraming::Length(_));
     let mut dated = false;
     for (n, v) in &head.headers {
-        let (name, value) = (n.get(buf), v.get(buf));
+        let name = n.get(buf);
         dated |= name.eq_ignore_ascii_case(b"date");
         if is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"te")
