@@ -20,8 +20,9 @@ pub(crate) const MAX_HEADERS: usize = 128;
 
 /// A read buffer: bytes `start..` of `data` are unread. Reused for every message.
 ///
-/// Nothing is allocated until the first read, and the memory is never zero-filled: reads
-/// go into the vector's spare capacity. It starts at the size given to [`Buf::new`] (most
+/// Nothing is allocated until the first read (which takes a spare buffer of an ended
+/// connection when the thread has one), and the memory is never zero-filled: reads go into
+/// the vector's spare capacity. It starts at the size given to [`Buf::new`] (most
 /// heads are well under 1 KiB), doubles when unread bytes fill it (a long head, up to the
 /// caller's maximum), and doubles up to [`ADAPTIVE_MAX`] after a read that filled all the
 /// free space (a body streaming through), so that a large body is not moved in small
@@ -37,6 +38,41 @@ pub(crate) struct Buf {
 /// Largest size a buffer grows to because reads keep filling it (unread bytes that fill
 /// it grow it further, up to the caller's maximum).
 pub(crate) const ADAPTIVE_MAX: usize = 16 * 1024;
+
+/// Most spare buffers kept per thread (each at most [`ADAPTIVE_MAX`] bytes).
+const SPARE_MAX: usize = 32;
+
+thread_local! {
+    /// Memory of buffers whose connection ended, for the next connections: a buffer of a
+    /// few KiB is beyond the allocator's per-thread cache, and its allocation and release
+    /// were about a tenth of the instructions of a short connection.
+    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A spare buffer's memory (empty), if this thread has one.
+fn take_spare() -> Option<Vec<u8>> {
+    SPARE
+        .try_with(|s| s.try_borrow_mut().ok()?.pop())
+        .ok()
+        .flatten()
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let mut data = std::mem::take(&mut self.data);
+        if data.capacity() == 0 || data.capacity() > ADAPTIVE_MAX {
+            return;
+        }
+        data.clear();
+        let _ = SPARE.try_with(|s| {
+            if let Ok(mut spare) = s.try_borrow_mut() {
+                if spare.len() < SPARE_MAX {
+                    spare.push(data);
+                }
+            }
+        });
+    }
+}
 
 impl Buf {
     /// An empty buffer that will start with `size` bytes of room; nothing is allocated yet.
@@ -112,6 +148,11 @@ impl Buf {
             self.size = (len * 2).max(4096);
         }
         let want = self.size.min(max);
+        if self.data.capacity() == 0 {
+            if let Some(spare) = take_spare() {
+                self.data = spare;
+            }
+        }
         if self.data.capacity() < want {
             self.data.reserve_exact(want - len);
         }
@@ -632,6 +673,8 @@ mod tests {
     async fn buffers_allocate_on_first_read_and_grow_to_what_is_needed() {
         let src: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let mut r = &src[..];
+        // No spare buffer of an earlier test on this thread.
+        SPARE.with(|s| s.borrow_mut().clear());
         let mut b = Buf::new(4096);
         assert_eq!(b.data.capacity(), 0, "nothing allocated before a read");
         assert_eq!(b.fill(&mut r, 1 << 20).await.unwrap(), 4096);
@@ -653,9 +696,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_ended_connections_buffer_serves_the_next_one_empty() {
+        let mut r: &[u8] = b"secret bytes of the first connection";
+        let mut first = Buf::new(4096);
+        first.fill(&mut r, 1 << 20).await.unwrap();
+        let ptr = first.data.as_ptr();
+        drop(first);
+        let mut r: &[u8] = b"next";
+        let mut next = Buf::new(4096);
+        assert_eq!(next.data.capacity(), 0, "taken on the first read only");
+        next.fill(&mut r, 1 << 20).await.unwrap();
+        assert_eq!(next.data.as_ptr(), ptr, "the spare memory was not reused");
+        assert_eq!(next.bytes(), b"next");
+        // A buffer grown past ADAPTIVE_MAX is not kept.
+        let big = vec![7u8; 100_000];
+        let mut r = &big[..];
+        let mut grown = Buf::new(4096);
+        while grown.len() < 40_000 {
+            grown.fill(&mut r, 1 << 20).await.unwrap();
+        }
+        drop(grown);
+        let spare = SPARE.with(|s| s.borrow().iter().map(Vec::capacity).max());
+        assert!(spare.is_none_or(|c| c <= ADAPTIVE_MAX), "{spare:?}");
+    }
+
+    #[tokio::test]
     async fn unread_bytes_grow_a_buffer_up_to_its_maximum_only() {
         let src = vec![b'x'; 100_000];
         let mut r = &src[..];
+        SPARE.with(|s| s.borrow_mut().clear());
         let mut b = Buf::new(4096);
         let mut total = 0;
         let err = loop {
