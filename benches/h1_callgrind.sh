@@ -6,7 +6,8 @@
 #   BIN=/tmp/sidemesh-old benches/h1_callgrind.sh # measures another binary (before/after)
 #   KA=20000 CONNS=2000 benches/h1_callgrind.sh   # request and connection counts
 #   MODE=cpu benches/h1_callgrind.sh              # no valgrind: CPU seconds of the sidecar
-#                                                 # per 100k requests, from /proc/PID/stat
+#                                                 # per 100k requests, from /proc/PID/stat,
+#                                                 # and its peak RSS
 #
 # Set-up as benches/proxy.sh: discover on a state file, two demo backends, one sidecar
 # (`--worker-threads 1`, outbound listener, round robin, no retries), here run under
@@ -63,6 +64,7 @@ if [ "${MODE:-}" = cpu ]; then
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$w")
     python3 -c "print('$kind: $total requests, $rps req/s, %.3f CPU s per 100k' % (($t1-$t0)/$CLK/$total*1e5))"
   done
+  grep -E "VmHWM|RssAnon" "/proc/$SIDECAR/status" | tr -s ' \t' ' '
   exit 0
 fi
 
