@@ -5,6 +5,7 @@
 #   benches/h1_callgrind.sh                       # builds and measures target/release/sidemesh
 #   BIN=/tmp/sidemesh-old benches/h1_callgrind.sh # measures another binary (before/after)
 #   KA=20000 CONNS=2000 benches/h1_callgrind.sh   # request and connection counts
+#   NET=127.84 benches/h1_callgrind.sh            # addresses in 127.84.0.0/16 (default 127.83)
 #   MODE=cpu benches/h1_callgrind.sh              # no valgrind: CPU seconds of the sidecar
 #                                                 # per 100k requests, from /proc/PID/stat,
 #                                                 # and its peak RSS
@@ -25,8 +26,17 @@ bench_init h1_callgrind valgrind callgrind_control h2load wrk python3 curl
 BIN=$(bench_binary "${BIN:-}")
 KA=${KA:-20000}
 CONNS=${CONNS:-2000}
+# The loopback /16 it uses (another script may be using another one at the same time).
+NET=${NET:-127.83}
 
-U1=127.79.0.11 U2=127.79.0.12
+U1=$NET.0.11 U2=$NET.0.12
+# wait_port would take someone else's listener for ours: start only on free addresses.
+for hp in $U1/8080 $U2/8080 $NET.0.1/7070 $NET.0.20/15000; do
+  if (exec 3<>/dev/tcp/"${hp%/*}"/"${hp#*/}") 2>/dev/null; then
+    echo "h1_callgrind: ${hp%/*}:${hp#*/} is in use; pick another NET" >&2
+    exit 1
+  fi
+done
 bench_spawn "$BIN" demo-backend --listen $U1:8080 --name u1
 bench_spawn "$BIN" demo-backend --listen $U2:8080 --name u2
 cat >"$OUT/state.yaml" <<EOF
@@ -34,18 +44,18 @@ services:
   - {namespace: bench, name: client, use_services: [{service: up, balancer: {policy: round_robin}, retry: {attempts: 0}}]}
   - {namespace: bench, name: up, ports: [{port: 8080, protocol: http1}], instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]}
 EOF
-bench_spawn "$BIN" discover --state "$OUT/state.yaml" --listen 127.79.0.1:7070
-wait_port 127.79.0.1 7070
+bench_spawn "$BIN" discover --state "$OUT/state.yaml" --listen $NET.0.1:7070
+wait_port $NET.0.1 7070
 rm -f "$OUT"/callgrind.out.*
 VALGRIND=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out.%p")
 [ "${MODE:-}" = cpu ] && VALGRIND=()
 # `env` and valgrind exec what they run: the PID is the sidecar's.
 bench_spawn env RUST_LOG=warn "${VALGRIND[@]}" "$BIN" --worker-threads 1 proxy \
-  --admin 127.79.0.20:15000 --inbound-address 127.79.0.20 \
-  --discover-url http://127.79.0.1:7070/v1/sidecars/bench/client/sidemesh-proxy
+  --admin $NET.0.20:15000 --inbound-address $NET.0.20 \
+  --discover-url http://$NET.0.1:7070/v1/sidecars/bench/client/sidemesh-proxy
 SIDECAR=${PIDS[-1]}
-wait_url http://127.79.0.20:15000/ready
-SM=$(curl -s http://127.79.0.1:7070/v1/sidecars/bench/client/sidemesh-proxy |
+wait_url http://$NET.0.20:15000/ready
+SM=$(curl -s http://$NET.0.1:7070/v1/sidecars/bench/client/sidemesh-proxy |
   python3 -c "import json,sys; print([s['address'] for s in json.load(sys.stdin)['outbound'] if s['name']=='up'][0])")
 wait_port "$SM" 8080
 
