@@ -220,6 +220,12 @@ impl Balancer {
         self.any_meshed
     }
 
+    /// Whether the policy picks by measured latency ([`EndpointStats::observe_since`]
+    /// samples are read only then).
+    pub fn uses_latency(&self) -> bool {
+        self.policy == BalancePolicy::PeakEwma
+    }
+
     /// How many endpoints are healthy now.
     pub fn healthy_count(&self) -> usize {
         let now = now_ms();

@@ -60,6 +60,8 @@ pub(crate) struct ConnCtx {
     /// The client's verified mesh identity (`namespace/service`), inbound over mutual TLS.
     pub client_id: Option<Arc<str>>,
     pub mode: ServerMode,
+    /// The [`crate::state::State::generation`] the connection was accepted under.
+    pub generation: u64,
 }
 
 /// The HTTP server settings, built once (not per connection) and shared by every
@@ -161,7 +163,9 @@ where
     B::Error: Into<BoxError>,
 {
     let start = Instant::now();
-    let (target, denied) = resolve(&ctx, req.headers_mut());
+    let (target, authz) = resolve(&ctx);
+    pass_identity(&target, req.headers_mut(), &authz);
+    let denied = authz.err().map(|r| *r);
     let (index, backend) = select(&target, &req);
     let route = index.and_then(|i| target.routes.get(i));
     let resp = match denied {
@@ -173,30 +177,52 @@ where
 }
 
 /// The listener's target in the current config, and for inbound listeners the
-/// `allow_clients` verdict on the verified identity (a response when the client is refused;
-/// otherwise the identity goes into `headers` for the app, and a forged one is removed).
-pub(crate) fn resolve(
-    ctx: &ConnCtx,
-    headers: &mut HeaderMap,
-) -> (Arc<Target>, Option<Response<Body>>) {
+/// `allow_clients` verdict on the verified identity ([`crate::tls::authorize`]): `Err` is
+/// the response for a refused client, `Ok` the identity to pass on to the app (always
+/// `Ok(None)` outbound).
+pub(crate) fn resolve(ctx: &ConnCtx) -> (Arc<Target>, crate::tls::Verdict<'_>) {
     // Requests read the current config, so endpoint and policy changes apply to new
     // requests on open connections; a listener that was removed finishes on its old one.
+    // Under the config the connection was accepted with, its target is the one it has.
     let state = ctx.shared.state.load();
-    let target = state
-        .as_ref()
-        .and_then(|s| s.listeners.get(&ctx.listen).cloned())
-        .unwrap_or_else(|| ctx.target.clone());
-    let denied = match (target.direction, state.as_ref()) {
-        (Direction::Inbound, Some(s)) => crate::tls::authorize_http(
+    let target = match state.as_ref() {
+        Some(s) if s.generation == ctx.generation => ctx.target.clone(),
+        Some(s) => s
+            .listeners
+            .get(&ctx.listen)
+            .cloned()
+            .unwrap_or_else(|| ctx.target.clone()),
+        None => ctx.target.clone(),
+    };
+    let authz = match (target.direction, state.as_ref()) {
+        (Direction::Inbound, Some(s)) => crate::tls::authorize(
             &ctx.shared.tls,
             &s.snapshot,
             ctx.listen.port(),
             ctx.client_id.as_deref(),
-            headers,
         ),
-        _ => None,
+        _ => Ok(None),
     };
-    (target, denied)
+    (target, authz)
+}
+
+/// Inbound, puts the client's verified identity (from [`resolve`]) in the request's
+/// [`crate::tls::CLIENT_ID_HEADER`] for the app, and removes one the client sent itself:
+/// a forged identity never reaches the app.
+pub(crate) fn pass_identity(
+    target: &Target,
+    headers: &mut HeaderMap,
+    authz: &crate::tls::Verdict<'_>,
+) {
+    if target.direction != Direction::Inbound {
+        return;
+    }
+    headers.remove(crate::tls::CLIENT_ID_HEADER);
+    if let Ok(Some(id)) = authz {
+        if let Ok(v) = HeaderValue::from_str(id) {
+            headers.insert(crate::tls::CLIENT_ID_HEADER, v);
+        }
+    }
 }
 
 /// Counts a request in its route's series (resolved once, on first use, not per request).
@@ -829,7 +855,10 @@ pub(crate) fn judge(
     let retry_on = |why: RetryOn| policy.retry_on.contains(&why);
     Ok(match ended {
         Ended::Status(s) => {
-            ep.stats.observe_since(sent);
+            // The latency sample (a clock read, a lock and an `exp`) only feeds peak EWMA.
+            if backend.balancer.uses_latency() {
+                ep.stats.observe_since(sent);
+            }
             let o = if s.is_server_error() {
                 Outcome::ServerError
             } else {

@@ -36,7 +36,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::Drain;
 use crate::http::{
     ConnCtx, Ended, Failure, InflightGuard, admit, h2_uri, judge, max_tries, no_endpoints, observe,
-    overloaded, plan, prepare_head, resolve, retry_pause, select, try_deadline, upstream_h2,
+    overloaded, pass_identity, plan, prepare_head, resolve, retry_pause, select, try_deadline,
+    upstream_h2,
 };
 use crate::state::{Backend, RouteState};
 use crate::upstream::{Body, H2Hold, H2OpenError, H2Stream, keepalive};
@@ -198,7 +199,9 @@ async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: Send
         return send_body_response(r, respond, |_| {}).await;
     }
     let (mut parts, body) = req.into_parts();
-    let (target, denied) = resolve(&ctx, &mut parts.headers);
+    let (target, authz) = resolve(&ctx);
+    pass_identity(&target, &mut parts.headers, &authz);
+    let denied = authz.err().map(|r| *r);
     let head_only = Request::from_parts(parts, ());
     let (index, backend) = select(&target, &head_only);
     let route = index.and_then(|i| target.routes.get(i));

@@ -28,6 +28,7 @@ pub mod balance;
 pub mod cli;
 pub mod demo;
 pub mod detect;
+mod drain;
 pub mod h1;
 pub mod health;
 pub mod hostile;
@@ -57,6 +58,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::detect::Detected;
+pub(crate) use crate::drain::Drain;
 use crate::http::{ConnCtx, ServerMode};
 use crate::metrics::Metrics;
 use crate::state::{Cache, Direction, State};
@@ -127,14 +129,6 @@ pub(crate) struct Shared {
     pub tls: Arc<MeshTls>,
     cache: Mutex<Cache>,
     conn_slots: Arc<Semaphore>,
-}
-
-/// Two-stage stop signal for connections: `soft` asks them to finish (stop accepting,
-/// HTTP graceful shutdown), `hard` ends them.
-#[derive(Clone, Default)]
-pub(crate) struct Drain {
-    pub soft: CancellationToken,
-    pub hard: CancellationToken,
 }
 
 /// The outcome of applying one config version.
@@ -404,9 +398,13 @@ async fn accept_loop(
     drain: Drain,
     tracker: TaskTracker,
 ) {
+    // One wait for the whole loop, not one registered and dropped per connection.
+    let stop = drain.soft.cancelled();
+    tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
-            _ = drain.soft.cancelled() => break,
+            biased;
+            _ = stop.as_mut() => break,
             r = listener.accept() => r,
         };
         match accepted {
@@ -434,6 +432,10 @@ async fn accept_loop(
     // Dropping the listener closes it: no new connections.
 }
 
+/// Serves one accepted connection. Its future is moved and copied whole several times on
+/// the way into its task (and the task's stage is rewritten whole when it ends), so what
+/// only some connections need (the TLS handshake, detection, raw TCP, hyper) is boxed,
+/// which keeps the lean HTTP/1.1 path's future small.
 async fn connection(
     shared: Arc<Shared>,
     listen: SocketAddr,
@@ -442,12 +444,13 @@ async fn connection(
     drain: Drain,
     _slot: OwnedSemaphorePermit,
 ) {
-    let Some((target, snapshot)) = shared
-        .state
-        .load()
-        .as_ref()
-        .and_then(|s| Some((s.listeners.get(&listen).cloned()?, s.snapshot.clone())))
-    else {
+    let Some((target, snapshot, generation)) = shared.state.load().as_ref().and_then(|s| {
+        Some((
+            s.listeners.get(&listen).cloned()?,
+            s.snapshot.clone(),
+            s.generation,
+        ))
+    }) else {
         return;
     };
     // No TCP_NODELAY call here: accepted sockets inherit it from the listener (see
@@ -469,8 +472,16 @@ async fn connection(
     let (mut stream, client_id) = if inbound {
         let own = snapshot.identity();
         let own = format!("{}/{}", own.namespace, own.service);
+        let mode = snapshot.tls_mode_by_outer(sidemesh_api::OuterPort(listen.port()));
+        let accept = Box::pin(tls::accept(
+            &shared.tls,
+            mode,
+            &own,
+            stream,
+            shared.config.detect_timeout,
+        ));
         let accepted = tokio::select! {
-            a = tls::accept(&shared.tls, snapshot.tls_mode_by_outer(sidemesh_api::OuterPort(listen.port())), &own, stream, shared.config.detect_timeout) => a,
+            a = accept => a,
             _ = drain.hard.cancelled() => Accepted::Refused,
         };
         match accepted {
@@ -492,13 +503,16 @@ async fn connection(
         Protocol::Tcp => Detected::Tcp,
         Protocol::Auto => {
             let timeout = shared.config.detect_timeout;
+            let detect = Box::pin(async {
+                match &mut stream {
+                    Io::Plain(s) => detect::detect(s, timeout).await,
+                    tls => tls::detect_in(tls, timeout, detect::classify)
+                        .await
+                        .unwrap_or(Detected::Tcp),
+                }
+            });
             tokio::select! {
-                d = async {
-                    match &mut stream {
-                        Io::Plain(s) => detect::detect(s, timeout).await,
-                        tls => tls::detect_in(tls, timeout, detect::classify).await.unwrap_or(Detected::Tcp),
-                    }
-                } => d,
+                d = detect => d,
                 _ = drain.hard.cancelled() => Detected::Tcp,
             }
         }
@@ -527,7 +541,7 @@ async fn connection(
                 return;
             }
             tokio::select! {
-                _ = tcp::proxy(&shared, &target, stream, peer) => {}
+                _ = Box::pin(tcp::proxy(&shared, &target, stream, peer)) => {}
                 _ = drain.hard.cancelled() => {}
             }
         }
@@ -538,6 +552,7 @@ async fn connection(
                 peer,
                 target,
                 client_id,
+                generation,
                 mode: if mode == Detected::Http2 {
                     ServerMode::Http2
                 } else {
@@ -545,13 +560,13 @@ async fn connection(
                 },
             });
             if ctx.mode == ServerMode::Http1 && shared.config.http1_engine == h1::Engine::Lean {
-                h1::serve(ctx, stream, drain).await;
+                Box::pin(h1::serve(ctx, stream, drain)).await;
             } else if ctx.mode == ServerMode::Http2
                 && shared.config.http2_engine == http2::Engine::Lean
             {
-                http2::serve(ctx, stream, drain).await;
+                Box::pin(http2::serve(ctx, stream, drain)).await;
             } else {
-                http::serve(ctx, stream, drain).await;
+                Box::pin(http::serve(ctx, stream, drain)).await;
             }
         }
     }

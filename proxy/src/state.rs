@@ -219,7 +219,13 @@ pub struct State {
     pub snapshot: Snapshot,
     /// Every listener address with its target.
     pub listeners: HashMap<SocketAddr, Arc<Target>>,
+    /// Which build this is, unique in the process: a connection accepted under this state
+    /// knows its listener's target without looking it up again.
+    pub generation: u64,
 }
+
+/// The generation of the next state built.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn ms(v: u64) -> Option<Duration> {
     (v > 0).then(|| Duration::from_millis(v))
@@ -448,6 +454,7 @@ impl State {
         State {
             snapshot: snapshot.clone(),
             listeners,
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -746,52 +746,56 @@ pub fn refusal(port: &InboundPort, client: Option<&str>) -> Option<&'static str>
     }
 }
 
-/// The inbound HTTP policy of one request: strips any forged identity header, checks
-/// `allow_clients`, and passes the verified identity on. Returns the 403 to answer when
-/// the client is refused.
-pub(crate) fn authorize_http(
+/// What [`authorize`] decides: the identity to pass on to the app, or the response for a
+/// refused client.
+pub(crate) type Verdict<'c> = Result<Option<&'c str>, Box<Response<Body>>>;
+
+/// The inbound HTTP policy of one request: `allow_clients` on the verified identity.
+/// `Err` is the 403 to answer when the client is refused; `Ok` is the identity to pass on
+/// to the app in [`CLIENT_ID_HEADER`] (none without one, or when `port_outer` is not an
+/// inbound port of the config). Whatever the verdict, the caller removes a forged
+/// [`CLIENT_ID_HEADER`] from the request.
+pub(crate) fn authorize<'c>(
     mesh: &MeshTls,
     snapshot: &Snapshot,
     port_outer: u16,
-    client: Option<&str>,
-    headers: &mut HeaderMap,
-) -> Option<Response<Body>> {
-    headers.remove(CLIENT_ID_HEADER);
-    let port = snapshot.inbound_by_outer(sidemesh_api::OuterPort(port_outer))?;
-    if let Some(reason) = refusal(port, client) {
-        let own = snapshot.identity();
-        let own = format!("{}/{}", own.namespace, own.service);
-        mesh.metrics
-            .authz_denied
-            .with_label_values(&["inbound", &own, reason])
-            .inc();
-        let who = client.unwrap_or("(no identity: plaintext)");
-        let body = serde_json::json!({
-            "error": "forbidden",
-            "client": who,
-            "reason": match reason {
-                "no_identity" => format!("{own} port {} only takes mutual TLS clients listed in allow_clients", port.port),
-                _ => format!("{who} is not in allow_clients of {own} port {}", port.port),
-            },
-        });
-        let mut r = Response::new(
-            Full::new(Bytes::from(body.to_string()))
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        );
-        *r.status_mut() = StatusCode::FORBIDDEN;
-        r.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        r.headers_mut()
-            .insert(crate::http::ERROR, HeaderValue::from_static("forbidden"));
-        return Some(r);
-    }
-    if let Some(id) = client.and_then(|c| HeaderValue::from_str(c).ok()) {
-        headers.insert(CLIENT_ID_HEADER, id);
-    }
-    None
+    client: Option<&'c str>,
+) -> Verdict<'c> {
+    let Some(port) = snapshot.inbound_by_outer(sidemesh_api::OuterPort(port_outer)) else {
+        return Ok(None);
+    };
+    let Some(reason) = refusal(port, client) else {
+        // Only what a header value can carry (RFC 9110 §5.5); mesh identities always can.
+        return Ok(client.filter(|c| HeaderValue::from_str(c).is_ok()));
+    };
+    let own = snapshot.identity();
+    let own = format!("{}/{}", own.namespace, own.service);
+    mesh.metrics
+        .authz_denied
+        .with_label_values(&["inbound", &own, reason])
+        .inc();
+    let who = client.unwrap_or("(no identity: plaintext)");
+    let body = serde_json::json!({
+        "error": "forbidden",
+        "client": who,
+        "reason": match reason {
+            "no_identity" => format!("{own} port {} only takes mutual TLS clients listed in allow_clients", port.port),
+            _ => format!("{who} is not in allow_clients of {own} port {}", port.port),
+        },
+    });
+    let mut r = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = StatusCode::FORBIDDEN;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(crate::http::ERROR, HeaderValue::from_static("forbidden"));
+    Err(Box::new(r))
 }
 
 /// Keeps the sidecar's certificate current for as long as `stop` is not cancelled:

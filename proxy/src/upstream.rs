@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
+use std::hash::BuildHasherDefault;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -212,11 +213,114 @@ struct Pools {
     /// Held while an endpoint's HTTP/2 connection is being dialled.
     h2_dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     /// Idle connections of the lean HTTP/1.1 engine, which speaks HTTP on them itself.
-    raw: Mutex<HashMap<SocketAddr, Vec<RawConn>>>,
+    raw: Mutex<RawPool>,
     /// The lean HTTP/2 engine's connections (the `h2` crate's, without hyper), shared by
     /// every request to their endpoint: one, and another whenever all are at the stream
     /// limit the endpoint set.
     lean_h2: Mutex<HashMap<SocketAddr, Vec<LeanH2>>>,
+}
+
+/// The idle connections of the lean HTTP/1.1 engine, per endpoint.
+///
+/// A client connection whose balancer alternates endpoints gives its upstream connection
+/// back and takes another on every request, so this is on the request path: the map hashes
+/// addresses with [`AddrHasher`], and idle time is counted in [`reap`] steps (`epoch`)
+/// rather than read from the clock on every release and checkout.
+#[derive(Debug, Default)]
+struct RawPool {
+    idle: HashMap<SocketAddr, Vec<RawConn>, BuildHasherDefault<AddrHasher>>,
+    /// Whether a [`reap`] task watches this pool (one at most, only while it holds
+    /// connections).
+    reaping: bool,
+    /// Steps of the reaper so far: a connection released at epoch `e` has been idle
+    /// between `n - 1` and `n` steps at epoch `e + n`.
+    epoch: u64,
+}
+
+/// Reaper steps per idle timeout.
+const REAP_STEPS: u64 = 4;
+
+/// Whether a connection released at epoch `released` has been idle for the idle timeout
+/// at epoch `epoch`: more than [`REAP_STEPS`] steps, so between 1 and 1.25 × the timeout
+/// (never without a timeout: no reaper counts then).
+fn expired(epoch: u64, released: u64) -> bool {
+    epoch.saturating_sub(released) > REAP_STEPS
+}
+
+/// A cheap hash of socket addresses (FxHash's word step): the raw pool's keys are endpoint
+/// addresses from the config, not chosen by a peer, so SipHash's flood resistance buys
+/// nothing there and cost a hundred-odd instructions per lookup.
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl AddrHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl std::hash::Hasher for AddrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            for (w, b) in word.iter_mut().zip(chunk) {
+                *w = *b;
+            }
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Closes a pool's idle lean-engine connections once they have been idle for `idle` (or
+/// their peer closed them), looking [`REAP_STEPS`] times per `idle`, so a connection
+/// closes between `idle` and 1.25 × `idle` after its last use even if no request comes to
+/// take it. Ends when the pool is empty (the next release starts another) or gone.
+async fn reap(pools: std::sync::Weak<Pools>, idle: Duration) {
+    let step = (idle / REAP_STEPS as u32).max(Duration::from_millis(1));
+    loop {
+        tokio::time::sleep(step).await;
+        let Some(pools) = pools.upgrade() else {
+            return;
+        };
+        let Ok(mut guard) = pools.raw.lock() else {
+            return;
+        };
+        let raw = &mut *guard;
+        raw.epoch += 1;
+        let (epoch, idle_map) = (raw.epoch, &mut raw.idle);
+        idle_map.retain(|_, list| {
+            list.retain(|c| !expired(epoch, c.released) && c.open());
+            !list.is_empty()
+        });
+        if raw.idle.is_empty() {
+            raw.reaping = false;
+            return;
+        }
+    }
 }
 
 /// A live HTTP/2 connection of the lean engine.
@@ -302,7 +406,8 @@ pub(crate) struct RawConn {
     /// The endpoint.
     pub(crate) addr: SocketAddr,
     _slot: Option<OwnedSemaphorePermit>,
-    idle_since: std::time::Instant,
+    /// The pool's [`RawPool::epoch`] when it was last released to it.
+    released: u64,
 }
 
 impl std::fmt::Debug for RawConn {
@@ -312,13 +417,9 @@ impl std::fmt::Debug for RawConn {
 }
 
 impl RawConn {
-    /// Whether a pooled connection may carry another request: not idle for longer than
-    /// `idle`, and (in plaintext, where it can be checked without blocking) not closed by
-    /// the peer nor holding stray bytes.
-    fn usable(&self, idle: Option<Duration>) -> bool {
-        if idle.is_some_and(|t| self.idle_since.elapsed() >= t) {
-            return false;
-        }
+    /// Whether a pooled connection may carry another request: (in plaintext, where it
+    /// can be checked without blocking) not closed by the peer nor holding stray bytes.
+    fn open(&self) -> bool {
         match &self.io {
             MaybeTls::Plain(s) => {
                 let mut probe = [0u8; 1];
@@ -612,23 +713,26 @@ impl Clients {
         addr: SocketAddr,
         meshed: bool,
     ) -> Result<(RawConn, bool), ConnectError> {
-        let idle = self.connector.idle_timeout();
-        if let Ok(mut pools) = self.pools.raw.lock() {
-            if let Some(list) = pools.get_mut(&addr) {
+        if let Ok(mut guard) = self.pools.raw.lock() {
+            let pool = &mut *guard;
+            if let Some(list) = pool.idle.get_mut(&addr) {
                 while let Some(c) = list.pop() {
-                    if c.usable(idle) {
+                    if !expired(pool.epoch, c.released) && c.open() {
                         return Ok((c, false));
                     }
                 }
             }
         }
-        let (io, slot) = self.connector.connect_endpoint(addr, meshed, false).await?;
+        // Boxed: the dial (a TLS handshake, maybe) inline would make every lean connection's
+        // future larger, and that is copied whole several times per connection.
+        let dial = Box::pin(self.connector.connect_endpoint(addr, meshed, false));
+        let (io, slot) = dial.await?;
         Ok((
             RawConn {
                 io,
                 addr,
                 _slot: slot,
-                idle_since: std::time::Instant::now(),
+                released: 0,
             },
             true,
         ))
@@ -639,20 +743,24 @@ impl Clients {
         Arc::ptr_eq(&self.pools, &other.pools)
     }
 
-    /// Gives a connection whose last response ended cleanly back to the pool; stale ones
-    /// of the same endpoint are closed on the way.
+    /// Gives a connection whose last response ended cleanly back to the pool, where
+    /// [`reap`] closes it once idle for the idle timeout.
     pub(crate) fn release_raw(&self, mut conn: RawConn) {
         let idle = self.connector.idle_timeout();
         let Ok(mut pools) = self.pools.raw.lock() else {
             return;
         };
-        let list = pools.entry(conn.addr).or_default();
-        if idle.is_some_and(|t| list.first().is_some_and(|c| c.idle_since.elapsed() >= t)) {
-            list.retain(|c| idle.is_none_or(|t| c.idle_since.elapsed() < t));
+        conn.released = pools.epoch;
+        let list = pools.idle.entry(conn.addr).or_default();
+        if list.len() >= MAX_IDLE_PER_ENDPOINT {
+            return;
         }
-        if list.len() < MAX_IDLE_PER_ENDPOINT {
-            conn.idle_since = std::time::Instant::now();
-            list.push(conn);
+        list.push(conn);
+        if let Some(t) = idle.filter(|_| !pools.reaping) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                pools.reaping = true;
+                rt.spawn(reap(Arc::downgrade(&self.pools), t));
+            }
         }
     }
 
@@ -826,6 +934,73 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn idle_raw_connections_close_without_the_pool_being_touched() {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let idle = Duration::from_millis(200);
+        let c = clients_idle(idle);
+        let (conn, fresh) = c.checkout_raw(addr, false).await.unwrap();
+        assert!(fresh);
+        let (mut server, _) = l.accept().await.unwrap();
+        let released = std::time::Instant::now();
+        c.release_raw(conn);
+        // Nothing touches the pool again: the upstream still sees the close.
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut b))
+            .await
+            .expect("closed in time")
+            .unwrap();
+        assert_eq!(n, 0);
+        let took = released.elapsed();
+        assert!(took >= idle, "closed after {took:?}");
+        // With the pool empty, its reaper has ended.
+        let pools = &c.pools;
+        assert!(pools.raw.lock().unwrap().idle.is_empty());
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while pools.raw.lock().unwrap().reaping {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("reaper ended");
+    }
+
+    #[tokio::test]
+    async fn pooled_raw_connections_are_reused_until_idle_too_long() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = clients_idle(Duration::from_secs(3600));
+        let (conn, fresh) = c.checkout_raw(addr, false).await.unwrap();
+        assert!(fresh);
+        let _server = l.accept().await.unwrap();
+        c.release_raw(conn);
+        // Four reaper steps later it is still good; after a fifth it has idled too long.
+        c.pools.raw.lock().unwrap().epoch += REAP_STEPS;
+        let (conn, fresh) = c.checkout_raw(addr, false).await.unwrap();
+        assert!(!fresh);
+        c.release_raw(conn);
+        c.pools.raw.lock().unwrap().epoch += REAP_STEPS + 1;
+        let (_conn, fresh) = c.checkout_raw(addr, false).await.unwrap();
+        assert!(fresh, "an expired connection was handed out");
+    }
+
+    #[test]
+    fn address_hashes_differ() {
+        use std::hash::BuildHasher;
+        let h = BuildHasherDefault::<AddrHasher>::default();
+        let mut seen = std::collections::HashSet::new();
+        for ip in 0..40u8 {
+            for port in [80u16, 443, 8080, 8081, 9000] {
+                let a = SocketAddr::from(([127, 0, 1, ip], port));
+                assert!(seen.insert(h.hash_one(a)), "{a}");
+            }
+        }
+        let v6: SocketAddr = "[::1]:80".parse().unwrap();
+        assert!(seen.insert(h.hash_one(v6)));
+    }
+
+    #[tokio::test]
     async fn refused_connect_is_io_error() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -887,11 +1062,16 @@ mod tests {
     }
 
     fn clients() -> Clients {
+        clients_idle(Duration::from_secs(30))
+    }
+
+    /// Clients without limits whose pooled connections close after `idle`.
+    fn clients_idle(idle: Duration) -> Clients {
         Clients::new(ConnectorConfig {
             connect_timeout: Some(Duration::from_secs(2)),
             max_connections: 0,
             max_pending: 0,
-            idle_timeout: Some(Duration::from_secs(30)),
+            idle_timeout: Some(idle),
             tls: None,
         })
     }

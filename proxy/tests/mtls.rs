@@ -234,6 +234,31 @@ async fn mesh(protocol: &str, app: SocketAddr, allow: Option<Value>) -> Mesh {
     }
 }
 
+/// The client identity the app saw for a request through the sidecar listening on `svc`
+/// that carried a forged one.
+async fn identity_seen(
+    c: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    svc: Ipv4Addr,
+) -> String {
+    let resp = c
+        .request(
+            hyper::Request::get(format!("http://{svc}/"))
+                .header("x-sidemesh-client-id", "ops/admin")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.headers()["echo-x-sidemesh-client-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 #[tokio::test]
 async fn http_over_mutual_tls_with_allow_clients() {
     let app_ip = loopback();
@@ -243,17 +268,7 @@ async fn http_over_mutual_tls_with_allow_clients() {
 
     // The allowed client gets through; the app sees its verified identity, not the
     // forged one its app tried to send.
-    let resp = c
-        .request(
-            hyper::Request::get(format!("http://{}/", m.web_svc))
-                .header("x-sidemesh-client-id", "ops/admin")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["echo-x-sidemesh-client-id"], "shop/web");
+    assert_eq!(identity_seen(&c, m.web_svc).await, "shop/web");
     assert!(
         m.server.counter(
             "sidemesh_proxy_tls_connections_total",
@@ -266,6 +281,21 @@ async fn http_over_mutual_tls_with_allow_clients() {
             &[("direction", "outbound")]
         ) >= 1
     );
+
+    // The same over HTTP/1.1 between the sidecars (no mesh_h2): the inbound sidecar's
+    // lean HTTP/1.1 engine sets the identity and drops the forged one.
+    let svc1 = loopback();
+    let _web1 = Sidecar::start(
+        &m.signer,
+        "web",
+        ProxyConfig {
+            mesh_h2: false,
+            ..config_at(loopback(), app_ip)
+        },
+        &client_config(&m.signer, "web", svc1, m.inbound, "http1"),
+    )
+    .await;
+    assert_eq!(identity_seen(&c, svc1).await, "shop/web");
 
     // Another mesh service is refused with a 403 that says who and why.
     let (status, _, body) = get(&c, &format!("http://{}/", m.evil_svc), &[]).await;
@@ -306,7 +336,7 @@ async fn http_over_mutual_tls_with_allow_clients() {
         ) == 1)
         .await
     );
-    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(be.hits.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
 
 async fn echo_server(ip: Ipv4Addr) -> SocketAddr {

@@ -6,7 +6,9 @@
 //! Nothing here allocates per message once the buffers have grown to their working size.
 
 use std::io;
+use std::mem::MaybeUninit;
 
+use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::hostile::{BodyFraming, body_framing};
@@ -16,45 +18,93 @@ const MAX_TRAILER_BYTES: usize = 8 * 1024;
 /// Most header lines parsed in one head (the configured limit is capped to it).
 pub(crate) const MAX_HEADERS: usize = 128;
 
-/// A read buffer: bytes `start..end` of `data` are unread. Reused for every message.
+/// A read buffer: bytes `start..` of `data` are unread. Reused for every message.
+///
+/// Nothing is allocated until the first read (which takes a spare buffer of an ended
+/// connection when the thread has one), and the memory is never zero-filled: reads go into
+/// the vector's spare capacity. It starts at the size given to [`Buf::new`] (most
+/// heads are well under 1 KiB), doubles when unread bytes fill it (a long head, up to the
+/// caller's maximum), and doubles up to [`ADAPTIVE_MAX`] after a read that filled all the
+/// free space (a body streaming through), so that a large body is not moved in small
+/// reads.
 #[derive(Debug)]
 pub(crate) struct Buf {
     data: Vec<u8>,
     start: usize,
-    end: usize,
+    /// The capacity the next read makes room for.
+    size: usize,
+}
+
+/// Largest size a buffer grows to because reads keep filling it (unread bytes that fill
+/// it grow it further, up to the caller's maximum).
+pub(crate) const ADAPTIVE_MAX: usize = 16 * 1024;
+
+/// Most spare buffers kept per thread (each at most [`ADAPTIVE_MAX`] bytes).
+const SPARE_MAX: usize = 32;
+
+thread_local! {
+    /// Memory of buffers whose connection ended, for the next connections: a buffer of a
+    /// few KiB is beyond the allocator's per-thread cache, and its allocation and release
+    /// were about a tenth of the instructions of a short connection.
+    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A spare buffer's memory (empty), if this thread has one.
+fn take_spare() -> Option<Vec<u8>> {
+    SPARE
+        .try_with(|s| s.try_borrow_mut().ok()?.pop())
+        .ok()
+        .flatten()
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let mut data = std::mem::take(&mut self.data);
+        if data.capacity() == 0 || data.capacity() > ADAPTIVE_MAX {
+            return;
+        }
+        data.clear();
+        let _ = SPARE.try_with(|s| {
+            if let Ok(mut spare) = s.try_borrow_mut() {
+                if spare.len() < SPARE_MAX {
+                    spare.push(data);
+                }
+            }
+        });
+    }
 }
 
 impl Buf {
-    /// An empty buffer of `size` bytes.
+    /// An empty buffer that will start with `size` bytes of room; nothing is allocated yet.
     pub(crate) fn new(size: usize) -> Buf {
         Buf {
-            data: vec![0; size],
+            data: Vec::new(),
             start: 0,
-            end: 0,
+            size: size.max(64),
         }
     }
 
     /// The unread bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
-        self.data.get(self.start..self.end).unwrap_or(&[])
+        self.data.get(self.start..).unwrap_or(&[])
     }
 
     /// How many bytes are unread.
     pub(crate) fn len(&self) -> usize {
-        self.end - self.start
+        self.data.len() - self.start
     }
 
     /// Whether no byte is unread.
     pub(crate) fn is_empty(&self) -> bool {
-        self.start == self.end
+        self.start == self.data.len()
     }
 
     /// Marks `n` bytes as read.
     pub(crate) fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
-        if self.start == self.end {
+        self.start = (self.start + n).min(self.data.len());
+        if self.start == self.data.len() {
             self.start = 0;
-            self.end = 0;
+            self.data.clear();
         }
     }
 
@@ -72,29 +122,41 @@ impl Buf {
         r: &mut R,
         max: usize,
     ) -> io::Result<usize> {
-        self.make_room(max)?;
-        let n = r.read(&mut self.data[self.end..]).await?;
-        self.end += n;
+        let room = self.make_room(max)?;
+        let n = r.read_buf(&mut (&mut self.data).limit(room)).await?;
+        if n == room && self.size < ADAPTIVE_MAX.min(max) {
+            self.size = (self.size * 2).min(ADAPTIVE_MAX.min(max));
+        }
         Ok(n)
     }
 
-    fn make_room(&mut self, max: usize) -> io::Result<()> {
-        if self.end < self.data.len() && self.start < self.data.len() / 2 {
-            return Ok(());
-        }
-        if self.start > 0 {
-            self.data.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
+    /// Makes free space after the unread bytes (moving them to the front, growing the
+    /// buffer); how many bytes the next read may take.
+    fn make_room(&mut self, max: usize) -> io::Result<usize> {
+        let cap = self.data.capacity();
+        let len = self.data.len();
+        if self.start > 0 && (len == cap || self.start >= cap / 2) {
+            self.data.copy_within(self.start.., 0);
+            self.data.truncate(len - self.start);
             self.start = 0;
         }
-        if self.end == self.data.len() {
-            if self.data.len() >= max {
-                return Err(io::Error::other("buffer full"));
-            }
-            let size = (self.data.len() * 2).clamp(4096, max);
-            self.data.resize(size, 0);
+        let len = self.data.len();
+        if len >= max {
+            return Err(io::Error::other("buffer full"));
         }
-        Ok(())
+        if len >= self.size {
+            self.size = (len * 2).max(4096);
+        }
+        let want = self.size.min(max);
+        if self.data.capacity() == 0 {
+            if let Some(spare) = take_spare() {
+                self.data = spare;
+            }
+        }
+        if self.data.capacity() < want {
+            self.data.reserve_exact(want - len);
+        }
+        Ok(self.data.capacity().min(max) - len)
     }
 }
 
@@ -156,12 +218,21 @@ pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
 }
 
 impl RequestHead {
+    /// An empty head with room for `headers` header lines.
+    pub(crate) fn with_capacity(headers: usize) -> RequestHead {
+        RequestHead {
+            headers: Vec::with_capacity(headers),
+            ..RequestHead::default()
+        }
+    }
+
     /// Parses a request head at the start of `buf` (at most `max_headers` header lines).
     pub(crate) fn parse(&mut self, buf: &[u8], max_headers: usize) -> Parsed {
-        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        // Uninitialised slots: filling 128 of them (4 KiB) on every parse was not free.
+        let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let slots = &mut storage[..max_headers.clamp(1, MAX_HEADERS)];
-        let mut req = httparse::Request::new(slots);
-        let len = match req.parse(buf) {
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, slots) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Parsed::Partial,
             Err(httparse::Error::TooManyHeaders) => return Parsed::Decline("too-many-headers"),
@@ -276,6 +347,14 @@ pub(crate) struct ResponseHead {
 pub(crate) struct BadResponse;
 
 impl ResponseHead {
+    /// An empty head with room for `headers` header lines.
+    pub(crate) fn with_capacity(headers: usize) -> ResponseHead {
+        ResponseHead {
+            headers: Vec::with_capacity(headers),
+            ..ResponseHead::default()
+        }
+    }
+
     /// Parses a response head at the start of `buf`; `Ok(None)` when more bytes are needed.
     /// `head_request` says whether the request was `HEAD` (no body then).
     pub(crate) fn parse(
@@ -283,9 +362,14 @@ impl ResponseHead {
         buf: &[u8],
         head_request: bool,
     ) -> Result<Option<ResponseFraming>, BadResponse> {
-        let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut storage);
-        let len = match resp.parse(buf) {
+        let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            buf,
+            &mut storage,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(BadResponse),
@@ -491,9 +575,39 @@ pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
         .any(|h| h.as_bytes().eq_ignore_ascii_case(name))
 }
 
+/// Appends the header line `name: value` of a head in `buf`, the name in lower case, as
+/// [`put_header`] does; a line that already reads exactly `name: value` CRLF in `buf` (the
+/// usual case) is copied in one piece.
+pub(crate) fn put_line(out: &mut Vec<u8>, buf: &[u8], name: Span, value: Span) {
+    let (start, name_len) = (name.0 as usize, name.1 as usize);
+    let end = value.0 as usize + value.1 as usize + 2;
+    let line = buf.get(start..end).filter(|line| {
+        value.0 as usize == start + name_len + 2
+            && line.get(name_len..name_len + 2) == Some(b": ")
+            && line.ends_with(b"\r\n")
+    });
+    match line {
+        Some(line) => {
+            let at = out.len();
+            out.extend_from_slice(line);
+            if let Some(copied) = out.get_mut(at..at + name_len) {
+                copied.make_ascii_lowercase();
+            }
+        }
+        None => put_header(out, name.get(buf), value.get(buf)),
+    }
+}
+
 /// Appends a header line, the name in lower case (as the hyper engine sends it).
 pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend(name.iter().map(u8::to_ascii_lowercase));
+    out.reserve(name.len() + value.len() + 4);
+    let at = out.len();
+    // Copied whole and lowered in place: byte by byte through an iterator cost several
+    // times more (a capacity check per byte).
+    out.extend_from_slice(name);
+    if let Some(copied) = out.get_mut(at..) {
+        copied.make_ascii_lowercase();
+    }
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
@@ -554,6 +668,102 @@ mod tests {
 
     const GET: &[u8] =
         b"GET /a?b=1 HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\nConnection: keep-alive, x-a\r\n\r\n";
+
+    #[tokio::test]
+    async fn buffers_allocate_on_first_read_and_grow_to_what_is_needed() {
+        let src: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut r = &src[..];
+        // No spare buffer of an earlier test on this thread.
+        SPARE.with(|s| s.borrow_mut().clear());
+        let mut b = Buf::new(4096);
+        assert_eq!(b.data.capacity(), 0, "nothing allocated before a read");
+        assert_eq!(b.fill(&mut r, 1 << 20).await.unwrap(), 4096);
+        // Reads that fill the free space double it, up to ADAPTIVE_MAX.
+        let mut reads = Vec::new();
+        for _ in 0..4 {
+            b.consume(b.len());
+            reads.push(b.fill(&mut r, 1 << 20).await.unwrap());
+        }
+        assert_eq!(reads, [8192, ADAPTIVE_MAX, ADAPTIVE_MAX, ADAPTIVE_MAX]);
+        assert_eq!(b.data.capacity(), ADAPTIVE_MAX);
+        let read = 4096 + 8192 + 3 * ADAPTIVE_MAX;
+        assert_eq!(b.bytes(), &src[read - ADAPTIVE_MAX..read]);
+
+        // Unread bytes are kept in order across partial consumes and moves to the front.
+        b.consume(ADAPTIVE_MAX - 10);
+        let got = b.fill(&mut r, 1 << 20).await.unwrap();
+        assert_eq!(b.bytes(), &src[read - 10..read + got]);
+    }
+
+    #[tokio::test]
+    async fn an_ended_connections_buffer_serves_the_next_one_empty() {
+        let mut r: &[u8] = b"secret bytes of the first connection";
+        let mut first = Buf::new(4096);
+        first.fill(&mut r, 1 << 20).await.unwrap();
+        let ptr = first.data.as_ptr();
+        drop(first);
+        let mut r: &[u8] = b"next";
+        let mut next = Buf::new(4096);
+        assert_eq!(next.data.capacity(), 0, "taken on the first read only");
+        next.fill(&mut r, 1 << 20).await.unwrap();
+        assert_eq!(next.data.as_ptr(), ptr, "the spare memory was not reused");
+        assert_eq!(next.bytes(), b"next");
+        // A buffer grown past ADAPTIVE_MAX is not kept.
+        let big = vec![7u8; 100_000];
+        let mut r = &big[..];
+        let mut grown = Buf::new(4096);
+        while grown.len() < 40_000 {
+            grown.fill(&mut r, 1 << 20).await.unwrap();
+        }
+        drop(grown);
+        let spare = SPARE.with(|s| s.borrow().iter().map(Vec::capacity).max());
+        assert!(spare.is_none_or(|c| c <= ADAPTIVE_MAX), "{spare:?}");
+    }
+
+    #[tokio::test]
+    async fn unread_bytes_grow_a_buffer_up_to_its_maximum_only() {
+        let src = vec![b'x'; 100_000];
+        let mut r = &src[..];
+        SPARE.with(|s| s.borrow_mut().clear());
+        let mut b = Buf::new(4096);
+        let mut total = 0;
+        let err = loop {
+            match b.fill(&mut r, 10_000).await {
+                Ok(n) => total += n,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.to_string(), "buffer full");
+        assert_eq!((total, b.len()), (10_000, 10_000));
+        assert!(b.data.capacity() <= 16_384);
+    }
+
+    #[test]
+    fn header_lines_lower_the_name_only() {
+        let mut out = b"GET / HTTP/1.1\r\n".to_vec();
+        put_header(&mut out, b"X-Mixed-Case", b"Value Kept AS-IS");
+        put_header(&mut out, b"host", b"Svc");
+        assert_eq!(
+            out,
+            b"GET / HTTP/1.1\r\nx-mixed-case: Value Kept AS-IS\r\nhost: Svc\r\n"
+        );
+    }
+
+    #[test]
+    fn header_lines_from_a_head_come_out_the_same_whether_copied_or_rebuilt() {
+        let raw = b"GET / HTTP/1.1\r\nHost: Svc\r\nX-Tight:v\r\nX-Wide:  a b  \r\nX-Lf: c\nX-Empty: \r\nX-Last: z\r\n\r\n";
+        let (p, head) = parse(raw);
+        assert_eq!(p, Parsed::Complete);
+        let (mut copied, mut rebuilt) = (Vec::new(), Vec::new());
+        for (n, v) in &head.headers {
+            put_line(&mut copied, raw, *n, *v);
+            put_header(&mut rebuilt, n.get(raw), v.get(raw));
+        }
+        assert_eq!(
+            String::from_utf8(copied).unwrap(),
+            String::from_utf8(rebuilt).unwrap()
+        );
+    }
 
     #[test]
     fn hash_keys_from_the_head_match_those_from_a_header_map() {

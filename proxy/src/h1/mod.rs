@@ -17,6 +17,7 @@
 
 pub(crate) mod codec;
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Response};
+use http::Response;
 use http_body_util::BodyExt;
 use sidemesh_api::config::Protocol;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -33,6 +34,7 @@ use tokio::time::Sleep;
 
 use crate::Drain;
 use crate::balance::{Endpoint, request_hash};
+use crate::drain::Fired;
 use crate::hostile::BodyFraming;
 use crate::http::{
     ConnCtx, Ended, Failure, InflightGuard, admit, judge, max_tries, no_endpoints, observe,
@@ -43,13 +45,18 @@ use crate::tls::Io;
 use crate::upstream::{Body, Clients, ConnectError, RawConn};
 use codec::{
     BodyState, Buf, Chunked, Parsed, RequestHead, ResponseFraming, ResponseHead, is_hop_by_hop,
-    named_by_connection, put_decimal, put_header,
+    named_by_connection, put_decimal, put_header, put_line,
 };
 
 /// Largest request body held so that it can be replayed on a retry (as the hyper engine).
 const MAX_REPLAY_BODY: usize = 64 * 1024;
-/// Size of the read buffers to start with.
-const BUF_START: usize = 16 * 1024;
+/// Size of the read buffers to start with (allocated on the first read; most heads are
+/// well under 1 KiB, and the buffers grow for longer ones and for bodies).
+const BUF_START: usize = 4 * 1024;
+/// Room for the heads written to start with (within the allocator's per-thread cache).
+const OUT_START: usize = 1024;
+/// Header lines of a head to make room for to start with.
+const HEADERS_START: usize = 16;
 /// Largest upstream response head, and the body-copy buffer size.
 const MAX_UPSTREAM_BUF: usize = 1024 * 1024;
 
@@ -72,14 +79,16 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
         client: stream,
         buf: Buf::new(BUF_START),
         ubuf: Buf::new(BUF_START),
-        out: Vec::with_capacity(BUF_START),
-        head: RequestHead::default(),
-        rhead: ResponseHead::default(),
+        out: Vec::with_capacity(OUT_START),
+        head: RequestHead::with_capacity(HEADERS_START),
+        rhead: ResponseHead::with_capacity(HEADERS_START),
         held: None,
     };
+    // `biased`: polled in this order, without drawing a random start per poll.
     let exit = tokio::select! {
-        e = conn.run(&drain) => e,
+        biased;
         _ = drain.hard.cancelled() => Exit::Close,
+        e = conn.run(&drain) => e,
     };
     if let Some((c, clients)) = conn.held.take() {
         clients.release_raw(c);
@@ -98,7 +107,9 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
             prefix,
             inner: conn.client,
         };
-        crate::http::serve(conn.ctx, io, drain).await;
+        // Boxed: hyper's connection future inline would make every lean connection's
+        // future several times larger.
+        Box::pin(crate::http::serve(conn.ctx, io, drain)).await;
     }
 }
 
@@ -158,8 +169,11 @@ impl Lean {
         // One timer for every deadline of the connection (idle, header read, request).
         let timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(timer);
+        // One wait for a drain for the whole connection, not one per request.
+        let soft = drain.soft.cancelled();
+        tokio::pin!(soft);
         loop {
-            match self.read_head(first, drain, timer.as_mut()).await {
+            match self.read_head(first, soft.as_mut(), timer.as_mut()).await {
                 Ok(()) => {}
                 Err(exit) => return exit,
             }
@@ -175,11 +189,12 @@ impl Lean {
         }
     }
 
-    /// Reads until a complete request head is at the start of the buffer.
+    /// Reads until a complete request head is at the start of the buffer; while none has
+    /// started, `soft` (the drain) ends the connection.
     async fn read_head(
         &mut self,
         first: bool,
-        drain: &Drain,
+        mut soft: Pin<&mut Fired<'_>>,
         mut timer: Pin<&mut Sleep>,
     ) -> Result<(), Exit> {
         let max_headers = self.ctx.shared.config.max_headers;
@@ -222,9 +237,10 @@ impl Lean {
                 }
             };
             let read = tokio::select! {
+                biased;
                 r = self.buf.fill(&mut self.client, self.max_head) => Some(r),
                 _ = timer => None,
-                _ = drain.soft.cancelled(), if waiting => return Err(Exit::Close),
+                _ = soft.as_mut(), if waiting => return Err(Exit::Close),
             };
             match read {
                 Some(Ok(0) | Err(_)) => return Err(Exit::Close),
@@ -247,16 +263,19 @@ impl Lean {
         let start = Instant::now();
         let ctx = self.ctx.clone();
         let inbound = self.ctx.target.direction == Direction::Inbound;
-        let mut identity = HeaderMap::new();
-        let (target, denied) = resolve(&self.ctx, &mut identity);
+        let (target, authz) = resolve(&ctx);
+        let (client_id, denied) = match authz {
+            Ok(id) => (id, None),
+            Err(resp) => (None, Some(*resp)),
+        };
         let buf = self.buf.bytes();
         let head = &self.head;
-        let method = std::str::from_utf8(head.method.get(buf)).unwrap_or("");
-        let full_target = std::str::from_utf8(head.target.get(buf)).unwrap_or("/");
-        let path = full_target.split_once('?').map_or(full_target, |(p, _)| p);
         let (index, backend) = if target.routes.is_empty() {
             (None, target.default_backend.clone())
         } else {
+            let method = std::str::from_utf8(head.method.get(buf)).unwrap_or("");
+            let full_target = std::str::from_utf8(head.target.get(buf)).unwrap_or("/");
+            let path = full_target.split_once('?').map_or(full_target, |(p, _)| p);
             select_route(&target, method, head.header(buf, "host"), path, |name| {
                 head.header(buf, name)
             })
@@ -265,7 +284,7 @@ impl Lean {
             return Next::Handoff(why);
         }
         let has_body = head.framing != BodyFraming::None;
-        let head_request = method == "HEAD";
+        let head_request = head.method.get(buf) == b"HEAD";
         let route = index.and_then(|i| target.routes.get(i));
         if let Some(resp) = denied {
             return self
@@ -309,14 +328,13 @@ impl Lean {
             &codec::HeadView { buf, head },
             self.ctx.peer,
         );
-        let client_id = identity.get(crate::tls::CLIENT_ID_HEADER);
         write_request_head(
             &mut self.out,
             buf,
             head,
             route.and_then(|r| r.request_headers.as_ref()),
             inbound,
-            client_id.map(|v| v.as_bytes()),
+            client_id.map(str::as_bytes),
         );
         let head_len = head.len;
         self.buf.consume(head_len);
@@ -360,6 +378,7 @@ impl Lean {
             let r = match try_deadline {
                 None => attempt.await,
                 Some(d) => tokio::select! {
+                    biased;
                     r = attempt => r,
                     _ = until(timer.as_mut(), d) => Err(TryError::TimedOut),
                 },
@@ -612,8 +631,18 @@ impl Lean {
         }
     }
 
-    /// Writes a response the sidecar makes itself (errors, refusals).
-    async fn answer(&mut self, resp: Response<Body>, close: bool) -> io::Result<()> {
+    /// Writes a response the sidecar makes itself (errors, refusals). Boxed: it is off the
+    /// common path, and its future inline would make every connection's future larger
+    /// (and that is copied whole several times per connection).
+    fn answer(
+        &mut self,
+        resp: Response<Body>,
+        close: bool,
+    ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + '_>> {
+        Box::pin(self.answer_inline(resp, close))
+    }
+
+    async fn answer_inline(&mut self, resp: Response<Body>, close: bool) -> io::Result<()> {
         let (parts, mut body) = resp.into_parts();
         // The sidecar's own bodies are small and in memory; still read at most 64 KiB.
         let mut bytes = Vec::new();
@@ -752,7 +781,7 @@ fn write_request_head(
         {
             continue;
         }
-        put_header(out, name, value);
+        put_line(out, buf, *n, *v);
     }
     if te_trailers {
         put_header(out, b"te", b"trailers");
@@ -811,7 +840,7 @@ fn write_response_head(
     let keep_length = matches!(framing, ResponseFraming::None | ResponseFraming::Length(_));
     let mut dated = false;
     for (n, v) in &head.headers {
-        let (name, value) = (n.get(buf), v.get(buf));
+        let name = n.get(buf);
         dated |= name.eq_ignore_ascii_case(b"date");
         if is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"te")
@@ -821,7 +850,7 @@ fn write_response_head(
         {
             continue;
         }
-        put_header(out, name, value);
+        put_line(out, buf, *n, *v);
     }
     if let Some(r) = rewrite {
         for (name, value) in &r.set {
