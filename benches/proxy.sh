@@ -305,8 +305,13 @@ for round in $(seq "$ROUNDS"); do
     # h2c max rate.
     hp=$([ $p = direct ] && echo 8080 || echo 8081)
     ha=$([ $p = direct ] && echo $U1 || echo "${H2ADDR[$p]}")
+    t0=$([ $p = direct ] && echo 0 || ticks "${PID[$p]}")
     h=$(on_load h2load -c10 -m32 -D"$DUR" "http://$ha:$hp/" 2>&1 || true)
+    t1=$([ $p = direct ] && echo 0 || ticks "${PID[$p]}")
     rec "$round" $p h2_rps "$(awk '/^finished in/ {print $4}' <<<"$h")"
+    h2total=$(awk '/^requests:/ {print $8}' <<<"$h")
+    [ $p != direct ] && [ -n "$h2total" ] && [ "$h2total" != 0 ] &&
+      rec "$round" $p h2_cpu_s_per_100k "$(python3 -c "print(round(($t1-$t0)/$CLK/$h2total*1e5,3))")"
     # Fixed 2,000 req/s: latency percentiles from the intended send time.
     for proto in h1 h2; do
       port=8080 flag="" ra=$a
@@ -318,8 +323,13 @@ for round in $(seq "$ROUNDS"); do
     done
     # TCP bulk and echo round trip.
     if [ $p = direct ]; then ta=$U1; ea=$U1; else ta=${TCPADDR[$p]}; ea=${ECHOADDR[$p]}; fi
+    t0=$([ $p = direct ] && echo 0 || ticks "${PID[$p]}")
     j=$(on_load "$LOAD" bulk --addr "$ta:9000" --seconds 4)
-    rec "$round" $p tcp_mb_per_s "$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['mb_per_s'])" "$j")"
+    t1=$([ $p = direct ] && echo 0 || ticks "${PID[$p]}")
+    mbs=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['mb_per_s'])" "$j")
+    rec "$round" $p tcp_mb_per_s "$mbs"
+    # The proxy's CPU seconds per GB moved (the bulk run lasts 4 s).
+    [ $p != direct ] && rec "$round" $p tcp_cpu_s_per_gb "$(python3 -c "print(round(($t1-$t0)/$CLK/($mbs*4/1000),3))")"
     j=$(on_load "$LOAD" rtt --addr "$ea:9001" --count 20000)
     rec "$round" $p tcp_rtt_p50_us "$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['p50_us'])" "$j")"
   done
