@@ -235,8 +235,16 @@ fn the_mesh_ca_rotates_without_a_restart_or_a_failed_request() {
     })
     .expect("web reaches api over mutual TLS");
 
-    // Steady traffic through both sidecars for the whole rotation.
+    // Steady traffic through both sidecars for the whole rotation (stopped when the test
+    // ends, however it ends).
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_load = StopOnDrop(stop.clone());
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let load = std::thread::spawn({
         let (stop, ok, failed, svc) = (stop.clone(), ok.clone(), failed.clone(), svc.clone());
