@@ -355,12 +355,16 @@ python3 - "$RES" <<'EOF'
 import collections, statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 vals = collections.defaultdict(list)
+def value(k, v):
+    # wrk prints latencies with their unit (us, ms, s); *_ms rows are kept in ms.
+    if k.endswith("_ms"):
+        for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+            if v.endswith(unit):
+                return float(v[: -len(unit)]) * scale
+    return float(v)
 for _, p, k, v in rows:
     try:
-        x = float(v.rstrip("ms")) if k.endswith("_ms") and v.endswith("ms") else float(v)
-        if k.endswith("_ms") and v.endswith("us"):
-            x = float(v[:-2]) / 1000
-        vals[(p, k)].append(x)
+        vals[(p, k)].append(value(k, v))
     except ValueError:
         pass
 med = {pk: statistics.median(v) for pk, v in vals.items()}
