@@ -366,25 +366,11 @@ impl Discover {
     /// changed, every config gets a new version (its pollers are woken). A bad file keeps
     /// the last good bundle and is logged as an error.
     pub fn reload_extra_trust(&self) {
-        let Some(authority) = self.shared.opts.authority.clone() else {
-            return;
-        };
-        let m = &self.shared.metrics;
-        match authority.reload_extra_trust() {
-            Ok(false) => {}
-            Ok(true) => {
-                m.trust_reloads.with_label_values(&["ok"]).inc();
-                tracing::info!(
-                    file = ?authority.extra_trust_file(),
-                    "extra trusted CAs reloaded; every config gets the new trust bundle"
-                );
-                self.mutate(|s, now| s.set_tls_salt(authority.salt(), now));
-            }
-            Err(e) => {
-                m.trust_reloads.with_label_values(&["failed"]).inc();
-                tracing::error!(error = %e, "extra trusted CAs rejected; keeping the last good trust bundle");
-            }
-        }
+        self.reload_tls(
+            "extra trusted CAs",
+            &self.shared.metrics.trust_reloads,
+            crate::identity::Authority::reload_extra_trust,
+        );
     }
 
     /// Reads the signing CA's files again; when they hold a new valid CA, it signs every
@@ -393,23 +379,34 @@ impl Discover {
     /// and is logged as an error (a rotation that writes the certificate and then the key
     /// passes through such a state and completes with the second write).
     pub fn reload_ca(&self) {
+        self.reload_tls(
+            "signing CA",
+            &self.shared.metrics.ca_reloads,
+            crate::identity::Authority::reload_ca,
+        );
+    }
+
+    /// One reload of the authority's files (`what`): a change re-versions every config, an
+    /// error keeps what was loaded; both are counted in `counter` and logged.
+    fn reload_tls(
+        &self,
+        what: &'static str,
+        counter: &prometheus::IntCounterVec,
+        reload: fn(&crate::identity::Authority) -> Result<bool, String>,
+    ) {
         let Some(authority) = self.shared.opts.authority.clone() else {
             return;
         };
-        let m = &self.shared.metrics;
-        match authority.reload_ca() {
+        match reload(&authority) {
             Ok(false) => {}
             Ok(true) => {
-                m.ca_reloads.with_label_values(&["ok"]).inc();
-                tracing::info!(
-                    files = ?authority.ca_files(),
-                    "signing CA reloaded; every config gets the new trust bundle"
-                );
+                counter.with_label_values(&["ok"]).inc();
+                tracing::info!(what, "reloaded; every config gets the new trust bundle");
                 self.mutate(|s, now| s.set_tls_salt(authority.salt(), now));
             }
             Err(e) => {
-                m.ca_reloads.with_label_values(&["failed"]).inc();
-                tracing::error!(error = %e, "new signing CA rejected; the last good CA keeps signing");
+                counter.with_label_values(&["failed"]).inc();
+                tracing::error!(what, error = %e, "rejected; the last good one stays in force");
             }
         }
     }
