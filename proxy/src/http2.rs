@@ -106,18 +106,14 @@ where
     };
     tokio::pin!(idle);
     let mut streams = FuturesUnordered::new();
-    // Allocations of finished streams, for the next ones.
-    let mut spare = Vec::new();
     let mut closing = false;
     loop {
         tokio::select! {
             biased;
-            Some(done) = streams.next(), if !streams.is_empty() => {
-                Reused::keep(&mut spare, done, streams.len());
-            }
+            Some(()) = streams.next(), if !streams.is_empty() => {}
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
-                    streams.push(Reused::new(&mut spare, serve_stream(ctx.clone(), req, respond)));
+                    streams.push(serve_stream(ctx.clone(), req, respond));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(peer = %ctx.peer, error = %e, "HTTP/2 connection ended with an error");
@@ -140,55 +136,6 @@ where
             }
             _ = drain.hard.cancelled() => break,
         }
-    }
-}
-
-/// A stream's future in an allocation that outlives it: when the stream is done, the
-/// future is dropped in place and the allocation handed back for the next stream, instead
-/// of a malloc and free of a few KiB per stream (each of which makes glibc consolidate its
-/// small-chunk bins). Callgrind put the saving within noise once the future had been
-/// shrunk (`a_stream_future_stays_small`).
-struct Reused<F> {
-    slot: Option<Slot<F>>,
-}
-
-type Slot<F> = Pin<Box<Option<F>>>;
-
-impl<F: Future<Output = ()>> Reused<F> {
-    /// `stream` in a spare allocation if there is one, else in a new one.
-    fn new(spare: &mut Vec<Slot<F>>, stream: F) -> Reused<F> {
-        let slot = match spare.pop() {
-            Some(mut slot) => {
-                slot.set(Some(stream));
-                slot
-            }
-            None => Box::pin(Some(stream)),
-        };
-        Reused { slot: Some(slot) }
-    }
-
-    /// Keeps the allocation of a finished stream: as many as are in flight (one on an idle
-    /// connection), at most 32.
-    fn keep(spare: &mut Vec<Slot<F>>, done: Option<Slot<F>>, in_flight: usize) {
-        if let Some(slot) = done.filter(|_| spare.len() < in_flight.clamp(1, 32)) {
-            spare.push(slot);
-        }
-    }
-}
-
-impl<F: Future<Output = ()>> Future for Reused<F> {
-    type Output = Option<Slot<F>>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Some(slot) = self.slot.as_mut() {
-            if let Some(stream) = slot.as_mut().as_pin_mut() {
-                if stream.poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-            }
-            slot.set(None);
-        }
-        Poll::Ready(self.slot.take())
     }
 }
 
@@ -706,45 +653,6 @@ mod tests {
 
     fn future_size<A, B, C, R>(_: fn(A, B, C) -> R) -> usize {
         std::mem::size_of::<R>()
-    }
-
-    /// A finished stream's future is dropped when it ends, and its allocation serves the
-    /// next stream.
-    #[tokio::test]
-    async fn a_finished_streams_allocation_serves_the_next() {
-        struct Dropped(Arc<std::sync::atomic::AtomicUsize>);
-        impl Drop for Dropped {
-            fn drop(&mut self) {
-                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-        let drops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let stream = |d: Dropped| async move {
-            tokio::task::yield_now().await;
-            drop(d);
-        };
-        let mut spare = Vec::new();
-        let first = Reused::new(&mut spare, stream(Dropped(drops.clone())));
-        let at = first.slot.as_ref().map(|s| &**s as *const _);
-        let done = first.await;
-        assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert!(
-            done.as_ref().is_some_and(|s| s.is_none()),
-            "not dropped in place"
-        );
-        Reused::keep(&mut spare, done, 0);
-        assert_eq!(spare.len(), 1);
-        let second = Reused::new(&mut spare, stream(Dropped(drops.clone())));
-        assert_eq!(second.slot.as_ref().map(|s| &**s as *const _), at);
-        assert!(spare.is_empty());
-        second.await;
-        assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 2);
-        // No more spares kept than streams in flight (at least one, at most 32).
-        for _ in 0..40 {
-            let done = Reused::new(&mut Vec::new(), stream(Dropped(drops.clone()))).await;
-            Reused::keep(&mut spare, done, 100);
-        }
-        assert_eq!(spare.len(), 32);
     }
 
     /// Every stream's future is moved into the connection's set and allocated: it must stay
