@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
-use std::hash::BuildHasherDefault;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -224,11 +223,13 @@ struct Pools {
 ///
 /// A client connection whose balancer alternates endpoints gives its upstream connection
 /// back and takes another on every request, so this is on the request path: the map hashes
-/// addresses with [`AddrHasher`], and idle time is counted in [`reap`] steps (`epoch`)
-/// rather than read from the clock on every release and checkout.
+/// addresses with FxHash (the keys are endpoint addresses from the config, not chosen by a
+/// peer, so SipHash's flood resistance buys nothing there and cost a hundred-odd
+/// instructions per lookup), and idle time is counted in [`reap`] steps (`epoch`) rather
+/// than read from the clock on every release and checkout.
 #[derive(Debug, Default)]
 struct RawPool {
-    idle: HashMap<SocketAddr, Vec<RawConn>, BuildHasherDefault<AddrHasher>>,
+    idle: HashMap<SocketAddr, Vec<RawConn>, rustc_hash::FxBuildHasher>,
     /// Whether a [`reap`] task watches this pool (one at most, only while it holds
     /// connections).
     reaping: bool,
@@ -245,54 +246,6 @@ const REAP_STEPS: u64 = 4;
 /// (never without a timeout: no reaper counts then).
 fn expired(epoch: u64, released: u64) -> bool {
     epoch.saturating_sub(released) > REAP_STEPS
-}
-
-/// A cheap hash of socket addresses (FxHash's word step): the raw pool's keys are endpoint
-/// addresses from the config, not chosen by a peer, so SipHash's flood resistance buys
-/// nothing there and cost a hundred-odd instructions per lookup.
-#[derive(Default)]
-struct AddrHasher(u64);
-
-impl AddrHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-}
-
-impl std::hash::Hasher for AddrHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            for (w, b) in word.iter_mut().zip(chunk) {
-                *w = *b;
-            }
-            self.add(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u8(&mut self, n: u8) {
-        self.add(u64::from(n));
-    }
-
-    fn write_u16(&mut self, n: u16) {
-        self.add(u64::from(n));
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.add(u64::from(n));
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.add(n);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
 
 /// Closes a pool's idle lean-engine connections once they have been idle for `idle` (or
@@ -988,7 +941,7 @@ mod tests {
     #[test]
     fn address_hashes_differ() {
         use std::hash::BuildHasher;
-        let h = BuildHasherDefault::<AddrHasher>::default();
+        let h = rustc_hash::FxBuildHasher;
         let mut seen = std::collections::HashSet::new();
         for ip in 0..40u8 {
             for port in [80u16, 443, 8080, 8081, 9000] {
