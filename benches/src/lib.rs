@@ -2,6 +2,8 @@
 //! real binaries on loopback with bounded loops and prints its results; the scripts beside
 //! this crate (`benches/*.sh`) run them and `docs/benchmarks.md` records the figures.
 
+pub mod http_backend;
+
 /// Percentile (0..=100) of sorted samples; `None` when there are none.
 pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {

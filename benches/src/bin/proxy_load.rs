@@ -3,6 +3,8 @@
 //! - `rate`: HTTP/1.1 or h2c GETs at a fixed rate, latency measured from each request's
 //!   *intended* send time (so a stalled proxy is not hidden by a stalled generator), and
 //!   printed as one JSON line with p50, p99 and p99.9 in microseconds.
+//! - `http`: a lean HTTP/1.1 backend answering every request with a fixed `200`
+//!   (`sidemesh_bench::http_backend`), cheaper than `sidemesh demo-backend`.
 //! - `sink` / `echo`: TCP servers that discard, or echo, what they read.
 //! - `bulk`: pushes bytes through a TCP address for some seconds; prints MB/s.
 //! - `rtt`: 1-byte ping-pong over one TCP connection; prints round-trip percentiles.
@@ -46,6 +48,13 @@ enum Cmd {
         #[arg(long)]
         h2: bool,
     },
+    /// A lean HTTP/1.1 server answering `hello from <name>` to every request.
+    Http {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value = "backend")]
+        name: String,
+    },
     /// A TCP server discarding what it reads.
     Sink {
         #[arg(long)]
@@ -85,6 +94,12 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(fixed_rate(addr, rate, seconds, connections, h2))
+        }
+        Cmd::Http { listen, name } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(sidemesh_bench::http_backend::run(listen, &name))
         }
         Cmd::Sink { listen } => serve(listen, false),
         Cmd::Echo { listen } => serve(listen, true),
