@@ -589,6 +589,21 @@ pub(crate) fn prepare_head(
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
 }
 
+/// The `:authority` of a request sent upstream over HTTP/2: the client's (its request
+/// target's authority, i.e. an HTTP/2 client's `:authority`, else its `Host`), so the
+/// upstream sees the name the client asked for, as behind Envoy or Linkerd (RFC 9113
+/// §8.3.1). `None` when the client gave none (or an invalid one); the endpoint's address
+/// stands in then. HTTP/2 carries it in the pseudo-header only: callers drop `Host` from
+/// the headers they send, as a server may reject one that differs from `:authority`.
+pub(crate) fn client_authority(parts: &http::request::Parts) -> Option<http::uri::Authority> {
+    parts.uri.authority().cloned().or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+    })
+}
+
 /// The absolute URI an HTTP/2 upstream request needs for its pseudo-headers.
 pub(crate) fn h2_uri(
     authority: http::uri::Authority,
@@ -641,6 +656,7 @@ where
     let clients = &service.clients;
 
     let hash = request_hash(service.hash_on.as_ref(), &parts.headers, ctx.peer);
+    let authority = client_authority(&parts);
     if replayable {
         service.shared.budget.deposit();
     }
@@ -655,26 +671,17 @@ where
             return error(StatusCode::BAD_GATEWAY, "body-consumed");
         };
         // Between sidecars with mutual TLS, HTTP/1.1 may ride one HTTP/2 connection
-        // (`mesh_h2`); `:authority` then carries the Host, which the inbound side restores.
+        // (`mesh_h2`); `:authority` carries the Host, which the inbound side restores.
         let over_h2 =
             !use_h2 && !upgrade && ep.meshed && ctx.shared.config.mesh_h2 && ctx.shared.tls.is_on();
         let use_h2 = use_h2 || over_h2;
         // HTTP/1.1 upstreams get the origin form (RFC 9112 §3.2.1); HTTP/2 needs the
         // scheme and authority for its pseudo-headers.
         let uri = if use_h2 {
-            let host = parts
-                .headers
-                .get(header::HOST)
-                .filter(|_| over_h2)
-                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok());
-            let authority = match host {
-                Some(a) => a,
-                None => match &ep.authority {
-                    Some(a) => a.clone(),
-                    None => return error(StatusCode::BAD_REQUEST, "bad-path"),
-                },
+            let Some(authority) = authority.as_ref().or(ep.authority.as_ref()) else {
+                return error(StatusCode::BAD_REQUEST, "bad-path");
             };
-            match h2_uri(authority, &path_and_query) {
+            match h2_uri(authority.clone(), &path_and_query) {
                 Some(u) => u,
                 None => return error(StatusCode::BAD_REQUEST, "bad-path"),
             }
@@ -695,6 +702,9 @@ where
         } else {
             std::mem::take(&mut parts.headers)
         };
+        if use_h2 {
+            up.headers_mut().remove(header::HOST);
+        }
 
         let try_deadline = try_deadline(policy, deadline);
         ep.stats.inflight.fetch_add(1, Ordering::Relaxed);

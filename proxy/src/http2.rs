@@ -212,6 +212,9 @@ async fn forward(
     let max_tries = max_tries(policy, replay.is_some());
     let path_and_query = prepare_head(&mut parts, route, false);
     let hash = crate::balance::request_hash(service.hash_on.as_ref(), &parts.headers, ctx.peer);
+    // The client's authority goes on as `:authority` (`client_authority`), without `Host`.
+    let authority = crate::http::client_authority(&parts);
+    parts.headers.remove(http::header::HOST);
     // Requests that could be retried feed the retry budget (as on the hyper path, where a
     // bodiless request is replayable only when retries are on).
     if replay.is_some() && policy.attempts > 0 {
@@ -225,10 +228,10 @@ async fn forward(
         let Some(ep) = backend.balancer.pick(hash, avoid) else {
             return send_body_response(no_endpoints(), respond, seen).await;
         };
-        let Some(uri) = ep
-            .authority
-            .clone()
-            .and_then(|a| h2_uri(a, &path_and_query))
+        let Some(uri) = authority
+            .as_ref()
+            .or(ep.authority.as_ref())
+            .and_then(|a| h2_uri(a.clone(), &path_and_query))
         else {
             let r = crate::http::error(http::StatusCode::BAD_REQUEST, "bad-path");
             return send_body_response(r, respond, seen).await;

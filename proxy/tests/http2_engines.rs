@@ -72,6 +72,8 @@ async fn answer(
 ) {
     let path = req.uri().path().to_owned();
     let routed = req.headers().get("x-routed").cloned();
+    let authority = req.uri().authority().map(|a| a.to_string());
+    let host = req.headers().get("host").cloned();
     let mut body = req.into_body();
     let head = |status: u16| {
         let mut b = Response::builder()
@@ -79,6 +81,12 @@ async fn answer(
             .header("x-backend-secret", "s");
         if let Some(v) = &routed {
             b = b.header("echo-x-routed", v.clone());
+        }
+        if let Some(a) = &authority {
+            b = b.header("echo-authority", a.as_str());
+        }
+        if let Some(h) = &host {
+            b = b.header("echo-host", h.clone());
         }
         b.body(()).unwrap()
     };
@@ -401,6 +409,27 @@ async fn routes_match_headers_and_rewrite_both_ways() {
             let n = p.counter("sidemesh_proxy_requests_total", &labels);
             assert_eq!(n, 1, "{engine:?} {route}");
         }
+    }
+}
+
+#[tokio::test]
+async fn the_client_authority_reaches_the_upstream_as_authority_without_host() {
+    for engine in ENGINES {
+        let (up, _) = upstream(loopback(), 100).await;
+        let (_p, svc) = sidecar(engine, &[up], json!({})).await;
+        let mut c = client(svc).await;
+        let req = Request::builder()
+            .uri(format!("http://api.example:8081/"))
+            .body(())
+            .unwrap();
+        let (resp, _) = call(&mut c, req, None).await;
+        assert_eq!(resp.status(), 200, "{engine:?}");
+        assert_eq!(
+            resp.headers()["echo-authority"],
+            "api.example:8081",
+            "{engine:?}"
+        );
+        assert!(!resp.headers().contains_key("echo-host"), "{engine:?}");
     }
 }
 
