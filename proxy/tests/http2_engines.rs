@@ -419,7 +419,7 @@ async fn the_client_authority_reaches_the_upstream_as_authority_without_host() {
         let (_p, svc) = sidecar(engine, &[up], json!({})).await;
         let mut c = client(svc).await;
         let req = Request::builder()
-            .uri(format!("http://api.example:8081/"))
+            .uri("http://api.example:8081/")
             .body(())
             .unwrap();
         let (resp, _) = call(&mut c, req, None).await;
