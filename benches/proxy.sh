@@ -337,15 +337,18 @@ for round in $(seq "$ROUNDS"); do
         rec "$round" $p "${proto}_2k_$k" "$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['$k'])" "$j")"
       done
     done
-    # TCP bulk and echo round trip.
+    # TCP bulk (one stream, then 4 at once: tcp4_*) and echo round trip.
     if [ $p = direct ]; then ta=$U1; ea=$U1; else ta=${TCPADDR[$p]}; ea=${ECHOADDR[$p]}; fi
-    t0=$([ $p = direct ] && echo 0 || ticks "${PID[$p]}")
-    j=$(on_load "$LOAD" bulk --addr "$ta:9000" --seconds 4)
-    t1=$([ $p = direct ] && echo 0 || ticks "${PID[$p]}")
-    mbs=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['mb_per_s'])" "$j")
-    rec "$round" $p tcp_mb_per_s "$mbs"
-    # The proxy's CPU seconds per GB moved (the bulk run lasts 4 s).
-    [ $p != direct ] && rec "$round" $p tcp_cpu_s_per_gb "$(python3 -c "print(round(($t1-$t0)/$CLK/($mbs*4/1000),3))")"
+    for streams in 1 4; do
+      row=tcp; [ $streams = 1 ] || row=tcp$streams
+      t0=$([ $p = direct ] && echo 0 || ticks "${PID[$p]}")
+      j=$(on_load "$LOAD" bulk --addr "$ta:9000" --seconds 4 --streams $streams)
+      t1=$([ $p = direct ] && echo 0 || ticks "${PID[$p]}")
+      mbs=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['mb_per_s'])" "$j")
+      rec "$round" $p ${row}_mb_per_s "$mbs"
+      # The proxy's CPU seconds per GB moved (the bulk run lasts 4 s).
+      [ $p != direct ] && rec "$round" $p ${row}_cpu_s_per_gb "$(python3 -c "print(round(($t1-$t0)/$CLK/($mbs*4/1000),3))")"
+    done
     j=$(on_load "$LOAD" rtt --addr "$ea:9001" --count 20000)
     rec "$round" $p tcp_rtt_p50_us "$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['p50_us'])" "$j")"
   done

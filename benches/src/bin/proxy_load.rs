@@ -71,6 +71,9 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Connections pushing at once, each from its own thread.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
     },
     /// 1-byte ping-pong; prints round-trip percentiles.
     Rtt {
@@ -103,7 +106,11 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Sink { listen } => serve(listen, false),
         Cmd::Echo { listen } => serve(listen, true),
-        Cmd::Bulk { addr, seconds } => bulk(addr, seconds),
+        Cmd::Bulk {
+            addr,
+            seconds,
+            streams,
+        } => bulk(addr, seconds, streams),
         Cmd::Rtt { addr, count } => rtt(addr, count),
     }
 }
@@ -254,14 +261,29 @@ fn serve(listen: SocketAddr, echo: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bulk(addr: SocketAddr, seconds: u64) -> anyhow::Result<()> {
-    let mut s = TcpStream::connect(addr)?;
-    let buf = vec![7u8; 256 * 1024];
+fn bulk(addr: SocketAddr, seconds: u64, streams: usize) -> anyhow::Result<()> {
+    let conns = (0..streams.max(1))
+        .map(|_| TcpStream::connect(addr).with_context(|| format!("connect {addr}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let start = Instant::now();
+    let push = move |mut s: TcpStream| -> std::io::Result<u64> {
+        let buf = vec![7u8; 256 * 1024];
+        let mut sent = 0u64;
+        while start.elapsed() < Duration::from_secs(seconds) {
+            s.write_all(&buf)?;
+            sent += buf.len() as u64;
+        }
+        Ok(sent)
+    };
+    let threads: Vec<_> = conns
+        .into_iter()
+        .map(|s| std::thread::spawn(move || push(s)))
+        .collect();
     let mut sent = 0u64;
-    while start.elapsed() < Duration::from_secs(seconds) {
-        s.write_all(&buf)?;
-        sent += buf.len() as u64;
+    for t in threads {
+        sent += t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a bulk thread panicked"))??;
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
