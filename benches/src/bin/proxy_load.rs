@@ -150,15 +150,18 @@ async fn fixed_rate(
             workers.push(tokio::spawn(h1_worker(send, rx, addr)));
         }
     }
+    // The schedule runs on its own thread with `nanosleep`: tokio's timer wheel has 1 ms
+    // ticks, which put up to a millisecond of the generator's own lag into every latency.
     let start = Instant::now() + Duration::from_millis(50);
-    for i in 0..total {
-        let intended = start + Duration::from_nanos(i * 1_000_000_000 / rate);
-        tokio::time::sleep_until(intended.into()).await;
-        if tx.send(intended).is_err() {
-            break;
+    let pace = std::thread::spawn(move || {
+        for i in 0..total {
+            let intended = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+            std::thread::sleep(intended.saturating_duration_since(Instant::now()));
+            if tx.send(intended).is_err() {
+                break;
+            }
         }
-    }
-    drop(tx);
+    });
     let mut lat = Vec::with_capacity(total as usize);
     let mut errors = 0u64;
     for w in workers {
@@ -166,6 +169,8 @@ async fn fixed_rate(
         lat.extend(l);
         errors += e;
     }
+    pace.join()
+        .map_err(|_| anyhow::anyhow!("the pacing thread panicked"))?;
     let elapsed = start.elapsed().as_secs_f64();
     lat.sort_by(|a, b| a.total_cmp(b));
     let p = |q| percentile(&lat, q).unwrap_or(f64::NAN);
