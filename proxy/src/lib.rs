@@ -22,6 +22,7 @@
 //! - [`admin`]: the admin server (`/ready`, `/live`, `/metrics`).
 //! - [`cli`]: the `sidemesh proxy` subcommand (and in-process sidecars for `sidemesh up`).
 //! - [`demo`]: the demo backend of `sidemesh up`.
+//! - [`fuzzing`]: entry points of the fuzz targets in `proxy/fuzz` (peer-input parsers).
 
 pub mod admin;
 pub mod balance;
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod demo;
 pub mod detect;
 mod drain;
+pub mod fuzzing;
 pub mod h1;
 pub mod health;
 pub mod hostile;

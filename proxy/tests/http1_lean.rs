@@ -30,6 +30,7 @@ fn script(path: &str, body: &[u8]) -> Vec<u8> {
         "/cut-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
         "/until-close" => b"HTTP/1.1 200 OK\r\n\r\nall of this until the end",
         "/no-content" => b"HTTP/1.1 204 No Content\r\n\r\n",
+        "/status-000" => b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok",
         "/not-modified" => b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n",
         "/interim" => b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\n\r\n3;e=1\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n",
@@ -185,6 +186,15 @@ async fn a_response_cut_by_the_upstream_is_never_completed() {
             !resp.ends_with("0\r\n\r\n"),
             "{engine:?}: the chunked end was made up: {resp:?}"
         );
+    }
+}
+
+#[tokio::test]
+async fn a_status_outside_100_to_999_is_a_bad_gateway_on_both_engines() {
+    for engine in ENGINES {
+        let (_p, _up, svc) = sidecar(engine).await;
+        let (resp, _) = exchange(svc, b"GET /status-000 HTTP/1.1\r\nHost: x\r\n\r\n", QUIET).await;
+        assert!(resp.starts_with("HTTP/1.1 502"), "{engine:?}: {resp}");
     }
 }
 

@@ -375,6 +375,11 @@ impl ResponseHead {
             Err(_) => return Err(BadResponse),
         };
         let status = resp.code.ok_or(BadResponse)?;
+        // httparse takes any three digits; a status is 100 to 999 (as `http::StatusCode`,
+        // so both engines turn the same upstream answers into 502s).
+        if !(100..=999).contains(&status) {
+            return Err(BadResponse);
+        }
         self.len = len;
         self.status = status;
         self.headers.clear();
