@@ -3,7 +3,8 @@
 # - discover/api/fuzz: `snapshot` (bytes into Snapshot::from_json);
 # - dns/fuzz: `packet` (the shim's request path), `upstream_reply` (the anti-spoofing check);
 # - proxy/fuzz: `h1_request`, `h1_response`, `chunked` (HTTP/1.1 heads and body framing of
-#   the lean engine), `detect` (protocol sniffing on `auto` ports).
+#   the lean engine), `detect` (protocol sniffing on `auto` ports), `scan` (the hyper
+#   path's framing scan).
 #
 #   scripts/fuzz-build.sh                    build all
 #   scripts/fuzz-build.sh SECONDS            build all, then fuzz each target for SECONDS
@@ -30,7 +31,7 @@ only=${2:-}
 crates=(
   "discover/api|snapshot|-dict=snapshot.dict -max_len=65536"
   "dns|packet upstream_reply|-max_len=4096"
-  "proxy|h1_request h1_response chunked detect|-max_len=8192"
+  "proxy|h1_request h1_response chunked detect scan|-max_len=8192"
 )
 for entry in "${crates[@]}"; do
   IFS='|' read -r dir targets flags <<<"$entry"

@@ -10,7 +10,9 @@
 //! - a body is followed the same way whether its bytes come at once or split anywhere
 //!   (chunked framing, `Content-Length`): same bytes taken, same end, same verdict;
 //! - protocol detection never changes its mind: once a prefix decides, the whole input
-//!   decides the same.
+//!   decides the same;
+//! - the hyper path's framing scan (`hostile::ScanIo`) comes to the same place (conflict
+//!   found, heads seen, stopped or not) whether the bytes come at once or split anywhere.
 
 // Panicking on a broken property is the point of a fuzz harness.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -19,7 +21,7 @@ use crate::detect::classify;
 use crate::h1::codec::{
     BadChunk, BodyState, Chunked, MAX_HEADERS, Parsed, RequestHead, ResponseFraming, ResponseHead,
 };
-use crate::hostile::BodyFraming;
+use crate::hostile::{BodyFraming, Scan, ScanIo};
 
 /// A request head from a client, and its body when it has one.
 pub fn h1_request(data: &[u8]) {
@@ -101,6 +103,24 @@ pub fn detect(data: &[u8]) {
     }
 }
 
+/// A client's bytes as the hyper path's framing scan follows them.
+pub fn scan(data: &[u8]) {
+    let scanned = |piece: &dyn Fn(usize) -> usize| {
+        let mut io = ScanIo::new((), Scan::for_http1(true));
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + piece(at)).min(data.len());
+            io.feed(&data[at..end]);
+            at = end;
+        }
+        io.progress()
+    };
+    let at_once = scanned(&|_| data.len());
+    assert_eq!(at_once, scanned(&|_| 1), "at once vs byte by byte");
+    let mixed = scanned(&|i| 1 + usize::from(data[i % data.len()] % 13));
+    assert_eq!(at_once, mixed, "at once vs in pieces");
+}
+
 /// Asserts `part` is a sub-slice of `of`.
 fn within(part: &[u8], of: &[u8]) {
     let (start, end) = (of.as_ptr() as usize, of.as_ptr() as usize + of.len());
@@ -174,6 +194,13 @@ mod tests {
             h1_response(r);
         }
         chunked(b"5\r\nhello\r\n0\r\n\r\n");
+        scan(REQUESTS[1]);
+        // The scan sees something: the second head has both framing headers.
+        let two = b"GET / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        scan(two);
+        let mut io = ScanIo::new((), Scan::for_http1(true));
+        io.feed(two);
+        assert_eq!(io.progress(), (1, 2, false));
     }
 
     #[test]
@@ -202,6 +229,7 @@ mod tests {
             h1_response(&p);
             chunked(&p);
             detect(&p);
+            scan(&p);
         }
     }
 }

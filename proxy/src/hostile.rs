@@ -217,7 +217,18 @@ impl<S> ScanIo<S> {
         }
     }
 
-    fn feed(&mut self, mut data: &[u8]) {
+    /// Where the scan is: the index of the first head with both framing headers
+    /// (`u64::MAX`: none), the heads seen, and whether it stopped following the stream.
+    pub(crate) fn progress(&self) -> (u64, u64, bool) {
+        let conflict = self
+            .scan
+            .as_ref()
+            .map_or(NONE, |s| s.first_conflict.load(Ordering::Relaxed));
+        (conflict, self.heads, self.state == State::Stopped)
+    }
+
+    /// Follows `data`, the next bytes read from the client.
+    pub(crate) fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             data = match self.state {
                 State::Stopped => return,
