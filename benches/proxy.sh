@@ -29,7 +29,7 @@ NET1K=${NET1K:-127.88}
 NS=${NS:-bench}
 # The HTTP/1.1 upstreams: `lean` (proxy_load http: a fixed answer, the least CPU per
 # request, so the load core saturates later) or `demo` (sidemesh demo-backend, hyper; the
-# upstream of every run before 2026-12-05 15:00 UTC). h2c upstreams are demo-backend either way.
+# upstream of every run before commit e78fa0b). h2c upstreams are demo-backend either way.
 BACKEND=${BACKEND:-lean}
 case $BACKEND in lean | demo) ;; *) echo "proxy.sh: BACKEND is lean or demo" >&2; exit 1 ;; esac
 OUT=${OUT:-bench-results/proxy}
