@@ -55,6 +55,10 @@ pub enum Engine {
 /// Largest request body held so that it can be replayed on a retry (as the hyper engine).
 const MAX_REPLAY_BODY: usize = 64 * 1024;
 
+/// How many times one request is sent again, beyond its tries, because the upstream
+/// connection it went to was closing and did not take it (see [`Attempt::Unprocessed`]).
+const MAX_RESENDS: u32 = 4;
+
 /// The server settings, built once: hyper's defaults for windows and buffers, and the
 /// limits the hyper engine sets.
 pub(crate) fn server_builder(limits: &crate::ProxyConfig) -> h2::server::Builder {
@@ -219,6 +223,7 @@ async fn forward(
     }
     let mut avoid = None;
     let mut tries = 0;
+    let mut resends = 0;
     let mut pump = None;
     let (hold, resp, inflight) = loop {
         tries += 1;
@@ -237,12 +242,8 @@ async fn forward(
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.version_mut() = Version::HTTP_2;
-        // The last possible try takes the headers; earlier ones copy them for a retry.
-        *up.headers_mut() = if tries < max_tries {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
+        // Every try copies the headers: even the last one may have to be sent again.
+        *up.headers_mut() = parts.headers.clone();
         let end_of_stream = match (&replay, &stream_body) {
             (Some(b), _) => b.is_empty(),
             (None, Some(s)) => s.is_end_stream(),
@@ -270,11 +271,20 @@ async fn forward(
             ) => o,
             _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
         };
+        if let Attempt::Unprocessed(e) = &outcome {
+            // Not a try: the upstream never saw it. Sent again, on another connection.
+            if resends < MAX_RESENDS {
+                tracing::debug!(service = &*service.label, error = %e, "upstream connection closing: request sent again");
+                resends += 1;
+                tries -= 1;
+                continue;
+            }
+        }
         let ended = match &outcome {
             Attempt::Response(_, r) => Ended::Status(r.status()),
             Attempt::ConnectFailed(e) => Ended::ConnectFailed(e),
             Attempt::Failed(e) if e.reason() == Some(Reason::REFUSED_STREAM) => Ended::Refused,
-            Attempt::Failed(e) => {
+            Attempt::Failed(e) | Attempt::Unprocessed(e) => {
                 tracing::debug!(service = &*service.label, error = %e, "upstream request failed");
                 Ended::Reset
             }
@@ -295,7 +305,7 @@ async fn forward(
             Attempt::Response(hold, resp) => break (hold, resp, inflight),
             Attempt::ConnectFailed(_) => Failure::Connect,
             Attempt::Failed(e) if e.reason() == Some(Reason::REFUSED_STREAM) => Failure::Refused,
-            Attempt::Failed(_) => Failure::Reset,
+            Attempt::Failed(_) | Attempt::Unprocessed(_) => Failure::Reset,
             Attempt::TimedOut => Failure::TimedOut,
         };
         return send_body_response(failure.response(), respond, seen).await;
@@ -331,6 +341,11 @@ enum Attempt {
     ConnectFailed(crate::upstream::ConnectError),
     /// The stream or the connection failed before a response head.
     Failed(h2::Error),
+    /// The upstream did not take the request, which can be sent again whatever the retry
+    /// policy: its connection was found closed when the stream was to be opened, or it
+    /// sent GOAWAY naming an earlier stream as the last it processes (RFC 9113 §6.8)
+    /// before any of a streamed body was taken.
+    Unprocessed(h2::Error),
     TimedOut,
 }
 
@@ -416,6 +431,10 @@ async fn attempt(
     } = match clients.open_h2(ep.addr, ep.meshed, up, end_of_stream).await {
         Ok(s) => s,
         Err(H2OpenError::Connect(e)) => return Attempt::ConnectFailed(e),
+        // The connection had failed or was going away: nothing was sent.
+        Err(H2OpenError::H2(e)) if e.is_go_away() || e.is_io() => {
+            return Attempt::Unprocessed(e);
+        }
         Err(H2OpenError::H2(e)) => return Attempt::Failed(e),
     };
     match body {
@@ -432,8 +451,12 @@ async fn attempt(
             }
         }
     }
+    // Whether the request can be sent again as it was: no streamed body went to the pump.
+    let whole = pump.is_none();
     match beside(pump, poll_fn(|cx| Pin::new(&mut response).poll(cx))).await {
         Ok(r) => Attempt::Response(hold, r),
+        // Only a GOAWAY below the stream's id fails it with the peer's GOAWAY.
+        Err(e) if whole && e.is_go_away() && e.is_remote() => Attempt::Unprocessed(e),
         Err(e) => Attempt::Failed(e),
     }
 }

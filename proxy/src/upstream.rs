@@ -532,8 +532,10 @@ impl Clients {
 
     /// Opens a stream for `head` on the endpoint's HTTP/2 connection of the lean engine,
     /// dialled if there is none (one request dials while the others wait); `end_of_stream`
-    /// when the request has no body. A reused connection found gone before the stream was
-    /// opened is replaced once. `head`'s URI must be absolute.
+    /// when the request has no body. A reused connection found gone at the ready check is
+    /// replaced; one that goes between the check and the stream's opening fails the open
+    /// with its GOAWAY or I/O error (the head is gone then: the caller sends it again).
+    /// `head`'s URI must be absolute.
     pub(crate) async fn open_h2(
         &self,
         addr: SocketAddr,
@@ -557,7 +559,16 @@ impl Clients {
                     continue;
                 }
             };
-            let (response, send) = sender.send_request(head, end_of_stream)?;
+            let (response, send) = match sender.send_request(head, end_of_stream) {
+                Ok(opened) => opened,
+                Err(e) => {
+                    // Closed or going away since the ready check: not to be picked again.
+                    if e.is_go_away() || e.is_io() {
+                        self.forget_lean_h2(addr, &conn.activity);
+                    }
+                    return Err(e.into());
+                }
+            };
             return Ok(H2Stream {
                 response,
                 send,

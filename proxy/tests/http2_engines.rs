@@ -479,3 +479,79 @@ async fn drain_lets_a_stream_in_flight_finish() {
         );
     }
 }
+
+/// An h2c upstream written frame by frame, as a server that closes its connections after one
+/// stream does: it answers the first stream of each connection (200, no body), and answers
+/// a later stream with GOAWAY naming the first as the last it processed (so the later one
+/// was not processed, and the client may send it again elsewhere), then reads until the
+/// client closes. Counts the connections it accepted.
+async fn one_stream_upstream(ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let n = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(goaway_after_one(s));
+        }
+    });
+    (addr, conns)
+}
+
+/// One connection of [`one_stream_upstream`], until the client closes it.
+async fn goaway_after_one(mut s: TcpStream) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut preface = [0u8; 24];
+    s.read_exact(&mut preface).await?;
+    // Empty SETTINGS.
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+    let mut first = None;
+    loop {
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await?;
+        match kind {
+            // SETTINGS (not an ACK): acknowledged.
+            4 if flags & 1 == 0 => s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?,
+            // HEADERS of the first stream: `:status: 200` (HPACK static entry 8),
+            // END_STREAM | END_HEADERS.
+            1 if first.is_none() => {
+                first = Some(id);
+                let mut f = vec![0, 0, 1, 1, 5];
+                f.extend_from_slice(&id.to_be_bytes());
+                f.push(0x88);
+                s.write_all(&f).await?;
+            }
+            // A later stream: GOAWAY(last = the first, NO_ERROR).
+            1 => {
+                let mut f = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+                f.extend_from_slice(&first.unwrap_or(0).to_be_bytes());
+                f.extend_from_slice(&0u32.to_be_bytes());
+                s.write_all(&f).await?;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_refused_by_goaway_is_sent_again_on_a_new_connection() {
+    // No retries: a request that the upstream's GOAWAY says it never processed is sent
+    // again all the same (on a new connection), as it never reached the upstream.
+    let (up, conns) = one_stream_upstream(loopback()).await;
+    let (_p, svc) = sidecar(Engine::Lean, &[up], json!({"retry": {"attempts": 0}})).await;
+    let mut c = client(svc).await;
+    for i in 0..3 {
+        let (resp, body) = call(&mut c, request("GET", svc, "/"), None).await;
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert!(body.unwrap().0.is_empty());
+    }
+    // The second and the third request were each refused on the connection of the one
+    // before, and each opened a new connection.
+    assert_eq!(conns.load(Ordering::SeqCst), 3);
+}
