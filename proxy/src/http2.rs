@@ -224,6 +224,7 @@ async fn forward(
     let mut avoid = None;
     let mut tries = 0;
     let mut resends = 0;
+    let mut kept: Vec<(http::HeaderName, http::HeaderValue)> = Vec::new();
     let mut pump = None;
     let (hold, resp, inflight) = loop {
         tries += 1;
@@ -242,8 +243,19 @@ async fn forward(
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.version_mut() = Version::HTTP_2;
-        // Every try copies the headers: even the last one may have to be sent again.
-        *up.headers_mut() = parts.headers.clone();
+        // The last possible try takes the headers; earlier ones copy them for a retry. It
+        // keeps a copy as a list (cheaper to make than a copy of the map) in case the
+        // upstream does not take it and it is sent again.
+        *up.headers_mut() = if tries < max_tries {
+            parts.headers.clone()
+        } else {
+            kept = parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            std::mem::take(&mut parts.headers)
+        };
         let end_of_stream = match (&replay, &stream_body) {
             (Some(b), _) => b.is_empty(),
             (None, Some(s)) => s.is_end_stream(),
@@ -276,6 +288,10 @@ async fn forward(
             if resends < MAX_RESENDS {
                 tracing::debug!(service = &*service.label, error = %e, "upstream connection closing: request sent again");
                 resends += 1;
+                if tries >= max_tries {
+                    // The last try took the headers: they come back from its copy.
+                    parts.headers = std::mem::take(&mut kept).into_iter().collect();
+                }
                 tries -= 1;
                 continue;
             }

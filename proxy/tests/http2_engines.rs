@@ -10,8 +10,8 @@
 mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -484,23 +484,25 @@ async fn drain_lets_a_stream_in_flight_finish() {
 /// stream does: it answers the first stream of each connection (200, no body), and answers
 /// a later stream with GOAWAY naming the first as the last it processed (so the later one
 /// was not processed, and the client may send it again elsewhere), then reads until the
-/// client closes. Counts the connections it accepted.
-async fn one_stream_upstream(ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicUsize>) {
+/// client closes. Keeps the header block of each connection's first stream.
+async fn one_stream_upstream(ip: Ipv4Addr) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
     let l = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = l.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let n = conns.clone();
+    let firsts = Arc::new(Mutex::new(Vec::new()));
+    let seen = firsts.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
-            n.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(goaway_after_one(s));
+            tokio::spawn(goaway_after_one(s, seen.clone()));
         }
     });
-    (addr, conns)
+    (addr, firsts)
 }
 
 /// One connection of [`one_stream_upstream`], until the client closes it.
-async fn goaway_after_one(mut s: TcpStream) -> std::io::Result<()> {
+async fn goaway_after_one(
+    mut s: TcpStream,
+    firsts: Arc<Mutex<Vec<Vec<u8>>>>,
+) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut preface = [0u8; 24];
     s.read_exact(&mut preface).await?;
@@ -522,6 +524,7 @@ async fn goaway_after_one(mut s: TcpStream) -> std::io::Result<()> {
             // END_STREAM | END_HEADERS.
             1 if first.is_none() => {
                 first = Some(id);
+                firsts.lock().unwrap().push(payload);
                 let mut f = vec![0, 0, 1, 1, 5];
                 f.extend_from_slice(&id.to_be_bytes());
                 f.push(0x88);
@@ -543,7 +546,7 @@ async fn goaway_after_one(mut s: TcpStream) -> std::io::Result<()> {
 async fn a_stream_refused_by_goaway_is_sent_again_on_a_new_connection() {
     // No retries: a request that the upstream's GOAWAY says it never processed is sent
     // again all the same (on a new connection), as it never reached the upstream.
-    let (up, conns) = one_stream_upstream(loopback()).await;
+    let (up, firsts) = one_stream_upstream(loopback()).await;
     let (_p, svc) = sidecar(Engine::Lean, &[up], json!({"retry": {"attempts": 0}})).await;
     let mut c = client(svc).await;
     for i in 0..3 {
@@ -552,6 +555,9 @@ async fn a_stream_refused_by_goaway_is_sent_again_on_a_new_connection() {
         assert!(body.unwrap().0.is_empty());
     }
     // The second and the third request were each refused on the connection of the one
-    // before, and each opened a new connection.
-    assert_eq!(conns.load(Ordering::SeqCst), 3);
+    // before, and each was sent again on a new connection, whole: each connection's first
+    // header block (a fresh HPACK table each time) is the same.
+    let firsts = firsts.lock().unwrap();
+    assert_eq!(firsts.len(), 3);
+    assert!(firsts.iter().all(|b| *b == firsts[0]), "{firsts:?}");
 }
