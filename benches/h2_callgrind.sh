@@ -9,7 +9,8 @@
 #   N=20000 benches/h2_callgrind.sh               # requests counted (after 4,000 of warm-up)
 #   NET=127.85 benches/h2_callgrind.sh            # addresses in 127.85.0.0/16 (the default)
 #   MODE=cpu benches/h2_callgrind.sh              # no valgrind: CPU seconds (user + system,
-#                                                 # /proc/PID/stat) per 100k requests
+#                                                 # /proc/PID/stat) per 100k requests, and
+#                                                 # read/write calls (/proc/PID/io) per request
 #   MODE=strace benches/h2_callgrind.sh           # syscalls per request (strace -c -f)
 #   PROXY=haproxy benches/h2_callgrind.sh         # HAProxy (nbthread 1, proto h2 upstream)
 #
@@ -103,10 +104,15 @@ case $MODE in
     ;;
   cpu)
     ticks() { awk '{print $14+$15}' "/proc/$P/stat"; }
-    t0=$(ticks)
+    # read/write-family calls (read, write, writev: what tokio uses on sockets) without
+    # strace's slowdown; /proc/PID/io does not count recv/send, HAProxy's calls: use
+    # MODE=strace to compare with it.
+    rw() { awk '$1=="syscr:" || $1=="syscw:" {n+=$2} END {print n}' "/proc/$P/io"; }
+    sys() { awk '{print $15}' "/proc/$P/stat"; }
+    t0=$(ticks) s0=$(sys) c0=$(rw)
     load "$N"
-    t1=$(ticks)
-    python3 -c "print('$PROXY h2c: %.3f CPU s per 100k requests' % (($t1-$t0)/$(getconf CLK_TCK)/$N*1e5))"
+    t1=$(ticks) s1=$(sys) c1=$(rw)
+    python3 -c "print('$PROXY h2c: %.3f CPU s per 100k requests (%.3f of it system), %.3f read/write calls per request' % (($t1-$t0)/$(getconf CLK_TCK)/$N*1e5, ($s1-$s0)/$(getconf CLK_TCK)/$N*1e5, ($c1-$c0)/$N))"
     ;;
   strace)
     strace -c -f -p "$P" -o "$OUT/strace.txt" &
