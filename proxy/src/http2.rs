@@ -525,7 +525,15 @@ fn reset_reason(e: &h2::Error) -> Reason {
     }
 }
 
+/// Largest last chunk of a body handed to h2 without waiting for window first.
+const MAX_UNRESERVED_LAST: usize = 16 * 1024;
+
 /// Sends `chunk` as the window allows (`eos` on its last piece).
+///
+/// The last chunk of a body, when small, is handed to h2 whole at once (h2 asks for its
+/// window itself and sends it as the window opens): at most that one chunk per stream
+/// waits in memory, and the stream sends nothing after it, so a slow reader still holds
+/// back its writer. Saves the separate reservation for the common one-chunk response.
 async fn send_all(to: &mut SendStream<Bytes>, mut chunk: Bytes, eos: bool) -> Result<(), ()> {
     if chunk.is_empty() {
         return if eos {
@@ -533,6 +541,9 @@ async fn send_all(to: &mut SendStream<Bytes>, mut chunk: Bytes, eos: bool) -> Re
         } else {
             Ok(())
         };
+    }
+    if eos && chunk.len() <= MAX_UNRESERVED_LAST {
+        return to.send_data(chunk, true).map_err(|_| ());
     }
     while !chunk.is_empty() {
         to.reserve_capacity(chunk.len());
