@@ -371,8 +371,7 @@ pin_project_lite::pin_project! {
     struct Deadline<F> {
         #[pin]
         fut: F,
-        #[pin]
-        sleep: Option<tokio::time::Sleep>,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
@@ -380,7 +379,7 @@ impl<F> Deadline<F> {
     fn new(deadline: Option<tokio::time::Instant>, fut: F) -> Deadline<F> {
         Deadline {
             fut,
-            sleep: deadline.map(tokio::time::sleep_until),
+            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
         }
     }
 }
@@ -393,7 +392,7 @@ impl<F: Future<Output = Attempt>> Future for Deadline<F> {
         if let Poll::Ready(a) = this.fut.poll(cx) {
             return Poll::Ready(a);
         }
-        match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
+        match this.sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(Attempt::TimedOut),
             _ => Poll::Pending,
         }
@@ -601,7 +600,19 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// answers itself, or the hyper engine's response): head, DATA under flow control,
 /// trailers; a body that fails resets the stream. `seen` gets the status once the head
 /// is sent.
-async fn send_body_response(
+///
+/// Boxed: a stream's future would otherwise hold room for this one at each of its call
+/// sites' awaits, and every stream's future is allocated and moved whole, whereas these
+/// answers are the rare paths.
+fn send_body_response<'a>(
+    resp: Response<Body>,
+    respond: SendResponse<Bytes>,
+    seen: impl FnOnce(u16) + 'a,
+) -> Pin<Box<impl Future<Output = ()> + 'a>> {
+    Box::pin(write_body_response(resp, respond, seen))
+}
+
+async fn write_body_response(
     resp: Response<Body>,
     mut respond: SendResponse<Bytes>,
     seen: impl FnOnce(u16),
