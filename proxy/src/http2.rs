@@ -55,6 +55,10 @@ pub enum Engine {
 /// Largest request body held so that it can be replayed on a retry (as the hyper engine).
 const MAX_REPLAY_BODY: usize = 64 * 1024;
 
+/// How many times one request is sent again, beyond its tries, because the upstream
+/// connection it went to was closing and did not take it (see [`Attempt::Unprocessed`]).
+const MAX_RESENDS: u32 = 4;
+
 /// The server settings, built once: hyper's defaults for windows and buffers, and the
 /// limits the hyper engine sets.
 pub(crate) fn server_builder(limits: &crate::ProxyConfig) -> h2::server::Builder {
@@ -222,6 +226,8 @@ async fn forward(
     }
     let mut avoid = None;
     let mut tries = 0;
+    let mut resends = 0;
+    let mut kept: Vec<(http::HeaderName, http::HeaderValue)> = Vec::new();
     let mut pump = None;
     let (hold, resp, inflight) = loop {
         tries += 1;
@@ -240,10 +246,17 @@ async fn forward(
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.version_mut() = Version::HTTP_2;
-        // The last possible try takes the headers; earlier ones copy them for a retry.
+        // The last possible try takes the headers; earlier ones copy them for a retry. It
+        // keeps a copy as a list (cheaper to make than a copy of the map) in case the
+        // upstream does not take it and it is sent again.
         *up.headers_mut() = if tries < max_tries {
             parts.headers.clone()
         } else {
+            kept = parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
             std::mem::take(&mut parts.headers)
         };
         let end_of_stream = match (&replay, &stream_body) {
@@ -273,11 +286,24 @@ async fn forward(
             ) => o,
             _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
         };
+        if let Attempt::Unprocessed(e) = &outcome {
+            // Not a try: the upstream never saw it. Sent again, on another connection.
+            if resends < MAX_RESENDS {
+                tracing::debug!(service = &*service.label, error = %e, "upstream connection closing: request sent again");
+                resends += 1;
+                if tries >= max_tries {
+                    // The last try took the headers: they come back from its copy.
+                    parts.headers = std::mem::take(&mut kept).into_iter().collect();
+                }
+                tries -= 1;
+                continue;
+            }
+        }
         let ended = match &outcome {
             Attempt::Response(_, r) => Ended::Status(r.status()),
             Attempt::ConnectFailed(e) => Ended::ConnectFailed(e),
             Attempt::Failed(e) if e.reason() == Some(Reason::REFUSED_STREAM) => Ended::Refused,
-            Attempt::Failed(e) => {
+            Attempt::Failed(e) | Attempt::Unprocessed(e) => {
                 tracing::debug!(service = &*service.label, error = %e, "upstream request failed");
                 Ended::Reset
             }
@@ -298,7 +324,7 @@ async fn forward(
             Attempt::Response(hold, resp) => break (hold, resp, inflight),
             Attempt::ConnectFailed(_) => Failure::Connect,
             Attempt::Failed(e) if e.reason() == Some(Reason::REFUSED_STREAM) => Failure::Refused,
-            Attempt::Failed(_) => Failure::Reset,
+            Attempt::Failed(_) | Attempt::Unprocessed(_) => Failure::Reset,
             Attempt::TimedOut => Failure::TimedOut,
         };
         return send_body_response(failure.response(), respond, seen).await;
@@ -334,6 +360,11 @@ enum Attempt {
     ConnectFailed(crate::upstream::ConnectError),
     /// The stream or the connection failed before a response head.
     Failed(h2::Error),
+    /// The upstream did not take the request, which can be sent again whatever the retry
+    /// policy: its connection was found closed when the stream was to be opened, or it
+    /// sent GOAWAY naming an earlier stream as the last it processes (RFC 9113 §6.8)
+    /// before any of a streamed body was taken.
+    Unprocessed(h2::Error),
     TimedOut,
 }
 
@@ -343,8 +374,7 @@ pin_project_lite::pin_project! {
     struct Deadline<F> {
         #[pin]
         fut: F,
-        #[pin]
-        sleep: Option<tokio::time::Sleep>,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
@@ -352,7 +382,7 @@ impl<F> Deadline<F> {
     fn new(deadline: Option<tokio::time::Instant>, fut: F) -> Deadline<F> {
         Deadline {
             fut,
-            sleep: deadline.map(tokio::time::sleep_until),
+            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
         }
     }
 }
@@ -365,7 +395,7 @@ impl<F: Future<Output = Attempt>> Future for Deadline<F> {
         if let Poll::Ready(a) = this.fut.poll(cx) {
             return Poll::Ready(a);
         }
-        match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
+        match this.sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(Attempt::TimedOut),
             _ => Poll::Pending,
         }
@@ -419,6 +449,10 @@ async fn attempt(
     } = match clients.open_h2(ep.addr, ep.meshed, up, end_of_stream).await {
         Ok(s) => s,
         Err(H2OpenError::Connect(e)) => return Attempt::ConnectFailed(e),
+        // The connection had failed or was going away: nothing was sent.
+        Err(H2OpenError::H2(e)) if e.is_go_away() || e.is_io() => {
+            return Attempt::Unprocessed(e);
+        }
         Err(H2OpenError::H2(e)) => return Attempt::Failed(e),
     };
     match body {
@@ -435,8 +469,12 @@ async fn attempt(
             }
         }
     }
+    // Whether the request can be sent again as it was: no streamed body went to the pump.
+    let whole = pump.is_none();
     match beside(pump, poll_fn(|cx| Pin::new(&mut response).poll(cx))).await {
         Ok(r) => Attempt::Response(hold, r),
+        // Only a GOAWAY below the stream's id fails it with the peer's GOAWAY.
+        Err(e) if whole && e.is_go_away() && e.is_remote() => Attempt::Unprocessed(e),
         Err(e) => Attempt::Failed(e),
     }
 }
@@ -489,7 +527,15 @@ fn reset_reason(e: &h2::Error) -> Reason {
     }
 }
 
+/// Largest last chunk of a body handed to h2 without waiting for window first.
+const MAX_UNRESERVED_LAST: usize = 16 * 1024;
+
 /// Sends `chunk` as the window allows (`eos` on its last piece).
+///
+/// The last chunk of a body, when small, is handed to h2 whole at once (h2 asks for its
+/// window itself and sends it as the window opens): at most that one chunk per stream
+/// waits in memory, and the stream sends nothing after it, so a slow reader still holds
+/// back its writer. Saves the separate reservation for the common one-chunk response.
 async fn send_all(to: &mut SendStream<Bytes>, mut chunk: Bytes, eos: bool) -> Result<(), ()> {
     if chunk.is_empty() {
         return if eos {
@@ -497,6 +543,9 @@ async fn send_all(to: &mut SendStream<Bytes>, mut chunk: Bytes, eos: bool) -> Re
         } else {
             Ok(())
         };
+    }
+    if eos && chunk.len() <= MAX_UNRESERVED_LAST {
+        return to.send_data(chunk, true).map_err(|_| ());
     }
     while !chunk.is_empty() {
         to.reserve_capacity(chunk.len());
@@ -554,7 +603,19 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// answers itself, or the hyper engine's response): head, DATA under flow control,
 /// trailers; a body that fails resets the stream. `seen` gets the status once the head
 /// is sent.
-async fn send_body_response(
+///
+/// Boxed: a stream's future would otherwise hold room for this one at each of its call
+/// sites' awaits, and every stream's future is allocated and moved whole, whereas these
+/// answers are the rare paths.
+fn send_body_response<'a>(
+    resp: Response<Body>,
+    respond: SendResponse<Bytes>,
+    seen: impl FnOnce(u16) + 'a,
+) -> Pin<Box<impl Future<Output = ()> + 'a>> {
+    Box::pin(write_body_response(resp, respond, seen))
+}
+
+async fn write_body_response(
     resp: Response<Body>,
     mut respond: SendResponse<Bytes>,
     seen: impl FnOnce(u16),

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -210,13 +211,13 @@ struct Pools {
     h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
     h2: Mutex<HashMap<SocketAddr, SharedH2>>,
     /// Held while an endpoint's HTTP/2 connection is being dialled.
-    h2_dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    h2_dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>, rustc_hash::FxBuildHasher>>,
     /// Idle connections of the lean HTTP/1.1 engine, which speaks HTTP on them itself.
     raw: Mutex<RawPool>,
     /// The lean HTTP/2 engine's connections (the `h2` crate's, without hyper), shared by
     /// every request to their endpoint: one, and another whenever all are at the stream
-    /// limit the endpoint set.
-    lean_h2: Mutex<HashMap<SocketAddr, Vec<LeanH2>>>,
+    /// limit the endpoint set. Looked up per request: FxHash, as [`RawPool`] says why.
+    lean_h2: Mutex<HashMap<SocketAddr, Vec<LeanH2>, rustc_hash::FxBuildHasher>>,
 }
 
 /// The idle connections of the lean HTTP/1.1 engine, per endpoint.
@@ -532,8 +533,10 @@ impl Clients {
 
     /// Opens a stream for `head` on the endpoint's HTTP/2 connection of the lean engine,
     /// dialled if there is none (one request dials while the others wait); `end_of_stream`
-    /// when the request has no body. A reused connection found gone before the stream was
-    /// opened is replaced once. `head`'s URI must be absolute.
+    /// when the request has no body. A reused connection found gone at the ready check is
+    /// replaced; one that goes between the check and the stream's opening fails the open
+    /// with its GOAWAY or I/O error (the head is gone then: the caller sends it again).
+    /// `head`'s URI must be absolute.
     pub(crate) async fn open_h2(
         &self,
         addr: SocketAddr,
@@ -541,6 +544,10 @@ impl Clients {
         head: Request<()>,
         end_of_stream: bool,
     ) -> Result<H2Stream, H2OpenError> {
+        let mut head = Some(head);
+        if let Some(opened) = self.open_pooled_h2(addr, &mut head, end_of_stream) {
+            return opened.map_err(H2OpenError::H2);
+        }
         loop {
             let (conn, fresh) = match self.idle_lean_h2(addr) {
                 Some(c) => (c, false),
@@ -557,13 +564,68 @@ impl Clients {
                     continue;
                 }
             };
-            let (response, send) = sender.send_request(head, end_of_stream)?;
+            let Some(head) = head.take() else {
+                return Err(H2OpenError::H2(h2::Reason::INTERNAL_ERROR.into()));
+            };
+            let (response, send) = match sender.send_request(head, end_of_stream) {
+                Ok(opened) => opened,
+                Err(e) => {
+                    // Closed or going away since the ready check: not to be picked again.
+                    if e.is_go_away() || e.is_io() {
+                        self.forget_lean_h2(addr, &conn.activity);
+                    }
+                    return Err(e.into());
+                }
+            };
             return Ok(H2Stream {
                 response,
                 send,
                 hold,
             });
         }
+    }
+
+    /// The common case of [`Clients::open_h2`]: a pooled connection to `addr` with room that
+    /// can open a stream at once opens it, under the pool's lock and on the pooled sender
+    /// itself (no per-request clone of the sender, whose clone and drop each take the
+    /// connection's lock). `None`, with `head` left in place, when there is no such
+    /// connection; a connection found closing by the stream's opening is taken out of the
+    /// pool.
+    fn open_pooled_h2(
+        &self,
+        addr: SocketAddr,
+        head: &mut Option<Request<()>>,
+        end_of_stream: bool,
+    ) -> Option<Result<H2Stream, h2::Error>> {
+        let mut pools = self.pools.lean_h2.lock().ok()?;
+        let list = pools.get_mut(&addr)?;
+        let i = list.iter().position(LeanH2::has_room)?;
+        let c = list.get_mut(i)?;
+        // Not ready now (closed, or a stream of its own still waiting to open): the slow
+        // path waits with the task's waker, or replaces the connection.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if !matches!(c.sender.poll_ready(&mut cx), Poll::Ready(Ok(()))) {
+            return None;
+        }
+        let head = head.take()?;
+        c.activity.busy.fetch_add(1, Ordering::AcqRel);
+        let hold = H2Hold(c.activity.clone());
+        Some(match c.sender.send_request(head, end_of_stream) {
+            Ok((response, send)) => Ok(H2Stream {
+                response,
+                send,
+                hold,
+            }),
+            Err(e) => {
+                if e.is_go_away() || e.is_io() {
+                    list.remove(i);
+                    if list.is_empty() {
+                        pools.remove(&addr);
+                    }
+                }
+                Err(e)
+            }
+        })
     }
 
     /// A connection to `addr` made by another request meanwhile (`false`), else a new one

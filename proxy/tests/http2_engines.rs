@@ -10,8 +10,8 @@
 mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -507,4 +507,86 @@ async fn drain_lets_a_stream_in_flight_finish() {
             "{engine:?}: a stream opened after the drain"
         );
     }
+}
+
+/// An h2c upstream written frame by frame, as a server that closes its connections after one
+/// stream does: it answers the first stream of each connection (200, no body), and answers
+/// a later stream with GOAWAY naming the first as the last it processed (so the later one
+/// was not processed, and the client may send it again elsewhere), then reads until the
+/// client closes. Keeps the header block of each connection's first stream.
+async fn one_stream_upstream(ip: Ipv4Addr) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let firsts = Arc::new(Mutex::new(Vec::new()));
+    let seen = firsts.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(goaway_after_one(s, seen.clone()));
+        }
+    });
+    (addr, firsts)
+}
+
+/// One connection of [`one_stream_upstream`], until the client closes it.
+async fn goaway_after_one(
+    mut s: TcpStream,
+    firsts: Arc<Mutex<Vec<Vec<u8>>>>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut preface = [0u8; 24];
+    s.read_exact(&mut preface).await?;
+    // Empty SETTINGS.
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+    let mut first = None;
+    loop {
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await?;
+        match kind {
+            // SETTINGS (not an ACK): acknowledged.
+            4 if flags & 1 == 0 => s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?,
+            // HEADERS of the first stream: `:status: 200` (HPACK static entry 8),
+            // END_STREAM | END_HEADERS.
+            1 if first.is_none() => {
+                first = Some(id);
+                firsts.lock().unwrap().push(payload);
+                let mut f = vec![0, 0, 1, 1, 5];
+                f.extend_from_slice(&id.to_be_bytes());
+                f.push(0x88);
+                s.write_all(&f).await?;
+            }
+            // A later stream: GOAWAY(last = the first, NO_ERROR).
+            1 => {
+                let mut f = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+                f.extend_from_slice(&first.unwrap_or(0).to_be_bytes());
+                f.extend_from_slice(&0u32.to_be_bytes());
+                s.write_all(&f).await?;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_refused_by_goaway_is_sent_again_on_a_new_connection() {
+    // No retries: a request that the upstream's GOAWAY says it never processed is sent
+    // again all the same (on a new connection), as it never reached the upstream.
+    let (up, firsts) = one_stream_upstream(loopback()).await;
+    let (_p, svc) = sidecar(Engine::Lean, &[up], json!({"retry": {"attempts": 0}})).await;
+    let mut c = client(svc).await;
+    for i in 0..3 {
+        let (resp, body) = call(&mut c, request("GET", svc, "/"), None).await;
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert!(body.unwrap().0.is_empty());
+    }
+    // The second and the third request were each refused on the connection of the one
+    // before, and each was sent again on a new connection, whole: each connection's first
+    // header block (a fresh HPACK table each time) is the same.
+    let firsts = firsts.lock().unwrap();
+    assert_eq!(firsts.len(), 3);
+    assert!(firsts.iter().all(|b| *b == firsts[0]), "{firsts:?}");
 }
