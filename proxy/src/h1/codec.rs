@@ -43,7 +43,7 @@ pub(crate) struct Buf {
 pub(crate) const ADAPTIVE_MAX: usize = 16 * 1024;
 
 /// Most spare buffers kept per thread (each at most [`ADAPTIVE_MAX`] bytes).
-const SPARE_MAX: usize = 32;
+const SPARE_MAX: usize = 64;
 
 thread_local! {
     /// Memory of buffers whose connection ended, for the next connections: a buffer of a
