@@ -4,9 +4,11 @@
 //! connection is accepted, and the response usually fits in the socket's send buffer. So,
 //! as HAProxy does, an accepted socket is read and written directly (non-blocking), and is
 //! registered with tokio's reactor (`epoll_ctl` ADD, and DEL when it closes) only when a
-//! read or a write would block. A `Connection: close` request answered at once costs two
-//! system calls fewer, and no registration, readiness event or deregistration in the
-//! runtime; a connection that has to wait becomes an ordinary [`TcpStream`].
+//! read or a write would block, and then for that direction only at first. A
+//! `Connection: close` request answered at once costs two system calls fewer, and no
+//! registration, readiness event or deregistration in the runtime; one whose request
+//! comes after the accept costs no writability event; a connection whose write has to
+//! wait becomes an ordinary [`TcpStream`].
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -66,7 +68,12 @@ pub struct LazyTcp {
 enum State {
     /// Not registered: reads and writes go straight to the socket.
     Direct(std::net::TcpStream),
-    /// Registered with the reactor.
+    /// Registered for readability only (a read would have blocked); writes still go
+    /// straight to the socket. Registering for writability too would make the kernel
+    /// report the fresh socket writable at once: an event, and often a turn of the event
+    /// loop, for nothing.
+    Reading(AsyncFd<std::net::TcpStream>),
+    /// Registered for both (a write would have blocked, or a caller wanted a stream).
     Registered(TcpStream),
     /// Registration failed (the socket is closed); every operation fails.
     Failed,
@@ -76,6 +83,7 @@ impl std::fmt::Debug for LazyTcp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self.state {
             State::Direct(_) => "LazyTcp::Direct",
+            State::Reading(_) => "LazyTcp::Reading",
             State::Registered(_) => "LazyTcp::Registered",
             State::Failed => "LazyTcp::Failed",
         })
@@ -110,23 +118,51 @@ impl LazyTcp {
     pub fn into_registered(self) -> io::Result<TcpStream> {
         match self.state {
             State::Direct(s) => TcpStream::from_std(s),
+            State::Reading(fd) => TcpStream::from_std(fd.into_inner()),
             State::Registered(s) => Ok(s),
             State::Failed => Err(failed()),
         }
     }
 
-    /// Whether it is registered with the reactor yet.
+    /// Whether it is registered with the reactor (for reading at least).
     pub fn is_registered(&self) -> bool {
-        matches!(self.state, State::Registered(_))
+        !matches!(self.state, State::Direct(_))
     }
 
-    /// Registers the socket (after an operation would block) and returns the registered
-    /// stream. Edge-triggered registration reports a readiness that came in meanwhile, so
-    /// no wake-up is lost.
-    fn register(&mut self) -> io::Result<&mut TcpStream> {
+    /// The socket for a direct write or shutdown, unless it is registered for writing.
+    fn unregistered_for_writes(&self) -> Option<&std::net::TcpStream> {
+        match &self.state {
+            State::Direct(s) => Some(s),
+            State::Reading(fd) => Some(fd.get_ref()),
+            _ => None,
+        }
+    }
+
+    /// Registers the socket for readability (a read would have blocked). Edge-triggered
+    /// registration reports bytes that came in meanwhile, so no wake-up is lost.
+    fn register_reads(&mut self) -> io::Result<()> {
         if let State::Direct(_) = self.state {
             let State::Direct(s) = std::mem::replace(&mut self.state, State::Failed) else {
                 return Err(failed());
+            };
+            // Deprecated as unsound for a `T` whose `as_raw_fd` may change or close its
+            // descriptor; a std stream owns its descriptor for its whole life, which is
+            // what the replacement (`unsafe`, forbidden here) asks its caller to promise.
+            #[allow(deprecated)]
+            let fd = AsyncFd::with_interest(s, Interest::READABLE)?;
+            self.state = State::Reading(fd);
+        }
+        Ok(())
+    }
+
+    /// Registers the socket for both directions (a write would have blocked) and returns
+    /// the registered stream.
+    fn register(&mut self) -> io::Result<&mut TcpStream> {
+        if !matches!(self.state, State::Registered(_)) {
+            let s = match std::mem::replace(&mut self.state, State::Failed) {
+                State::Direct(s) => s,
+                State::Reading(fd) => fd.into_inner(),
+                _ => return Err(failed()),
             };
             self.state = State::Registered(TcpStream::from_std(s)?);
         }
@@ -136,14 +172,14 @@ impl LazyTcp {
         }
     }
 
-    /// `op` on the unregistered socket; when it would block, `then` on the registered
-    /// stream (which waits for readiness).
-    fn direct_or<T>(
+    /// A write `op` straight to the socket; when it would block, `then` on the stream
+    /// registered for writing (which waits for writability).
+    fn write_with<T>(
         &mut self,
         op: impl FnOnce(&std::net::TcpStream) -> io::Result<T>,
         then: impl FnOnce(Pin<&mut TcpStream>) -> Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
-        if let State::Direct(s) = &self.state {
+        if let Some(s) = self.unregistered_for_writes() {
             match op(s) {
                 Err(e) if retry_registered(&e) => {}
                 r => return Poll::Ready(r),
@@ -156,6 +192,15 @@ impl LazyTcp {
     }
 }
 
+/// One read straight into `buf`. Safe code cannot read into uninitialised memory: free
+/// space the caller did not initialise is zeroed first (the lean engine's buffers are
+/// initialised memory, so nothing is zeroed for them).
+fn read_into(s: &std::net::TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<()> {
+    let n = (&mut &*s).read(buf.initialize_unfilled())?;
+    buf.advance(n);
+    Ok(())
+}
+
 impl AsyncRead for LazyTcp {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -163,25 +208,29 @@ impl AsyncRead for LazyTcp {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let State::Registered(s) = &mut this.state {
-            return Pin::new(s).poll_read(cx, buf);
-        }
         if let State::Direct(s) = &this.state {
-            // Safe code cannot read into uninitialised memory: free space the caller did
-            // not initialise is zeroed first (the lean engine's buffers are initialised
-            // memory, so nothing is zeroed for them).
-            match (&mut &*s).read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if !retry_registered(&e) => return Poll::Ready(Err(e)),
-                Err(_) => {}
+            match read_into(s, buf) {
+                Err(e) if retry_registered(&e) => {}
+                r => return Poll::Ready(r),
+            }
+            if let Err(e) = this.register_reads() {
+                return Poll::Ready(Err(e));
             }
         }
-        match this.register() {
-            Ok(s) => Pin::new(s).poll_read(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
+        match &mut this.state {
+            State::Reading(fd) => loop {
+                let mut ready = match fd.poll_read_ready(cx) {
+                    Poll::Ready(Ok(r)) => r,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                };
+                // Err: it would block; the readiness is cleared, wait for the next.
+                if let Ok(r) = ready.try_io(|fd| read_into(fd.get_ref(), buf)) {
+                    return Poll::Ready(r);
+                }
+            },
+            State::Registered(s) => Pin::new(s).poll_read(cx, buf),
+            _ => Poll::Ready(Err(failed())),
         }
     }
 }
@@ -192,11 +241,8 @@ impl AsyncWrite for LazyTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let State::Registered(s) = &mut this.state {
-            return Pin::new(s).poll_write(cx, buf);
-        }
-        this.direct_or(|mut s| s.write(buf), |s| s.poll_write(cx, buf))
+        self.get_mut()
+            .write_with(|mut s| s.write(buf), |s| s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -204,11 +250,7 @@ impl AsyncWrite for LazyTcp {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let State::Registered(s) = &mut this.state {
-            return Pin::new(s).poll_write_vectored(cx, bufs);
-        }
-        this.direct_or(
+        self.get_mut().write_with(
             |mut s| s.write_vectored(bufs),
             |s| s.poll_write_vectored(cx, bufs),
         )
@@ -224,10 +266,13 @@ impl AsyncWrite for LazyTcp {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().state {
-            State::Direct(s) => Poll::Ready(s.shutdown(Shutdown::Write)),
+        let this = self.get_mut();
+        if let Some(s) = this.unregistered_for_writes() {
+            return Poll::Ready(s.shutdown(Shutdown::Write));
+        }
+        match &mut this.state {
             State::Registered(s) => Pin::new(s).poll_shutdown(cx),
-            State::Failed => Poll::Ready(Err(failed())),
+            _ => Poll::Ready(Err(failed())),
         }
     }
 }
@@ -308,6 +353,40 @@ mod tests {
         assert_eq!(got.len(), 8 * 1024 * 1024);
         assert!(got.iter().all(|&b| b == 7));
         assert!(writer.await.unwrap());
+    }
+
+    /// A connection registered for reading only (its first read waited) is registered
+    /// for writing too when a write would block, and keeps reading.
+    #[tokio::test]
+    async fn reading_then_a_write_that_would_block() {
+        let (mut server, mut client) = pair().await;
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let n = server.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"first");
+            assert!(matches!(server.state, State::Reading(_)));
+            server.write_all(&vec![3u8; 8 * 1024 * 1024]).await.unwrap();
+            assert!(matches!(server.state, State::Registered(_)));
+            let n = server.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"second");
+            server.shutdown().await.unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.write_all(b"first").await.unwrap();
+        let mut got = vec![0u8; 8 * 1024 * 1024];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(got.iter().all(|&b| b == 3));
+        client.write_all(b"second").await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(rest.is_empty());
+        task.await.unwrap();
     }
 
     /// The end of the stream reads as 0 bytes, unregistered.
