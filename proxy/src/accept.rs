@@ -1,7 +1,8 @@
 //! Accepting client connections without registering them with the reactor up front.
 //!
-//! A client of a plaintext HTTP/1.1 listener has usually sent its request by the time its
-//! connection is accepted, and the response usually fits in the socket's send buffer. So,
+//! A client of a plaintext HTTP/1.1 listener has often sent its request by the time its
+//! connection is accepted (nearly always when the sidecar is busy: it accepts later), and
+//! the response usually fits in the socket's send buffer. So,
 //! as HAProxy does, an accepted socket is read and written directly (non-blocking), and is
 //! registered with tokio's reactor (`epoll_ctl` ADD, and DEL when it closes) only when a
 //! read or a write would block, and then for that direction only at first. A
