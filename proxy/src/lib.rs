@@ -12,6 +12,8 @@
 //! - [`http2`]: the lean HTTP/2 engine (the `h2` crate on both sides; hyper's forwarding
 //!   for HTTP/1.1 upstreams).
 //! - [`tcp`]: raw TCP proxying with half-close (zero-copy `splice` on Linux, in `splice`).
+//! - `accept`: accepting client connections, registered with the reactor only once they
+//!   have to wait (plaintext HTTP/1.1).
 //! - [`detect`]: protocol detection for `auto` ports.
 //! - [`upstream`]: the connector and pooled clients, with breaker limits.
 //! - [`tls`]: mutual TLS between sidecars, the sidecar's certificate, `allow_clients`.
@@ -24,6 +26,7 @@
 //! - [`demo`]: the demo backend of `sidemesh up`.
 //! - [`fuzzing`]: entry points of the fuzz targets in `proxy/fuzz` (peer-input parsers).
 
+mod accept;
 pub mod admin;
 pub mod balance;
 pub mod cli;
@@ -54,11 +57,12 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use sidemesh_api::Snapshot;
 use sidemesh_api::config::Protocol;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::{LazyTcp, Listener};
 use crate::detect::Detected;
 pub(crate) use crate::drain::Drain;
 use crate::http::{ConnCtx, ServerMode};
@@ -382,7 +386,7 @@ async fn drain(addr: SocketAddr, h: ListenerHandle, timeout: Duration) {
     h.drain.hard.cancel();
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -390,12 +394,12 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    Listener::new(socket.listen(1024)?.into_std()?)
 }
 
 async fn accept_loop(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listener: Listener,
     addr: SocketAddr,
     drain: Drain,
     tracker: TaskTracker,
@@ -434,6 +438,14 @@ async fn accept_loop(
     // Dropping the listener closes it: no new connections.
 }
 
+/// An accepted connection registered with the reactor; `None` (logged) if that failed.
+fn registered(stream: LazyTcp, peer: SocketAddr) -> Option<tokio::net::TcpStream> {
+    stream
+        .into_registered()
+        .map_err(|e| tracing::debug!(%peer, error = %e, "cannot register an accepted connection"))
+        .ok()
+}
+
 /// Serves one accepted connection. Its future is moved and copied whole several times on
 /// the way into its task (and the task's stage is rewritten whole when it ends), so what
 /// only some connections need (the TLS handshake, detection, raw TCP, hyper) is boxed,
@@ -441,7 +453,7 @@ async fn accept_loop(
 async fn connection(
     shared: Arc<Shared>,
     listen: SocketAddr,
-    stream: TcpStream,
+    stream: LazyTcp,
     peer: SocketAddr,
     drain: Drain,
     _slot: OwnedSemaphorePermit,
@@ -472,6 +484,10 @@ async fn connection(
     // Inbound: peel mutual TLS off (the client's verified identity comes with it).
     let inbound = target.direction == Direction::Inbound;
     let (mut stream, client_id) = if inbound {
+        let Some(stream) = registered(stream, peer) else {
+            open.dec();
+            return;
+        };
         let own = snapshot.identity();
         let own = format!("{}/{}", own.namespace, own.service);
         let mode = snapshot.tls_mode_by_outer(sidemesh_api::OuterPort(listen.port()));
@@ -493,7 +509,15 @@ async fn connection(
                 return;
             }
         }
+    } else if target.protocol == Protocol::Http1 {
+        // Plaintext HTTP/1.1 is served on the socket as accepted (registered with the
+        // reactor only if it has to wait); the other paths take a registered stream.
+        (Io::Accepted(stream), None)
     } else {
+        let Some(stream) = registered(stream, peer) else {
+            open.dec();
+            return;
+        };
         (Io::Plain(stream), None)
     };
     let mode = match target.protocol {
@@ -584,11 +608,11 @@ mod tests {
     async fn accepted_sockets_inherit_nodelay() {
         let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = l.local_addr().unwrap();
-        let _client = TcpStream::connect(addr).await.unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (server, _) = tokio::time::timeout(Duration::from_secs(5), l.accept())
             .await
             .unwrap()
             .unwrap();
-        assert!(server.nodelay().unwrap());
+        assert!(server.into_registered().unwrap().nodelay().unwrap());
     }
 }

@@ -412,6 +412,8 @@ impl PeerTrust {
 pub enum Io {
     /// Plaintext.
     Plain(TcpStream),
+    /// Plaintext from a client, registered with the reactor only once it has to wait.
+    Accepted(crate::accept::LazyTcp),
     /// TLS to a meshed endpoint.
     Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// TLS from a meshed client; `prefix` holds bytes already read (protocol detection)
@@ -430,6 +432,7 @@ impl std::fmt::Debug for Io {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Io::Plain(_) => "Io::Plain",
+            Io::Accepted(_) => "Io::Accepted",
             Io::Client(_) => "Io::Client",
             Io::Server { .. } => "Io::Server",
         })
@@ -449,7 +452,7 @@ impl Io {
     /// requests over one multiplexed HTTP/2 connection, whatever the port's protocol.
     pub fn alpn_h2(&self) -> bool {
         match self {
-            Io::Plain(_) => false,
+            Io::Plain(_) | Io::Accepted(_) => false,
             Io::Client(s) => s.get_ref().1.alpn_protocol() == Some(ALPN_H2),
             Io::Server { stream, .. } => stream.get_ref().1.alpn_protocol() == Some(ALPN_H2),
         }
@@ -464,6 +467,7 @@ impl AsyncRead for Io {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Accepted(s) => Pin::new(s).poll_read(cx, buf),
             Io::Client(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Io::Server {
                 stream,
@@ -496,6 +500,7 @@ impl AsyncWrite for Io {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Accepted(s) => Pin::new(s).poll_write(cx, buf),
             Io::Client(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Io::Server { stream, .. } => Pin::new(stream.as_mut()).poll_write(cx, buf),
         }
@@ -508,6 +513,7 @@ impl AsyncWrite for Io {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Accepted(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Io::Client(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Io::Server { stream, .. } => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
         }
@@ -516,6 +522,7 @@ impl AsyncWrite for Io {
     fn is_write_vectored(&self) -> bool {
         match self {
             Io::Plain(s) => s.is_write_vectored(),
+            Io::Accepted(s) => s.is_write_vectored(),
             Io::Client(s) => s.is_write_vectored(),
             Io::Server { stream, .. } => stream.is_write_vectored(),
         }
@@ -524,6 +531,7 @@ impl AsyncWrite for Io {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Accepted(s) => Pin::new(s).poll_flush(cx),
             Io::Client(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Io::Server { stream, .. } => Pin::new(stream.as_mut()).poll_flush(cx),
         }
@@ -532,6 +540,7 @@ impl AsyncWrite for Io {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Accepted(s) => Pin::new(s).poll_shutdown(cx),
             Io::Client(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Io::Server { stream, .. } => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }

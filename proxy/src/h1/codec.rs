@@ -8,7 +8,6 @@
 use std::io;
 use std::mem::MaybeUninit;
 
-use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::hostile::{BodyFraming, body_framing};
@@ -18,20 +17,24 @@ const MAX_TRAILER_BYTES: usize = 8 * 1024;
 /// Most header lines parsed in one head (the configured limit is capped to it).
 pub(crate) const MAX_HEADERS: usize = 128;
 
-/// A read buffer: bytes `start..` of `data` are unread. Reused for every message.
+/// A read buffer: bytes `start..end` of `data` are unread. Reused for every message.
 ///
 /// Nothing is allocated until the first read (which takes a spare buffer of an ended
-/// connection when the thread has one), and the memory is never zero-filled: reads go into
-/// the vector's spare capacity. It starts at the size given to [`Buf::new`] (most
-/// heads are well under 1 KiB), doubles when unread bytes fill it (a long head, up to the
-/// caller's maximum), and doubles up to [`ADAPTIVE_MAX`] after a read that filled all the
-/// free space (a body streaming through), so that a large body is not moved in small
-/// reads.
+/// connection when the thread has one). The memory is zero-filled once, when it is
+/// allocated or grown, and never per read: reads go into initialised memory, which lets a
+/// reader without access to uninitialised memory (safe code: [`crate::accept::LazyTcp`]
+/// before its registration) read into it without filling it first. It starts at the size
+/// given to [`Buf::new`] (most heads are well under 1 KiB), doubles when unread bytes fill
+/// it (a long head, up to the caller's maximum), and doubles up to [`ADAPTIVE_MAX`] after a
+/// read that filled all the free space (a body streaming through), so that a large body is
+/// not moved in small reads.
 #[derive(Debug)]
 pub(crate) struct Buf {
+    /// The memory, all of it initialised (its length is the buffer's size).
     data: Vec<u8>,
     start: usize,
-    /// The capacity the next read makes room for.
+    end: usize,
+    /// The size the next read makes room for.
     size: usize,
 }
 
@@ -40,16 +43,17 @@ pub(crate) struct Buf {
 pub(crate) const ADAPTIVE_MAX: usize = 16 * 1024;
 
 /// Most spare buffers kept per thread (each at most [`ADAPTIVE_MAX`] bytes).
-const SPARE_MAX: usize = 32;
+const SPARE_MAX: usize = 64;
 
 thread_local! {
     /// Memory of buffers whose connection ended, for the next connections: a buffer of a
-    /// few KiB is beyond the allocator's per-thread cache, and its allocation and release
-    /// were about a tenth of the instructions of a short connection.
+    /// few KiB is beyond the allocator's per-thread cache, and its allocation, zero-fill
+    /// and release were about a tenth of the instructions of a short connection.
     static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A spare buffer's memory (empty), if this thread has one.
+/// A spare buffer's memory (initialised; its old bytes are not unread bytes of anyone),
+/// if this thread has one.
 fn take_spare() -> Option<Vec<u8>> {
     SPARE
         .try_with(|s| s.try_borrow_mut().ok()?.pop())
@@ -59,11 +63,10 @@ fn take_spare() -> Option<Vec<u8>> {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        let mut data = std::mem::take(&mut self.data);
-        if data.capacity() == 0 || data.capacity() > ADAPTIVE_MAX {
+        let data = std::mem::take(&mut self.data);
+        if data.is_empty() || data.len() > ADAPTIVE_MAX {
             return;
         }
-        data.clear();
         let _ = SPARE.try_with(|s| {
             if let Ok(mut spare) = s.try_borrow_mut() {
                 if spare.len() < SPARE_MAX {
@@ -80,31 +83,32 @@ impl Buf {
         Buf {
             data: Vec::new(),
             start: 0,
+            end: 0,
             size: size.max(64),
         }
     }
 
     /// The unread bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
-        self.data.get(self.start..).unwrap_or(&[])
+        self.data.get(self.start..self.end).unwrap_or(&[])
     }
 
     /// How many bytes are unread.
     pub(crate) fn len(&self) -> usize {
-        self.data.len() - self.start
+        self.end - self.start
     }
 
     /// Whether no byte is unread.
     pub(crate) fn is_empty(&self) -> bool {
-        self.start == self.data.len()
+        self.start == self.end
     }
 
     /// Marks `n` bytes as read.
     pub(crate) fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.data.len());
-        if self.start == self.data.len() {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
             self.start = 0;
-            self.data.clear();
+            self.end = 0;
         }
     }
 
@@ -123,7 +127,12 @@ impl Buf {
         max: usize,
     ) -> io::Result<usize> {
         let room = self.make_room(max)?;
-        let n = r.read_buf(&mut (&mut self.data).limit(room)).await?;
+        let free = self
+            .data
+            .get_mut(self.end..self.end + room)
+            .ok_or_else(|| io::Error::other("buffer out of range"))?;
+        let n = r.read(free).await?;
+        self.end += n.min(room);
         if n == room && self.size < ADAPTIVE_MAX.min(max) {
             self.size = (self.size * 2).min(ADAPTIVE_MAX.min(max));
         }
@@ -133,30 +142,30 @@ impl Buf {
     /// Makes free space after the unread bytes (moving them to the front, growing the
     /// buffer); how many bytes the next read may take.
     fn make_room(&mut self, max: usize) -> io::Result<usize> {
-        let cap = self.data.capacity();
-        let len = self.data.len();
-        if self.start > 0 && (len == cap || self.start >= cap / 2) {
-            self.data.copy_within(self.start.., 0);
-            self.data.truncate(len - self.start);
+        let size = self.data.len();
+        if self.start > 0 && (self.end == size || self.start >= size / 2) {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
         }
-        let len = self.data.len();
-        if len >= max {
+        let end = self.end;
+        if end >= max {
             return Err(io::Error::other("buffer full"));
         }
-        if len >= self.size {
-            self.size = (len * 2).max(4096);
+        if end >= self.size {
+            self.size = (end * 2).max(4096);
         }
         let want = self.size.min(max);
-        if self.data.capacity() == 0 {
+        if self.data.is_empty() {
             if let Some(spare) = take_spare() {
                 self.data = spare;
             }
         }
-        if self.data.capacity() < want {
-            self.data.reserve_exact(want - len);
+        if self.data.len() < want {
+            self.data.reserve_exact(want - self.data.len());
+            self.data.resize(want, 0);
         }
-        Ok(self.data.capacity().min(max) - len)
+        Ok(self.data.len().min(max) - end)
     }
 }
 
