@@ -83,8 +83,14 @@ pub async fn run(listen: SocketAddr, name: &str) -> anyhow::Result<()> {
     .into_bytes()
     .leak();
     loop {
-        let Ok((s, _)) = l.accept().await else {
-            continue;
+        let s = match l.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                eprintln!("proxy_load http: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         tokio::spawn(async move {
             let _ = s.set_nodelay(true);
