@@ -590,3 +590,62 @@ async fn a_stream_refused_by_goaway_is_sent_again_on_a_new_connection() {
     assert_eq!(firsts.len(), 3);
     assert!(firsts.iter().all(|b| *b == firsts[0]), "{firsts:?}");
 }
+
+/// An h2c upstream that takes each connection's first stream, then fails the connection
+/// with GOAWAY(last = that stream, INTERNAL_ERROR) and closes it unanswered; counts the
+/// streams it took.
+async fn failing_upstream(ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let taken = Arc::new(AtomicUsize::new(0));
+    let count = taken.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                s.read_exact(&mut preface).await?;
+                s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+                loop {
+                    let mut head = [0u8; 9];
+                    s.read_exact(&mut head).await?;
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    let mut payload = vec![0u8; len];
+                    s.read_exact(&mut payload).await?;
+                    match head[3] {
+                        4 if head[4] & 1 == 0 => s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?,
+                        1 => {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            let mut f = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+                            f.extend_from_slice(&id.to_be_bytes());
+                            f.extend_from_slice(&2u32.to_be_bytes());
+                            s.write_all(&f).await?;
+                            return s.shutdown().await;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, taken)
+}
+
+#[tokio::test]
+async fn a_stream_the_upstream_took_is_not_sent_again_after_a_goaway_with_an_error() {
+    // The GOAWAY names the stream as processed, and the connection closes before it is
+    // answered: h2 fails the stream as the connection's end (only streams above the last
+    // id get the peer's GOAWAY), so without retries it must not be sent again.
+    let (up, taken) = failing_upstream(loopback()).await;
+    let (_p, svc) = sidecar(Engine::Lean, &[up], json!({"retry": {"attempts": 0}})).await;
+    let mut c = client(svc).await;
+    let (resp, _) = call(&mut c, request("POST", svc, "/"), None).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(
+        taken.load(Ordering::SeqCst),
+        1,
+        "sent again after it was taken"
+    );
+}
