@@ -527,28 +527,43 @@ async fn one_stream_upstream(ip: Ipv4Addr) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>
     (addr, firsts)
 }
 
+/// The server's side of an h2c connection written by hand: reads the client's preface and
+/// sends empty SETTINGS.
+async fn h2_server_start(s: &mut TcpStream) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut preface = [0u8; 24];
+    s.read_exact(&mut preface).await?;
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await
+}
+
+/// The next frame from the client: type, stream id, payload. A SETTINGS frame (not an
+/// ACK) is acknowledged on the way.
+async fn next_frame(s: &mut TcpStream) -> std::io::Result<(u8, u32, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let (kind, flags) = (head[3], head[4]);
+    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await?;
+    if kind == 4 && flags & 1 == 0 {
+        s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?;
+    }
+    Ok((kind, id, payload))
+}
+
 /// One connection of [`one_stream_upstream`], until the client closes it.
 async fn goaway_after_one(
     mut s: TcpStream,
     firsts: Arc<Mutex<Vec<Vec<u8>>>>,
 ) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut preface = [0u8; 24];
-    s.read_exact(&mut preface).await?;
-    // Empty SETTINGS.
-    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+    use tokio::io::AsyncWriteExt;
+    h2_server_start(&mut s).await?;
     let mut first = None;
     loop {
-        let mut head = [0u8; 9];
-        s.read_exact(&mut head).await?;
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let (kind, flags) = (head[3], head[4]);
-        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0u8; len];
-        s.read_exact(&mut payload).await?;
+        let (kind, id, payload) = next_frame(&mut s).await?;
         match kind {
-            // SETTINGS (not an ACK): acknowledged.
-            4 if flags & 1 == 0 => s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?,
             // HEADERS of the first stream: `:status: 200` (HPACK static entry 8),
             // END_STREAM | END_HEADERS.
             1 if first.is_none() => {
@@ -595,7 +610,7 @@ async fn a_stream_refused_by_goaway_is_sent_again_on_a_new_connection() {
 /// with GOAWAY(last = that stream, INTERNAL_ERROR) and closes it unanswered; counts the
 /// streams it took.
 async fn failing_upstream(ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let l = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = l.local_addr().unwrap();
     let taken = Arc::new(AtomicUsize::new(0));
@@ -604,27 +619,17 @@ async fn failing_upstream(ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicUsize>) {
         while let Ok((mut s, _)) = l.accept().await {
             let count = count.clone();
             tokio::spawn(async move {
-                let mut preface = [0u8; 24];
-                s.read_exact(&mut preface).await?;
-                s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+                h2_server_start(&mut s).await?;
                 loop {
-                    let mut head = [0u8; 9];
-                    s.read_exact(&mut head).await?;
-                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-                    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-                    let mut payload = vec![0u8; len];
-                    s.read_exact(&mut payload).await?;
-                    match head[3] {
-                        4 if head[4] & 1 == 0 => s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?,
-                        1 => {
-                            count.fetch_add(1, Ordering::SeqCst);
-                            let mut f = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
-                            f.extend_from_slice(&id.to_be_bytes());
-                            f.extend_from_slice(&2u32.to_be_bytes());
-                            s.write_all(&f).await?;
-                            return s.shutdown().await;
-                        }
-                        _ => {}
+                    // HEADERS: GOAWAY(last = this stream, INTERNAL_ERROR), then close.
+                    let (kind, id, _) = next_frame(&mut s).await?;
+                    if kind == 1 {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let mut f = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+                        f.extend_from_slice(&id.to_be_bytes());
+                        f.extend_from_slice(&2u32.to_be_bytes());
+                        s.write_all(&f).await?;
+                        return s.shutdown().await;
                     }
                 }
             });
