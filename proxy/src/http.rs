@@ -656,7 +656,6 @@ where
     let clients = &service.clients;
 
     let hash = request_hash(service.hash_on.as_ref(), &parts.headers, ctx.peer);
-    let authority = client_authority(&parts);
     if replayable {
         service.shared.budget.deposit();
     }
@@ -678,10 +677,10 @@ where
         // HTTP/1.1 upstreams get the origin form (RFC 9112 §3.2.1); HTTP/2 needs the
         // scheme and authority for its pseudo-headers.
         let uri = if use_h2 {
-            let Some(authority) = authority.as_ref().or(ep.authority.as_ref()) else {
+            let Some(authority) = client_authority(&parts).or_else(|| ep.authority.clone()) else {
                 return error(StatusCode::BAD_REQUEST, "bad-path");
             };
-            match h2_uri(authority.clone(), &path_and_query) {
+            match h2_uri(authority, &path_and_query) {
                 Some(u) => u,
                 None => return error(StatusCode::BAD_REQUEST, "bad-path"),
             }
