@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The sidecar and HAProxy side by side on HTTP/1.1, for more rounds of one measure than
+# benches/proxy.sh gives: the same set-up reduced to the two proxies (core PROXY_CPU, one
+# worker each), two lean upstreams (`proxy_load http`, core LOAD_CPU) and, alternating:
+#
+#   benches/proxy_pair.sh            # MODE=lat: proxy_load rate --rate 2000 --seconds 4
+#                                    # --connections 32; p50/p99/p99.9 per round
+#   MODE=conn benches/proxy_pair.sh  # wrk -t1 -c20 -d4s -H 'Connection: close'; conn/s, the
+#                                    # proxy's core utilisation and CPU ms per 1,000 connections
+#   ROUNDS=6 NET=127.94 BIN=/path/to/sidemesh benches/proxy_pair.sh
+#
+# Needs: haproxy, wrk, python3, curl. Output in bench-results/proxy_pair/.
+set -euo pipefail
+OUT=${OUT:-bench-results/proxy_pair}
+. "$(dirname "$0")/lib.sh"
+bench_init proxy_pair haproxy wrk python3 curl taskset
+BIN=$(bench_binary "${BIN:-}")
+cargo build --release --quiet -p sidemesh-bench --bin proxy_load
+LOAD=$PWD/target/release/proxy_load
+MODE=${MODE:-lat}
+ROUNDS=${ROUNDS:-3}
+NET=${NET:-127.93}
+U1=$NET.0.11 U2=$NET.0.12
+
+cat >"$OUT/state.yaml" <<EOF
+services:
+  - namespace: pair
+    name: client
+    use_services:
+      - {service: up, balancer: {policy: round_robin}, retry: {attempts: 0}}
+  - namespace: pair
+    name: up
+    ports: [{port: 8080, protocol: http1}]
+    instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
+EOF
+cat >"$OUT/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+frontend h1
+  mode http
+  bind $NET.0.2:8080
+  default_backend up
+backend up
+  mode http
+  balance roundrobin
+  http-reuse always
+  server u1 $U1:8080
+  server u2 $U2:8080
+EOF
+
+for u in $U1 $U2; do bench_spawn taskset -c "$LOAD_CPU" "$LOAD" http --listen $u:8080 --name $u; done
+bench_spawn taskset -c "$LOAD_CPU" "$BIN" discover --state "$OUT/state.yaml" --listen $NET.0.1:7070
+wait_port $NET.0.1 7070
+URL=http://$NET.0.1:7070/v1/sidecars/pair/client/sidemesh-proxy
+bench_spawn env RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" --worker-threads 1 proxy \
+  --admin $NET.0.20:15000 --inbound-address $NET.0.20 --discover-url "$URL"
+SM_PID=${PIDS[-1]}
+bench_spawn taskset -c "$PROXY_CPU" haproxy -db -f "$OUT/haproxy.cfg"
+HA_PID=${PIDS[-1]}
+wait_url http://$NET.0.20:15000/ready
+wait_port $NET.0.2 8080
+SM=$(curl -s "$URL" | python3 -c "import json,sys; print([s['address'] for s in json.load(sys.stdin)['outbound'] if s['name']=='up'][0])")
+wait_port "$SM" 8080
+
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+CLK=$(getconf CLK_TCK)
+for round in $(seq "$ROUNDS"); do
+  for p in sidemesh haproxy; do
+    if [ $p = sidemesh ]; then pid=$SM_PID a=$SM; else pid=$HA_PID a=$NET.0.2; fi
+    if [ "$MODE" = conn ]; then
+      t0=$(ticks "$pid")
+      w=$(taskset -c "$LOAD_CPU" wrk -t1 -c20 -d4s -H 'Connection: close' "http://$a:8080/")
+      t1=$(ticks "$pid")
+      n=$(awk '/requests in/ {print $1}' <<<"$w")
+      echo "round $round $p conn_per_s $(awk '/Requests\/sec/ {print $2}' <<<"$w")" \
+        "core $(python3 -c "print(round(($t1-$t0)/$CLK/4,2))")" \
+        "cpu_ms_per_1k $(python3 -c "print(round(($t1-$t0)/$CLK*1e6/$n,2))")"
+    else
+      echo "round $round $p $(taskset -c "$LOAD_CPU" "$LOAD" rate --addr "$a:8080" --rate 2000 --seconds 4 --connections 32)"
+    fi
+  done
+done | tee "$OUT/results.txt"
