@@ -334,7 +334,8 @@ impl TlsMetrics {
 #[derive(Debug)]
 pub struct MeshTls {
     credentials: ArcSwapOption<Credentials>,
-    /// Bumped by every [`MeshTls::install`]: inbound connections re-check their peer then.
+    /// Bumped by every [`MeshTls::install`]: inbound connections re-check their peer then,
+    /// and pooled outbound ones dialled before it are retired.
     generation: AtomicU64,
     /// The metrics.
     pub metrics: TlsMetrics,
@@ -353,6 +354,12 @@ impl MeshTls {
     /// The current credentials.
     pub fn credentials(&self) -> Option<Arc<Credentials>> {
         self.credentials.load_full()
+    }
+
+    /// Bumped by every [`MeshTls::install`]: pooled outbound connections dialled under an
+    /// older value take no new requests.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Whether the sidecar has credentials now (meshed hops are mutual TLS).

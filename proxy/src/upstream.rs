@@ -154,6 +154,34 @@ impl Connector {
     pub fn idle_timeout(&self) -> Option<Duration> {
         self.inner.config.idle_timeout
     }
+
+    /// What a connection about to be dialled to a `meshed` endpoint is stamped with: the
+    /// sidecar's credentials generation, read before the handshake (so an install racing
+    /// it leaves the connection looking older, never newer). `None` when the connection
+    /// can never carry the sidecar's certificate.
+    fn stamp(&self, meshed: bool) -> Option<u64> {
+        match &self.inner.config.tls {
+            Some(peer) if meshed => Some(peer.mesh.generation()),
+            _ => None,
+        }
+    }
+
+    /// The stamp a connection dialled now would get, for comparing many with
+    /// [`is_current`].
+    fn generation(&self) -> Option<u64> {
+        self.stamp(true)
+    }
+}
+
+/// Whether a pooled connection stamped `stamp` may take new requests when the sidecar's
+/// credentials generation is `now`. One dialled under older credentials (a certificate
+/// since renewed or reissued by another CA, or none yet) is retired: it finishes what it
+/// carries but takes nothing new, so that every new request presents the current
+/// certificate. Without this, a connection opened with a certificate of a CA that is
+/// being rotated out stayed pooled (it is reused every few milliseconds under load, so
+/// never idles out) until the server dropped that CA and cut it under a request.
+fn is_current(stamp: Option<u64>, now: Option<u64>) -> bool {
+    stamp.is_none() || stamp == now
 }
 
 struct PendingGuard<'a>(&'a AtomicU32);
@@ -173,6 +201,17 @@ struct Activity {
     io: Arc<AtomicU64>,
     /// Requests using the connection now.
     busy: AtomicUsize,
+    /// The sidecar's credentials generation it was dialled under ([`Connector::stamp`]).
+    tls: Option<u64>,
+}
+
+impl Activity {
+    fn new(tls: Option<u64>) -> Arc<Activity> {
+        Arc::new(Activity {
+            tls,
+            ..Activity::default()
+        })
+    }
 }
 
 /// Completes once the connection has had no request and no traffic for `idle`.
@@ -362,6 +401,8 @@ pub(crate) struct RawConn {
     _slot: Option<OwnedSemaphorePermit>,
     /// The pool's [`RawPool::epoch`] when it was last released to it.
     released: u64,
+    /// The credentials generation it was dialled under ([`Connector::stamp`]).
+    tls: Option<u64>,
 }
 
 impl std::fmt::Debug for RawConn {
@@ -599,7 +640,10 @@ impl Clients {
     ) -> Option<Result<H2Stream, h2::Error>> {
         let mut pools = self.pools.lean_h2.lock().ok()?;
         let list = pools.get_mut(&addr)?;
-        let i = list.iter().position(LeanH2::has_room)?;
+        let now = self.connector.generation();
+        let i = list
+            .iter()
+            .position(|c| c.has_room() && is_current(c.activity.tls, now))?;
         let c = list.get_mut(i)?;
         // Not ready now (closed, or a stream of its own still waiting to open): the slow
         // path waits with the task's waker, or replaces the connection.
@@ -643,10 +687,19 @@ impl Clients {
         }
     }
 
-    /// A connection to `addr` with room for another stream.
+    /// A connection to `addr` with room for another stream. Connections retired by a
+    /// change of credentials ([`is_current`]) leave the pool here: each closes once its
+    /// streams are done and no handle to it is left.
     fn idle_lean_h2(&self, addr: SocketAddr) -> Option<LeanH2> {
-        let pools = self.pools.lean_h2.lock().ok()?;
-        pools.get(&addr)?.iter().find(|c| c.has_room()).cloned()
+        let mut pools = self.pools.lean_h2.lock().ok()?;
+        let list = pools.get_mut(&addr)?;
+        let now = self.connector.generation();
+        list.retain(|c| is_current(c.activity.tls, now));
+        let found = list.iter().find(|c| c.has_room()).cloned();
+        if list.is_empty() {
+            pools.remove(&addr);
+        }
+        found
     }
 
     /// Takes a connection that failed out of the pool.
@@ -666,8 +719,9 @@ impl Clients {
     /// ends it when it fails, idles out or stops answering pings, and then takes it out of
     /// the pool.
     async fn dial_lean_h2(&self, addr: SocketAddr, meshed: bool) -> Result<LeanH2, H2OpenError> {
+        let stamp = self.connector.stamp(meshed);
         let (stream, slot) = self.connector.connect_endpoint(addr, meshed, true).await?;
-        let activity = Arc::new(Activity::default());
+        let activity = Activity::new(stamp);
         let io = crate::tcp::Timed::new(stream, activity.io.clone());
         let (sender, mut conn) = self
             .lean_h2
@@ -731,13 +785,15 @@ impl Clients {
         if let Ok(mut guard) = self.pools.raw.lock() {
             let pool = &mut *guard;
             if let Some(list) = pool.idle.get_mut(&addr) {
+                let now = self.connector.generation();
                 while let Some(c) = list.pop() {
-                    if !expired(pool.epoch, c.released) && c.open() {
+                    if !expired(pool.epoch, c.released) && is_current(c.tls, now) && c.open() {
                         return Ok((c, false));
                     }
                 }
             }
         }
+        let tls = self.connector.stamp(meshed);
         // Boxed: the dial (a TLS handshake, maybe) inline would make every lean connection's
         // future larger, and that is copied whole several times per connection.
         let dial = Box::pin(self.connector.connect_endpoint(addr, meshed, false));
@@ -748,6 +804,7 @@ impl Clients {
                 addr,
                 _slot: slot,
                 released: 0,
+                tls,
             },
             true,
         ))
@@ -758,9 +815,18 @@ impl Clients {
         Arc::ptr_eq(&self.pools, &other.pools)
     }
 
+    /// Whether `conn`, one of these clients' connections, may carry another request:
+    /// not retired by a change of the sidecar's credentials ([`is_current`]).
+    pub(crate) fn is_current(&self, conn: &RawConn) -> bool {
+        is_current(conn.tls, self.connector.generation())
+    }
+
     /// Gives a connection whose last response ended cleanly back to the pool, where
     /// [`reap`] closes it once idle for the idle timeout.
     pub(crate) fn release_raw(&self, mut conn: RawConn) {
+        if !self.is_current(&conn) {
+            return;
+        }
         let idle = self.connector.idle_timeout();
         let Ok(mut pools) = self.pools.raw.lock() else {
             return;
@@ -782,8 +848,9 @@ impl Clients {
     fn idle_h1(&self, addr: SocketAddr) -> Option<Checkout> {
         let mut pools = self.pools.h1.lock().ok()?;
         let idle = pools.get_mut(&addr)?;
+        let now = self.connector.generation();
         while let Some(c) = idle.pop() {
-            if !c.sender.is_closed() {
+            if !c.sender.is_closed() && is_current(c.activity.tls, now) {
                 return Some(Checkout {
                     sender: Sender::H1(c.sender),
                     activity: c.activity,
@@ -814,7 +881,11 @@ impl Clients {
 
     fn idle_h2(&self, addr: SocketAddr) -> Option<Checkout> {
         let pools = self.pools.h2.lock().ok()?;
-        let c = pools.get(&addr).filter(|c| !c.sender.is_closed())?;
+        let now = self.connector.generation();
+        // A retired one is replaced in the pool by the next dial.
+        let c = pools
+            .get(&addr)
+            .filter(|c| !c.sender.is_closed() && is_current(c.activity.tls, now))?;
         Some(Checkout {
             sender: Sender::H2(c.sender.clone()),
             activity: c.activity.clone(),
@@ -837,8 +908,9 @@ impl Clients {
         meshed: bool,
         h2: bool,
     ) -> Result<Checkout, ConnectError> {
+        let stamp = self.connector.stamp(meshed);
         let (stream, slot) = self.connector.connect_endpoint(addr, meshed, h2).await?;
-        let activity = Arc::new(Activity::default());
+        let activity = Activity::new(stamp);
         let io: Io = TokioIo::new(crate::tcp::Timed::new(stream, activity.io.clone()));
         let idle = self.connector.idle_timeout();
         let watch = activity.clone();

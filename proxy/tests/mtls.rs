@@ -27,7 +27,18 @@ use tokio_util::sync::CancellationToken;
 struct Signer {
     ca_pem: String,
     addr: SocketAddr,
+    /// The CA it signs with (see [`Signer::adopt`]).
+    issuer: Arc<std::sync::Mutex<Arc<rcgen::Issuer<'static, rcgen::KeyPair>>>>,
     _stop: CancellationToken,
+}
+
+impl Signer {
+    /// Signs with `other`'s CA from now on, as discover does once a rotation's next CA
+    /// takes over signing.
+    fn adopt(&self, other: &Signer) {
+        let next = other.issuer.lock().unwrap().clone();
+        *self.issuer.lock().unwrap() = next;
+    }
 }
 
 async fn signer(ttl: Duration) -> Signer {
@@ -36,22 +47,24 @@ async fn signer(ttl: Duration) -> Signer {
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
     let ca_pem = p.self_signed(&key).unwrap().pem();
-    let issuer = Arc::new(rcgen::Issuer::new(p, key));
+    let issuer = Arc::new(std::sync::Mutex::new(Arc::new(rcgen::Issuer::new(p, key))));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let stop = CancellationToken::new();
     let s = stop.clone();
+    let signing = issuer.clone();
     tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
                 r = l.accept() => r.unwrap(),
                 _ = s.cancelled() => return,
             };
-            let issuer = issuer.clone();
+            let signing = signing.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
-                        let issuer = issuer.clone();
+                        // Per request: the client may keep its connection across an adopt.
+                        let issuer = signing.lock().unwrap().clone();
                         async move {
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let csr = rcgen::CertificateSigningRequestParams::from_pem(
@@ -78,6 +91,7 @@ async fn signer(ttl: Duration) -> Signer {
     Signer {
         ca_pem,
         addr,
+        issuer,
         _stop: stop,
     }
 }
@@ -547,6 +561,11 @@ async fn tls_mode_per_port_strict_port_refuses_plaintext_permissive_port_takes_i
 /// certificate of the old CA and one of the new, both trusting both; `web` has called `api`
 /// once over mutual TLS (its connection stays pooled).
 struct Rotation {
+    /// The HTTP client of the first request (its connection to `web` stays pooled).
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
     old: Signer,
     new: Signer,
     be: Backend,
@@ -568,10 +587,16 @@ impl Rotation {
     /// Starts the pair: the server's certificate from the new CA when `server_new`, else
     /// from the old one (and the client's from the other).
     async fn start(server_new: bool) -> Rotation {
+        Rotation::start_with(server_new, Duration::from_secs(3600), true).await
+    }
+
+    /// [`Rotation::start`] with the old CA's certificates valid for `old_ttl` (renewed
+    /// two thirds of the way), and `web` carrying HTTP/1.1 over HTTP/2 (`mesh_h2`) or not.
+    async fn start_with(server_new: bool, old_ttl: Duration, mesh_h2: bool) -> Rotation {
         let app_ip = loopback();
         let be = backend(app_ip, "api").await;
         let (old, new) = (
-            signer(Duration::from_secs(3600)).await,
+            signer(old_ttl).await,
             signer(Duration::from_secs(3600)).await,
         );
         let (server_ca, web_ca) = if server_new {
@@ -596,14 +621,19 @@ impl Rotation {
         let web = Sidecar::start(
             web_ca,
             "web",
-            config_at(loopback(), app_ip),
+            ProxyConfig {
+                mesh_h2,
+                ..config_at(loopback(), app_ip)
+            },
             &with_bundle(web_json.clone(), 1, &overlap),
         )
         .await;
         let url = format!("http://{svc}/");
-        let (status, _, body) = get(&h1_client(), &url, &[]).await;
+        let client = h1_client();
+        let (status, _, body) = get(&client, &url, &[]).await;
         assert_eq!(status, 200, "old and new CA during the overlap: {body}");
         Rotation {
+            client,
             old,
             new,
             be,
@@ -674,6 +704,55 @@ async fn an_open_connection_from_a_dropped_ca_is_closed() {
     // The client still trusts the server: only the server's side cut it.
     assert_eq!(Rotation::issued(&r.web), 1);
     drop(r.old);
+}
+
+/// The other half of a rotation: the client's certificate is reissued by the next CA while
+/// its pooled connection (opened with the old-CA certificate, and reused) is still there.
+/// That connection takes no new request after the reissue, so the server dropping the old
+/// CA afterwards cuts nothing in use: the next request rides a new connection and succeeds.
+/// Both hops: HTTP/1.1 over one HTTP/2 connection (`mesh_h2`), and HTTP/1.1 as it is
+/// (there a bodiless request cut that way was already sent again on a new connection, so
+/// only the `mesh_h2` case failed before connections were retired).
+#[tokio::test]
+async fn a_reissued_certificate_retires_the_pooled_connections_of_the_old_one() {
+    let (over_h2, plain_h1) = tokio::join!(reissue_retires(true), reissue_retires(false));
+    assert_eq!(over_h2, 200, "mesh_h2");
+    assert_eq!(plain_h1, 200, "HTTP/1.1 between the sidecars");
+}
+
+/// The status of a request after the reissue and the old CA's removal (see above).
+async fn reissue_retires(mesh_h2: bool) -> u16 {
+    let r = Rotation::start_with(true, Duration::from_secs(3), mesh_h2).await;
+    let handshakes = || {
+        r.server.counter(
+            "sidemesh_proxy_tls_connections_total",
+            &[("direction", "inbound")],
+        )
+    };
+    let opened = handshakes();
+    // `web` renews every two seconds; from now on from the new CA. Two renewals: the first
+    // may have been signed before the switch.
+    r.old.adopt(&r.new);
+    let before = Rotation::issued(&r.web);
+    assert!(
+        eventually(|| Rotation::issued(&r.web) >= before + 2).await,
+        "web was not issued a certificate of the new CA"
+    );
+    let before = Rotation::issued(&r.server);
+    r.server
+        .set(&with_bundle(r.server_json.clone(), 2, &r.new.ca_pem))
+        .await;
+    assert!(eventually(|| Rotation::issued(&r.server) > before).await);
+    // The client connection to `web` is the one of the first request (pooled by the
+    // client): `web` must not keep the upstream connection it held for it either.
+    let (status, _, body) = get(&r.client, &r.url, &[]).await;
+    if status != 200 {
+        eprintln!("mesh_h2 {mesh_h2}: a request rode a connection of the old certificate: {body}");
+        return status;
+    }
+    assert!(handshakes() > opened, "no new connection after the reissue");
+    assert_eq!(r.be.hits.load(std::sync::atomic::Ordering::Relaxed), 2);
+    status
 }
 
 #[tokio::test]

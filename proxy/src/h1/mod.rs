@@ -502,9 +502,12 @@ impl Lean {
         // this try: then it can be sent again on a new connection.
         let whole = *body_done;
         // The held connection serves again if it is to this endpoint and of this service's
-        // pool (its breaker slot counts against that service).
+        // pool (its breaker slot counts against that service), and not retired by new
+        // credentials.
         let (mut conn, mut fresh, mut owner) = match self.held.take() {
-            Some((c, cl)) if c.addr == addr && cl.same_pools(clients) => (c, false, Some(cl)),
+            Some((c, cl)) if c.addr == addr && cl.same_pools(clients) && cl.is_current(&c) => {
+                (c, false, Some(cl))
+            }
             other => {
                 if let Some((c, cl)) = other {
                     cl.release_raw(c);
