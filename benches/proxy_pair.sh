@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The sidecar and HAProxy side by side on HTTP/1.1, for more rounds of one measure than
+# The sidecar and HAProxy side by side, for more rounds of one measure than
 # benches/proxy.sh gives: the same set-up reduced to the two proxies (core PROXY_CPU, one
-# worker each), two lean upstreams (`proxy_load http`, core LOAD_CPU) and, alternating:
+# worker each), two lean HTTP/1.1 upstreams (`proxy_load http`) and two h2c ones
+# (`sidemesh demo-backend`, :8082), all on core LOAD_CPU, and, alternating:
 #
 #   benches/proxy_pair.sh            # MODE=lat: proxy_load rate --rate 2000 --seconds 4
 #                                    # --connections 32; p50/p99/p99.9 per round
+#   MODE=lat2 benches/proxy_pair.sh  # the same over h2c (--h2), as proxy.sh's h2_2k rows
 #   MODE=conn benches/proxy_pair.sh  # wrk -t1 -c20 -d4s -H 'Connection: close'; conn/s, the
 #                                    # proxy's core utilisation and CPU ms per 1,000 connections
-#   ROUNDS=6 NET=127.94 BIN=/path/to/sidemesh benches/proxy_pair.sh
+#   ROUNDS=6 NET=127.94 NS=pair2 BIN=/path/to/sidemesh benches/proxy_pair.sh
 #
 # Needs: haproxy, wrk, python3, curl. Output in bench-results/proxy_pair/.
 set -euo pipefail
@@ -20,17 +22,25 @@ LOAD=$PWD/target/release/proxy_load
 MODE=${MODE:-lat}
 ROUNDS=${ROUNDS:-3}
 NET=${NET:-127.93}
+# The namespace names the services, and so their loopback addresses (two runs at once need
+# two namespaces as well as two NETs).
+NS=${NS:-pair}
 U1=$NET.0.11 U2=$NET.0.12
 
 cat >"$OUT/state.yaml" <<EOF
 services:
-  - namespace: pair
+  - namespace: $NS
     name: client
     use_services:
       - {service: up, balancer: {policy: round_robin}, retry: {attempts: 0}}
-  - namespace: pair
+      - {service: up2, balancer: {policy: round_robin}, retry: {attempts: 0}}
+  - namespace: $NS
     name: up
     ports: [{port: 8080, protocol: http1}]
+    instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
+  - namespace: $NS
+    name: up2
+    ports: [{port: 8081, target_port: 8082, protocol: http2}]
     instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
 EOF
 cat >"$OUT/haproxy.cfg" <<EOF
@@ -51,12 +61,24 @@ backend up
   http-reuse always
   server u1 $U1:8080
   server u2 $U2:8080
+frontend h2
+  mode http
+  bind $NET.0.2:8081 proto h2
+  default_backend up2
+backend up2
+  mode http
+  balance roundrobin
+  server u1 $U1:8082 proto h2
+  server u2 $U2:8082 proto h2
 EOF
 
-for u in $U1 $U2; do bench_spawn taskset -c "$LOAD_CPU" "$LOAD" http --listen $u:8080 --name $u; done
+for u in $U1 $U2; do
+  bench_spawn taskset -c "$LOAD_CPU" "$LOAD" http --listen $u:8080 --name $u
+  bench_spawn taskset -c "$LOAD_CPU" "$BIN" demo-backend --listen $u:8082 --name $u
+done
 bench_spawn taskset -c "$LOAD_CPU" "$BIN" discover --state "$OUT/state.yaml" --listen $NET.0.1:7070
 wait_port $NET.0.1 7070
-URL=http://$NET.0.1:7070/v1/sidecars/pair/client/sidemesh-proxy
+URL=http://$NET.0.1:7070/v1/sidecars/$NS/client/sidemesh-proxy
 bench_spawn env RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" --worker-threads 1 proxy \
   --admin $NET.0.20:15000 --inbound-address $NET.0.20 --discover-url "$URL"
 SM_PID=${PIDS[-1]}
@@ -64,14 +86,18 @@ bench_spawn taskset -c "$PROXY_CPU" haproxy -db -f "$OUT/haproxy.cfg"
 HA_PID=${PIDS[-1]}
 wait_url http://$NET.0.20:15000/ready
 wait_port $NET.0.2 8080
-SM=$(curl -s "$URL" | python3 -c "import json,sys; print([s['address'] for s in json.load(sys.stdin)['outbound'] if s['name']=='up'][0])")
-wait_port "$SM" 8080
+addr_of() {
+  curl -s "$URL" | python3 -c "import json,sys; print([s['address'] for s in json.load(sys.stdin)['outbound'] if s['name']=='$1'][0])"
+}
+SM=$(addr_of up) SM2=$(addr_of up2)
+wait_port "$SM" 8080; wait_port "$SM2" 8081; wait_port $NET.0.2 8081
+for u in $U1 $U2; do wait_port $u 8080; wait_port $u 8082; done
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 CLK=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do
   for p in sidemesh haproxy; do
-    if [ $p = sidemesh ]; then pid=$SM_PID a=$SM; else pid=$HA_PID a=$NET.0.2; fi
+    if [ $p = sidemesh ]; then pid=$SM_PID a=$SM a2=$SM2; else pid=$HA_PID a=$NET.0.2 a2=$NET.0.2; fi
     if [ "$MODE" = conn ]; then
       t0=$(ticks "$pid")
       w=$(taskset -c "$LOAD_CPU" wrk -t1 -c20 -d4s -H 'Connection: close' "http://$a:8080/")
@@ -80,8 +106,33 @@ for round in $(seq "$ROUNDS"); do
       echo "round $round $p conn_per_s $(awk '/Requests\/sec/ {print $2}' <<<"$w")" \
         "core $(python3 -c "print(round(($t1-$t0)/$CLK/4,2))")" \
         "cpu_ms_per_1k $(python3 -c "print(round(($t1-$t0)/$CLK*1e6/$n,2))")"
+    elif [ "$MODE" = lat2 ]; then
+      echo "round $round $p $(taskset -c "$LOAD_CPU" "$LOAD" rate --addr "$a2:8081" --rate 2000 --seconds 4 --connections 32 --h2)"
     else
       echo "round $round $p $(taskset -c "$LOAD_CPU" "$LOAD" rate --addr "$a:8080" --rate 2000 --seconds 4 --connections 32)"
     fi
   done
 done | tee "$OUT/results.txt"
+
+# Medians over the rounds, and sidemesh / HAProxy.
+python3 - "$OUT/results.txt" <<'PY'
+import json, re, statistics, sys
+vals = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"round \d+ (\w+) (.*)", line.strip())
+    if not m:
+        continue
+    p, rest = m.groups()
+    if rest.startswith("{"):
+        kv = {k: v for k, v in json.loads(rest).items() if isinstance(v, (int, float))}
+    else:
+        it = rest.split()
+        kv = {it[i]: float(it[i + 1]) for i in range(0, len(it) - 1, 2)}
+    for k, v in kv.items():
+        vals.setdefault(k, {}).setdefault(p, []).append(v)
+print("median of rounds: metric sidemesh haproxy ratio")
+for k, per in vals.items():
+    if "sidemesh" in per and "haproxy" in per:
+        a, b = statistics.median(per["sidemesh"]), statistics.median(per["haproxy"])
+        print(k, a, b, round(a / b, 2) if b else "-")
+PY
