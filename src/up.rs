@@ -61,6 +61,10 @@ pub struct Args {
     /// at exit.
     #[arg(long, env = "SIDEMESH_UP_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Access logs of every sidecar on standard output, one line per HTTP request: `json`
+    /// or `text`. Off unless given.
+    #[arg(long, env = "SIDEMESH_UP_ACCESS_LOG", value_enum)]
+    pub access_log: Option<sidemesh_proxy::access::Format>,
 }
 
 /// Discover's token check for the run: one random token per service that gets a sidecar,
@@ -111,6 +115,7 @@ fn sidecar_args(
     app: IpAddr,
     drain: Duration,
     token_file: Option<PathBuf>,
+    access_log: Option<sidemesh_proxy::access::Format>,
 ) -> sidecar::Args {
     sidecar::Args {
         discover_url: Some(url),
@@ -136,6 +141,8 @@ fn sidecar_args(
         mesh_h2: true,
         http1_engine: sidemesh_proxy::h1::Engine::default(),
         http2_engine: sidemesh_proxy::http2::Engine::default(),
+        access_log,
+        access_log_path: None,
     }
 }
 
@@ -192,6 +199,7 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
                 tokens
                     .get(&format!("{}/{}", svc.namespace, svc.name))
                     .cloned(),
+                args.access_log,
             );
             let r = sidecar::start(&a, prometheus::Registry::new()).await?;
             clients.push(sidecars.len());
@@ -223,6 +231,7 @@ pub async fn run(args: Args, registry: prometheus::Registry) -> anyhow::Result<(
                 tokens
                     .get(&format!("{}/{}", svc.namespace, svc.name))
                     .cloned(),
+                args.access_log,
             );
             let r = sidecar::start(&a, prometheus::Registry::new()).await?;
             sidecars.push((name, r));

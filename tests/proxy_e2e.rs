@@ -343,3 +343,55 @@ fn dns_shim_runs_in_process_and_answers_service_names() {
     assert!(out.contains("status: NXDOMAIN"), "{out}");
     assert!(out.contains(" aa"), "not authoritative: {out}");
 }
+
+/// `--access-log text`: the built binary writes one line per request on standard output
+/// after its ready line, with what curl asked (quoted) and what it got.
+#[test]
+fn access_log_lines_follow_the_ready_line_on_stdout() {
+    let ip = loopback();
+    let (a, _) = backend(ip, "alpha", Duration::ZERO);
+    let svc = loopback();
+    let discover = fake_discover(config(1, svc, &[a]));
+    let p = start_proxy(&discover, &["--access-log", "text"]);
+    let admin = p.addr("admin");
+    let ready = eventually(WAIT, || {
+        http_get(&admin, "/ready").ok().filter(|(s, _)| *s == 200)
+    });
+    assert!(ready.is_some(), "/ready never turned 200");
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "10",
+            "-H",
+            "x-request-id: e2e-1",
+            "-A",
+            "curl-e2e \"quoted\"",
+            &format!("http://{svc}:80/path?q=1"),
+        ])
+        .output()
+        .expect("curl is installed (scripts/test.sh installs it)");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "alpha");
+    let line = p
+        .stdout
+        .recv_timeout(WAIT)
+        .expect("an access log line on stdout");
+    for part in [
+        " outbound shop/cart default \"GET /path?q=1 HTTP/1.1\" 200 ",
+        &format!("authority=\"{svc}\""),
+        "request_id=\"e2e-1\"",
+        "user_agent=\"curl-e2e \\\"quoted\\\"\"",
+        "client_id=-",
+    ] {
+        assert!(line.contains(part), "{part:?} not in {line:?}");
+    }
+    // A flag value that is not a format is refused before anything starts, naming the flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_sidemesh"))
+        .args(["proxy", "--access-log", "xml"])
+        .env("DISCOVER_URL", "http://127.0.0.1:1/v1/sidecars/a/b/c")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--access-log"), "{err}");
+}

@@ -114,6 +114,14 @@ pub struct Args {
     /// both sides, streams polled by their connection's task) or `hyper`.
     #[arg(long, env = "SIDEMESH_HTTP2_ENGINE", value_enum, default_value_t = crate::http2::Engine::Lean)]
     pub http2_engine: crate::http2::Engine,
+    /// Access logs, one line per HTTP request once its response head is sent: `json` or
+    /// `text`. Off unless given.
+    #[arg(long, env = "SIDEMESH_ACCESS_LOG", value_enum)]
+    pub access_log: Option<crate::access::Format>,
+    /// The file access log lines are appended to (created if missing); standard output
+    /// when not given.
+    #[arg(long, env = "SIDEMESH_ACCESS_LOG_PATH", requires = "access_log")]
+    pub access_log_path: Option<PathBuf>,
 }
 
 /// Something run beside the data plane (the DNS shim): given the config channel, it starts
@@ -231,6 +239,18 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
     let poster = client
         .poster()
         .context("cannot set up the certificate client")?;
+    let access_log = match args.access_log {
+        None => None,
+        Some(format) => {
+            let settings = crate::access::Settings {
+                format,
+                path: args.access_log_path.clone(),
+            };
+            Some(Arc::new(crate::access::AccessLog::start(
+                &settings, &registry,
+            )?))
+        }
+    };
     let proxy = Proxy::new(
         ProxyConfig {
             inbound_address: args.inbound_address,
@@ -242,6 +262,7 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
             mesh_h2: args.mesh_h2,
             http1_engine: args.http1_engine,
             http2_engine: args.http2_engine,
+            access_log,
             ..ProxyConfig::default()
         },
         &registry,

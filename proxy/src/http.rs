@@ -64,6 +64,18 @@ pub(crate) struct ConnCtx {
     pub generation: u64,
 }
 
+impl ConnCtx {
+    /// What the access log keeps of `req`, when access logs are on (nothing is copied
+    /// otherwise).
+    pub(crate) fn logged<B>(&self, req: &Request<B>) -> Option<Box<crate::access::Request>> {
+        self.shared
+            .config
+            .access_log
+            .as_ref()
+            .map(|_| crate::access::Request::of(req))
+    }
+}
+
 /// The HTTP server settings, built once (not per connection) and shared by every
 /// connection: one builder per server mode.
 pub(crate) struct ServerBuilders {
@@ -163,6 +175,7 @@ where
     B::Error: Into<BoxError>,
 {
     let start = Instant::now();
+    let logged = ctx.logged(&req);
     let (target, authz) = resolve(&ctx);
     pass_identity(&target, req.headers_mut(), &authz);
     let denied = authz.err().map(|r| *r);
@@ -172,7 +185,8 @@ where
         Some(r) => r,
         None => forward(&ctx, route, &backend, req).await,
     };
-    observe(&ctx, &target, index, resp.status().as_u16(), start);
+    let status = resp.status().as_u16();
+    observe(&ctx, &target, index, status, start, logged.as_deref());
     resp
 }
 
@@ -232,7 +246,24 @@ pub(crate) fn observe(
     index: Option<usize>,
     status: u16,
     start: Instant,
+    logged: Option<&crate::access::Request>,
 ) {
+    if let (Some(log), Some(req)) = (&ctx.shared.config.access_log, logged) {
+        log.record(
+            req,
+            &crate::access::Outcome {
+                direction: target.direction.as_str(),
+                service: &target.service.name,
+                route: index
+                    .and_then(|i| target.routes.get(i))
+                    .map_or("default", |r| &*r.name),
+                status,
+                duration: start.elapsed(),
+                client: ctx.peer,
+                client_id: ctx.client_id.as_deref(),
+            },
+        );
+    }
     let slot = index.unwrap_or(target.routes.len());
     if let Some(cell) = target.request_metrics.get(slot) {
         let rm = cell.get_or_init(|| {

@@ -149,6 +149,7 @@ async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: Send
     if let Some(r) = crate::hostile::refuse(&req, None) {
         return send_body_response(r, respond, |_| {}).await;
     }
+    let logged = ctx.logged(&req);
     let (mut parts, body) = req.into_parts();
     let (target, authz) = resolve(&ctx);
     pass_identity(&target, &mut parts.headers, &authz);
@@ -156,7 +157,7 @@ async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: Send
     let head_only = Request::from_parts(parts, ());
     let (index, backend) = select(&target, &head_only);
     let route = index.and_then(|i| target.routes.get(i));
-    let seen = |status: u16| observe(&ctx, &target, index, status, start);
+    let seen = |status: u16| observe(&ctx, &target, index, status, start, logged.as_deref());
     if let Some(r) = denied {
         return send_body_response(r, respond, seen).await;
     }

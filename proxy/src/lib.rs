@@ -20,6 +20,7 @@
 //! - [`resilience`]: retry budget, backoff, outlier detection.
 //! - [`health`]: active health checks.
 //! - [`metrics`]: the `sidemesh_proxy_*` metrics.
+//! - [`access`]: access logs, one line per HTTP request (off by default).
 //! - [`register`]: universal mode, the instance's registration in discover's TTL registry.
 //! - [`admin`]: the admin server (`/ready`, `/live`, `/metrics`).
 //! - [`cli`]: the `sidemesh proxy` subcommand (and in-process sidecars for `sidemesh up`).
@@ -27,6 +28,7 @@
 //! - [`fuzzing`]: entry points of the fuzz targets in `proxy/fuzz` (peer-input parsers).
 
 mod accept;
+pub mod access;
 pub mod admin;
 pub mod balance;
 pub mod cli;
@@ -103,6 +105,8 @@ pub struct ProxyConfig {
     pub http1_engine: h1::Engine,
     /// The engine that serves HTTP/2 client connections.
     pub http2_engine: http2::Engine,
+    /// Where access log lines go, if anywhere ([`access::AccessLog::start`]).
+    pub access_log: Option<Arc<access::AccessLog>>,
 }
 
 impl Default for ProxyConfig {
@@ -120,6 +124,7 @@ impl Default for ProxyConfig {
             mesh_h2: true,
             http1_engine: h1::Engine::default(),
             http2_engine: http2::Engine::default(),
+            access_log: None,
         }
     }
 }

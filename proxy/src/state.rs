@@ -94,6 +94,8 @@ impl ServiceShared {
 pub struct Service {
     /// The metrics label: `namespace/name`, or `inbound` for the workload's own ports.
     pub label: Arc<str>,
+    /// `namespace/name`; for inbound ports the workload's own service (access logs).
+    pub name: Arc<str>,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// The retry policy (routes may override it).
@@ -256,6 +258,11 @@ impl State {
             ..Cache::default()
         };
         let own_zone = snapshot.identity().zone.clone();
+        let own_name: Arc<str> = Arc::from(format!(
+            "{}/{}",
+            snapshot.identity().namespace,
+            snapshot.identity().service
+        ));
         let mut listeners = HashMap::new();
 
         for p in snapshot.inbound() {
@@ -265,6 +272,7 @@ impl State {
             let clients = shared.clients(connector_config(&p.timeouts, &p.limits));
             let service = Arc::new(Service {
                 label: Arc::from("inbound"),
+                name: own_name.clone(),
                 timeouts: p.timeouts.clone(),
                 // The app is local: a retry cannot reach another instance.
                 retry: RetryPolicy {
@@ -335,8 +343,10 @@ impl State {
                 tls,
                 ..connector_config(&s.timeouts, &s.limits)
             });
+            let label: Arc<str> = Arc::from(key.as_str());
             services.push(Arc::new(Service {
-                label: Arc::from(key.as_str()),
+                name: label.clone(),
+                label,
                 timeouts: s.timeouts.clone(),
                 retry: s.retry.clone(),
                 limits: s.limits.clone(),

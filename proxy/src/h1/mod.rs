@@ -83,6 +83,7 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: Io, drain: Drain) {
         head: RequestHead::with_capacity(HEADERS_START),
         rhead: ResponseHead::with_capacity(HEADERS_START),
         held: None,
+        logged: None,
     };
     // `biased`: polled in this order, without drawing a random start per poll.
     let exit = tokio::select! {
@@ -161,6 +162,8 @@ struct Lean {
     /// The upstream connection of the last request, used again when the balancer picks
     /// the same endpoint (connection affinity), with the clients it belongs to.
     held: Option<(RawConn, Clients)>,
+    /// The request being served, as the access log shows it (when there is one).
+    logged: Option<Box<crate::access::Request>>,
 }
 
 impl Lean {
@@ -270,6 +273,16 @@ impl Lean {
         };
         let buf = self.buf.bytes();
         let head = &self.head;
+        if ctx.shared.config.access_log.is_some() {
+            self.logged = Some(crate::access::Request::new(
+                head.method.get(buf),
+                head.header(buf, "host").map(str::as_bytes),
+                head.target.get(buf),
+                "HTTP/1.1",
+                head.header(buf, "x-request-id").map(str::as_bytes),
+                head.header(buf, "user-agent").map(str::as_bytes),
+            ));
+        }
         let (index, backend) = if target.routes.is_empty() {
             (None, target.default_backend.clone())
         } else {
@@ -351,7 +364,14 @@ impl Lean {
                 Err(()) => {
                     let resp = crate::hostile::refusal("bad-chunked-body");
                     let _ = self.answer(resp, true).await;
-                    observe(&self.ctx, &target, index, 400, start);
+                    observe(
+                        &self.ctx,
+                        &target,
+                        index,
+                        400,
+                        start,
+                        self.logged.as_deref(),
+                    );
                     return Next::Close;
                 }
             },
@@ -431,7 +451,15 @@ impl Lean {
         );
         let rhead_len = self.rhead.len;
         self.ubuf.consume(rhead_len);
-        observe(&self.ctx, &target, index, self.rhead.status, start);
+        let status = self.rhead.status;
+        observe(
+            &self.ctx,
+            &target,
+            index,
+            status,
+            start,
+            self.logged.as_deref(),
+        );
         let mut rbody = match framing {
             ResponseFraming::None => None,
             ResponseFraming::Length(n) => Some(BodyState::Length(n)),
@@ -626,7 +654,14 @@ impl Lean {
         let close = !body_read || self.head.close;
         let status = resp.status().as_u16();
         let written = self.answer(resp, close).await;
-        observe(&self.ctx, target, index, status, start);
+        observe(
+            &self.ctx,
+            target,
+            index,
+            status,
+            start,
+            self.logged.as_deref(),
+        );
         if close || written.is_err() {
             Next::Close
         } else {

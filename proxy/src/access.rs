@@ -1,0 +1,459 @@
+//! Access logs: one line per HTTP request, in JSON or as text, written by a thread of
+//! their own so that a slow disk or a full pipe never holds up a request. Lines are
+//! formatted on the data plane and handed over through a bounded queue; when the queue is
+//! full the line is dropped and counted (`sidemesh_proxy_access_log_dropped_total`), as
+//! Envoy's and Linkerd's access logs do rather than block traffic.
+//!
+//! Off unless `--access-log json|text` is given. A line is written once the response head
+//! has gone to the client (the moment the latency histogram records), so `duration_ms` is
+//! the time to the response head, not to the body's end.
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus::{IntCounter, Registry};
+
+/// Lines waiting for the writer at most; more are dropped.
+const QUEUE: usize = 16 * 1024;
+
+/// The format of access log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One JSON object per line.
+    Json,
+    /// One line of space-separated fields, values from the request quoted.
+    Text,
+}
+
+/// Where access logs go and how they look (`--access-log`, `--access-log-path`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// The line format.
+    pub format: Format,
+    /// The file lines are appended to; `None`: standard output.
+    pub path: Option<PathBuf>,
+}
+
+/// What one request looked like, taken from its head when access logs are on (and only
+/// then: nothing is copied otherwise).
+#[derive(Debug)]
+pub struct Request {
+    /// When it started (wall clock).
+    pub started: SystemTime,
+    /// The method.
+    pub method: Box<str>,
+    /// The authority (`:authority`, else `Host`).
+    pub authority: Box<str>,
+    /// The path and query.
+    pub path: Box<str>,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'static str,
+    /// `x-request-id`, when the client sent one.
+    pub request_id: Option<Box<str>>,
+    /// `user-agent`, when the client sent one.
+    pub user_agent: Option<Box<str>>,
+}
+
+impl Request {
+    /// A request from the bytes of its head (not UTF-8: replaced, the log shows that).
+    pub(crate) fn new(
+        method: &[u8],
+        authority: Option<&[u8]>,
+        path: &[u8],
+        protocol: &'static str,
+        request_id: Option<&[u8]>,
+        user_agent: Option<&[u8]>,
+    ) -> Box<Request> {
+        let text = |b: &[u8]| -> Box<str> { String::from_utf8_lossy(b).into() };
+        Box::new(Request {
+            started: SystemTime::now(),
+            method: text(method),
+            authority: authority.map(text).unwrap_or_default(),
+            path: text(path),
+            protocol,
+            request_id: request_id.map(text),
+            user_agent: user_agent.map(text),
+        })
+    }
+
+    /// The request of an `http` head.
+    pub(crate) fn of<B>(req: &http::Request<B>) -> Box<Request> {
+        let h = req.headers();
+        let header = |name: &str| h.get(name).map(|v| v.as_bytes());
+        let authority = match req.uri().authority() {
+            Some(a) => Some(a.as_str().as_bytes()),
+            None => header("host"),
+        };
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let protocol = match req.version() {
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
+        Request::new(
+            req.method().as_str().as_bytes(),
+            authority,
+            path.as_bytes(),
+            protocol,
+            header("x-request-id"),
+            header("user-agent"),
+        )
+    }
+}
+
+/// The rest of a line: what the proxy made of the request.
+#[derive(Debug)]
+pub struct Outcome<'a> {
+    /// `inbound` or `outbound`.
+    pub direction: &'a str,
+    /// The service, `namespace/name`: the one called (outbound) or the workload's own
+    /// (inbound).
+    pub service: &'a str,
+    /// The route's name, or `default`.
+    pub route: &'a str,
+    /// The status sent to the client.
+    pub status: u16,
+    /// Time from the request's start to its response head.
+    pub duration: Duration,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The client's verified mesh identity (inbound, mutual TLS).
+    pub client_id: Option<&'a str>,
+}
+
+/// The access log: a queue to the writer thread.
+pub struct AccessLog {
+    format: Format,
+    queue: SyncSender<String>,
+    dropped: IntCounter,
+}
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AccessLog {
+    /// Opens the destination (a file is created if missing, and appended to) and starts
+    /// the writer thread. An error names the file and why it cannot be written.
+    pub fn start(settings: &Settings, registry: &Registry) -> anyhow::Result<AccessLog> {
+        let out: Box<dyn Write + Send> = match &settings.path {
+            None => Box::new(io::stdout()),
+            Some(p) => Box::new(open(p)?),
+        };
+        let dropped = IntCounter::new(
+            "sidemesh_proxy_access_log_dropped_total",
+            "Access log lines dropped because the writer fell behind (queue full).",
+        )?;
+        registry.register(Box::new(dropped.clone()))?;
+        let (queue, lines) = sync_channel(QUEUE);
+        let name = settings
+            .path
+            .as_ref()
+            .map_or_else(|| "standard output".to_owned(), |p| p.display().to_string());
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(lines, out, &name))?;
+        Ok(AccessLog {
+            format: settings.format,
+            queue,
+            dropped,
+        })
+    }
+
+    /// Queues the line of one request; never waits.
+    pub fn record(&self, req: &Request, outcome: &Outcome<'_>) {
+        let line = match self.format {
+            Format::Json => json_line(req, outcome),
+            Format::Text => text_line(req, outcome),
+        };
+        match self.queue.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+
+    /// The start of a request that began at `start` (a monotonic instant), on the wall
+    /// clock.
+    pub fn wall_clock(start: Instant) -> SystemTime {
+        SystemTime::now()
+            .checked_sub(start.elapsed())
+            .unwrap_or_else(SystemTime::now)
+    }
+}
+
+fn open(path: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--access-log-path {}: cannot open it for appending: {e}",
+                path.display()
+            )
+        })
+}
+
+/// The writer thread: writes lines as they come, flushing whenever the queue is empty.
+/// Ends when the access log is dropped. A write error is logged once and the lines go on
+/// being taken (and lost) so that the queue never fills because of it.
+fn write_lines(lines: Receiver<String>, out: Box<dyn Write + Send>, name: &str) {
+    let mut out = io::BufWriter::with_capacity(64 * 1024, out);
+    let mut failed = false;
+    while let Ok(first) = lines.recv() {
+        let mut r = out.write_all(first.as_bytes());
+        while let (Ok(()), Ok(more)) = (&r, lines.try_recv()) {
+            r = out.write_all(more.as_bytes());
+        }
+        let r = r.and_then(|()| out.flush());
+        match (r, failed) {
+            (Err(e), false) => {
+                failed = true;
+                tracing::warn!(to = %name, error = %e, "cannot write the access log; lines are lost until it can");
+            }
+            (Ok(()), true) => {
+                failed = false;
+                tracing::info!(to = %name, "writing the access log again");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The fields of a JSON line, in order.
+#[derive(serde::Serialize)]
+struct JsonLine<'a> {
+    start_time: &'a str,
+    direction: &'a str,
+    service: &'a str,
+    route: &'a str,
+    method: &'a str,
+    authority: &'a str,
+    path: &'a str,
+    protocol: &'a str,
+    status: u16,
+    duration_ms: f64,
+    client: SocketAddr,
+    client_id: Option<&'a str>,
+    request_id: Option<&'a str>,
+    user_agent: Option<&'a str>,
+}
+
+fn json_line(req: &Request, o: &Outcome<'_>) -> String {
+    let start = rfc3339_millis(req.started);
+    let line = JsonLine {
+        start_time: &start,
+        direction: o.direction,
+        service: o.service,
+        route: o.route,
+        method: &req.method,
+        authority: &req.authority,
+        path: &req.path,
+        protocol: req.protocol,
+        status: o.status,
+        duration_ms: millis(o.duration),
+        client: o.client,
+        client_id: o.client_id,
+        request_id: req.request_id.as_deref(),
+        user_agent: req.user_agent.as_deref(),
+    };
+    // Serializing borrowed strings and numbers cannot fail.
+    let mut s = serde_json::to_string(&line).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// `2026-12-05T14:49:23.123Z outbound shop/api default "GET /path HTTP/1.1" 200 1.234ms
+/// authority="api" client=127.0.0.1:5555 client_id=- request_id=- user_agent="curl/8"`:
+/// what came from the request is quoted and escaped, so a line is always one line.
+fn text_line(req: &Request, o: &Outcome<'_>) -> String {
+    let mut s = String::with_capacity(192);
+    let _ = write!(
+        s,
+        "{} {} {} {} \"",
+        rfc3339_millis(req.started),
+        o.direction,
+        o.service,
+        o.route
+    );
+    escape(&mut s, &req.method);
+    s.push(' ');
+    escape(&mut s, &req.path);
+    let _ = write!(
+        s,
+        " {}\" {} {:.3}ms authority=\"",
+        req.protocol,
+        o.status,
+        millis(o.duration)
+    );
+    escape(&mut s, &req.authority);
+    let _ = write!(
+        s,
+        "\" client={} client_id={}",
+        o.client,
+        o.client_id.unwrap_or("-")
+    );
+    for (name, value) in [
+        ("request_id", &req.request_id),
+        ("user_agent", &req.user_agent),
+    ] {
+        let _ = write!(s, " {name}=");
+        match value {
+            None => s.push('-'),
+            Some(v) => {
+                s.push('"');
+                escape(&mut s, v);
+                s.push('"');
+            }
+        }
+    }
+    s.push('\n');
+    s
+}
+
+/// Appends `v` with `"` and `\` escaped and anything outside printable ASCII as `\xNN`.
+fn escape(s: &mut String, v: &str) {
+    for b in v.bytes() {
+        match b {
+            b'"' => s.push_str("\\\""),
+            b'\\' => s.push_str("\\\\"),
+            0x20..=0x7e => s.push(b as char),
+            _ => {
+                let _ = write!(s, "\\x{b:02x}");
+            }
+        }
+    }
+}
+
+/// Milliseconds, to the microsecond.
+fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+/// `t` in RFC 3339, UTC, to the millisecond.
+fn rfc3339_millis(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let when = time::OffsetDateTime::UNIX_EPOCH + d;
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        when.year(),
+        u8::from(when.month()),
+        when.day(),
+        when.hour(),
+        when.minute(),
+        when.second(),
+        when.millisecond()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Request {
+        Request {
+            started: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_946_163_123),
+            method: "GET".into(),
+            authority: "api.shop".into(),
+            path: "/a?\"b\"\n".into(),
+            protocol: "HTTP/1.1",
+            request_id: Some("r-1".into()),
+            user_agent: None,
+        }
+    }
+
+    fn outcome() -> Outcome<'static> {
+        Outcome {
+            direction: "outbound",
+            service: "shop/api",
+            route: "default",
+            status: 503,
+            duration: Duration::from_micros(1_234),
+            client: "127.0.0.1:5555".parse().unwrap(),
+            client_id: Some("shop/web"),
+        }
+    }
+
+    #[test]
+    fn a_json_line_is_one_object_with_every_field() {
+        let line = json_line(&request(), &outcome());
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["start_time"], "2025-12-05T14:49:23.123Z");
+        assert_eq!(v["path"], "/a?\"b\"\n");
+        assert_eq!(v["status"], 503);
+        assert_eq!(v["duration_ms"], 1.234);
+        assert_eq!(v["client"], "127.0.0.1:5555");
+        assert_eq!(v["client_id"], "shop/web");
+        assert_eq!(v["request_id"], "r-1");
+        assert!(v["user_agent"].is_null());
+        assert_eq!(v["protocol"], "HTTP/1.1");
+    }
+
+    #[test]
+    fn a_text_line_quotes_and_escapes_what_the_client_sent() {
+        let line = text_line(&request(), &outcome());
+        assert_eq!(
+            line,
+            "2025-12-05T14:49:23.123Z outbound shop/api default \"GET /a?\\\"b\\\"\\x0a HTTP/1.1\" \
+             503 1.234ms authority=\"api.shop\" client=127.0.0.1:5555 client_id=shop/web \
+             request_id=\"r-1\" user_agent=-\n"
+        );
+    }
+
+    #[test]
+    fn lines_reach_the_file_and_a_full_queue_drops_instead_of_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let registry = Registry::new();
+        let settings = Settings {
+            format: Format::Json,
+            path: Some(path.clone()),
+        };
+        let log = AccessLog::start(&settings, &registry).unwrap();
+        for _ in 0..3 {
+            log.record(&request(), &outcome());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let lines = loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() == 3 || Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(lines.lines().count(), 3, "{lines}");
+        assert_eq!(log.dropped.get(), 0);
+
+        // A writer that takes nothing: once its queue is full, records are dropped (and
+        // counted) at once rather than waited for.
+        let (queue, _stuck) = sync_channel(2);
+        let stuck = AccessLog {
+            format: Format::Text,
+            queue,
+            dropped: IntCounter::new("d", "d").unwrap(),
+        };
+        for _ in 0..5 {
+            stuck.record(&request(), &outcome());
+        }
+        assert_eq!(stuck.dropped.get(), 3);
+    }
+
+    #[test]
+    fn a_path_that_cannot_be_opened_is_an_error_naming_it() {
+        let settings = Settings {
+            format: Format::Text,
+            path: Some("/nonexistent-dir/access.log".into()),
+        };
+        let e = AccessLog::start(&settings, &Registry::new()).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent-dir/access.log"), "{e}");
+    }
+}

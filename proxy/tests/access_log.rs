@@ -1,0 +1,131 @@
+//! Access logs: every engine writes one line per request, with what the client asked and
+//! what it got, to the file given.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sidemesh_proxy::ProxyConfig;
+use sidemesh_proxy::access::{AccessLog, Format, Settings};
+use support::*;
+
+/// The JSON lines in `path` once there are `n` of them (within the wait).
+async fn lines(path: &std::path::Path, n: usize) -> Vec<Value> {
+    let mut seen = Vec::new();
+    eventually(|| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        seen = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        seen.len() >= n
+    })
+    .await;
+    seen
+}
+
+/// A sidecar with JSON access logs to a file, HTTP/1.1 and HTTP/2 client connections served
+/// by the engines given, one outbound HTTP/1.1 service and one h2c service.
+async fn logged(h1: sidemesh_proxy::h1::Engine, h2: sidemesh_proxy::http2::Engine) -> Logged {
+    let ip = loopback();
+    let be = backend(ip, "api").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = AccessLog::start(
+        &Settings {
+            format: Format::Json,
+            path: Some(dir.path().join("access.log")),
+        },
+        &prometheus::Registry::new(),
+    )
+    .unwrap();
+    let (svc1, svc2) = (loopback(), loopback());
+    let mut config = outbound_config(1, svc1, 80, "http1", &[be.addr], json!({}));
+    let mut second =
+        outbound_config(1, svc2, 80, "http2", &[be.addr], json!({}))["outbound"][0].clone();
+    second["name"] = json!("cart2");
+    config["outbound"].as_array_mut().unwrap().push(second);
+    let r = start_with(
+        ProxyConfig {
+            inbound_address: ip.into(),
+            drain_timeout: Duration::from_secs(5),
+            http1_engine: h1,
+            http2_engine: h2,
+            access_log: Some(Arc::new(log)),
+            ..ProxyConfig::default()
+        },
+        &config,
+    )
+    .await;
+    Logged {
+        _be: be,
+        r,
+        dir,
+        svc1,
+        svc2,
+    }
+}
+
+/// What [`logged`] started.
+struct Logged {
+    _be: Backend,
+    r: Running,
+    dir: tempfile::TempDir,
+    svc1: std::net::Ipv4Addr,
+    svc2: std::net::Ipv4Addr,
+}
+
+#[tokio::test]
+async fn every_engine_writes_a_line_per_request() {
+    use sidemesh_proxy::h1::Engine as H1;
+    use sidemesh_proxy::http2::Engine as H2;
+    for (h1, h2) in [(H1::Lean, H2::Lean), (H1::Hyper, H2::Hyper)] {
+        let Logged {
+            dir, svc1, svc2, ..
+        } = &logged(h1, h2).await;
+        let headers = [("user-agent", "probe/1"), ("x-request-id", "r-42")];
+        let (status, _, _) = get(&h1_client(), &format!("http://{svc1}/a?b=1"), &headers).await;
+        assert_eq!(status, 200);
+        let (status, _, _) = get(&h2_client(), &format!("http://{svc2}/h2"), &[]).await;
+        assert_eq!(status, 200);
+        let got = lines(&dir.path().join("access.log"), 2).await;
+        assert_eq!(got.len(), 2, "{h1:?}/{h2:?}: {got:?}");
+        let (one, two) = (&got[0], &got[1]);
+        assert_eq!(one["direction"], "outbound");
+        assert_eq!(one["service"], "shop/cart");
+        assert_eq!(one["route"], "default");
+        assert_eq!(one["method"], "GET");
+        assert_eq!(one["path"], "/a?b=1");
+        assert_eq!(one["authority"], svc1.to_string());
+        assert_eq!(one["protocol"], "HTTP/1.1");
+        assert_eq!(one["status"], 200);
+        assert_eq!(one["user_agent"], "probe/1");
+        assert_eq!(one["request_id"], "r-42");
+        assert!(one["duration_ms"].as_f64().unwrap() >= 0.0);
+        assert!(one["client"].as_str().unwrap().starts_with("127."));
+        assert!(one["client_id"].is_null());
+        assert!(one["start_time"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(two["service"], "shop/cart2", "{h1:?}/{h2:?}");
+        assert_eq!(two["protocol"], "HTTP/2");
+        assert_eq!(two["path"], "/h2");
+        assert_eq!(two["status"], 200);
+        assert!(two["request_id"].is_null());
+    }
+}
+
+/// A request the sidecar answers itself (no endpoint) is logged with that status.
+#[tokio::test]
+async fn a_request_the_sidecar_answers_itself_is_logged_with_its_status() {
+    let Logged { r, dir, svc1, .. } = &logged(Default::default(), Default::default()).await;
+    r.set(&outbound_config(2, *svc1, 80, "http1", &[], json!({})))
+        .await;
+    let (status, _, _) = get(&h1_client(), &format!("http://{svc1}/none"), &[]).await;
+    assert_eq!(status, 503);
+    let got = lines(&dir.path().join("access.log"), 1).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["status"], 503);
+    assert_eq!(got[0]["path"], "/none");
+}
