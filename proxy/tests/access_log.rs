@@ -29,7 +29,8 @@ async fn lines(path: &std::path::Path, n: usize) -> Vec<Value> {
 }
 
 /// A sidecar with JSON access logs to a file, HTTP/1.1 and HTTP/2 client connections served
-/// by the engines given, one outbound HTTP/1.1 service and one h2c service.
+/// by the engines given, one outbound HTTP/1.1 service, one h2c service, and an inbound
+/// HTTP/1.1 port in front of the same backend (as the app).
 async fn logged(h1: sidemesh_proxy::h1::Engine, h2: sidemesh_proxy::http2::Engine) -> Logged {
     let ip = loopback();
     let be = backend(ip, "api").await;
@@ -48,9 +49,12 @@ async fn logged(h1: sidemesh_proxy::h1::Engine, h2: sidemesh_proxy::http2::Engin
         outbound_config(1, svc2, 80, "http2", &[be.addr], json!({}))["outbound"][0].clone();
     second["name"] = json!("cart2");
     config["outbound"].as_array_mut().unwrap().push(second);
+    let outer = free_port(ip);
+    config["inbound"] = json!([{"port": be.addr.port(), "port_outer": outer, "protocol": "http1"}]);
     let r = start_with(
         ProxyConfig {
             inbound_address: ip.into(),
+            app_address: ip.into(),
             drain_timeout: Duration::from_secs(5),
             http1_engine: h1,
             http2_engine: h2,
@@ -66,6 +70,7 @@ async fn logged(h1: sidemesh_proxy::h1::Engine, h2: sidemesh_proxy::http2::Engin
         dir,
         svc1,
         svc2,
+        inbound: std::net::SocketAddr::new(ip.into(), outer),
     }
 }
 
@@ -76,6 +81,7 @@ struct Logged {
     dir: tempfile::TempDir,
     svc1: std::net::Ipv4Addr,
     svc2: std::net::Ipv4Addr,
+    inbound: std::net::SocketAddr,
 }
 
 #[tokio::test]
@@ -84,16 +90,22 @@ async fn every_engine_writes_a_line_per_request() {
     use sidemesh_proxy::http2::Engine as H2;
     for (h1, h2) in [(H1::Lean, H2::Lean), (H1::Hyper, H2::Hyper)] {
         let Logged {
-            dir, svc1, svc2, ..
+            dir,
+            svc1,
+            svc2,
+            inbound,
+            ..
         } = &logged(h1, h2).await;
         let headers = [("user-agent", "probe/1"), ("x-request-id", "r-42")];
         let (status, _, _) = get(&h1_client(), &format!("http://{svc1}/a?b=1"), &headers).await;
         assert_eq!(status, 200);
         let (status, _, _) = get(&h2_client(), &format!("http://{svc2}/h2"), &[]).await;
         assert_eq!(status, 200);
-        let got = lines(&dir.path().join("access.log"), 2).await;
-        assert_eq!(got.len(), 2, "{h1:?}/{h2:?}: {got:?}");
-        let (one, two) = (&got[0], &got[1]);
+        let (status, _, _) = get(&h1_client(), &format!("http://{inbound}/in"), &[]).await;
+        assert_eq!(status, 200);
+        let got = lines(&dir.path().join("access.log"), 3).await;
+        assert_eq!(got.len(), 3, "{h1:?}/{h2:?}: {got:?}");
+        let (one, two, three) = (&got[0], &got[1], &got[2]);
         assert_eq!(one["direction"], "outbound");
         assert_eq!(one["service"], "shop/cart");
         assert_eq!(one["route"], "default");
@@ -113,6 +125,10 @@ async fn every_engine_writes_a_line_per_request() {
         assert_eq!(two["path"], "/h2");
         assert_eq!(two["status"], 200);
         assert!(two["request_id"].is_null());
+        // Inbound: the workload's own service, not the metrics label `inbound`.
+        assert_eq!(three["direction"], "inbound");
+        assert_eq!(three["service"], "shop/web");
+        assert_eq!(three["path"], "/in");
     }
 }
 
