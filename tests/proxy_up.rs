@@ -58,6 +58,8 @@ fn up_quickstart_answers_from_both_instances() {
             "127.0.0.1:0",
             "--authoritative-zone",
             "cluster.local",
+            "--access-log",
+            "json",
         ],
         &[],
     );
@@ -76,6 +78,31 @@ fn up_quickstart_answers_from_both_instances() {
     assert_eq!(
         seen.into_iter().collect::<Vec<_>>(),
         vec!["hello from backend-1", "hello from backend-2"]
+    );
+    // `--access-log json`: every request shows as the client sidecar's outbound line and a
+    // backend sidecar's inbound line (with the caller's verified identity), after the
+    // ready line on stdout.
+    let mut lines = Vec::new();
+    while lines.len() < 40 {
+        match up.stdout.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(l) => lines.push(serde_json::from_str::<serde_json::Value>(&l).unwrap()),
+            Err(_) => break,
+        }
+    }
+    let count = |direction: &str| {
+        lines
+            .iter()
+            .filter(|l| l["direction"] == direction && l["service"] == "demo/backend")
+            .filter(|l| l["status"] == 200 && l["path"] == "/")
+            .count()
+    };
+    assert_eq!((count("outbound"), count("inbound")), (20, 20), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l["direction"] == "inbound")
+            .all(|l| l["client_id"] == "demo/web"),
+        "{lines:?}"
     );
     // The client's DNS shim answers the dependency's names with the same address.
     let dns_port = up.addr("dns").rsplit(':').next().unwrap().to_owned();
