@@ -610,6 +610,25 @@ pub(crate) fn prepare_head(
             }
         }
     }
+    rewrite_head(parts, route)
+}
+
+/// [`prepare_head`] for a request sent upstream over HTTP/2, which carries its authority
+/// as `:authority` (`client_authority`) and no `Host`: none is made from the authority
+/// (its caller removes one the client sent).
+pub(crate) fn prepare_h2_head(
+    parts: &mut http::request::Parts,
+    route: Option<&RouteState>,
+) -> http::uri::PathAndQuery {
+    strip_hop_by_hop(&mut parts.headers, false);
+    rewrite_head(parts, route)
+}
+
+/// The route's header rewrite, then the request's path and query.
+fn rewrite_head(
+    parts: &mut http::request::Parts,
+    route: Option<&RouteState>,
+) -> http::uri::PathAndQuery {
     if let Some(rw) = route.and_then(|r| r.request_headers.as_ref()) {
         rw.apply(&mut parts.headers);
     }
