@@ -382,6 +382,7 @@ fn access_log_lines_follow_the_ready_line_on_stdout() {
         "request_id=\"e2e-1\"",
         "user_agent=\"curl-e2e \\\"quoted\\\"\"",
         "client_id=-",
+        &format!("upstream={a}"),
     ] {
         assert!(line.contains(part), "{part:?} not in {line:?}");
     }

@@ -123,6 +123,20 @@ pub struct Outcome<'a> {
     pub client: SocketAddr,
     /// The client's verified mesh identity (inbound, mutual TLS).
     pub client_id: Option<&'a str>,
+    /// The endpoint whose answer the client got (none for the sidecar's own answers).
+    pub upstream: Option<SocketAddr>,
+}
+
+/// The endpoint that answered, carried in a response's extensions from the hyper
+/// engine's forwarding to where the line is written (set only when access logs are on).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Upstream(pub(crate) SocketAddr);
+
+impl Upstream {
+    /// The endpoint a response came from, if it says.
+    pub(crate) fn of<B>(resp: &http::Response<B>) -> Option<SocketAddr> {
+        resp.extensions().get::<Upstream>().map(|u| u.0)
+    }
 }
 
 /// The access log: a queue to the writer thread.
@@ -243,6 +257,7 @@ struct JsonLine<'a> {
     duration_ms: f64,
     client: SocketAddr,
     client_id: Option<&'a str>,
+    upstream: Option<SocketAddr>,
     request_id: Option<&'a str>,
     user_agent: Option<&'a str>,
 }
@@ -262,6 +277,7 @@ fn json_line(req: &Request, o: &Outcome<'_>) -> String {
         duration_ms: millis(o.duration),
         client: o.client,
         client_id: o.client_id,
+        upstream: o.upstream,
         request_id: req.request_id.as_deref(),
         user_agent: req.user_agent.as_deref(),
     };
@@ -272,7 +288,8 @@ fn json_line(req: &Request, o: &Outcome<'_>) -> String {
 }
 
 /// `2026-12-05T14:49:23.123Z outbound shop/api default "GET /path HTTP/1.1" 200 1.234ms
-/// authority="api" client=127.0.0.1:5555 client_id=- request_id=- user_agent="curl/8"`:
+/// authority="api" client=127.0.0.1:5555 client_id=- upstream=10.0.0.7:8080 request_id=-
+/// user_agent="curl/8"`:
 /// what came from the request is quoted and escaped, so a line is always one line.
 fn text_line(req: &Request, o: &Outcome<'_>) -> String {
     let mut s = String::with_capacity(192);
@@ -301,6 +318,12 @@ fn text_line(req: &Request, o: &Outcome<'_>) -> String {
         o.client,
         o.client_id.unwrap_or("-")
     );
+    match o.upstream {
+        Some(u) => {
+            let _ = write!(s, " upstream={u}");
+        }
+        None => s.push_str(" upstream=-"),
+    }
     for (name, value) in [
         ("request_id", &req.request_id),
         ("user_agent", &req.user_agent),
@@ -379,6 +402,7 @@ mod tests {
             duration: Duration::from_micros(1_234),
             client: "127.0.0.1:5555".parse().unwrap(),
             client_id: Some("shop/web"),
+            upstream: Some("10.0.0.7:8080".parse().unwrap()),
         }
     }
 
@@ -393,6 +417,7 @@ mod tests {
         assert_eq!(v["duration_ms"], 1.234);
         assert_eq!(v["client"], "127.0.0.1:5555");
         assert_eq!(v["client_id"], "shop/web");
+        assert_eq!(v["upstream"], "10.0.0.7:8080");
         assert_eq!(v["request_id"], "r-1");
         assert!(v["user_agent"].is_null());
         assert_eq!(v["protocol"], "HTTP/1.1");
@@ -405,7 +430,7 @@ mod tests {
             line,
             "2025-12-05T14:49:23.123Z outbound shop/api default \"GET /a?\\\"b\\\"\\x0a HTTP/1.1\" \
              503 1.234ms authority=\"api.shop\" client=127.0.0.1:5555 client_id=shop/web \
-             request_id=\"r-1\" user_agent=-\n"
+             upstream=10.0.0.7:8080 request_id=\"r-1\" user_agent=-\n"
         );
     }
 

@@ -186,7 +186,16 @@ where
         None => forward(&ctx, route, &backend, req).await,
     };
     let status = resp.status().as_u16();
-    observe(&ctx, &target, index, status, start, logged.as_deref());
+    let upstream = crate::access::Upstream::of(&resp);
+    observe(
+        &ctx,
+        &target,
+        index,
+        status,
+        start,
+        logged.as_deref(),
+        upstream,
+    );
     resp
 }
 
@@ -247,6 +256,7 @@ pub(crate) fn observe(
     status: u16,
     start: Instant,
     logged: Option<&crate::access::Request>,
+    upstream: Option<SocketAddr>,
 ) {
     if let (Some(log), Some(req)) = (&ctx.shared.config.access_log, logged) {
         log.record(
@@ -261,6 +271,7 @@ pub(crate) fn observe(
                 duration: start.elapsed(),
                 client: ctx.peer,
                 client_id: ctx.client_id.as_deref(),
+                upstream,
             },
         );
     }
@@ -824,6 +835,11 @@ where
     strip_hop_by_hop(&mut rparts.headers, false);
     if let Some(rw) = route.and_then(|r| r.response_headers.as_ref()) {
         rw.apply(&mut rparts.headers);
+    }
+    if ctx.shared.config.access_log.is_some() {
+        rparts
+            .extensions
+            .insert(crate::access::Upstream(inflight.0.addr));
     }
     let body = GuardedBody {
         inner: rbody,

@@ -150,7 +150,7 @@ where
 async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: SendResponse<Bytes>) {
     let start = Instant::now();
     if let Some(r) = crate::hostile::refuse(&req, None) {
-        return send_body_response(r, respond, |_| {}).await;
+        return send_body_response(r, respond, |_, _| {}).await;
     }
     let logged = ctx.logged(&req);
     let (mut parts, body) = req.into_parts();
@@ -160,7 +160,17 @@ async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: Send
     let head_only = Request::from_parts(parts, ());
     let (index, backend) = select(&target, &head_only);
     let route = index.and_then(|i| target.routes.get(i));
-    let seen = |status: u16| observe(&ctx, &target, index, status, start, logged.as_deref());
+    let seen = |status: u16, upstream: Option<std::net::SocketAddr>| {
+        observe(
+            &ctx,
+            &target,
+            index,
+            status,
+            start,
+            logged.as_deref(),
+            upstream,
+        )
+    };
     if let Some(r) = denied {
         return send_body_response(r, respond, seen).await;
     }
@@ -195,7 +205,7 @@ async fn forward(
     head: Request<()>,
     body: RecvStream,
     mut respond: SendResponse<Bytes>,
-    seen: impl FnOnce(u16),
+    seen: impl FnOnce(u16, Option<std::net::SocketAddr>),
 ) {
     let m = &ctx.shared.metrics;
     let service = &backend.service;
@@ -343,7 +353,7 @@ async fn forward(
     if let Some(rw) = route.and_then(|r| r.response_headers.as_ref()) {
         rw.apply(&mut rparts.headers);
     }
-    seen(rparts.status.as_u16());
+    seen(rparts.status.as_u16(), Some(inflight.0.addr));
     let end = rbody.is_end_stream();
     let send = match respond.send_response(Response::from_parts(rparts, ()), end) {
         Ok(s) => s,
@@ -639,7 +649,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 fn send_body_response<'a>(
     resp: Response<Body>,
     respond: SendResponse<Bytes>,
-    seen: impl FnOnce(u16) + 'a,
+    seen: impl FnOnce(u16, Option<std::net::SocketAddr>) + 'a,
 ) -> Pin<Box<impl Future<Output = ()> + 'a>> {
     Box::pin(write_body_response(resp, respond, seen))
 }
@@ -647,13 +657,14 @@ fn send_body_response<'a>(
 async fn write_body_response(
     resp: Response<Body>,
     mut respond: SendResponse<Bytes>,
-    seen: impl FnOnce(u16),
+    seen: impl FnOnce(u16, Option<std::net::SocketAddr>),
 ) {
+    let upstream = crate::access::Upstream::of(&resp);
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
     let end = body.is_end_stream();
     let sent = respond.send_response(Response::from_parts(parts, ()), end);
-    seen(status.as_u16());
+    seen(status.as_u16(), upstream);
     let Ok(mut to) = sent else {
         return;
     };

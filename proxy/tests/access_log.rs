@@ -65,7 +65,7 @@ async fn logged(h1: sidemesh_proxy::h1::Engine, h2: sidemesh_proxy::http2::Engin
     )
     .await;
     Logged {
-        _be: be,
+        be,
         r,
         dir,
         svc1,
@@ -76,7 +76,7 @@ async fn logged(h1: sidemesh_proxy::h1::Engine, h2: sidemesh_proxy::http2::Engin
 
 /// What [`logged`] started.
 struct Logged {
-    _be: Backend,
+    be: Backend,
     r: Running,
     dir: tempfile::TempDir,
     svc1: std::net::Ipv4Addr,
@@ -94,8 +94,10 @@ async fn every_engine_writes_a_line_per_request() {
             svc1,
             svc2,
             inbound,
+            be,
             ..
         } = &logged(h1, h2).await;
+        let be_addr = be.addr;
         let headers = [("user-agent", "probe/1"), ("x-request-id", "r-42")];
         let (status, _, _) = get(&h1_client(), &format!("http://{svc1}/a?b=1"), &headers).await;
         assert_eq!(status, 200);
@@ -119,16 +121,19 @@ async fn every_engine_writes_a_line_per_request() {
         assert!(one["duration_ms"].as_f64().unwrap() >= 0.0);
         assert!(one["client"].as_str().unwrap().starts_with("127."));
         assert!(one["client_id"].is_null());
+        assert_eq!(one["upstream"], be_addr.to_string(), "{h1:?}");
         assert!(one["start_time"].as_str().unwrap().ends_with('Z'));
         assert_eq!(two["service"], "shop/cart2", "{h1:?}/{h2:?}");
         assert_eq!(two["protocol"], "HTTP/2");
         assert_eq!(two["path"], "/h2");
         assert_eq!(two["status"], 200);
         assert!(two["request_id"].is_null());
+        assert_eq!(two["upstream"], be_addr.to_string(), "{h2:?}");
         // Inbound: the workload's own service, not the metrics label `inbound`.
         assert_eq!(three["direction"], "inbound");
         assert_eq!(three["service"], "shop/web");
         assert_eq!(three["path"], "/in");
+        assert_eq!(three["upstream"], be_addr.to_string());
     }
 }
 
@@ -144,4 +149,5 @@ async fn a_request_the_sidecar_answers_itself_is_logged_with_its_status() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["status"], 503);
     assert_eq!(got[0]["path"], "/none");
+    assert!(got[0]["upstream"].is_null(), "{got:?}");
 }

@@ -371,6 +371,7 @@ impl Lean {
                         400,
                         start,
                         self.logged.as_deref(),
+                        None,
                     );
                     return Next::Close;
                 }
@@ -428,7 +429,7 @@ impl Lean {
                 (Err(_), None) => break Err((Failure::Reset, None)),
             }
         };
-        let (framing, _inflight) = match outcome {
+        let (framing, inflight) = match outcome {
             Ok(x) => x,
             Err((failure, resp)) => {
                 let resp = resp.unwrap_or_else(|| failure.response());
@@ -459,6 +460,7 @@ impl Lean {
             status,
             start,
             self.logged.as_deref(),
+            Some(inflight.0.addr),
         );
         let mut rbody = match framing {
             ResponseFraming::None => None,
@@ -661,6 +663,7 @@ impl Lean {
             status,
             start,
             self.logged.as_deref(),
+            None,
         );
         if close || written.is_err() {
             Next::Close
