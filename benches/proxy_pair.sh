@@ -7,6 +7,13 @@
 #                                    # --connections 32; p50/p99/p99.9 per round
 #   MODE=conn benches/proxy_pair.sh  # wrk -t1 -c20 -d4s -H 'Connection: close'; conn/s, the
 #                                    # proxy's core utilisation and CPU ms per 1,000 connections
+#   MODE=tcp benches/proxy_pair.sh   # proxy_load bulk --seconds 4 --streams 1 (STREAMS=) to
+#                                    # two sinks through a `protocol: tcp` port; MB/s, the
+#                                    # proxy's core utilisation and CPU s per GB
+#
+# conn and tcp also print the load core's busy time (all of LOAD_CPU but idle, from
+# /proc/stat: the load generator, the upstreams and the softirq work they are charged) per
+# 1,000 connections or per GB: the core that saturates first in those two figures.
 #   ROUNDS=6 NET=127.94 BIN=/path/to/sidemesh benches/proxy_pair.sh
 #
 # Needs: haproxy, wrk, python3, curl. Output in bench-results/proxy_pair/.
@@ -20,18 +27,26 @@ LOAD=$PWD/target/release/proxy_load
 MODE=${MODE:-lat}
 ROUNDS=${ROUNDS:-3}
 NET=${NET:-127.93}
+# NS: the services' namespace, from which the sidecar's outbound listener addresses derive;
+# two runs at once need different ones (and NETs).
+NS=${NS:-pair}
 U1=$NET.0.11 U2=$NET.0.12
 
 cat >"$OUT/state.yaml" <<EOF
 services:
-  - namespace: pair
+  - namespace: $NS
     name: client
     use_services:
       - {service: up, balancer: {policy: round_robin}, retry: {attempts: 0}}
-  - namespace: pair
+      - {service: sink, balancer: {policy: round_robin}}
+  - namespace: $NS
     name: up
     ports: [{port: 8080, protocol: http1}]
     instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
+  - namespace: $NS
+    name: sink
+    ports: [{port: 9000, protocol: tcp}]
+    instances: [{name: s1, address: $U1}, {name: s2, address: $U2}]
 EOF
 cat >"$OUT/haproxy.cfg" <<EOF
 global
@@ -51,12 +66,21 @@ backend up
   http-reuse always
   server u1 $U1:8080
   server u2 $U2:8080
+listen sink
+  mode tcp
+  bind $NET.0.2:9000
+  balance roundrobin
+  server s1 $U1:9000
+  server s2 $U2:9000
 EOF
 
-for u in $U1 $U2; do bench_spawn taskset -c "$LOAD_CPU" "$LOAD" http --listen $u:8080 --name $u; done
+for u in $U1 $U2; do
+  bench_spawn taskset -c "$LOAD_CPU" "$LOAD" http --listen $u:8080 --name $u
+  bench_spawn taskset -c "$LOAD_CPU" "$LOAD" sink --listen $u:9000
+done
 bench_spawn taskset -c "$LOAD_CPU" "$BIN" discover --state "$OUT/state.yaml" --listen $NET.0.1:7070
 wait_port $NET.0.1 7070
-URL=http://$NET.0.1:7070/v1/sidecars/pair/client/sidemesh-proxy
+URL=http://$NET.0.1:7070/v1/sidecars/$NS/client/sidemesh-proxy
 bench_spawn env RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" --worker-threads 1 proxy \
   --admin $NET.0.20:15000 --inbound-address $NET.0.20 --discover-url "$URL"
 SM_PID=${PIDS[-1]}
@@ -64,22 +88,44 @@ bench_spawn taskset -c "$PROXY_CPU" haproxy -db -f "$OUT/haproxy.cfg"
 HA_PID=${PIDS[-1]}
 wait_url http://$NET.0.20:15000/ready
 wait_port $NET.0.2 8080
-SM=$(curl -s "$URL" | python3 -c "import json,sys; print([s['address'] for s in json.load(sys.stdin)['outbound'] if s['name']=='up'][0])")
+addr_of() {
+  curl -s "$URL" | python3 -c "import json,sys; print([s['address'] for s in json.load(sys.stdin)['outbound'] if s['name']=='$1'][0])"
+}
+SM=$(addr_of up)
+SM_SINK=$(addr_of sink)
 wait_port "$SM" 8080
+wait_port "$SM_SINK" 9000
+wait_port $NET.0.2 9000
+STREAMS=${STREAMS:-1}
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# The load core's busy ticks: every column of its /proc/stat line but idle and iowait.
+load_busy() { awk -v c="cpu$LOAD_CPU" '$1==c {print $2+$3+$4+$7+$8+$9}' /proc/stat; }
 CLK=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do
   for p in sidemesh haproxy; do
     if [ $p = sidemesh ]; then pid=$SM_PID a=$SM; else pid=$HA_PID a=$NET.0.2; fi
     if [ "$MODE" = conn ]; then
-      t0=$(ticks "$pid")
+      t0=$(ticks "$pid") l0=$(load_busy)
       w=$(taskset -c "$LOAD_CPU" wrk -t1 -c20 -d4s -H 'Connection: close' "http://$a:8080/")
-      t1=$(ticks "$pid")
+      t1=$(ticks "$pid") l1=$(load_busy)
       n=$(awk '/requests in/ {print $1}' <<<"$w")
       echo "round $round $p conn_per_s $(awk '/Requests\/sec/ {print $2}' <<<"$w")" \
         "core $(python3 -c "print(round(($t1-$t0)/$CLK/4,2))")" \
-        "cpu_ms_per_1k $(python3 -c "print(round(($t1-$t0)/$CLK*1e6/$n,2))")"
+        "cpu_ms_per_1k $(python3 -c "print(round(($t1-$t0)/$CLK*1e6/$n,2))")" \
+        "load_core $(python3 -c "print(round(($l1-$l0)/$CLK/4,2))")" \
+        "load_ms_per_1k $(python3 -c "print(round(($l1-$l0)/$CLK*1e6/$n,2))")"
+    elif [ "$MODE" = tcp ]; then
+      [ $p = sidemesh ] && a=$SM_SINK
+      t0=$(ticks "$pid") l0=$(load_busy)
+      j=$(taskset -c "$LOAD_CPU" "$LOAD" bulk --addr "$a:9000" --seconds 4 --streams "$STREAMS")
+      t1=$(ticks "$pid") l1=$(load_busy)
+      gb=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['bytes']/1e9)" "$j")
+      echo "round $round $p mb_per_s $(python3 -c "import json,sys; print(json.loads(sys.argv[1])['mb_per_s'])" "$j")" \
+        "core $(python3 -c "print(round(($t1-$t0)/$CLK/4,2))")" \
+        "cpu_s_per_gb $(python3 -c "print(round(($t1-$t0)/$CLK/$gb,3))")" \
+        "load_core $(python3 -c "print(round(($l1-$l0)/$CLK/4,2))")" \
+        "load_s_per_gb $(python3 -c "print(round(($l1-$l0)/$CLK/$gb,3))")"
     else
       echo "round $round $p $(taskset -c "$LOAD_CPU" "$LOAD" rate --addr "$a:8080" --rate 2000 --seconds 4 --connections 32)"
     fi
