@@ -11,7 +11,8 @@
 //! - [`h1`]: the lean HTTP/1.1 engine for the common case (hyper for the rest).
 //! - [`http2`]: the lean HTTP/2 engine (the `h2` crate on both sides; hyper's forwarding
 //!   for HTTP/1.1 upstreams).
-//! - [`tcp`]: raw TCP proxying with half-close (zero-copy `splice` on Linux, in `splice`).
+//! - [`tcp`]: raw TCP proxying with half-close (plain TCP through buffers held only while
+//!   bytes move, in `relay`).
 //! - `accept`: accepting client connections, registered with the reactor only once they
 //!   have to wait (plaintext HTTP/1.1).
 //! - [`detect`]: protocol detection for `auto` ports.
@@ -41,9 +42,8 @@ pub mod http;
 pub mod http2;
 pub mod metrics;
 pub mod register;
+mod relay;
 pub mod resilience;
-#[cfg(target_os = "linux")]
-mod splice;
 pub mod state;
 pub mod tcp;
 pub mod tls;
