@@ -11,9 +11,11 @@
 #                                    # two sinks through a `protocol: tcp` port; MB/s, the
 #                                    # proxy's core utilisation and CPU s per GB
 #
-# conn and tcp also print the load core's busy time (all of LOAD_CPU but idle, from
-# /proc/stat: the load generator, the upstreams and the softirq work they are charged) per
-# 1,000 connections or per GB: the core that saturates first in those two figures.
+# conn and tcp also print the CPU time of the load side (the load generator's, from bash's
+# `time`, and the upstreams' and sinks', from /proc/PID/stat; the softirq work done in
+# their context is in it) per 1,000 connections or per GB: what the load core, which
+# saturates first in those two figures, spends on each. Per process, so other work on a
+# shared machine stays out of it (the core's /proc/stat line under-counted in this VM).
 #   ROUNDS=6 NET=127.94 BIN=/path/to/sidemesh benches/proxy_pair.sh
 #
 # Needs: haproxy, wrk, python3, curl. Output in bench-results/proxy_pair/.
@@ -74,9 +76,12 @@ listen sink
   server s2 $U2:9000
 EOF
 
+UP_PIDS=()
 for u in $U1 $U2; do
   bench_spawn taskset -c "$LOAD_CPU" "$LOAD" http --listen $u:8080 --name $u
+  UP_PIDS+=("${PIDS[-1]}")
   bench_spawn taskset -c "$LOAD_CPU" "$LOAD" sink --listen $u:9000
+  UP_PIDS+=("${PIDS[-1]}")
 done
 bench_spawn taskset -c "$LOAD_CPU" "$BIN" discover --state "$OUT/state.yaml" --listen $NET.0.1:7070
 wait_port $NET.0.1 7070
@@ -99,33 +104,49 @@ wait_port $NET.0.2 9000
 STREAMS=${STREAMS:-1}
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-# The load core's busy ticks: every column of its /proc/stat line but idle and iowait.
-load_busy() { awk -v c="cpu$LOAD_CPU" '$1==c {print $2+$3+$4+$7+$8+$9}' /proc/stat; }
+# The upstreams' and sinks' ticks together.
+up_ticks() {
+  local s=0 p
+  for p in "${UP_PIDS[@]}"; do s=$((s + $(ticks "$p"))); done
+  echo $s
+}
+# load CMD...: runs CMD on the load core, its output in $OUT/load.out and its CPU seconds
+# (user + system) in $OUT/load.cpu.
+load() {
+  local TIMEFORMAT='%U %S'
+  { time taskset -c "$LOAD_CPU" "$@" >"$OUT/load.out"; } 2>"$OUT/load.time"
+  awk '{print $1 + $2}' "$OUT/load.time" >"$OUT/load.cpu"
+}
+# The load side's CPU seconds of the last run: the generator's plus the upstreams' ticks
+# between $1 and $2.
+load_s() { python3 -c "print($(cat "$OUT/load.cpu") + ($2 - $1) / $CLK)"; }
 CLK=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do
   for p in sidemesh haproxy; do
     if [ $p = sidemesh ]; then pid=$SM_PID a=$SM; else pid=$HA_PID a=$NET.0.2; fi
     if [ "$MODE" = conn ]; then
-      t0=$(ticks "$pid") l0=$(load_busy)
-      w=$(taskset -c "$LOAD_CPU" wrk -t1 -c20 -d4s -H 'Connection: close' "http://$a:8080/")
-      t1=$(ticks "$pid") l1=$(load_busy)
+      t0=$(ticks "$pid") u0=$(up_ticks)
+      load wrk -t1 -c20 -d4s -H 'Connection: close' "http://$a:8080/"
+      t1=$(ticks "$pid") u1=$(up_ticks)
+      w=$(cat "$OUT/load.out") l=$(load_s "$u0" "$u1")
       n=$(awk '/requests in/ {print $1}' <<<"$w")
       echo "round $round $p conn_per_s $(awk '/Requests\/sec/ {print $2}' <<<"$w")" \
         "core $(python3 -c "print(round(($t1-$t0)/$CLK/4,2))")" \
         "cpu_ms_per_1k $(python3 -c "print(round(($t1-$t0)/$CLK*1e6/$n,2))")" \
-        "load_core $(python3 -c "print(round(($l1-$l0)/$CLK/4,2))")" \
-        "load_ms_per_1k $(python3 -c "print(round(($l1-$l0)/$CLK*1e6/$n,2))")"
+        "load_core $(python3 -c "print(round($l/4,2))")" \
+        "load_ms_per_1k $(python3 -c "print(round($l*1e6/$n,2))")"
     elif [ "$MODE" = tcp ]; then
       [ $p = sidemesh ] && a=$SM_SINK
-      t0=$(ticks "$pid") l0=$(load_busy)
-      j=$(taskset -c "$LOAD_CPU" "$LOAD" bulk --addr "$a:9000" --seconds 4 --streams "$STREAMS")
-      t1=$(ticks "$pid") l1=$(load_busy)
+      t0=$(ticks "$pid") u0=$(up_ticks)
+      load "$LOAD" bulk --addr "$a:9000" --seconds 4 --streams "$STREAMS"
+      t1=$(ticks "$pid") u1=$(up_ticks)
+      j=$(cat "$OUT/load.out") l=$(load_s "$u0" "$u1")
       gb=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['bytes']/1e9)" "$j")
       echo "round $round $p mb_per_s $(python3 -c "import json,sys; print(json.loads(sys.argv[1])['mb_per_s'])" "$j")" \
         "core $(python3 -c "print(round(($t1-$t0)/$CLK/4,2))")" \
         "cpu_s_per_gb $(python3 -c "print(round(($t1-$t0)/$CLK/$gb,3))")" \
-        "load_core $(python3 -c "print(round(($l1-$l0)/$CLK/4,2))")" \
-        "load_s_per_gb $(python3 -c "print(round(($l1-$l0)/$CLK/$gb,3))")"
+        "load_core $(python3 -c "print(round($l/4,2))")" \
+        "load_s_per_gb $(python3 -c "print(round($l/$gb,3))")"
     else
       echo "round $round $p $(taskset -c "$LOAD_CPU" "$LOAD" rate --addr "$a:8080" --rate 2000 --seconds 4 --connections 32)"
     fi
