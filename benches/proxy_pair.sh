@@ -9,6 +9,15 @@
 #   MODE=lat2 benches/proxy_pair.sh  # the same over h2c (--h2), as proxy.sh's h2_2k rows
 #   MODE=conn benches/proxy_pair.sh  # wrk -t1 -c20 -d4s -H 'Connection: close'; conn/s, the
 #                                    # proxy's core utilisation and CPU ms per 1,000 connections
+#   MODE=tcp benches/proxy_pair.sh   # proxy_load bulk --seconds 4 --streams 1 (STREAMS=) to
+#                                    # two sinks through a `protocol: tcp` port; MB/s, the
+#                                    # proxy's core utilisation and CPU s per GB
+#
+# conn and tcp also print the CPU time of the load side (the load generator's, from bash's
+# `time`, and the upstreams' and sinks', from /proc/PID/stat; the softirq work done in
+# their context is in it) per 1,000 connections or per GB: what the load core, which
+# saturates first in those two figures, spends on each. Per process, so other work on a
+# shared machine stays out of it (the core's /proc/stat line under-counted in this VM).
 #   ROUNDS=6 NET=127.94 NS=pair2 BIN=/path/to/sidemesh benches/proxy_pair.sh
 #
 # Needs: haproxy, wrk, python3, curl. Output in bench-results/proxy_pair/.
@@ -22,8 +31,8 @@ LOAD=$PWD/target/release/proxy_load
 MODE=${MODE:-lat}
 ROUNDS=${ROUNDS:-3}
 NET=${NET:-127.93}
-# The namespace names the services, and so their loopback addresses (two runs at once need
-# two namespaces as well as two NETs).
+# NS: the services' namespace, from which the sidecar's outbound listener addresses derive;
+# two runs at once need different ones (and NETs).
 NS=${NS:-pair}
 U1=$NET.0.11 U2=$NET.0.12
 
@@ -34,6 +43,7 @@ services:
     use_services:
       - {service: up, balancer: {policy: round_robin}, retry: {attempts: 0}}
       - {service: up2, balancer: {policy: round_robin}, retry: {attempts: 0}}
+      - {service: sink, balancer: {policy: round_robin}}
   - namespace: $NS
     name: up
     ports: [{port: 8080, protocol: http1}]
@@ -42,6 +52,10 @@ services:
     name: up2
     ports: [{port: 8081, target_port: 8082, protocol: http2}]
     instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
+  - namespace: $NS
+    name: sink
+    ports: [{port: 9000, protocol: tcp}]
+    instances: [{name: s1, address: $U1}, {name: s2, address: $U2}]
 EOF
 cat >"$OUT/haproxy.cfg" <<EOF
 global
@@ -70,11 +84,21 @@ backend up2
   balance roundrobin
   server u1 $U1:8082 proto h2
   server u2 $U2:8082 proto h2
+listen sink
+  mode tcp
+  bind $NET.0.2:9000
+  balance roundrobin
+  server s1 $U1:9000
+  server s2 $U2:9000
 EOF
 
+UP_PIDS=()
 for u in $U1 $U2; do
   bench_spawn taskset -c "$LOAD_CPU" "$LOAD" http --listen $u:8080 --name $u
+  UP_PIDS+=("${PIDS[-1]}")
   bench_spawn taskset -c "$LOAD_CPU" "$BIN" demo-backend --listen $u:8082 --name $u
+  bench_spawn taskset -c "$LOAD_CPU" "$LOAD" sink --listen $u:9000
+  UP_PIDS+=("${PIDS[-1]}")
 done
 bench_spawn taskset -c "$LOAD_CPU" "$BIN" discover --state "$OUT/state.yaml" --listen $NET.0.1:7070
 wait_port $NET.0.1 7070
@@ -89,23 +113,56 @@ wait_port $NET.0.2 8080
 addr_of() {
   curl -s "$URL" | python3 -c "import json,sys; print([s['address'] for s in json.load(sys.stdin)['outbound'] if s['name']=='$1'][0])"
 }
-SM=$(addr_of up) SM2=$(addr_of up2)
-wait_port "$SM" 8080; wait_port "$SM2" 8081; wait_port $NET.0.2 8081
-for u in $U1 $U2; do wait_port $u 8080; wait_port $u 8082; done
+SM=$(addr_of up) SM2=$(addr_of up2) SM_SINK=$(addr_of sink)
+wait_port "$SM" 8080; wait_port "$SM2" 8081; wait_port "$SM_SINK" 9000
+wait_port $NET.0.2 8081; wait_port $NET.0.2 9000
+for u in $U1 $U2; do wait_port $u 8080; wait_port $u 8082; wait_port $u 9000; done
+STREAMS=${STREAMS:-1}
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# The upstreams' and sinks' ticks together.
+up_ticks() {
+  local s=0 p
+  for p in "${UP_PIDS[@]}"; do s=$((s + $(ticks "$p"))); done
+  echo $s
+}
+# load CMD...: runs CMD on the load core, its output in $OUT/load.out and its CPU seconds
+# (user + system) in $OUT/load.cpu.
+load() {
+  local TIMEFORMAT='%U %S'
+  { time taskset -c "$LOAD_CPU" "$@" >"$OUT/load.out"; } 2>"$OUT/load.time"
+  awk '{print $1 + $2}' "$OUT/load.time" >"$OUT/load.cpu"
+}
+# The load side's CPU seconds of the last run: the generator's plus the upstreams' ticks
+# between $1 and $2.
+load_s() { python3 -c "print($(cat "$OUT/load.cpu") + ($2 - $1) / $CLK)"; }
 CLK=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do
   for p in sidemesh haproxy; do
     if [ $p = sidemesh ]; then pid=$SM_PID a=$SM a2=$SM2; else pid=$HA_PID a=$NET.0.2 a2=$NET.0.2; fi
     if [ "$MODE" = conn ]; then
-      t0=$(ticks "$pid")
-      w=$(taskset -c "$LOAD_CPU" wrk -t1 -c20 -d4s -H 'Connection: close' "http://$a:8080/")
-      t1=$(ticks "$pid")
+      t0=$(ticks "$pid") u0=$(up_ticks)
+      load wrk -t1 -c20 -d4s -H 'Connection: close' "http://$a:8080/"
+      t1=$(ticks "$pid") u1=$(up_ticks)
+      w=$(cat "$OUT/load.out") l=$(load_s "$u0" "$u1")
       n=$(awk '/requests in/ {print $1}' <<<"$w")
       echo "round $round $p conn_per_s $(awk '/Requests\/sec/ {print $2}' <<<"$w")" \
         "core $(python3 -c "print(round(($t1-$t0)/$CLK/4,2))")" \
-        "cpu_ms_per_1k $(python3 -c "print(round(($t1-$t0)/$CLK*1e6/$n,2))")"
+        "cpu_ms_per_1k $(python3 -c "print(round(($t1-$t0)/$CLK*1e6/$n,2))")" \
+        "load_core $(python3 -c "print(round($l/4,2))")" \
+        "load_ms_per_1k $(python3 -c "print(round($l*1e6/$n,2))")"
+    elif [ "$MODE" = tcp ]; then
+      [ $p = sidemesh ] && a=$SM_SINK
+      t0=$(ticks "$pid") u0=$(up_ticks)
+      load "$LOAD" bulk --addr "$a:9000" --seconds 4 --streams "$STREAMS"
+      t1=$(ticks "$pid") u1=$(up_ticks)
+      j=$(cat "$OUT/load.out") l=$(load_s "$u0" "$u1")
+      gb=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['bytes']/1e9)" "$j")
+      echo "round $round $p mb_per_s $(python3 -c "import json,sys; print(json.loads(sys.argv[1])['mb_per_s'])" "$j")" \
+        "core $(python3 -c "print(round(($t1-$t0)/$CLK/4,2))")" \
+        "cpu_s_per_gb $(python3 -c "print(round(($t1-$t0)/$CLK/$gb,3))")" \
+        "load_core $(python3 -c "print(round($l/4,2))")" \
+        "load_s_per_gb $(python3 -c "print(round($l/$gb,3))")"
     elif [ "$MODE" = lat2 ]; then
       echo "round $round $p $(taskset -c "$LOAD_CPU" "$LOAD" rate --addr "$a2:8081" --rate 2000 --seconds 4 --connections 32 --h2)"
     else

@@ -11,7 +11,8 @@
 //! - [`h1`]: the lean HTTP/1.1 engine for the common case (hyper for the rest).
 //! - [`http2`]: the lean HTTP/2 engine (the `h2` crate on both sides; hyper's forwarding
 //!   for HTTP/1.1 upstreams).
-//! - [`tcp`]: raw TCP proxying with half-close (zero-copy `splice` on Linux, in `splice`).
+//! - [`tcp`]: raw TCP proxying with half-close (plain TCP through buffers held only while
+//!   bytes move, in `relay`).
 //! - `accept`: accepting client connections, registered with the reactor only once they
 //!   have to wait (plaintext HTTP/1.1).
 //! - [`detect`]: protocol detection for `auto` ports.
@@ -43,9 +44,8 @@ pub mod http;
 pub mod http2;
 pub mod metrics;
 pub mod register;
+mod relay;
 pub mod resilience;
-#[cfg(target_os = "linux")]
-mod splice;
 pub mod state;
 pub mod tcp;
 pub mod tls;
@@ -316,7 +316,11 @@ impl Proxy {
             if listeners.contains_key(addr) {
                 continue;
             }
-            match bind(*addr) {
+            let client_first = matches!(
+                target.protocol,
+                Protocol::Http1 | Protocol::Http2 | Protocol::Grpc
+            );
+            match bind(*addr, client_first) {
                 Ok(l) => {
                     let h = ListenerHandle {
                         drain: Drain::default(),
@@ -391,7 +395,22 @@ async fn drain(addr: SocketAddr, h: ListenerHandle, timeout: Duration) {
     h.drain.hard.cancel();
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
+/// Binds a listener. Accepted sockets inherit TCP_NODELAY from it, and, for a listener
+/// whose clients speak first (`client_first`: HTTP/1.1, HTTP/2, gRPC), delayed ACKs.
+///
+/// A fresh TCP connection starts in quick-ACK mode: the kernel acknowledges the client's
+/// request at once with a segment of its own, although the answer follows within
+/// microseconds and would carry the ACK. Clearing TCP_QUICKACK on the listening socket
+/// (after `listen`, which resets it; the accepted sockets copy it) lets the answer carry
+/// it: one segment fewer per connection, which the *client's* side pays for (on loopback
+/// the ACK is built, sent and taken in by the core that sent the request). HAProxy does
+/// the same on its HTTP listeners (`option tcp-smart-accept`, on by default). The cost is
+/// for a client that sends its request in pieces while Nagle holds back the next piece
+/// until the previous one is acknowledged: its first wait is one delayed-ACK timeout (the
+/// kernel then leaves that mode for the connection). Raw TCP and `auto` listeners, where
+/// such clients are likelier, keep quick ACKs. The mode is set when the address is bound:
+/// a listener kept across a config change of its port's protocol keeps it.
+fn bind(addr: SocketAddr, client_first: bool) -> std::io::Result<Listener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -399,7 +418,17 @@ fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
-    Listener::new(socket.listen(1024)?.into_std()?)
+    let listener = socket.listen(1024)?;
+    #[cfg(target_os = "linux")]
+    if client_first {
+        // An optimisation only: the listener serves without it.
+        if let Err(e) = socket2::SockRef::from(&listener).set_tcp_quickack(false) {
+            tracing::debug!(%addr, error = %e, "cannot clear TCP_QUICKACK on the listener");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = client_first;
+    Listener::new(listener.into_std()?)
 }
 
 async fn accept_loop(
@@ -608,16 +637,35 @@ async fn connection(
 mod tests {
     use super::*;
 
-    /// `connection` relies on this instead of setting TCP_NODELAY on every accepted socket.
-    #[tokio::test]
-    async fn accepted_sockets_inherit_nodelay() {
-        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    /// A listener from `bind` and one connection accepted on it (with its client, which
+    /// must stay open while the socket is looked at).
+    async fn accept_one(client_first: bool) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = bind("127.0.0.1:0".parse().unwrap(), client_first).unwrap();
         let addr = l.local_addr().unwrap();
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (server, _) = tokio::time::timeout(Duration::from_secs(5), l.accept())
             .await
             .unwrap()
             .unwrap();
-        assert!(server.into_registered().unwrap().nodelay().unwrap());
+        (server.into_registered().unwrap(), client)
+    }
+
+    /// `connection` relies on this instead of setting TCP_NODELAY on every accepted socket.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let (server, _client) = accept_one(false).await;
+        assert!(server.nodelay().unwrap());
+    }
+
+    /// Sockets accepted on a client-first listener start with delayed ACKs (the answer
+    /// carries the ACK of the request); the others keep the kernel's quick ACKs.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn client_first_listeners_delay_the_first_ack() {
+        for client_first in [true, false] {
+            let (server, _client) = accept_one(client_first).await;
+            let quick = socket2::SockRef::from(&server).tcp_quickack().unwrap();
+            assert_eq!(quick, !client_first, "client_first {client_first}");
+        }
     }
 }

@@ -1,9 +1,9 @@
 //! Raw TCP proxying: pick an endpoint (retrying connect failures on others), then copy
 //! bytes both ways. End of stream in one direction is passed on as a half-close
 //! (`shutdown(Write)`), so protocols that close their sending side first keep working.
-//! A connection without traffic in either direction for the idle timeout is closed. On
-//! Linux the bytes move with `splice(2)` (see `splice`); this copy loop is the fallback
-//! and carries upgraded HTTP connections.
+//! A connection without traffic in either direction for the idle timeout is closed. Plain
+//! TCP on both sides moves through `relay` (buffers held only while bytes move); this
+//! generic copy loop carries TLS and upgraded HTTP connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -108,15 +108,11 @@ pub(crate) async fn proxy(shared: &Shared, target: &Arc<Target>, client: Io, pee
         .inc_by(down);
 }
 
-/// Relays a connection: zero-copy `splice` on Linux when both sides are plain TCP, the
-/// copy loop for TLS, elsewhere, or when no pipe can be made.
+/// Relays a connection: through [`crate::relay`] when both sides are plain TCP, through
+/// the generic copy loop ([`pipe`]) otherwise (TLS).
 async fn relay(client: Io, server: Io, idle: Option<Duration>) -> (u64, u64, bool) {
-    #[cfg(target_os = "linux")]
     if let (Io::Plain(c), Io::Plain(s)) = (&client, &server) {
-        match crate::splice::relay(c, s, idle).await {
-            Ok(r) => return r,
-            Err(e) => tracing::debug!(error = %e, "no pipe for splice; copying instead"),
-        }
+        return crate::relay::relay(c, s, idle).await;
     }
     pipe(client, server, idle).await
 }
