@@ -20,12 +20,15 @@
 //! bytes move: it takes one when its socket turns readable and gives it back when a read
 //! would block with nothing left to write, so an idle connection holds none. Given-back
 //! buffers wait on a short per-thread list for the next direction (a fresh one is
-//! allocated and zeroed; a spare is reused as it is).
+//! allocated and zeroed; a spare is reused as it is). A direction whose receiver is slow
+//! keeps its buffer until it can write, so the full-size buffers held at once are capped
+//! over the whole process ([`LARGE_MAX`], 64 MiB): past it, a direction reads through a
+//! [`SMALL_BYTES`] buffer instead (HAProxy's buffer size), slower per GB but bounded.
 
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -37,26 +40,59 @@ const BUF_BYTES: usize = 256 * 1024;
 /// pausing without an allocation each time, little memory when they are gone.
 const SPARE_MAX: usize = 4;
 
+/// Most full-size buffers held by directions at once, over the process (64 MiB).
+const LARGE_MAX: usize = 256;
+
+/// The size of the buffers read through once [`LARGE_MAX`] are held.
+const SMALL_BYTES: usize = 16 * 1024;
+
+/// Full-size buffers held by directions now (not counting spares).
+static LARGE_HELD: AtomicUsize = AtomicUsize::new(0);
+
 thread_local! {
     /// Buffers given back by directions that wait, for the next direction that reads.
     static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A spare buffer of this thread, or a new one.
-fn take_buffer() -> Box<[u8]> {
-    SPARE
-        .try_with(|s| s.try_borrow_mut().ok()?.pop())
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| vec![0u8; BUF_BYTES].into_boxed_slice())
+/// A buffer a direction holds: full-size ones count against [`LARGE_MAX`] until given
+/// back or dropped (a relay that ends while its bytes wait drops it).
+struct Buffer(Box<[u8]>);
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if self.0.len() == BUF_BYTES {
+            LARGE_HELD.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
-/// Keeps `buf` for the next direction when the spare list has room; frees it otherwise.
-fn give_back(buf: Box<[u8]>) {
+/// A spare buffer of this thread, or a new one; a small one when [`LARGE_MAX`] full-size
+/// buffers are held already.
+fn take_buffer() -> Buffer {
+    if LARGE_HELD.fetch_add(1, Ordering::Relaxed) >= LARGE_MAX {
+        LARGE_HELD.fetch_sub(1, Ordering::Relaxed);
+        return Buffer(vec![0u8; SMALL_BYTES].into_boxed_slice());
+    }
+    let spare = SPARE
+        .try_with(|s| s.try_borrow_mut().ok()?.pop())
+        .ok()
+        .flatten();
+    Buffer(spare.unwrap_or_else(|| vec![0u8; BUF_BYTES].into_boxed_slice()))
+}
+
+/// Keeps a full-size `buf` for the next direction when the spare list has room; frees it
+/// otherwise.
+fn give_back(mut buf: Buffer) {
+    if buf.0.len() != BUF_BYTES {
+        return;
+    }
+    // Taken out, the buffer left behind is empty, and its drop counts nothing.
+    let bytes = std::mem::take(&mut buf.0);
+    LARGE_HELD.fetch_sub(1, Ordering::Relaxed);
     let _ = SPARE.try_with(|s| {
         if let Ok(mut spare) = s.try_borrow_mut() {
             if spare.len() < SPARE_MAX {
-                spare.push(buf);
+                spare.push(bytes);
             }
         }
     });
@@ -103,12 +139,12 @@ async fn one_way(
 ) -> io::Result<()> {
     // The buffer, while this direction holds one. Dropped (freed) with the future when the
     // relay ends early: an error, the idle timeout, or the task cancelled by a drain.
-    let mut held: Option<Box<[u8]>> = None;
+    let mut held: Option<Buffer> = None;
     loop {
         let (n, buf) = loop {
             r.readable().await?;
             let mut buf = held.take().unwrap_or_else(take_buffer);
-            match r.try_read(&mut buf[..]) {
+            match r.try_read(&mut buf.0[..]) {
                 Ok(n) => break (n, buf),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => give_back(buf),
                 Err(e) => return Err(e),
@@ -124,7 +160,7 @@ async fn one_way(
         let mut written = 0;
         while written < n {
             w.writable().await?;
-            match w.try_write(&buf[written..n]) {
+            match w.try_write(&buf.0[written..n]) {
                 Ok(k) => {
                     written += k;
                     count.fetch_add(k as u64, Ordering::Relaxed);
@@ -219,6 +255,31 @@ mod tests {
         let many: Vec<_> = (0..2 * SPARE_MAX).map(|_| take_buffer()).collect();
         many.into_iter().for_each(give_back);
         assert_eq!(spares(), SPARE_MAX);
+    }
+
+    /// Past [`LARGE_MAX`] full-size buffers held at once (slow receivers), directions read
+    /// through small ones; given back or dropped, full-size ones count no more. Other
+    /// tests in this process hold a few of them now and then, hence the slack.
+    #[test]
+    fn full_size_buffers_held_at_once_are_capped() {
+        let mut held = Vec::new();
+        let first_small = loop {
+            let b = take_buffer();
+            if b.0.len() == SMALL_BYTES {
+                break held.len();
+            }
+            assert_eq!(b.0.len(), BUF_BYTES);
+            held.push(b);
+            assert!(held.len() <= LARGE_MAX, "no cap at {} buffers", held.len());
+        };
+        assert!(first_small + 16 >= LARGE_MAX, "capped at {first_small}");
+        // Half given back (to the spares, at most SPARE_MAX kept), half dropped: either way
+        // they stop counting, and full-size buffers come again.
+        let half = held.split_off(held.len() / 2);
+        held.into_iter().for_each(give_back);
+        drop(half);
+        assert!(LARGE_HELD.load(Ordering::Relaxed) < 16);
+        assert_eq!(take_buffer().0.len(), BUF_BYTES);
     }
 
     #[tokio::test]
