@@ -50,7 +50,7 @@ if [ "$MODE" = callgrind ]; then
   rm -f "$OUT"/callgrind.out.*
 fi
 if [ "$PROXY" = haproxy ]; then
-  cat >"$OUT/haproxy.cfg" <<EOT
+  { haproxy_head; haproxy_h2 $NET.0.2:8081 $U1:8080 $U2:8080; } >"$OUT/haproxy.cfg"
 global
   nbthread 1
   maxconn 8000

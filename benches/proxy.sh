@@ -17,6 +17,8 @@
 # ENVOY=/path/to/envoy. Raw results go to bench-results/proxy/ (gitignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# For the HAProxy config helpers (its own process handling below replaces lib.sh's).
+. benches/lib.sh
 
 ROUNDS=${ROUNDS:-2}
 DUR=${DUR:-6}
@@ -147,46 +149,13 @@ SM=$(addr_of up); SM2=$(addr_of up2); SM_SINK=$(addr_of sink); SM_ECHO=$(addr_of
 wait_port "$SM" 8080; wait_port "$SM2" 8081; wait_port "$SM_SINK" 9000; wait_port "$SM_MESHED" 8090; wait_port $MESHED 18090
 
 # HAProxy, one thread.
-cat >"$OUT/haproxy.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-frontend h1
-  mode http
-  bind $NET.0.2:8080
-  default_backend up
-frontend h2
-  mode http
-  bind $NET.0.2:8081 proto h2
-  default_backend up2
-backend up
-  mode http
-  balance roundrobin
-  http-reuse always
-  server u1 $U1:8080
-  server u2 $U2:8080
-backend up2
-  mode http
-  balance roundrobin
-  server u1 $U1:8082 proto h2
-  server u2 $U2:8082 proto h2
-listen sink
-  mode tcp
-  bind $NET.0.2:9000
-  balance roundrobin
-  server s1 $U1:9000
-  server s2 $U2:9000
-listen echo
-  mode tcp
-  bind $NET.0.2:9001
-  balance roundrobin
-  server e1 $U1:9001
-  server e2 $U2:9001
-EOF
+{
+  haproxy_head
+  haproxy_h1 $NET.0.2:8080 $U1:8080 $U2:8080
+  haproxy_h2 $NET.0.2:8081 $U1:8082 $U2:8082
+  haproxy_tcp sink $NET.0.2:9000 $U1:9000 $U2:9000
+  haproxy_tcp echo $NET.0.2:9001 $U1:9001 $U2:9001
+} >"$OUT/haproxy.cfg"
 bg "$PROXY_CPU" haproxy -db -f "$OUT/haproxy.cfg"
 HAPROXY_PID=$!
 

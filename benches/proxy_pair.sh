@@ -57,40 +57,12 @@ services:
     ports: [{port: 9000, protocol: tcp}]
     instances: [{name: s1, address: $U1}, {name: s2, address: $U2}]
 EOF
-cat >"$OUT/haproxy.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-frontend h1
-  mode http
-  bind $NET.0.2:8080
-  default_backend up
-backend up
-  mode http
-  balance roundrobin
-  http-reuse always
-  server u1 $U1:8080
-  server u2 $U2:8080
-frontend h2
-  mode http
-  bind $NET.0.2:8081 proto h2
-  default_backend up2
-backend up2
-  mode http
-  balance roundrobin
-  server u1 $U1:8082 proto h2
-  server u2 $U2:8082 proto h2
-listen sink
-  mode tcp
-  bind $NET.0.2:9000
-  balance roundrobin
-  server s1 $U1:9000
-  server s2 $U2:9000
-EOF
+{
+  haproxy_head
+  haproxy_h1 $NET.0.2:8080 $U1:8080 $U2:8080
+  haproxy_h2 $NET.0.2:8081 $U1:8082 $U2:8082
+  haproxy_tcp sink $NET.0.2:9000 $U1:9000 $U2:9000
+} >"$OUT/haproxy.cfg"
 
 UP_PIDS=()
 for u in $U1 $U2; do
