@@ -12,8 +12,8 @@ use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::{Duration, SystemTime};
 
 use prometheus::{IntCounter, Registry};
 
@@ -188,18 +188,10 @@ impl AccessLog {
             Format::Json => json_line(req, outcome),
             Format::Text => text_line(req, outcome),
         };
-        match self.queue.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        // Full (the writer is behind) or gone: dropped, counted, never waited for.
+        if self.queue.try_send(line).is_err() {
+            self.dropped.inc();
         }
-    }
-
-    /// The start of a request that began at `start` (a monotonic instant), on the wall
-    /// clock.
-    pub fn wall_clock(start: Instant) -> SystemTime {
-        SystemTime::now()
-            .checked_sub(start.elapsed())
-            .unwrap_or_else(SystemTime::now)
     }
 }
 
@@ -380,6 +372,7 @@ fn rfc3339_millis(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn request() -> Request {
         Request {
