@@ -42,6 +42,7 @@ fn client(
         state_dir: Some(state_dir.to_owned()),
         wait: Duration::from_secs(20),
         authorization: None,
+        token_file: None,
         metrics_prefix: "sidemesh_test".to_owned(),
     };
     let (rx, _task) = Client::new(cfg, &registry)

@@ -65,9 +65,9 @@ pub struct Args {
     /// `Authorization` header value sent to discover. Never logged.
     #[arg(long, env = "SIDEMESH_DISCOVER_AUTHORIZATION", hide_env_values = true)]
     pub discover_authorization: Option<String>,
-    /// A file holding this sidecar's bearer token for discover (read at start), sent as
-    /// `Authorization: Bearer <token>` on config polls and certificate requests. Never
-    /// logged.
+    /// A file holding this sidecar's bearer token for discover, sent as
+    /// `Authorization: Bearer <token>` on config polls and certificate requests; read again
+    /// whenever the file changes (rotated tokens). Never logged.
     #[arg(
         long,
         env = "SIDEMESH_DISCOVER_TOKEN_FILE",
@@ -151,35 +151,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// The largest token file read, in bytes.
-const MAX_TOKEN_FILE_BYTES: u64 = 16 * 1024;
-
-/// The `Authorization` value for discover: `--discover-authorization` as given, or
-/// `Bearer <token>` from `--discover-token-file` (surrounding whitespace trimmed).
-fn authorization(args: &Args) -> anyhow::Result<Option<String>> {
-    use std::io::Read;
-    let Some(path) = &args.discover_token_file else {
-        return Ok(args.discover_authorization.clone());
-    };
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_TOKEN_FILE_BYTES + 1).read_to_string(&mut text))
-        .with_context(|| format!("cannot read the discover token file {}", path.display()))?;
-    let token = text.trim();
-    // The token itself is never part of an error: errors are logged.
-    anyhow::ensure!(
-        text.len() as u64 <= MAX_TOKEN_FILE_BYTES,
-        "the discover token file {} is larger than {MAX_TOKEN_FILE_BYTES} bytes; it must hold one token",
-        path.display()
-    );
-    anyhow::ensure!(
-        !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()),
-        "the discover token file {} must hold one token: visible ASCII, no spaces",
-        path.display()
-    );
-    Ok(Some(format!("Bearer {token}")))
-}
-
 /// A sidecar running in this process.
 pub struct Running {
     /// The bound admin address.
@@ -228,7 +199,8 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
             url: url.clone(),
             state_dir: args.state_dir.clone(),
             wait: args.discover_wait,
-            authorization: authorization(args)?,
+            authorization: args.discover_authorization.clone(),
+            token_file: args.discover_token_file.clone(),
             metrics_prefix: "sidemesh_proxy".into(),
         },
         &registry,
@@ -423,24 +395,24 @@ mod tests {
         <Cli as clap::Parser>::try_parse_from(argv).unwrap().args
     }
 
-    #[test]
-    fn the_token_file_becomes_a_bearer_authorization() {
+    #[tokio::test]
+    async fn an_unusable_token_file_stops_the_start_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("token");
-        std::fs::write(&file, "s3cret-token\n").unwrap();
+        std::fs::write(&file, "two words\n").unwrap();
         let path = file.to_str().unwrap();
-        let a = args(&["--discover-token-file", path]);
-        assert_eq!(
-            authorization(&a).unwrap().as_deref(),
-            Some("Bearer s3cret-token")
+        let url = "http://127.0.0.1:9/v1/sidecars/shop/web/sidemesh-proxy";
+        let a = args(&["--discover-url", url, "--discover-token-file", path]);
+        let e = match start(&a, prometheus::Registry::new()).await {
+            Ok(_) => panic!("started with an unusable token file"),
+            Err(e) => format!("{e:#}"),
+        };
+        // It names the file and says what to fix, without echoing the file.
+        assert!(
+            e.contains(path) && e.contains("one token") && !e.contains("two"),
+            "{e}"
         );
-        let plain = args(&["--discover-authorization", "Basic eA=="]);
-        assert_eq!(
-            authorization(&plain).unwrap().as_deref(),
-            Some("Basic eA==")
-        );
-        assert_eq!(authorization(&args(&[])).unwrap(), None);
-        // Both at once is a usage error.
+        // Both credentials at once is a usage error.
         assert!(
             <Cli as clap::Parser>::try_parse_from([
                 "proxy",
@@ -451,13 +423,5 @@ mod tests {
             ])
             .is_err()
         );
-        // Empty, two words, or missing: refused at start, without echoing the file.
-        for bad in ["\n", "two words\n"] {
-            std::fs::write(&file, bad).unwrap();
-            let e = authorization(&a).unwrap_err().to_string();
-            assert!(e.contains("one token") && !e.contains("two"), "{e}");
-        }
-        let gone = args(&["--discover-token-file", "/nonexistent/token"]);
-        assert!(authorization(&gone).is_err());
     }
 }

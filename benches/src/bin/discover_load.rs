@@ -399,6 +399,7 @@ async fn main() -> anyhow::Result<()> {
             state_dir: None,
             wait: Duration::from_secs(a.wait),
             authorization: None,
+            token_file: None,
             metrics_prefix: "bench".to_owned(),
         };
         let (rx, task) = Client::new(cfg, &prometheus::Registry::new())?.spawn();

@@ -14,6 +14,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -34,6 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::credential::{Credential, TokenFile, TokenFileError};
 use crate::snapshot::{ConfigError, Snapshot};
 
 /// The largest config body accepted, in bytes, before and after gzip decoding.
@@ -69,6 +71,10 @@ pub struct ClientConfig {
     pub wait: Duration,
     /// Sent as the `Authorization` header when set. Never logged.
     pub authorization: Option<String>,
+    /// A file holding a bearer token, sent as `Authorization: Bearer <token>` and read again
+    /// whenever the file changes (see [`crate::credential::TokenFile`]); not together with
+    /// `authorization`. Never logged.
+    pub token_file: Option<PathBuf>,
     /// The prefix of the client's metric names, e.g. `sidemesh_proxy` gives
     /// `sidemesh_proxy_config_version`.
     pub metrics_prefix: String,
@@ -83,6 +89,7 @@ impl ClientConfig {
             state_dir: None,
             wait: Duration::from_secs(30),
             authorization: None,
+            token_file: None,
             metrics_prefix: "sidemesh_client".to_owned(),
         }
     }
@@ -99,6 +106,7 @@ impl std::fmt::Debug for ClientConfig {
                 "authorization",
                 &self.authorization.as_ref().map(|_| "<redacted>"),
             )
+            .field("token_file", &self.token_file)
             .field("metrics_prefix", &self.metrics_prefix)
             .finish()
     }
@@ -121,6 +129,12 @@ pub enum ClientError {
     /// The `Authorization` value cannot be an HTTP header value.
     #[error("the Authorization value holds characters not allowed in an HTTP header")]
     Authorization,
+    /// The token file cannot be used.
+    #[error(transparent)]
+    TokenFile(#[from] TokenFileError),
+    /// Both an `Authorization` value and a token file were given.
+    #[error("give either an Authorization value or a token file, not both")]
+    TwoCredentials,
     /// The metrics could not be registered (bad prefix, or registered twice).
     #[error("cannot register the client's metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -200,7 +214,7 @@ pub struct Client {
     log_url: String,
     state_dir: Option<PathBuf>,
     wait_seconds: u64,
-    authorization: Option<HeaderValue>,
+    authorization: Credential,
     backoff_min: Duration,
     backoff_max: Duration,
     metrics: Metrics,
@@ -224,15 +238,16 @@ impl Client {
     /// Checks the URL and registers the metrics in `registry`. Does no I/O.
     pub fn new(cfg: ClientConfig, registry: &Registry) -> Result<Client, ClientError> {
         let base = parse_url(&cfg.url)?;
-        let authorization = cfg
-            .authorization
-            .as_deref()
-            .map(|a| {
+        let authorization = match (cfg.authorization.as_deref(), cfg.token_file.as_deref()) {
+            (None, None) => Credential::None,
+            (Some(a), None) => {
                 let mut v = HeaderValue::from_str(a).map_err(|_| ClientError::Authorization)?;
                 v.set_sensitive(true);
-                Ok::<_, ClientError>(v)
-            })
-            .transpose()?;
+                Credential::Fixed(v)
+            }
+            (None, Some(path)) => Credential::File(Arc::new(TokenFile::open(path)?)),
+            (Some(_), Some(_)) => return Err(ClientError::TwoCredentials),
+        };
         // Trust roots are read only for https, where they are needed.
         let roots = if base.scheme_str() == Some("https") {
             native_roots()?
@@ -377,8 +392,8 @@ impl Client {
         if let Some(tag) = etag.as_deref() {
             req = req.header(IF_NONE_MATCH, tag);
         }
-        if let Some(auth) = &self.authorization {
-            req = req.header(AUTHORIZATION, auth.clone());
+        if let Some(auth) = self.authorization.header() {
+            req = req.header(AUTHORIZATION, auth);
         }
         let req = match req.body(Empty::new()) {
             Ok(r) => r,
@@ -754,7 +769,7 @@ where
 #[derive(Clone)]
 pub struct Poster {
     base: Uri,
-    authorization: Option<HeaderValue>,
+    authorization: Credential,
     http: HttpClient<HttpsConnector<HttpConnector>, http_body_util::Full<Bytes>>,
 }
 
@@ -802,8 +817,8 @@ impl Poster {
         let mut req = Request::post(uri)
             .header(hyper::header::CONTENT_TYPE, content_type)
             .header(ACCEPT, "application/json, application/x-pem-file");
-        if let Some(auth) = &self.authorization {
-            req = req.header(AUTHORIZATION, auth.clone());
+        if let Some(auth) = self.authorization.header() {
+            req = req.header(AUTHORIZATION, auth);
         }
         let req = req
             .body(http_body_util::Full::new(body))

@@ -13,6 +13,8 @@
 #[cfg(feature = "client")]
 pub mod client;
 pub mod config;
+#[cfg(feature = "client")]
+pub mod credential;
 pub mod name;
 pub mod port;
 #[cfg(feature = "client")]

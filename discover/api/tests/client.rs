@@ -235,6 +235,7 @@ fn client_config(url: String) -> ClientConfig {
         state_dir: None,
         wait: Duration::from_secs(2),
         authorization: None,
+        token_file: None,
         metrics_prefix: "test".to_owned(),
     }
 }
@@ -354,6 +355,39 @@ async fn long_poll_200_then_304_then_change_wakes_it() {
         metric(&registry, "test_discover_poll_errors_total", Some("status")),
         0.0
     );
+}
+
+#[tokio::test]
+async fn a_rotated_token_file_is_sent_from_the_next_poll_on() {
+    let fake = Fake::start(config(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "first-token\n").unwrap();
+    let mut cfg = client_config(fake.url(""));
+    cfg.token_file = Some(token.clone());
+    let (mut rx, _registry) = start(cfg);
+    holds(&mut rx, 1).await;
+    // Rotated the way the kubelet and agents do it: a new file renamed over the old.
+    let next = dir.path().join("token.new");
+    std::fs::write(&next, "second-token").unwrap();
+    std::fs::rename(&next, &token).unwrap();
+    fake.set(config(2));
+    holds(&mut rx, 2).await;
+    let last = |fake: &Fake| fake.seen().last().and_then(|s| s.authorization.clone());
+    eventually("a poll with the new token", || {
+        last(&fake).as_deref() == Some("Bearer second-token")
+    })
+    .await;
+    // A broken rewrite keeps the last good token.
+    std::fs::write(&next, "").unwrap();
+    std::fs::rename(&next, &token).unwrap();
+    fake.set(config(3));
+    holds(&mut rx, 3).await;
+    let polls = fake.seen().len();
+    eventually("one more poll", || fake.seen().len() > polls).await;
+    assert_eq!(last(&fake).as_deref(), Some("Bearer second-token"));
+    let seen = fake.seen();
+    assert_eq!(seen[0].authorization.as_deref(), Some("Bearer first-token"));
 }
 
 #[tokio::test]
