@@ -7,9 +7,14 @@
 #                             and stop with "NAME: TOOL is missing" when a tool is not found
 #   bench_binary [PATH]       print PATH, or build the release binary and print its path
 #   bench_spawn CMD...        start CMD in the background (output to $OUT/procs.log) and
-#                             remember its PID; `bench_cleanup` (also run on exit) kills them
+#                             remember its PID (the last is ${PIDS[-1]}); `bench_cleanup`
+#                             (also run on exit) kills them
+#   bench_spawn_on CPU CMD... the same, CMD pinned to core CPU (taskset execs it: the PID
+#                             is CMD's own)
 #   wait_port HOST PORT       until HOST:PORT accepts a connection, at most 10 s
 #   wait_url URL              until URL answers 2xx, at most 20 s
+#   bench_state NS U1 U2 [USE...]
+#                             the start of the sidecar benches' state file (see below)
 #   haproxy_head, haproxy_h1, haproxy_h2, haproxy_tcp
 #                             the parts of the benches' HAProxy configs (see below)
 
@@ -43,6 +48,11 @@ bench_spawn() {
   "$@" >>"$OUT/procs.log" 2>&1 &
   PIDS+=($!)
 }
+bench_spawn_on() {
+  local cpu=$1
+  shift
+  bench_spawn taskset -c "$cpu" "$@"
+}
 bench_cleanup() {
   local p
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -60,6 +70,40 @@ wait_url() {
   for _ in $(seq 200); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done
   echo "$BENCH_NAME: $1 did not answer" >&2
   return 1
+}
+
+# bench_state NS U1 U2 [USE...]: the start of the state file the drivers give discover, in
+# namespace NS: a service `client` that uses `up` (HTTP/1.1, :8080), `up2` (h2c, :8081 to
+# the instances' :8082) and `sink` (TCP, :9000), round robin and without retries for HTTP,
+# plus the `use_services` entries USE (YAML flow mappings); then those three services, each
+# with the instances U1 and U2. The caller appends the services USE names.
+bench_state() {
+  local ns=$1 u1=$2 u2=$3 use
+  shift 3
+  cat <<EOF
+services:
+  - namespace: $ns
+    name: client
+    use_services:
+      - {service: up, balancer: {policy: round_robin}, retry: {attempts: 0}}
+      - {service: up2, balancer: {policy: round_robin}, retry: {attempts: 0}}
+      - {service: sink, balancer: {policy: round_robin}}
+EOF
+  for use in "$@"; do echo "      - $use"; done
+  cat <<EOF
+  - namespace: $ns
+    name: up
+    ports: [{port: 8080, protocol: http1}]
+    instances: [{name: u1, address: $u1}, {name: u2, address: $u2}]
+  - namespace: $ns
+    name: up2
+    ports: [{port: 8081, target_port: 8082, protocol: http2}]
+    instances: [{name: u1, address: $u1}, {name: u2, address: $u2}]
+  - namespace: $ns
+    name: sink
+    ports: [{port: 9000, protocol: tcp}]
+    instances: [{name: s1, address: $u1}, {name: s2, address: $u2}]
+EOF
 }
 
 # haproxy_head: the global and defaults sections every bench's HAProxy config starts with

