@@ -131,6 +131,7 @@ fn sidecar_args(
         discover_authorization: None,
         discover_token_file: token_file,
         max_connections: 16_384,
+        tcp_relay_memory_mib: sidemesh_proxy::cli::DEFAULT_TCP_RELAY_MEMORY_MIB,
         header_read_timeout: Duration::from_secs(10),
         detect_timeout: Duration::from_millis(300),
         register: false,

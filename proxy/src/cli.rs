@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, Readiness};
 use crate::{Proxy, ProxyConfig};
 
+/// The default of `--tcp-relay-memory-mib`.
+pub const DEFAULT_TCP_RELAY_MEMORY_MIB: u64 = crate::relay::DEFAULT_MEMORY_MIB;
+
 /// Flags of `sidemesh proxy`; each has a `SIDEMESH_*` environment equivalent.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
@@ -77,6 +80,11 @@ pub struct Args {
     /// Most client connections open at once.
     #[arg(long, env = "SIDEMESH_MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
+    /// Most memory, in MiB, that raw TCP relaying holds in full-size (256 KiB) buffers at
+    /// once; past it, connections relay through 16 KiB buffers (more CPU per GB, bounded
+    /// memory). 0 always uses the small buffers.
+    #[arg(long, env = "SIDEMESH_TCP_RELAY_MEMORY_MIB", default_value_t = DEFAULT_TCP_RELAY_MEMORY_MIB)]
+    pub tcp_relay_memory_mib: u64,
     /// Time a client has to send a request's headers (slowloris guard).
     #[arg(long, env = "SIDEMESH_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
@@ -189,6 +197,7 @@ impl Running {
 /// Starts a sidecar: the discover client, the data plane and the admin server. Its
 /// metrics go to `registry`, which its admin server serves.
 pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Result<Running> {
+    crate::relay::set_memory_limit_mib(args.tcp_relay_memory_mib);
     let url = args
         .discover_url
         .clone()
@@ -393,6 +402,13 @@ mod tests {
         let mut argv = vec!["proxy"];
         argv.extend_from_slice(extra);
         <Cli as clap::Parser>::try_parse_from(argv).unwrap().args
+    }
+
+    #[test]
+    fn the_relay_memory_flag_defaults_to_64_mib() {
+        assert_eq!(args(&[]).tcp_relay_memory_mib, 64);
+        let a = args(&["--tcp-relay-memory-mib", "0"]);
+        assert_eq!(a.tcp_relay_memory_mib, 0);
     }
 
     #[tokio::test]

@@ -22,8 +22,9 @@
 //! buffers wait on a short per-thread list for the next direction (a fresh one is
 //! allocated and zeroed; a spare is reused as it is). A direction whose receiver is slow
 //! keeps its buffer until it can write, so the full-size buffers held at once are capped
-//! over the whole process ([`LARGE_MAX`], 64 MiB): past it, a direction reads through a
-//! [`SMALL_BYTES`] buffer instead (HAProxy's buffer size), slower per GB but bounded.
+//! over the whole process (`--tcp-relay-memory-mib`, 64 MiB by default, see
+//! [`set_memory_limit_mib`]): past it, a direction reads through a [`SMALL_BYTES`] buffer
+//! instead (HAProxy's buffer size), slower per GB but bounded.
 
 use std::cell::RefCell;
 use std::io;
@@ -40,8 +41,28 @@ const BUF_BYTES: usize = 256 * 1024;
 /// pausing without an allocation each time, little memory when they are gone.
 const SPARE_MAX: usize = 4;
 
-/// Most full-size buffers held by directions at once, over the process (64 MiB).
-const LARGE_MAX: usize = 256;
+/// The default of `--tcp-relay-memory-mib`.
+pub const DEFAULT_MEMORY_MIB: u64 = 64;
+
+/// Most full-size buffers held by directions at once, over the process: 256 (64 MiB)
+/// unless [`set_memory_limit_mib`] changed it.
+static LARGE_MAX: AtomicUsize = AtomicUsize::new(buffers_for(DEFAULT_MEMORY_MIB));
+
+/// How many full-size buffers `mib` MiB hold.
+const fn buffers_for(mib: u64) -> usize {
+    let buffers = mib.saturating_mul(1024 * 1024) / BUF_BYTES as u64;
+    if buffers > usize::MAX as u64 {
+        usize::MAX
+    } else {
+        buffers as usize
+    }
+}
+
+/// Caps the memory of full-size relay buffers held at once to `mib` MiB (rounded down to
+/// whole 256 KiB buffers; 0 relays everything through 16 KiB buffers). Set once at start.
+pub fn set_memory_limit_mib(mib: u64) {
+    LARGE_MAX.store(buffers_for(mib), Ordering::Relaxed);
+}
 
 /// The size of the buffers read through once [`LARGE_MAX`] are held.
 const SMALL_BYTES: usize = 16 * 1024;
@@ -69,7 +90,7 @@ impl Drop for Buffer {
 /// A spare buffer of this thread, or a new one; a small one when [`LARGE_MAX`] full-size
 /// buffers are held already.
 fn take_buffer() -> Buffer {
-    if LARGE_HELD.fetch_add(1, Ordering::Relaxed) >= LARGE_MAX {
+    if LARGE_HELD.fetch_add(1, Ordering::Relaxed) >= LARGE_MAX.load(Ordering::Relaxed) {
         LARGE_HELD.fetch_sub(1, Ordering::Relaxed);
         return Buffer(vec![0u8; SMALL_BYTES].into_boxed_slice());
     }
@@ -261,7 +282,16 @@ mod tests {
     /// through small ones; given back or dropped, full-size ones count no more. Other
     /// tests in this process hold a few of them now and then, hence the slack.
     #[test]
+    fn the_memory_limit_counts_whole_buffers() {
+        assert_eq!(buffers_for(DEFAULT_MEMORY_MIB), 256);
+        assert_eq!(buffers_for(1), 4);
+        assert_eq!(buffers_for(0), 0);
+        assert_eq!(buffers_for(u64::MAX), usize::MAX / BUF_BYTES);
+    }
+
+    #[test]
     fn full_size_buffers_held_at_once_are_capped() {
+        const LARGE_MAX: usize = buffers_for(DEFAULT_MEMORY_MIB);
         let mut held = Vec::new();
         let first_small = loop {
             let b = take_buffer();
