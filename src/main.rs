@@ -120,7 +120,7 @@ fn main() -> anyhow::Result<()> {
         Command::Controller(args) => runtime.block_on(async {
             let opts = args.discover.options(None, &registry)?;
             let discover = sidemesh_discover::server::Discover::new(opts, &registry)?;
-            let host = std::sync::Arc::new(DiscoverHost(discover));
+            let host = std::sync::Arc::new(DiscoverHost(discover, registry.clone()));
             sidemesh_controller::cli::run(args.controller, registry, host).await
         }),
         Command::Inject(args) => sidemesh_controller::cli::inject(args),
@@ -304,7 +304,32 @@ fn now_ms() -> u64 {
 
 /// The controller's in-process discover server: the controller crate does not depend on
 /// `sidemesh-discover`, so the two meet here.
-struct DiscoverHost(sidemesh_discover::server::Discover);
+struct DiscoverHost(sidemesh_discover::server::Discover, prometheus::Registry);
+
+/// Discover's token reviews, asked of the API server by the controller's client.
+struct ClusterReviewer(sidemesh_controller::review::TokenReviews);
+
+impl sidemesh_discover::review::TokenReviewer for ClusterReviewer {
+    fn review(
+        &self,
+        token: String,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<sidemesh_discover::review::Reviewed, String>>
+                + Send,
+        >,
+    > {
+        use sidemesh_controller::review::Reviewed as Asked;
+        use sidemesh_discover::review::{AUDIENCE, Reviewed};
+        let reviews = self.0.clone();
+        Box::pin(async move {
+            Ok(match reviews.review(token, AUDIENCE).await? {
+                Asked::Authenticated(username) => Reviewed::Authenticated { username },
+                Asked::Rejected(reason) => Reviewed::Rejected { reason },
+            })
+        })
+    }
+}
 
 impl sidemesh_controller::cli::DiscoverHost for DiscoverHost {
     fn serve(&self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
@@ -318,5 +343,28 @@ impl sidemesh_controller::cli::DiscoverHost for DiscoverHost {
     fn apply(&self, upsert: Vec<sidemesh_api::state::Service>, remove: Vec<(String, String)>) {
         let delta = sidemesh_discover::store::ServiceDelta { upsert, remove };
         self.0.apply("kubernetes", delta);
+    }
+
+    fn review_tokens(
+        &self,
+        reviews: sidemesh_controller::review::TokenReviews,
+    ) -> anyhow::Result<()> {
+        let review = sidemesh_discover::review::Review::new(
+            std::sync::Arc::new(ClusterReviewer(reviews)),
+            &self.1,
+        )?;
+        self.0.review_tokens(std::sync::Arc::new(review));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn injected_tokens_are_made_for_the_audience_discover_checks() {
+        assert_eq!(
+            sidemesh_controller::inject::TOKEN_AUDIENCE,
+            sidemesh_discover::review::AUDIENCE
+        );
     }
 }

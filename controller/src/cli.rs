@@ -44,6 +44,13 @@ pub struct InjectSettings {
     /// The cluster's DNS domain.
     #[arg(long, env = "SIDEMESH_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// Authenticate sidecars to discover with their pods' own service-account tokens: the
+    /// injector mounts each pod a projected token for audience `sidemesh-discover` (instead
+    /// of the optional `sidemesh-discover-token-<svc>` Secret), and the hosted discover
+    /// checks it with a TokenReview: a service account may fetch the configs and
+    /// certificates of its own namespace's workloads.
+    #[arg(long, env = "SIDEMESH_DISCOVER_SERVICE_ACCOUNT_TOKENS")]
+    pub discover_service_account_tokens: bool,
 }
 
 impl InjectSettings {
@@ -57,6 +64,7 @@ impl InjectSettings {
             native_sidecars: self.native_sidecars.unwrap_or(native),
             cluster_domain: self.cluster_domain.clone(),
             admin_port: self.proxy_admin_port,
+            service_account_tokens: self.discover_service_account_tokens,
             ..InjectConfig::default()
         }
     }
@@ -277,6 +285,9 @@ pub trait DiscoverHost: Send + Sync + 'static {
     /// Replaces some services of the state discover serves (`upsert`, whole) and removes
     /// others (`remove`, as `(namespace, name)`); discover re-renders only what they affect.
     fn apply(&self, upsert: Vec<sidemesh_api::state::Service>, remove: Vec<(String, String)>);
+    /// From now on, checks the bearer tokens of workload requests with `reviews`
+    /// (`--discover-service-account-tokens`).
+    fn review_tokens(&self, reviews: crate::review::TokenReviews) -> anyhow::Result<()>;
 }
 
 /// This replica's Lease identity when no pod name is given: host name and process id.
@@ -366,6 +377,10 @@ pub async fn start(
         },
     };
     let inject_cfg = args.settings.config(native);
+    if inject_cfg.service_account_tokens {
+        // Before discover serves: no request may slip through unchecked.
+        discover.review_tokens(crate::review::TokenReviews::new(client.clone()))?;
+    }
     let (dns_ns, dns_name) = args
         .cluster_dns
         .split_once('/')

@@ -29,8 +29,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
     HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodDNSConfig,
-    PodDNSConfigOption, PodSpec, Probe, ResourceRequirements, SecretKeySelector, SecurityContext,
-    Volume, VolumeMount,
+    PodDNSConfigOption, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SecretKeySelector, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -62,6 +63,18 @@ pub const DISCOVER_AUTHORIZATION: &str = "SIDEMESH_DISCOVER_AUTHORIZATION";
 /// The key of [`token_secret`] that holds `Bearer <token>`.
 pub const TOKEN_SECRET_KEY: &str = "authorization";
 
+/// The audience of the projected service-account tokens the injector mounts (discover's
+/// `sidemesh_discover::review::AUDIENCE`).
+pub const TOKEN_AUDIENCE: &str = "sidemesh-discover";
+/// The projected volume that holds the pod's token for discover.
+pub const TOKEN_VOLUME: &str = "sidemesh-discover-token";
+/// Where [`TOKEN_VOLUME`] is mounted; the token is the file `token` in it.
+pub const TOKEN_DIR: &str = "/var/run/secrets/sidemesh.io/discover";
+/// The proxy's `--discover-token-file` variable.
+pub const TOKEN_FILE_ENV: &str = "SIDEMESH_DISCOVER_TOKEN_FILE";
+/// The projected token's lifetime; the kubelet renews it at 80 % of that.
+const TOKEN_SECONDS: i64 = 3600;
+
 /// The Secret, in the workload's namespace, whose key [`TOKEN_SECRET_KEY`] holds the
 /// workload's `Authorization` value for discover (`Bearer <token>`, for a discover with a
 /// token file). Optional: without it, the containers poll without a token.
@@ -90,6 +103,11 @@ pub struct InjectConfig {
     pub admin_port: u16,
     /// `port_outer` is the app port plus this, when free (else the next free port above it).
     pub outer_port_offset: u16,
+    /// Give every container that polls discover the pod's own service-account token, made
+    /// for the audience [`TOKEN_AUDIENCE`] (a projected volume the kubelet keeps fresh),
+    /// instead of the optional Secret [`token_secret`]; the hosted discover then checks it
+    /// with a `TokenReview` (`--discover-service-account-tokens`).
+    pub service_account_tokens: bool,
 }
 
 impl Default for InjectConfig {
@@ -104,6 +122,7 @@ impl Default for InjectConfig {
             ndots: 5,
             admin_port: 15021,
             outer_port_offset: 20000,
+            service_account_tokens: false,
         }
     }
 }
@@ -319,9 +338,14 @@ pub fn inject(
             set_env(&mut env, k, v);
         }
         set_env(&mut env, DISCOVER_URL, &discover(plugin));
+        env.retain(|e| e.name != DISCOVER_AUTHORIZATION && e.name != TOKEN_FILE_ENV);
+        if cfg.service_account_tokens {
+            // The pod's projected token (the proxy reads it again as the kubelet renews it).
+            set_env(&mut env, TOKEN_FILE_ENV, &format!("{TOKEN_DIR}/token"));
+            return env;
+        }
         // The workload's discover token, when its Secret exists (`optional`: a pod without
         // one still starts, and polls without a token).
-        env.retain(|e| e.name != DISCOVER_AUTHORIZATION);
         env.push(EnvVar {
             name: DISCOVER_AUTHORIZATION.to_owned(),
             value: None,
@@ -395,6 +419,15 @@ pub fn inject(
         protocol: Some("TCP".to_owned()),
         ..Default::default()
     }];
+    // The volumes added below must not clash with the pod's (checked before the first change).
+    let job_wrap = !cfg.native_sidecars && is_job && netproxy.is_none();
+    let has_volume = |name: &str| spec.volumes.iter().flatten().any(|v| v.name == name);
+    if job_wrap && has_volume(JOB_VOLUME) {
+        return Err(InjectError::NameClash(JOB_VOLUME.to_owned()));
+    }
+    if cfg.service_account_tokens && has_volume(TOKEN_VOLUME) {
+        return Err(InjectError::NameClash(TOKEN_VOLUME.to_owned()));
+    }
     let moved = move_port_names(spec, &port_map);
     let mut port_names = BTreeMap::new();
     for (app, outer) in &port_map {
@@ -487,12 +520,20 @@ pub fn inject(
             ..Default::default()
         });
     }
-    let job_wrap = !cfg.native_sidecars && is_job && netproxy.is_none();
     if !cfg.native_sidecars && is_job && netproxy.is_some() {
         warnings.push("this cluster has no native sidecars (Kubernetes < 1.29) and a netproxy plugin replaces the sidemesh proxy: its container keeps the Job's pod running after the app exits".to_owned());
     }
-    if job_wrap && spec.volumes.iter().flatten().any(|v| v.name == JOB_VOLUME) {
-        return Err(InjectError::NameClash(JOB_VOLUME.to_owned()));
+    let token_mount = || VolumeMount {
+        name: TOKEN_VOLUME.to_owned(),
+        mount_path: TOKEN_DIR.to_owned(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    if cfg.service_account_tokens {
+        proxy
+            .volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(token_mount());
     }
 
     // Plugin containers.
@@ -510,6 +551,7 @@ pub fn inject(
             env: Some(plugin_env(&variables(v, a), &a.name)),
             env_from: shared_env_from.clone(),
             resources: Some(resources(v.memory_mib, v.cpu_millis)),
+            volume_mounts: cfg.service_account_tokens.then(|| vec![token_mount()]),
             ..Default::default()
         };
         match kind {
@@ -540,6 +582,24 @@ pub fn inject(
                 }
             }
         }
+    }
+    if cfg.service_account_tokens {
+        spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: TOKEN_VOLUME.to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(TOKEN_AUDIENCE.to_owned()),
+                        expiration_seconds: Some(TOKEN_SECONDS),
+                        path: "token".to_owned(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
     }
     spec.volumes.get_or_insert_with(Vec::new).push(Volume {
         name: STATE_VOLUME.to_owned(),
@@ -1131,6 +1191,19 @@ mod tests {
         );
         let volumes: Vec<_> = spec.volumes.unwrap().into_iter().map(|v| v.name).collect();
         assert_eq!(volumes, [JOB_VOLUME, STATE_VOLUME]);
+        // A Job that has a volume of that name already is refused, untouched.
+        let mut p = pod();
+        let spec = p.spec.as_mut().unwrap();
+        spec.containers[0].command = Some(vec!["/web".into()]);
+        spec.volumes = Some(vec![Volume {
+            name: JOB_VOLUME.into(),
+            ..Default::default()
+        }]);
+        let before = p.clone();
+        let spec = p.spec.as_mut().unwrap();
+        let out = inject("shop", &mut p.metadata, spec, true, &cfg, &catalog());
+        assert!(matches!(out, Err(InjectError::NameClash(n)) if n == JOB_VOLUME));
+        assert_eq!(p, before);
         // Native sidecars need none of this.
         let mut p = pod();
         let spec = p.spec.as_mut().unwrap();
@@ -1148,6 +1221,85 @@ mod tests {
             p.spec.unwrap().containers[0].command.as_deref().unwrap(),
             ["/web"]
         );
+    }
+
+    #[test]
+    fn service_account_tokens_replace_the_secret_for_every_container_that_polls() {
+        let cfg = InjectConfig {
+            service_account_tokens: true,
+            ..InjectConfig::default()
+        };
+        let mut p = pod();
+        // An app that sets the token variables itself: its values must not reach plugins.
+        let app = &mut p.spec.as_mut().unwrap().containers[0];
+        app.env.as_mut().unwrap().push(EnvVar {
+            name: TOKEN_FILE_ENV.into(),
+            value: Some("/elsewhere".into()),
+            value_from: None,
+        });
+        run(&mut p, &cfg, &catalog()).unwrap();
+        let spec = p.spec.unwrap();
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == TOKEN_VOLUME)
+            .unwrap();
+        let source = &volume.projected.as_ref().unwrap().sources.as_ref().unwrap()[0];
+        let token = source.service_account_token.as_ref().unwrap();
+        assert_eq!(token.audience.as_deref(), Some(TOKEN_AUDIENCE));
+        assert_eq!(token.path, "token");
+        assert_eq!(token.expiration_seconds, Some(3600));
+        let ours: Vec<&Container> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .filter(|c| c.name == PROXY || c.name.starts_with("plugin-"))
+            .collect();
+        assert_eq!(ours.len(), 4);
+        for c in ours {
+            let env = env_of(c);
+            assert_eq!(
+                env[TOKEN_FILE_ENV],
+                format!("{TOKEN_DIR}/token"),
+                "{}",
+                c.name
+            );
+            assert!(!env.contains_key(DISCOVER_AUTHORIZATION), "{}", c.name);
+            let mount = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == TOKEN_VOLUME)
+                .unwrap();
+            assert_eq!(
+                (mount.mount_path.as_str(), mount.read_only),
+                (TOKEN_DIR, Some(true))
+            );
+        }
+        // The app keeps its own variables and gets no token.
+        let app = spec.containers.iter().find(|c| c.name == "app").unwrap();
+        assert_eq!(env_of(app)[TOKEN_FILE_ENV], "/elsewhere");
+        assert!(
+            app.volume_mounts
+                .iter()
+                .flatten()
+                .all(|m| m.name != TOKEN_VOLUME)
+        );
+
+        // A pod that already has a volume of that name is refused, untouched.
+        let mut p = pod();
+        p.spec.as_mut().unwrap().volumes = Some(vec![Volume {
+            name: TOKEN_VOLUME.into(),
+            ..Default::default()
+        }]);
+        let before = p.clone();
+        assert!(matches!(
+            run(&mut p, &cfg, &catalog()),
+            Err(InjectError::NameClash(n)) if n == TOKEN_VOLUME
+        ));
+        assert_eq!(p, before);
     }
 
     #[test]

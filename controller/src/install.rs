@@ -156,7 +156,8 @@ pub fn manifests(opts: &InstallOptions, certs: Option<&WebhookCerts>) -> Vec<Val
         "metadata": {"name": "sidemesh-controller", "namespace": NAMESPACE, "labels": labels}
     }));
     // Least privilege: read what the index needs, write only sidemesh objects' status and
-    // (for the opt-in numeric targetPort rewrite) patch Services.
+    // (for the opt-in numeric targetPort rewrite) patch Services, and ask who a sidecar's
+    // service-account token belongs to (TokenReviews store nothing).
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
         "metadata": {"name": "sidemesh-controller", "labels": labels},
@@ -170,7 +171,9 @@ pub fn manifests(opts: &InstallOptions, certs: Option<&WebhookCerts>) -> Vec<Val
             {"apiGroups": ["sidemesh.io"], "resources": ["plugins", "meshconfigs"],
              "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["sidemesh.io"], "resources": ["plugins/status", "meshconfigs/status"],
-             "verbs": ["get", "patch", "update"]}
+             "verbs": ["get", "patch", "update"]},
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+             "verbs": ["create"]}
         ]
     }));
     out.push(json!({
@@ -241,6 +244,7 @@ pub fn manifests(opts: &InstallOptions, certs: Option<&WebhookCerts>) -> Vec<Val
         json!({"name": "SIDEMESH_DISCOVER_BASE",
                "value": format!("http://{DISCOVER_SERVICE}.{NAMESPACE}.svc:{DISCOVER_PORT}")}),
         json!({"name": "SIDEMESH_LOG_FORMAT", "value": "json"}),
+        json!({"name": "SIDEMESH_DISCOVER_SERVICE_ACCOUNT_TOKENS", "value": "true"}),
         json!({"name": "SIDEMESH_LEASE", "value": format!("{NAMESPACE}/{LEASE_NAME}")}),
         json!({"name": "SIDEMESH_POD_NAME",
                "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
@@ -516,11 +520,20 @@ mod tests {
                 .any(|v| !["get", "list", "watch"].contains(&v.as_str()));
             if writes {
                 let resources = rule.resources.unwrap();
-                // Status subresources, and `patch` on Services (the opt-in targetPort
-                // rewrite); nothing else, no create or delete anywhere.
+                // Status subresources, `patch` on Services (the opt-in targetPort
+                // rewrite) and TokenReviews (which store nothing); nothing else, no
+                // create of a stored object or delete anywhere.
                 let status = resources.iter().all(|r| r.ends_with("/status"));
                 let services = resources == ["services"] && rule.verbs == ["patch"];
-                assert!(status || services, "{resources:?} {:?}", rule.verbs);
+                let reviews = resources == ["tokenreviews"]
+                    && rule.verbs == ["create"]
+                    && rule.api_groups.as_deref()
+                        == Some(&["authentication.k8s.io".to_owned()][..]);
+                assert!(
+                    status || services || reviews,
+                    "{resources:?} {:?}",
+                    rule.verbs
+                );
             }
         }
     }

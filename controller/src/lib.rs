@@ -20,6 +20,7 @@ pub mod job;
 pub mod lease;
 pub mod live;
 pub mod manifest;
+pub mod review;
 pub mod targetport;
 pub mod tls;
 pub mod watch;

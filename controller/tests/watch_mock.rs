@@ -209,6 +209,12 @@ impl DiscoverHost for Recorder {
     fn serve(&self, _listener: tokio::net::TcpListener) -> std::io::Result<()> {
         Ok(())
     }
+    fn review_tokens(
+        &self,
+        _reviews: sidemesh_controller::review::TokenReviews,
+    ) -> anyhow::Result<()> {
+        panic!("these tests run without --discover-service-account-tokens")
+    }
     fn set_state(&self, state: ClusterState) {
         self.states.lock().unwrap().push(state);
     }
@@ -263,6 +269,7 @@ fn args(dir: &std::path::Path) -> cli::Args {
             proxy_memory_mib: 64,
             proxy_cpu_millis: 50,
             cluster_domain: "cluster.local".into(),
+            discover_service_account_tokens: false,
         },
     }
 }

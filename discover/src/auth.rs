@@ -327,7 +327,7 @@ impl Tokens {
 
 /// The token of `Authorization: Bearer <token>` (scheme case-insensitive, RFC 9110
 /// §11.1; the token is one `token68`, RFC 6750 §2.1).
-fn bearer(value: &HeaderValue) -> Option<&[u8]> {
+pub(crate) fn bearer(value: &HeaderValue) -> Option<&[u8]> {
     let v = value.as_bytes();
     let (scheme, rest) = v.split_at(v.iter().position(|&b| b == b' ')?);
     if !scheme.eq_ignore_ascii_case(b"bearer") {
@@ -465,18 +465,15 @@ impl Auth {
                 ),
             ),
         };
-        let body = serde_json::json!({ "error": message }).to_string();
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(challenge),
-        );
-        Some(r)
+        Some(refusal(status, Some(challenge), message))
+    }
+
+    /// Whether the request's bearer token is one the file lists (whatever it may act as).
+    pub fn lists(&self, headers: &HeaderMap) -> bool {
+        !matches!(
+            self.tokens.load().check(headers, "", ""),
+            Err(Denied::Missing | Denied::Malformed | Denied::Unknown)
+        )
     }
 
     /// Re-reads the file now if it parses; otherwise logs `file:line: what` and keeps the
@@ -505,6 +502,26 @@ impl Auth {
             auth.reload();
         })
     }
+}
+
+/// A refusal: `{"error": message}` with `status`, and the `WWW-Authenticate` challenge.
+pub(crate) fn refusal(
+    status: StatusCode,
+    challenge: Option<&'static str>,
+    message: String,
+) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(c) = challenge {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(c));
+    }
+    r
 }
 
 /// Polls `path` every 250 ms and calls `reload` (on a blocking thread) once the file's

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod rainbond;
 pub mod registry;
 pub mod render;
+pub mod review;
 pub mod server;
 pub mod statefile;
 pub mod store;

@@ -92,6 +92,8 @@ struct Shared {
     save: Notify,
     background: AtomicBool,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// The service-account token check, once [`Discover::review_tokens`] set it.
+    review: arc_swap::ArcSwapOption<crate::review::Review>,
 }
 
 impl std::fmt::Debug for Discover {
@@ -157,8 +159,16 @@ impl Discover {
                 save: Notify::new(),
                 background: AtomicBool::new(false),
                 tasks: Mutex::new(Vec::new()),
+                review: arc_swap::ArcSwapOption::empty(),
             }),
         })
+    }
+
+    /// From now on, a workload's config, resources and certificate need a Kubernetes
+    /// service-account token of its namespace (see [`crate::review`]), or a token the
+    /// token file lists when there is one.
+    pub fn review_tokens(&self, review: Arc<crate::review::Review>) {
+        self.shared.review.store(Some(review));
     }
 
     /// The metrics.
@@ -508,7 +518,7 @@ impl Discover {
                     return (route, method_not_allowed("POST"));
                 }
                 match sidecar_key(&[*ns, *svc, *plugin]) {
-                    Ok(key) => match self.refused(&req, &key) {
+                    Ok(key) => match self.refused(&req, &key).await {
                         Some(r) => (route, r),
                         None => (route, self.post_certificate(req, key).await),
                     },
@@ -521,7 +531,7 @@ impl Discover {
                     return get_only(route);
                 }
                 match sidecar_key(rest) {
-                    Ok(key) => match self.refused(&req, &key) {
+                    Ok(key) => match self.refused(&req, &key).await {
                         Some(r) => (route, r),
                         None => (route, self.get_sidecar(&req, key).await),
                     },
@@ -534,7 +544,7 @@ impl Discover {
                     return get_only(route);
                 }
                 match sidecar_key(rest) {
-                    Ok(key) => match self.refused(&req, &key) {
+                    Ok(key) => match self.refused(&req, &key).await {
                         Some(r) => (route, r),
                         None => (route, self.get_resources(key)),
                     },
@@ -569,10 +579,21 @@ impl Discover {
         }
     }
 
-    /// The token check of a workload's routes (see [`crate::auth`]); `None` lets the
-    /// request through.
-    fn refused<B>(&self, req: &Request<B>, key: &SidecarKey) -> Option<Response<Full<Bytes>>> {
-        self.shared.opts.auth.as_ref()?.check(req.headers(), key)
+    /// The token check of a workload's routes (see [`crate::auth`] and [`crate::review`]);
+    /// `None` lets the request through. A token the file lists is judged by the file; any
+    /// other, when service-account tokens are reviewed, by the cluster.
+    async fn refused<B>(
+        &self,
+        req: &Request<B>,
+        key: &SidecarKey,
+    ) -> Option<Response<Full<Bytes>>> {
+        let review = self.shared.review.load_full();
+        if let Some(auth) = &self.shared.opts.auth {
+            if review.is_none() || auth.lists(req.headers()) {
+                return auth.check(req.headers(), key);
+            }
+        }
+        review?.check(req.headers(), key).await
     }
 
     fn readyz(&self) -> Response<Full<Bytes>> {
