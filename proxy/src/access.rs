@@ -1,12 +1,15 @@
-//! Access logs: one line per HTTP request, in JSON or as text, written by a thread of
-//! their own so that a slow disk or a full pipe never holds up a request. Lines are
-//! formatted on the data plane and handed over through a bounded queue; when the queue is
-//! full the line is dropped and counted (`sidemesh_proxy_access_log_dropped_total`), as
-//! Envoy's and Linkerd's access logs do rather than block traffic.
+//! Access logs: one line per HTTP request and per raw TCP connection, in JSON or as text,
+//! written by a thread of their own so that a slow disk or a full pipe never holds up a
+//! request. Lines are formatted on the data plane and handed over through a bounded queue;
+//! when the queue is full the line is dropped and counted
+//! (`sidemesh_proxy_access_log_dropped_total`), as Envoy's and Linkerd's access logs do
+//! rather than block traffic.
 //!
-//! Off unless `--access-log json|text` is given. A line is written once the response head
-//! has gone to the client (the moment the latency histogram records), so `duration_ms` is
-//! the time to the response head, not to the body's end.
+//! Off unless `--access-log json|text` is given. A request's line is written once the
+//! response head has gone to the client (the moment the latency histogram records), so
+//! `duration_ms` is the time to the response head, not to the body's end. A TCP
+//! connection's line is written when it ends, with the bytes moved each way and how it
+//! ended ([`TcpEnd`]).
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
@@ -139,6 +142,66 @@ impl Upstream {
     }
 }
 
+/// How a raw TCP connection ended, as its line says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpEnd {
+    /// Both sides finished (or one closed): the usual end.
+    Closed,
+    /// No bytes either way for the idle timeout.
+    IdleTimeout,
+    /// The backend had no endpoint to pick.
+    NoEndpoints,
+    /// Every connect attempt failed.
+    ConnectFailed,
+    /// A circuit-breaker limit refused it.
+    Overloaded,
+    /// `allow_clients` refused the client (inbound).
+    Refused,
+    /// Cut by the sidecar's shutdown (the drain timeout ran out).
+    Shutdown,
+}
+
+impl TcpEnd {
+    /// The word in the line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpEnd::Closed => "closed",
+            TcpEnd::IdleTimeout => "idle_timeout",
+            TcpEnd::NoEndpoints => "no_endpoints",
+            TcpEnd::ConnectFailed => "connect_failed",
+            TcpEnd::Overloaded => "overloaded",
+            TcpEnd::Refused => "refused",
+            TcpEnd::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// One raw TCP connection, for its line.
+#[derive(Debug)]
+pub struct Tcp<'a> {
+    /// When it was accepted (wall clock).
+    pub started: SystemTime,
+    /// `inbound` or `outbound`.
+    pub direction: &'a str,
+    /// The service, `namespace/name`: the one called (outbound) or the workload's own
+    /// (inbound).
+    pub service: &'a str,
+    /// How it ended.
+    pub end: TcpEnd,
+    /// Time from accept to end.
+    pub duration: Duration,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The client's verified mesh identity (inbound, mutual TLS).
+    pub client_id: Option<&'a str>,
+    /// The endpoint it was relayed to (none when no connect succeeded).
+    pub upstream: Option<SocketAddr>,
+    /// Bytes from the client to the upstream.
+    pub to_upstream: u64,
+    /// Bytes from the upstream to the client.
+    pub to_client: u64,
+}
+
 /// The access log: a queue to the writer thread.
 pub struct AccessLog {
     format: Format,
@@ -184,10 +247,21 @@ impl AccessLog {
 
     /// Queues the line of one request; never waits.
     pub fn record(&self, req: &Request, outcome: &Outcome<'_>) {
-        let line = match self.format {
+        self.queue(match self.format {
             Format::Json => json_line(req, outcome),
             Format::Text => text_line(req, outcome),
-        };
+        });
+    }
+
+    /// Queues the line of one TCP connection; never waits.
+    pub fn record_tcp(&self, conn: &Tcp<'_>) {
+        self.queue(match self.format {
+            Format::Json => tcp_json_line(conn),
+            Format::Text => tcp_text_line(conn),
+        });
+    }
+
+    fn queue(&self, line: String) {
         // Full (the writer is behind) or gone: dropped, counted, never waited for.
         if self.queue.try_send(line).is_err() {
             self.dropped.inc();
@@ -334,6 +408,61 @@ fn text_line(req: &Request, o: &Outcome<'_>) -> String {
     s
 }
 
+/// The fields of a TCP connection's JSON line, in order.
+#[derive(serde::Serialize)]
+struct TcpJsonLine<'a> {
+    start_time: &'a str,
+    direction: &'a str,
+    service: &'a str,
+    protocol: &'static str,
+    end: &'static str,
+    duration_ms: f64,
+    client: SocketAddr,
+    client_id: Option<&'a str>,
+    upstream: Option<SocketAddr>,
+    bytes_to_upstream: u64,
+    bytes_to_client: u64,
+}
+
+fn tcp_json_line(c: &Tcp<'_>) -> String {
+    let start = rfc3339_millis(c.started);
+    let line = TcpJsonLine {
+        start_time: &start,
+        direction: c.direction,
+        service: c.service,
+        protocol: "TCP",
+        end: c.end.as_str(),
+        duration_ms: millis(c.duration),
+        client: c.client,
+        client_id: c.client_id,
+        upstream: c.upstream,
+        bytes_to_upstream: c.to_upstream,
+        bytes_to_client: c.to_client,
+    };
+    // Serializing borrowed strings and numbers cannot fail.
+    let mut s = serde_json::to_string(&line).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// `2026-12-05T14:49:23.123Z outbound shop/db TCP closed 812.004ms client=127.0.0.1:5555
+/// client_id=- upstream=10.0.0.9:5432 to_upstream=1024 to_client=52311`.
+fn tcp_text_line(c: &Tcp<'_>) -> String {
+    let upstream = c.upstream.map_or_else(|| "-".to_owned(), |u| u.to_string());
+    format!(
+        "{} {} {} TCP {} {:.3}ms client={} client_id={} upstream={upstream} to_upstream={} to_client={}\n",
+        rfc3339_millis(c.started),
+        c.direction,
+        c.service,
+        c.end.as_str(),
+        millis(c.duration),
+        c.client,
+        c.client_id.unwrap_or("-"),
+        c.to_upstream,
+        c.to_client
+    )
+}
+
 /// Appends `v` with `"` and `\` escaped and anything outside printable ASCII as `\xNN`.
 fn escape(s: &mut String, v: &str) {
     for b in v.bytes() {
@@ -397,6 +526,41 @@ mod tests {
             client_id: Some("shop/web"),
             upstream: Some("10.0.0.7:8080".parse().unwrap()),
         }
+    }
+
+    #[test]
+    fn a_tcp_line_names_its_end_and_the_bytes_each_way() {
+        let conn = Tcp {
+            started: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_946_163_123),
+            direction: "outbound",
+            service: "shop/db",
+            end: TcpEnd::IdleTimeout,
+            duration: Duration::from_micros(812_004),
+            client: "127.0.0.1:5555".parse().unwrap(),
+            client_id: None,
+            upstream: Some("10.0.0.9:5432".parse().unwrap()),
+            to_upstream: 1024,
+            to_client: 52_311,
+        };
+        let v: serde_json::Value = serde_json::from_str(&tcp_json_line(&conn)).unwrap();
+        assert_eq!(v["protocol"], "TCP");
+        assert_eq!(v["end"], "idle_timeout");
+        assert_eq!(v["duration_ms"], 812.004);
+        assert_eq!(v["upstream"], "10.0.0.9:5432");
+        assert_eq!(
+            (
+                v["bytes_to_upstream"].as_u64(),
+                v["bytes_to_client"].as_u64()
+            ),
+            (Some(1024), Some(52_311))
+        );
+        assert!(v["client_id"].is_null());
+        assert_eq!(
+            tcp_text_line(&conn),
+            "2025-12-05T14:49:23.123Z outbound shop/db TCP idle_timeout 812.004ms \
+             client=127.0.0.1:5555 client_id=- upstream=10.0.0.9:5432 to_upstream=1024 \
+             to_client=52311\n"
+        );
     }
 
     #[test]

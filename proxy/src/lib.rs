@@ -597,11 +597,25 @@ async fn connection(
                     ])
                     .inc();
                 tracing::debug!(%peer, client = client_id.as_deref().unwrap_or("-"), reason, "TCP connection refused by allow_clients");
+                if let Some(log) = &shared.config.access_log {
+                    log.record_tcp(&access::Tcp {
+                        started: std::time::SystemTime::now(),
+                        direction: target.direction.as_str(),
+                        service: &target.service.name,
+                        end: access::TcpEnd::Refused,
+                        duration: Duration::ZERO,
+                        client: peer,
+                        client_id: client_id.as_deref(),
+                        upstream: None,
+                        to_upstream: 0,
+                        to_client: 0,
+                    });
+                }
                 open.dec();
                 return;
             }
             tokio::select! {
-                _ = Box::pin(tcp::proxy(&shared, &target, stream, peer)) => {}
+                _ = Box::pin(tcp::proxy(&shared, &target, stream, peer, client_id.as_deref())) => {}
                 _ = drain.hard.cancelled() => {}
             }
         }

@@ -8,11 +8,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::Shared;
+use crate::access::{AccessLog, Tcp, TcpEnd};
 use crate::balance::hash_bytes;
 use crate::resilience::{Outcome, record};
 use crate::state::Target;
@@ -21,12 +22,73 @@ use crate::upstream::ConnectError;
 
 const BUF: usize = 64 * 1024;
 
-/// Proxies one accepted TCP connection to `target`'s default backend.
-pub(crate) async fn proxy(shared: &Shared, target: &Arc<Target>, client: Io, peer: SocketAddr) {
+/// The access log line of one connection (when access logs are on), written when it is
+/// dropped: at the end of [`proxy`], or when shutdown cuts the connection.
+struct Line<'a> {
+    log: &'a AccessLog,
+    started: SystemTime,
+    start: Instant,
+    direction: &'a str,
+    service: &'a str,
+    client: SocketAddr,
+    client_id: Option<&'a str>,
+    end: TcpEnd,
+    upstream: Option<SocketAddr>,
+    to_upstream: u64,
+    to_client: u64,
+}
+
+impl Drop for Line<'_> {
+    fn drop(&mut self) {
+        self.log.record_tcp(&Tcp {
+            started: self.started,
+            direction: self.direction,
+            service: self.service,
+            end: self.end,
+            duration: self.start.elapsed(),
+            client: self.client,
+            client_id: self.client_id,
+            upstream: self.upstream,
+            to_upstream: self.to_upstream,
+            to_client: self.to_client,
+        });
+    }
+}
+
+/// Sets how the connection ended, for its access log line.
+fn ended(line: &mut Option<Line<'_>>, end: TcpEnd) {
+    if let Some(l) = line {
+        l.end = end;
+    }
+}
+
+/// Proxies one accepted TCP connection to `target`'s default backend; `client_id` is the
+/// client's verified mesh identity (inbound, mutual TLS), for the access log.
+pub(crate) async fn proxy(
+    shared: &Shared,
+    target: &Arc<Target>,
+    client: Io,
+    peer: SocketAddr,
+    client_id: Option<&str>,
+) {
     let backend = &target.default_backend;
     let service = &backend.service;
     let m = &shared.metrics;
     let dir = target.direction.as_str();
+    let mut line = shared.config.access_log.as_deref().map(|log| Line {
+        log,
+        started: SystemTime::now(),
+        start: Instant::now(),
+        direction: dir,
+        service: &target.service.name,
+        client: peer,
+        client_id,
+        // Until it ends otherwise: a connection dropped mid-way is cut by shutdown.
+        end: TcpEnd::Shutdown,
+        upstream: None,
+        to_upstream: 0,
+        to_client: 0,
+    });
     let hash = service
         .hash_on
         .is_some()
@@ -37,6 +99,7 @@ pub(crate) async fn proxy(shared: &Shared, target: &Arc<Target>, client: Io, pee
     for attempt in 0..attempts {
         let Some(ep) = backend.balancer.pick(hash, avoid) else {
             tracing::warn!(service = %service.label, "no endpoints; closing TCP connection");
+            ended(&mut line, TcpEnd::NoEndpoints);
             return;
         };
         match service
@@ -62,6 +125,7 @@ pub(crate) async fn proxy(shared: &Shared, target: &Arc<Target>, client: Io, pee
                             .with_label_values(&[&*service.label, why])
                             .inc();
                         tracing::debug!(service = %service.label, reason = why, "TCP connection refused by breaker");
+                        ended(&mut line, TcpEnd::Overloaded);
                         return;
                     }
                     ConnectError::Timeout => {
@@ -88,8 +152,12 @@ pub(crate) async fn proxy(shared: &Shared, target: &Arc<Target>, client: Io, pee
         }
     }
     let Some(((server, _slot), ep)) = upstream else {
+        ended(&mut line, TcpEnd::ConnectFailed);
         return;
     };
+    if let Some(l) = &mut line {
+        l.upstream = Some(ep.addr);
+    }
     ep.stats.inflight.fetch_add(1, Ordering::Relaxed);
     let idle =
         (service.timeouts.idle_ms > 0).then(|| Duration::from_millis(service.timeouts.idle_ms));
@@ -106,6 +174,14 @@ pub(crate) async fn proxy(shared: &Shared, target: &Arc<Target>, client: Io, pee
     m.tcp_bytes
         .with_label_values(&[dir, &*service.label, "to_client"])
         .inc_by(down);
+    if let Some(l) = &mut line {
+        l.end = if timed_out {
+            TcpEnd::IdleTimeout
+        } else {
+            TcpEnd::Closed
+        };
+        (l.to_upstream, l.to_client) = (up, down);
+    }
 }
 
 /// Relays a connection: through [`crate::relay`] when both sides are plain TCP, through

@@ -151,3 +151,73 @@ async fn a_request_the_sidecar_answers_itself_is_logged_with_its_status() {
     assert_eq!(got[0]["path"], "/none");
     assert!(got[0]["upstream"].is_null(), "{got:?}");
 }
+
+/// A raw TCP connection gets one line when it ends: the bytes each way, the endpoint, and
+/// how it ended; one the sidecar cannot place is logged too.
+#[tokio::test]
+async fn a_tcp_connection_is_logged_when_it_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ip = loopback();
+    let echo = raw_server(ip, |mut s| async move {
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = s.read(&mut buf).await {
+            if s.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let log = AccessLog::start(
+        &Settings {
+            format: Format::Json,
+            path: Some(path.clone()),
+        },
+        &prometheus::Registry::new(),
+    )
+    .unwrap();
+    let svc = loopback();
+    let r = start_with(
+        ProxyConfig {
+            access_log: Some(Arc::new(log)),
+            ..ProxyConfig::default()
+        },
+        &outbound_config(1, svc, 9000, "tcp", &[echo], json!({})),
+    )
+    .await;
+    let mut c = tokio::net::TcpStream::connect((svc, 9000)).await.unwrap();
+    c.write_all(b"hello, echo").await.unwrap();
+    let mut back = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    c.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    let got = lines(&path, 1).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let one = &got[0];
+    assert_eq!(one["protocol"], "TCP");
+    assert_eq!(one["direction"], "outbound");
+    assert_eq!(one["service"], "shop/cart");
+    assert_eq!(one["end"], "closed");
+    assert_eq!(one["upstream"], echo.to_string());
+    assert_eq!(one["bytes_to_upstream"], 11);
+    assert_eq!(one["bytes_to_client"], 11);
+    assert!(one["client"].as_str().unwrap().starts_with("127."));
+
+    // No endpoint: the sidecar closes the connection, and says why.
+    r.set(&outbound_config(2, svc, 9000, "tcp", &[], json!({})))
+        .await;
+    let mut c = tokio::net::TcpStream::connect((svc, 9000)).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
+    let got = lines(&path, 2).await;
+    assert_eq!(got[1]["end"], "no_endpoints", "{got:?}");
+    assert!(got[1]["upstream"].is_null());
+}
