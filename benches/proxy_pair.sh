@@ -10,6 +10,8 @@
 #   MODE=conn benches/proxy_pair.sh  # wrk -t1 -c20 -d4s -H 'Connection: close'; conn/s, the
 #                                    # proxy's core utilisation and CPU ms per 1,000 connections
 #                                    # (SEGS=1: and TCP segments per connection, nstat)
+#   MODE=ka benches/proxy_pair.sh    # the same with keep-alive: requests/s, and per 1,000
+#                                    # requests
 #   MODE=tcp benches/proxy_pair.sh   # proxy_load bulk --seconds 4 --streams 1 (STREAMS=) to
 #                                    # two sinks through a `protocol: tcp` port; MB/s, the
 #                                    # proxy's core utilisation and CPU s per GB
@@ -94,7 +96,7 @@ wait_port "$SM" 8080; wait_port "$SM2" 8081; wait_port "$SM_SINK" 9000
 wait_port $NET.0.2 8081; wait_port $NET.0.2 9000
 for u in $U1 $U2; do wait_port $u 8080; wait_port $u 8082; wait_port $u 9000; done
 STREAMS=${STREAMS:-1}
-# SEGS=1 (conn): also TCP segments sent per connection, from `nstat` (the whole host's
+# SEGS=1 (conn, ka): also TCP segments sent per connection (ka: per request), from `nstat` (the whole host's
 # count: only meaningful while nothing else uses TCP).
 SEGS=${SEGS:-0}
 
@@ -119,10 +121,11 @@ CLK=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do
   for p in sidemesh haproxy; do
     if [ $p = sidemesh ]; then pid=$SM_PID a=$SM a2=$SM2; else pid=$HA_PID a=$NET.0.2 a2=$NET.0.2; fi
-    if [ "$MODE" = conn ]; then
+    if [ "$MODE" = conn ] || [ "$MODE" = ka ]; then
+      if [ "$MODE" = conn ]; then hdr=(-H 'Connection: close') rate=conn_per_s; else hdr=() rate=req_per_s; fi
       [ "$SEGS" = 1 ] && nstat -n
       t0=$(ticks "$pid") u0=$(up_ticks)
-      load wrk -t1 -c20 -d4s -H 'Connection: close' "http://$a:8080/"
+      load wrk -t1 -c20 -d4s "${hdr[@]}" "http://$a:8080/"
       t1=$(ticks "$pid") u1=$(up_ticks)
       w=$(cat "$OUT/load.out") l=$(load_s "$u0" "$u1")
       n=$(awk '/requests in/ {print $1}' <<<"$w")
@@ -130,7 +133,7 @@ for round in $(seq "$ROUNDS"); do
       if [ "$SEGS" = 1 ]; then
         segs="segs_per_conn $(nstat -z TcpOutSegs | awk -v n="$n" '$1=="TcpOutSegs" {printf "%.2f", $2/n}')"
       fi
-      echo "round $round $p conn_per_s $(awk '/Requests\/sec/ {print $2}' <<<"$w")" \
+      echo "round $round $p $rate $(awk '/Requests\/sec/ {print $2}' <<<"$w")" \
         "core $(python3 -c "print(round(($t1-$t0)/$CLK/4,2))")" \
         "cpu_ms_per_1k $(python3 -c "print(round(($t1-$t0)/$CLK*1e6/$n,2))")" \
         "load_core $(python3 -c "print(round($l/4,2))")" \
