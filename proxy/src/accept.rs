@@ -32,7 +32,8 @@ impl Listener {
         listener.set_nonblocking(true)?;
         // Deprecated as unsound for a `T` whose `as_raw_fd` may change or close its
         // descriptor; a mio listener owns its descriptor for its whole life, which is what
-        // the replacement (`unsafe`, forbidden here) asks its caller to promise.
+        // the replacement (`unsafe`, which the workspace denies) asks its caller to
+        // promise.
         #[allow(deprecated)]
         let inner = AsyncFd::with_interest(
             mio::net::TcpListener::from_std(listener),
@@ -163,7 +164,8 @@ impl LazyTcp {
             };
             // Deprecated as unsound for a `T` whose `as_raw_fd` may change or close its
             // descriptor; a std stream owns its descriptor for its whole life, which is
-            // what the replacement (`unsafe`, forbidden here) asks its caller to promise.
+            // what the replacement (`unsafe`, which the workspace denies) asks its caller
+            // to promise.
             #[allow(deprecated)]
             let fd = AsyncFd::with_interest(s, Interest::READABLE)?;
             self.state = State::Reading(fd);
