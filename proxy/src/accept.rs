@@ -1,15 +1,17 @@
 //! Accepting client connections without registering them with the reactor up front.
 //!
-//! A client of a plaintext HTTP/1.1 listener has often sent its request by the time its
-//! connection is accepted (nearly always when the sidecar is busy: it accepts later), and
-//! the response usually fits in the socket's send buffer. So,
-//! as HAProxy does, an accepted socket is read and written directly (non-blocking), and is
+//! A client of a plaintext HTTP/1.1 listener has sent (the start of) its request by the
+//! time its connection is accepted (the listener defers accepting until then:
+//! TCP_DEFER_ACCEPT, see `bind` in `lib.rs`; a client silent for a second is accepted
+//! anyway), and the response usually fits in the socket's send buffer. So, as HAProxy does, an accepted socket is read and written directly (non-blocking), and is
 //! registered with tokio's reactor (`epoll_ctl` ADD, and DEL when it closes) only when a
 //! read or a write would block, and then for that direction only at first. A
 //! `Connection: close` request answered at once costs two system calls fewer, and no
 //! registration, readiness event or deregistration in the runtime; one whose request
 //! comes after the accept costs no writability event; a connection whose write has to
-//! wait becomes an ordinary [`TcpStream`].
+//! wait becomes an ordinary [`TcpStream`]. A connection's last response, when the whole
+//! of it is written at once before the shutdown, leaves with the FIN in one segment
+//! ([`LazyTcp::last_before_shutdown`]).
 
 use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, SocketAddr};

@@ -457,9 +457,7 @@ impl Io {
 
     /// Declares that the caller now writes the connection's last bytes, all of them at
     /// once, and shuts it down right after: on a plaintext accepted connection they and
-    /// the FIN then leave in one segment (see [`LazyTcp::last_before_shutdown`]).
-    ///
-    /// [`LazyTcp::last_before_shutdown`]: crate::accept::LazyTcp::last_before_shutdown
+    /// the FIN then leave in one segment (see `LazyTcp::last_before_shutdown`).
     pub fn last_before_shutdown(&mut self) {
         if let Io::Accepted(s) = self {
             s.last_before_shutdown();
