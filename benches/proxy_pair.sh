@@ -9,6 +9,9 @@
 #   MODE=lat2 benches/proxy_pair.sh  # the same over h2c (--h2), as proxy.sh's h2_2k rows
 #   MODE=conn benches/proxy_pair.sh  # wrk -t1 -c20 -d4s -H 'Connection: close'; conn/s, the
 #                                    # proxy's core utilisation and CPU ms per 1,000 connections
+#                                    # (SEGS=1: and TCP segments per connection, nstat)
+#   MODE=ka benches/proxy_pair.sh    # the same with keep-alive: requests/s, and per 1,000
+#                                    # requests
 #   MODE=tcp benches/proxy_pair.sh   # proxy_load bulk --seconds 4 --streams 1 (STREAMS=) to
 #                                    # two sinks through a `protocol: tcp` port; MB/s, the
 #                                    # proxy's core utilisation and CPU s per GB
@@ -18,7 +21,7 @@
 # their context is in it) per 1,000 connections or per GB: what the load core, which
 # saturates first in those two figures, spends on each. Per process, so other work on a
 # shared machine stays out of it (the core's /proc/stat line under-counted in this VM).
-#   ROUNDS=6 NET=127.94 NS=pair2 BIN=/path/to/sidemesh benches/proxy_pair.sh
+#   ROUNDS=6 NET=127.94 NS=pair2 BIN=/path/to/sidemesh LOAD=/path/to/proxy_load benches/proxy_pair.sh
 #
 # Needs: haproxy, wrk, python3, curl. Output in bench-results/proxy_pair/.
 set -euo pipefail
@@ -26,8 +29,11 @@ OUT=${OUT:-bench-results/proxy_pair}
 . "$(dirname "$0")/lib.sh"
 bench_init proxy_pair haproxy wrk python3 curl taskset
 BIN=$(bench_binary "${BIN:-}")
-cargo build --release --quiet -p sidemesh-bench --bin proxy_load
-LOAD=$PWD/target/release/proxy_load
+# LOAD: a proxy_load binary to use instead of building one.
+if [ -z "${LOAD:-}" ]; then
+  cargo build --release --quiet -p sidemesh-bench --bin proxy_load
+  LOAD=$PWD/target/release/proxy_load
+fi
 MODE=${MODE:-lat}
 ROUNDS=${ROUNDS:-3}
 NET=${NET:-127.93}
@@ -70,6 +76,9 @@ wait_port "$SM" 8080; wait_port "$SM2" 8081; wait_port "$SM_SINK" 9000
 wait_port $NET.0.2 8081; wait_port $NET.0.2 9000
 for u in $U1 $U2; do wait_port $u 8080; wait_port $u 8082; wait_port $u 9000; done
 STREAMS=${STREAMS:-1}
+# SEGS=1 (conn, ka): also TCP segments sent per connection (ka: per request), from `nstat` (the whole host's
+# count: only meaningful while nothing else uses TCP).
+SEGS=${SEGS:-0}
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 # The upstreams' and sinks' ticks together.
@@ -92,17 +101,23 @@ CLK=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do
   for p in sidemesh haproxy; do
     if [ $p = sidemesh ]; then pid=$SM_PID a=$SM a2=$SM2; else pid=$HA_PID a=$NET.0.2 a2=$NET.0.2; fi
-    if [ "$MODE" = conn ]; then
+    if [ "$MODE" = conn ] || [ "$MODE" = ka ]; then
+      if [ "$MODE" = conn ]; then hdr=(-H 'Connection: close') rate=conn_per_s; else hdr=() rate=req_per_s; fi
+      [ "$SEGS" = 1 ] && nstat -n
       t0=$(ticks "$pid") u0=$(up_ticks)
-      load wrk -t1 -c20 -d4s -H 'Connection: close' "http://$a:8080/"
+      load wrk -t1 -c20 -d4s "${hdr[@]}" "http://$a:8080/"
       t1=$(ticks "$pid") u1=$(up_ticks)
       w=$(cat "$OUT/load.out") l=$(load_s "$u0" "$u1")
       n=$(awk '/requests in/ {print $1}' <<<"$w")
-      echo "round $round $p conn_per_s $(awk '/Requests\/sec/ {print $2}' <<<"$w")" \
+      segs=""
+      if [ "$SEGS" = 1 ]; then
+        segs="segs_per_conn $(nstat -z TcpOutSegs | awk -v n="$n" '$1=="TcpOutSegs" {printf "%.2f", $2/n}')"
+      fi
+      echo "round $round $p $rate $(awk '/Requests\/sec/ {print $2}' <<<"$w")" \
         "core $(python3 -c "print(round(($t1-$t0)/$CLK/4,2))")" \
         "cpu_ms_per_1k $(python3 -c "print(round(($t1-$t0)/$CLK*1e6/$n,2))")" \
         "load_core $(python3 -c "print(round($l/4,2))")" \
-        "load_ms_per_1k $(python3 -c "print(round($l*1e6/$n,2))")"
+        "load_ms_per_1k $(python3 -c "print(round($l*1e6/$n,2))")" $segs
     elif [ "$MODE" = tcp ]; then
       [ $p = sidemesh ] && a=$SM_SINK
       t0=$(ticks "$pid") u0=$(up_ticks)

@@ -1,21 +1,24 @@
 //! Accepting client connections without registering them with the reactor up front.
 //!
-//! A client of a plaintext HTTP/1.1 listener has often sent its request by the time its
-//! connection is accepted (nearly always when the sidecar is busy: it accepts later), and
-//! the response usually fits in the socket's send buffer. So,
-//! as HAProxy does, an accepted socket is read and written directly (non-blocking), and is
+//! A client of a plaintext HTTP/1.1 listener has sent (the start of) its request by the
+//! time its connection is accepted (the listener defers accepting until then:
+//! TCP_DEFER_ACCEPT, see `bind` in `lib.rs`; a client silent for a second is accepted
+//! anyway), and the response usually fits in the socket's send buffer. So, as HAProxy does, an accepted socket is read and written directly (non-blocking), and is
 //! registered with tokio's reactor (`epoll_ctl` ADD, and DEL when it closes) only when a
 //! read or a write would block, and then for that direction only at first. A
 //! `Connection: close` request answered at once costs two system calls fewer, and no
 //! registration, readiness event or deregistration in the runtime; one whose request
 //! comes after the accept costs no writability event; a connection whose write has to
-//! wait becomes an ordinary [`TcpStream`].
+//! wait becomes an ordinary [`TcpStream`]. A connection's last response, when the whole
+//! of it is written at once before the shutdown, leaves with the FIN in one segment
+//! ([`LazyTcp::last_before_shutdown`]).
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use socket2::SockRef;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
@@ -31,7 +34,8 @@ impl Listener {
         listener.set_nonblocking(true)?;
         // Deprecated as unsound for a `T` whose `as_raw_fd` may change or close its
         // descriptor; a mio listener owns its descriptor for its whole life, which is what
-        // the replacement (`unsafe`, forbidden here) asks its caller to promise.
+        // the replacement (`unsafe`, which the workspace denies) asks its caller to
+        // promise.
         #[allow(deprecated)]
         let inner = AsyncFd::with_interest(
             mio::net::TcpListener::from_std(listener),
@@ -64,6 +68,9 @@ impl Listener {
 /// that would block (see the module's documentation).
 pub struct LazyTcp {
     state: State,
+    /// Direct writes carry MSG_MORE: the connection's last bytes are being written and
+    /// its shutdown follows (see [`LazyTcp::last_before_shutdown`]).
+    more: bool,
 }
 
 enum State {
@@ -111,7 +118,18 @@ impl LazyTcp {
     pub(crate) fn new(stream: std::net::TcpStream) -> LazyTcp {
         LazyTcp {
             state: State::Direct(stream),
+            more: false,
         }
+    }
+
+    /// Declares that what is written from now on ends the connection's output: the
+    /// caller writes it at once (the whole of it is in memory) and then shuts the
+    /// connection down. Direct writes then carry MSG_MORE, so the kernel holds their
+    /// last partial segment and `shutdown` sends it with the FIN, one segment instead of
+    /// two. Nothing can be held for long: the shutdown pushes it, and so does a close (or
+    /// a write that has to wait, which goes through the reactor without the flag).
+    pub fn last_before_shutdown(&mut self) {
+        self.more = true;
     }
 
     /// The connection as a registered tokio stream, for the paths that need one (TLS,
@@ -148,7 +166,8 @@ impl LazyTcp {
             };
             // Deprecated as unsound for a `T` whose `as_raw_fd` may change or close its
             // descriptor; a std stream owns its descriptor for its whole life, which is
-            // what the replacement (`unsafe`, forbidden here) asks its caller to promise.
+            // what the replacement (`unsafe`, which the workspace denies) asks its caller
+            // to promise.
             #[allow(deprecated)]
             let fd = AsyncFd::with_interest(s, Interest::READABLE)?;
             self.state = State::Reading(fd);
@@ -191,6 +210,17 @@ impl LazyTcp {
             Err(e) => Poll::Ready(Err(e)),
         }
     }
+}
+
+/// The flags of a direct write: MSG_MORE when the shutdown follows (Linux; elsewhere the
+/// response and the FIN go in two segments, as before).
+fn more_flags(more: bool) -> i32 {
+    #[cfg(target_os = "linux")]
+    if more {
+        return libc::MSG_MORE;
+    }
+    let _ = more;
+    0
 }
 
 /// One read straight into `buf`. Safe code cannot read into uninitialised memory: free
@@ -242,8 +272,12 @@ impl AsyncWrite for LazyTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut()
-            .write_with(|mut s| s.write(buf), |s| s.poll_write(cx, buf))
+        let this = self.get_mut();
+        let flags = more_flags(this.more);
+        this.write_with(
+            |s| SockRef::from(s).send_with_flags(buf, flags),
+            |s| s.poll_write(cx, buf),
+        )
     }
 
     fn poll_write_vectored(
@@ -251,8 +285,10 @@ impl AsyncWrite for LazyTcp {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().write_with(
-            |mut s| s.write_vectored(bufs),
+        let this = self.get_mut();
+        let flags = more_flags(this.more);
+        this.write_with(
+            |s| SockRef::from(s).send_vectored_with_flags(bufs, flags),
             |s| s.poll_write_vectored(cx, bufs),
         )
     }
@@ -295,6 +331,16 @@ mod tests {
         (server, client)
     }
 
+    /// What the client reads until the end of the stream (at most 10 s).
+    async fn read_to_end(client: &mut TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        got
+    }
+
     /// Bytes already there are read without registering; a write that fits neither.
     #[tokio::test]
     async fn ready_io_stays_unregistered() {
@@ -308,11 +354,7 @@ mod tests {
         server.write_all(b"world").await.unwrap();
         server.shutdown().await.unwrap();
         assert!(!server.is_registered());
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
+        let got = read_to_end(&mut client).await;
         assert_eq!(got, b"world");
     }
 
@@ -346,11 +388,7 @@ mod tests {
             server.shutdown().await.unwrap();
             server.is_registered()
         });
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
+        let got = read_to_end(&mut client).await;
         assert_eq!(got.len(), 8 * 1024 * 1024);
         assert!(got.iter().all(|&b| b == 7));
         assert!(writer.await.unwrap());
@@ -402,6 +440,58 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(n, 0);
+    }
+
+    /// The last bytes before a shutdown wait for it (on Linux, MSG_MORE holds a partial
+    /// segment), then arrive with the end of the stream.
+    #[tokio::test]
+    async fn last_bytes_leave_with_the_shutdown() {
+        let (mut server, mut client) = pair().await;
+        server.last_before_shutdown();
+        server.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        assert!(!server.is_registered());
+        #[cfg(target_os = "linux")]
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut b = [0u8; 64];
+            let e = client.try_read(&mut b).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                io::ErrorKind::WouldBlock,
+                "sent before the shutdown"
+            );
+        }
+        server.shutdown().await.unwrap();
+        let got = read_to_end(&mut client).await;
+        assert_eq!(got, b"HTTP/1.1 200 OK\r\n\r\n");
+    }
+
+    /// Bytes written as the last ones are not lost when the socket is closed without a
+    /// shutdown: the close sends them.
+    #[tokio::test]
+    async fn last_bytes_leave_with_a_close() {
+        let (mut server, mut client) = pair().await;
+        server.last_before_shutdown();
+        server.write_all(b"bye").await.unwrap();
+        drop(server);
+        let got = read_to_end(&mut client).await;
+        assert_eq!(got, b"bye");
+    }
+
+    /// A last write larger than the socket buffers waits through the reactor and
+    /// completes.
+    #[tokio::test]
+    async fn a_large_last_write_completes() {
+        let (mut server, mut client) = pair().await;
+        let writer = tokio::spawn(async move {
+            server.last_before_shutdown();
+            server.write_all(&vec![5u8; 8 * 1024 * 1024]).await.unwrap();
+            server.shutdown().await.unwrap();
+        });
+        let got = read_to_end(&mut client).await;
+        assert_eq!(got.len(), 8 * 1024 * 1024);
+        assert!(got.iter().all(|&b| b == 5));
+        writer.await.unwrap();
     }
 
     /// The registered stream is the same connection.

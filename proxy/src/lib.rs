@@ -46,6 +46,8 @@ pub mod metrics;
 pub mod register;
 mod relay;
 pub mod resilience;
+#[cfg(target_os = "linux")]
+mod sockopt;
 pub mod state;
 pub mod tcp;
 pub mod tls;
@@ -410,6 +412,18 @@ async fn drain(addr: SocketAddr, h: ListenerHandle, timeout: Duration) {
 /// kernel then leaves that mode for the connection). Raw TCP and `auto` listeners, where
 /// such clients are likelier, keep quick ACKs. The mode is set when the address is bound:
 /// a listener kept across a config change of its port's protocol keeps it.
+///
+/// Client-first listeners also set TCP_DEFER_ACCEPT (`DEFER_ACCEPT_SECS`): the kernel
+/// makes a connection acceptable when its client's first bytes arrive, not on the
+/// handshake's last ACK. The listener then wakes once per connection with the request
+/// already there, instead of accepting, finding nothing to read, registering the socket
+/// and being woken again; the sidecar and the client's core both spend less per
+/// connection. A client that connects and sends nothing waits in the kernel (a request
+/// socket, no descriptor, bounded by the listen backlog) for about a second, and is then
+/// accepted anyway, after which the header-read timeout and the connection limit apply
+/// as before. HAProxy's `defer-accept` bind option and nginx's `deferred` are the same.
+/// Never on raw TCP or `auto` listeners: a server-first protocol (SMTP, MySQL) would wait
+/// that second for a greeting its client never gets.
 fn bind(addr: SocketAddr, client_first: bool) -> std::io::Result<Listener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
@@ -425,11 +439,19 @@ fn bind(addr: SocketAddr, client_first: bool) -> std::io::Result<Listener> {
         if let Err(e) = socket2::SockRef::from(&listener).set_tcp_quickack(false) {
             tracing::debug!(%addr, error = %e, "cannot clear TCP_QUICKACK on the listener");
         }
+        if let Err(e) = sockopt::set_defer_accept(&listener, DEFER_ACCEPT_SECS) {
+            tracing::debug!(%addr, error = %e, "cannot set TCP_DEFER_ACCEPT on the listener");
+        }
     }
     #[cfg(not(target_os = "linux"))]
     let _ = client_first;
     Listener::new(listener.into_std()?)
 }
+
+/// How long a client-first listener's kernel holds a connection whose client has sent
+/// nothing before it is accepted anyway (TCP_DEFER_ACCEPT; see `bind`).
+#[cfg(target_os = "linux")]
+const DEFER_ACCEPT_SECS: u32 = 1;
 
 async fn accept_loop(
     shared: Arc<Shared>,
@@ -656,7 +678,11 @@ mod tests {
     async fn accept_one(client_first: bool) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
         let l = bind("127.0.0.1:0".parse().unwrap(), client_first).unwrap();
         let addr = l.local_addr().unwrap();
-        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // A client-first listener accepts a connection once its client has said something.
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"x")
+            .await
+            .unwrap();
         let (server, _) = tokio::time::timeout(Duration::from_secs(5), l.accept())
             .await
             .unwrap()

@@ -455,6 +455,15 @@ impl Io {
         }
     }
 
+    /// Declares that the caller now writes the connection's last bytes, all of them at
+    /// once, and shuts it down right after: on a plaintext accepted connection they and
+    /// the FIN then leave in one segment (see `LazyTcp::last_before_shutdown`).
+    pub fn last_before_shutdown(&mut self) {
+        if let Io::Accepted(s) = self {
+            s.last_before_shutdown();
+        }
+    }
+
     /// Whether the TLS handshake chose HTTP/2 (ALPN `h2`): the peer sidecar carries its
     /// requests over one multiplexed HTTP/2 connection, whatever the port's protocol.
     pub fn alpn_h2(&self) -> bool {

@@ -161,8 +161,13 @@ async fn connection_limit_closes_extra_connections() {
         ..ProxyConfig::default()
     };
     let (p, _be, svc) = proxy_to("a", cfg).await;
-    let _c1 = TcpStream::connect((svc, 80)).await.unwrap();
-    let _c2 = TcpStream::connect((svc, 80)).await.unwrap();
+    // Two clients that have started their requests (a client that has sent nothing is
+    // not accepted yet: TCP_DEFER_ACCEPT; see the test below).
+    let mut c1 = TcpStream::connect((svc, 80)).await.unwrap();
+    c1.write_all(b"GET").await.unwrap();
+    let mut c2 = TcpStream::connect((svc, 80)).await.unwrap();
+    c2.write_all(b"GET").await.unwrap();
+    assert!(eventually(|| open_connections(&p) == 2).await);
     let resp = raw((svc, 80), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(resp.is_empty(), "third connection was served: {resp}");
     let text = prometheus::TextEncoder::new()
@@ -172,6 +177,49 @@ async fn connection_limit_closes_extra_connections() {
         text.contains("sidemesh_proxy_connection_limit_rejections_total 1"),
         "{text}"
     );
+}
+
+/// The outbound client connections open now, from the metrics.
+fn open_connections(p: &Running) -> i64 {
+    p.gauge(
+        "sidemesh_proxy_tcp_connections_open",
+        &[("direction", "outbound")],
+    )
+}
+
+/// A client that connects and sends nothing waits in the kernel (HTTP listeners defer
+/// accepting until the request comes) for about a second, is then accepted anyway, holds
+/// a slot of the connection limit, and is cut off by the header-read timeout.
+#[tokio::test]
+async fn silent_clients_are_accepted_then_limited_and_timed_out() {
+    let cfg = ProxyConfig {
+        max_connections: 1,
+        header_read_timeout: Duration::from_secs(1),
+        ..ProxyConfig::default()
+    };
+    let (p, _be, svc) = proxy_to("a", cfg).await;
+    let t0 = std::time::Instant::now();
+    let mut silent = TcpStream::connect((svc, 80)).await.unwrap();
+    assert!(
+        eventually(|| open_connections(&p) == 1).await,
+        "the silent client was never accepted"
+    );
+    // While it holds the only slot, another client is turned away.
+    let resp = raw((svc, 80), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(resp.is_empty(), "second connection was served: {resp}");
+    // Then the header-read timeout closes it.
+    let mut buf = [0u8; 512];
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // a 408 answer, then the close
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the silent client was not cut off");
+    assert!(t0.elapsed() >= Duration::from_secs(1), "{:?}", t0.elapsed());
 }
 
 #[tokio::test]

@@ -471,6 +471,9 @@ impl Lean {
         let Some((mut up, clients)) = self.held.take() else {
             return Next::Close;
         };
+        if (close || framing == ResponseFraming::Close) && whole_body_read(&rbody, &self.ubuf) {
+            self.client.last_before_shutdown();
+        }
         let result = match &mut rbody {
             None => self
                 .client
@@ -717,6 +720,9 @@ impl Lean {
         put_decimal(&mut self.out, body.len() as u64);
         self.out.extend_from_slice(b"\r\n\r\n");
         self.out.extend_from_slice(&body);
+        if close {
+            self.client.last_before_shutdown();
+        }
         let r = self.client.write_all(&self.out).await;
         self.out.clear();
         r
@@ -742,6 +748,16 @@ async fn until(mut timer: Pin<&mut Sleep>, deadline: tokio::time::Instant) {
 
 fn status_of(code: u16) -> http::StatusCode {
     http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_GATEWAY)
+}
+
+/// Whether the response body (`None`: none) has been read whole into `buf`, so that the
+/// response goes to the client in one write.
+fn whole_body_read(body: &Option<BodyState>, buf: &Buf) -> bool {
+    match body {
+        None => true,
+        Some(BodyState::Length(n)) => buf.bytes().len() as u64 >= *n,
+        Some(_) => false,
+    }
 }
 
 /// Moves the body bytes at the start of `buf` into `out` (at most about `limit` bytes);

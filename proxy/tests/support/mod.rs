@@ -154,6 +154,20 @@ impl Drop for Running {
 impl Running {
     /// The sum of counter `name` over the series whose labels include all of `labels`.
     pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.sum(name, labels, |m| m.get_counter().get_value()) as u64
+    }
+
+    /// The sum of gauge `name` over the series whose labels include all of `labels`.
+    pub fn gauge(&self, name: &str, labels: &[(&str, &str)]) -> i64 {
+        self.sum(name, labels, |m| m.get_gauge().get_value()) as i64
+    }
+
+    fn sum(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: impl Fn(&prometheus::proto::Metric) -> f64,
+    ) -> f64 {
         self.registry
             .gather()
             .iter()
@@ -166,7 +180,7 @@ impl Running {
                         .any(|l| l.name() == *k && l.value() == *v)
                 })
             })
-            .map(|m| m.get_counter().get_value() as u64)
+            .map(value)
             .sum()
     }
 
