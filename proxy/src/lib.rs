@@ -165,6 +165,11 @@ struct ListenerHandle {
     drain: Drain,
     tracker: TaskTracker,
     direction: Direction,
+    /// A second descriptor of the listening socket, to change its options when its port's
+    /// protocol changes (see [`set_client_first`]).
+    socket: std::net::TcpListener,
+    /// Whether the socket is set up for clients that speak first.
+    client_first: bool,
 }
 
 impl Proxy {
@@ -315,19 +320,27 @@ impl Proxy {
         let m = &self.shared.metrics;
         let mut failed = Vec::new();
         for (addr, target) in &state.listeners {
-            if listeners.contains_key(addr) {
-                continue;
-            }
             let client_first = matches!(
                 target.protocol,
                 Protocol::Http1 | Protocol::Http2 | Protocol::Grpc
             );
+            if let Some(h) = listeners.get_mut(addr) {
+                // Kept across a change of its port's protocol: a deferred accept left on
+                // a port whose server now speaks first would hold every client a second.
+                if h.client_first != client_first {
+                    set_client_first(&h.socket, *addr, client_first);
+                    h.client_first = client_first;
+                }
+                continue;
+            }
             match bind(*addr, client_first) {
-                Ok(l) => {
+                Ok((l, socket)) => {
                     let h = ListenerHandle {
                         drain: Drain::default(),
                         tracker: TaskTracker::new(),
                         direction: target.direction,
+                        socket,
+                        client_first,
                     };
                     tokio::spawn(accept_loop(
                         self.shared.clone(),
@@ -386,6 +399,9 @@ impl Proxy {
 }
 
 async fn drain(addr: SocketAddr, h: ListenerHandle, timeout: Duration) {
+    // The second descriptor goes first, so the socket closes as soon as the accept loop
+    // lets go of it: new clients are refused at once, and the address can be bound again.
+    drop(h.socket);
     h.drain.soft.cancel();
     h.tracker.close();
     if tokio::time::timeout(timeout, h.tracker.wait())
@@ -410,8 +426,8 @@ async fn drain(addr: SocketAddr, h: ListenerHandle, timeout: Duration) {
 /// for a client that sends its request in pieces while Nagle holds back the next piece
 /// until the previous one is acknowledged: its first wait is one delayed-ACK timeout (the
 /// kernel then leaves that mode for the connection). Raw TCP and `auto` listeners, where
-/// such clients are likelier, keep quick ACKs. The mode is set when the address is bound:
-/// a listener kept across a config change of its port's protocol keeps it.
+/// such clients are likelier, keep quick ACKs. A listener kept across a config change of
+/// its port's protocol is set up again ([`set_client_first`]).
 ///
 /// Client-first listeners also set TCP_DEFER_ACCEPT (`DEFER_ACCEPT_SECS`): the kernel
 /// makes a connection acceptable when its client's first bytes arrive, not on the
@@ -424,7 +440,12 @@ async fn drain(addr: SocketAddr, h: ListenerHandle, timeout: Duration) {
 /// as before. HAProxy's `defer-accept` bind option and nginx's `deferred` are the same.
 /// Never on raw TCP or `auto` listeners: a server-first protocol (SMTP, MySQL) would wait
 /// that second for a greeting its client never gets.
-fn bind(addr: SocketAddr, client_first: bool) -> std::io::Result<Listener> {
+///
+/// Returns the listener and a second descriptor of its socket, for [`set_client_first`].
+fn bind(
+    addr: SocketAddr,
+    client_first: bool,
+) -> std::io::Result<(Listener, std::net::TcpListener)> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -432,20 +453,30 @@ fn bind(addr: SocketAddr, client_first: bool) -> std::io::Result<Listener> {
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
-    let listener = socket.listen(1024)?;
-    #[cfg(target_os = "linux")]
+    let listener = socket.listen(1024)?.into_std()?;
     if client_first {
-        // An optimisation only: the listener serves without it.
-        if let Err(e) = socket2::SockRef::from(&listener).set_tcp_quickack(false) {
-            tracing::debug!(%addr, error = %e, "cannot clear TCP_QUICKACK on the listener");
+        set_client_first(&listener, addr, true);
+    }
+    let second = listener.try_clone()?;
+    Ok((Listener::new(listener)?, second))
+}
+
+/// Sets up a listening socket for clients that speak first (delayed ACKs, deferred
+/// accepts; see [`bind`]) or not (quick ACKs, accepts on the handshake). Optimisations
+/// only: a listener serves without them, so a failure is logged, not returned.
+fn set_client_first(listener: &std::net::TcpListener, addr: SocketAddr, client_first: bool) {
+    #[cfg(target_os = "linux")]
+    {
+        if let Err(e) = socket2::SockRef::from(listener).set_tcp_quickack(!client_first) {
+            tracing::debug!(%addr, error = %e, "cannot set TCP_QUICKACK on the listener");
         }
-        if let Err(e) = sockopt::set_defer_accept(&listener, DEFER_ACCEPT_SECS) {
+        let defer = if client_first { DEFER_ACCEPT_SECS } else { 0 };
+        if let Err(e) = sockopt::set_defer_accept(listener, defer) {
             tracing::debug!(%addr, error = %e, "cannot set TCP_DEFER_ACCEPT on the listener");
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = client_first;
-    Listener::new(listener.into_std()?)
+    let _ = (listener, addr, client_first);
 }
 
 /// How long a client-first listener's kernel holds a connection whose client has sent
@@ -676,7 +707,7 @@ mod tests {
     /// A listener from `bind` and one connection accepted on it (with its client, which
     /// must stay open while the socket is looked at).
     async fn accept_one(client_first: bool) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
-        let l = bind("127.0.0.1:0".parse().unwrap(), client_first).unwrap();
+        let (l, _) = bind("127.0.0.1:0".parse().unwrap(), client_first).unwrap();
         let addr = l.local_addr().unwrap();
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         // A client-first listener accepts a connection once its client has said something.

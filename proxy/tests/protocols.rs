@@ -221,6 +221,47 @@ async fn auto_detects_http1_h2_and_tcp_including_server_first() {
     drop(p2);
 }
 
+/// A listener kept across a change of its port's protocol, from HTTP (whose clients speak
+/// first: accepts deferred until the request arrives) to raw TCP, is set up again: a
+/// client of a server-first protocol is accepted at once and gets the banner, instead of
+/// waiting in the kernel for the deferred accept's timeout (a second or more).
+#[tokio::test]
+async fn a_port_turned_from_http_to_tcp_serves_server_first_clients_at_once() {
+    let ip = loopback();
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
+    let banner = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(b"220 ready\r\n").await;
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        }
+    });
+    let svc = loopback();
+    let p = start(
+        ip,
+        &outbound_config(1, svc, 25, "http1", &[banner], json!({})),
+    )
+    .await;
+    p.set(&outbound_config(2, svc, 25, "tcp", &[banner], json!({})))
+        .await;
+    let started = std::time::Instant::now();
+    let mut s = TcpStream::connect((svc, 25)).await.unwrap();
+    let mut buf = [0u8; 11];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"220 ready\r\n");
+    // A deferred accept holds a silent client until the kernel's first SYN-ACK
+    // retransmission (1 s); taken at once, it is milliseconds.
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(700),
+        "took {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn inbound_forwards_port_outer_to_the_app_port() {
     // The app listens on 127.0.0.1:<port>; the sidecar on <inbound ip>:<port_outer>.
