@@ -665,17 +665,18 @@ pub(crate) fn client_authority(parts: &http::request::Parts) -> Option<http::uri
     })
 }
 
-/// The absolute URI an HTTP/2 upstream request needs for its pseudo-headers.
+/// The absolute URI an HTTP/2 upstream request needs for its pseudo-headers. Assembled
+/// from its parts (the scheme a constant), not through `Uri::builder`, which parses the
+/// scheme from text on every request.
 pub(crate) fn h2_uri(
     authority: http::uri::Authority,
     path_and_query: &http::uri::PathAndQuery,
 ) -> Option<Uri> {
-    Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path_and_query.clone())
-        .build()
-        .ok()
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path_and_query.clone());
+    Uri::from_parts(parts).ok()
 }
 
 /// Sends the request upstream over hyper's clients, with retries, and builds the response.
@@ -1087,5 +1088,14 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers, gzip"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
+    }
+
+    #[test]
+    fn an_h2_uri_is_absolute_with_the_authority_and_path_given() {
+        let authority = http::uri::Authority::from_static("api.example:8080");
+        let path = http::uri::PathAndQuery::from_static("/a/b?c=1");
+        let uri = h2_uri(authority, &path).unwrap();
+        assert_eq!(uri.to_string(), "http://api.example:8080/a/b?c=1");
+        assert_eq!(uri.scheme(), Some(&http::uri::Scheme::HTTP));
     }
 }

@@ -290,7 +290,10 @@ async fn forward(
         let inflight = InflightGuard(ep.clone());
         let sent = Instant::now();
         // A client that resets its stream while the response is awaited cancels the try.
+        // Biased: the try first, so that its last poll (the response head is in) does not
+        // also take h2's lock to look for a reset and store the waker again.
         let outcome = tokio::select! {
+            biased;
             o = Deadline::new(
                 try_deadline,
                 attempt(
@@ -362,6 +365,10 @@ async fn forward(
             return;
         }
     };
+    // Dropped while the stream is still open: h2 forgets a closed stream's id (a SipHash
+    // lookup under its lock) on every handle dropped after the close, so each handle let
+    // go before it saves one.
+    drop(respond);
     // Held until the response is done: the service's request slot, the endpoint's
     // in-flight count and the upstream connection's busy mark.
     let _held = (active_guard, inflight, hold);
@@ -410,10 +417,13 @@ enum Attempt {
 pin_project_lite::pin_project! {
     /// A try until its deadline (if any): [`Attempt::TimedOut`] once it has passed. A
     /// plain struct rather than an `async fn`, which would hold the try's future twice.
+    /// The timer is held in place (pinned with the try), not boxed: most requests have a
+    /// deadline (the default request timeout), and the box was an allocation each.
     struct Deadline<F> {
         #[pin]
         fut: F,
-        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
     }
 }
 
@@ -421,7 +431,7 @@ impl<F> Deadline<F> {
     fn new(deadline: Option<tokio::time::Instant>, fut: F) -> Deadline<F> {
         Deadline {
             fut,
-            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            sleep: deadline.map(tokio::time::sleep_until),
         }
     }
 }
@@ -434,7 +444,7 @@ impl<F: Future<Output = Attempt>> Future for Deadline<F> {
         if let Poll::Ready(a) = this.fut.poll(cx) {
             return Poll::Ready(a);
         }
-        match this.sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
+        match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(Attempt::TimedOut),
             _ => Poll::Pending,
         }
@@ -524,6 +534,9 @@ async fn attempt(
 async fn relay(mut from: RecvStream, mut to: SendStream<Bytes>) {
     loop {
         let next = tokio::select! {
+            // The data first: a chunk that is there is relayed without also taking h2's
+            // lock to look for a reset.
+            biased;
             d = from.data() => d,
             r = poll_fn(|cx| to.poll_reset(cx)) => {
                 tracing::trace!(reason = ?r.ok(), "relay: the receiver reset the stream");
