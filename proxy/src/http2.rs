@@ -111,11 +111,21 @@ where
     tokio::pin!(idle);
     let mut streams = FuturesUnordered::new();
     let mut closing = false;
+    // Pinned once for the connection: a drain stage's future registers with its token on
+    // its first poll only (see `Drain`), not once per turn of the loop.
+    let soft = drain.soft.cancelled();
+    let hard = drain.hard.cancelled();
+    tokio::pin!(soft, hard);
     loop {
         tokio::select! {
             biased;
-            Some(()) = streams.next(), if !streams.is_empty() => {}
-            next = conn.accept() => match next {
+            // Every stream that can make progress, then the connection (which writes what
+            // they queued and reads what came): one turn of the loop per new stream, not
+            // one per finished stream.
+            next = poll_fn(|cx| {
+                while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+                conn.poll_accept(cx)
+            }) => match next {
                 Some(Ok((req, respond))) => {
                     // Boxed: the set's task then holds a pointer, and the stream's future
                     // (~3 KiB in a release build) is copied once, into the box, instead of
@@ -128,7 +138,7 @@ where
                 }
                 None => break,
             },
-            _ = drain.soft.cancelled(), if !closing => {
+            _ = &mut soft, if !closing => {
                 closing = true;
                 conn.graceful_shutdown();
             }
@@ -141,7 +151,7 @@ where
                 tracing::debug!(peer = %ctx.peer, "HTTP/2 client did not answer a ping");
                 break;
             }
-            _ = drain.hard.cancelled() => break,
+            _ = &mut hard => break,
         }
     }
 }
