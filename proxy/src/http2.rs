@@ -375,10 +375,6 @@ async fn forward(
             return;
         }
     };
-    // Dropped while the stream is still open: h2 forgets a closed stream's id (a SipHash
-    // lookup under its lock) on every handle dropped after the close, so each handle let
-    // go before it saves one.
-    drop(respond);
     // Held until the response is done: the service's request slot, the endpoint's
     // in-flight count and the upstream connection's busy mark.
     let _held = (active_guard, inflight, hold);
