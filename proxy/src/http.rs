@@ -562,9 +562,20 @@ pub(crate) const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Whether `name` is one that [`strip_hop_by_hop`] may remove or rewrite without being
-/// named in `Connection`.
+/// named in `Connection`: `te` or one of [`HOP_BY_HOP`]. Those with a constant in the
+/// `http` crate compare as constants (no text compare; every header of every HTTP/2
+/// message passes here), the other two by their text.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::TE || HOP_BY_HOP.contains(&name.as_str())
+    const STANDARD: [HeaderName; 7] = [
+        header::TE,
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TRAILER,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ];
+    STANDARD.contains(name) || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 /// Whether requests to a backend go upstream over HTTP/2: when its port says so, or (on
@@ -1088,6 +1099,23 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers, gzip"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
+    }
+
+    #[test]
+    fn is_hop_by_hop_names_exactly_te_and_the_hop_by_hop_list() {
+        for name in HOP_BY_HOP.iter().chain(&["te"]) {
+            let name = HeaderName::from_static(name);
+            assert!(is_hop_by_hop(&name), "{name}");
+        }
+        for name in [
+            "host",
+            "content-length",
+            "x-instance",
+            "keep-alivex",
+            "trailers",
+        ] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
     }
 
     #[test]
