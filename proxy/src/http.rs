@@ -995,8 +995,11 @@ pub(crate) fn retry_pause(
     max_tries: u32,
     deadline: Option<tokio::time::Instant>,
 ) -> Option<Duration> {
-    let out_of_time = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-    if !retriable || tries >= max_tries || out_of_time {
+    // The clock only when a retry is otherwise allowed (most tries are not retriable).
+    if !retriable
+        || tries >= max_tries
+        || deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+    {
         return None;
     }
     let label = &*service.label;
