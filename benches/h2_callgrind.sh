@@ -51,23 +51,6 @@ if [ "$MODE" = callgrind ]; then
 fi
 if [ "$PROXY" = haproxy ]; then
   { haproxy_head; haproxy_h2 $NET.0.2:8081 $U1:8080 $U2:8080; } >"$OUT/haproxy.cfg"
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-frontend h2
-  mode http
-  bind $NET.0.2:8081 proto h2
-  default_backend up2
-backend up2
-  mode http
-  balance roundrobin
-  server u1 $U1:8080 proto h2
-  server u2 $U2:8080 proto h2
-EOT
   bench_spawn taskset -c "$PROXY_CPU" "${WRAP[@]}" haproxy -db -f "$OUT/haproxy.cfg"
   ADDR=$NET.0.2
   wait_port "$ADDR" 8081

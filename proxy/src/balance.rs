@@ -112,6 +112,12 @@ impl EndpointStats {
         }
     }
 
+    /// Whether the endpoint has ever been ejected (only then does its health depend on
+    /// the time).
+    fn ever_ejected(&self) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) != 0
+    }
+
     /// Whether the endpoint may take traffic at `now_ms` (not ejected, not failing checks).
     pub fn healthy(&self, now_ms: u64) -> bool {
         !self.check_failed.load(Ordering::Relaxed)
@@ -245,7 +251,14 @@ impl Balancer {
             1 => return self.endpoints.first().cloned(),
             _ => {}
         }
-        let now = now_ms();
+        // The clock is read only when an ejection can have ended: health is the same at
+        // any time while no endpoint was ever ejected (one ejected meanwhile reads as
+        // still ejected at time 0, as it should).
+        let now = if self.endpoints.iter().any(|e| e.stats.ever_ejected()) {
+            now_ms()
+        } else {
+            0
+        };
         let filter = self.filter(now);
         // Narrowest first; each fallback only when the filter left nothing (health changed
         // between the pass and the pick, or only the avoided endpoint was left).
@@ -769,6 +782,24 @@ mod tests {
         }
         let b = Balancer::new(BalancePolicy::Random, e.clone(), false, 70);
         assert_eq!(counts(&b, 300, |_| None).len(), 3);
+    }
+
+    #[test]
+    fn an_endpoint_whose_ejection_ended_takes_traffic_again() {
+        let e = eps(&[100, 100]);
+        let b = Balancer::new(BalancePolicy::RoundRobin, e.clone(), false, 70);
+        // Never ejected: the pick reads no clock, and both take turns.
+        let m = counts(&b, 100, |_| None);
+        assert_eq!((m.get(&1), m.get(&2)), (Some(&50), Some(&50)), "{m:?}");
+        // Ejected now: skipped.
+        e[0].stats
+            .ejected_until_ms
+            .store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(counts(&b, 100, |_| None).get(&1), None);
+        // The ejection ended (`now_ms` is at least 1): back in turn.
+        e[0].stats.ejected_until_ms.store(1, Ordering::Relaxed);
+        let m = counts(&b, 100, |_| None);
+        assert_eq!((m.get(&1), m.get(&2)), (Some(&50), Some(&50)), "{m:?}");
     }
 
     #[test]

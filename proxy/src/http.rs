@@ -562,9 +562,20 @@ pub(crate) const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Whether `name` is one that [`strip_hop_by_hop`] may remove or rewrite without being
-/// named in `Connection`.
+/// named in `Connection`: `te` or one of [`HOP_BY_HOP`]. Those with a constant in the
+/// `http` crate compare as constants (no text compare; every header of every HTTP/2
+/// message passes here), the other two by their text.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::TE || HOP_BY_HOP.contains(&name.as_str())
+    const STANDARD: [HeaderName; 7] = [
+        header::TE,
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TRAILER,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ];
+    STANDARD.contains(name) || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 /// Whether requests to a backend go upstream over HTTP/2: when its port says so, or (on
@@ -665,17 +676,18 @@ pub(crate) fn client_authority(parts: &http::request::Parts) -> Option<http::uri
     })
 }
 
-/// The absolute URI an HTTP/2 upstream request needs for its pseudo-headers.
+/// The absolute URI an HTTP/2 upstream request needs for its pseudo-headers. Assembled
+/// from its parts (the scheme a constant), not through `Uri::builder`, which parses the
+/// scheme from text on every request.
 pub(crate) fn h2_uri(
     authority: http::uri::Authority,
     path_and_query: &http::uri::PathAndQuery,
 ) -> Option<Uri> {
-    Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path_and_query.clone())
-        .build()
-        .ok()
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path_and_query.clone());
+    Uri::from_parts(parts).ok()
 }
 
 /// Sends the request upstream over hyper's clients, with retries, and builds the response.
@@ -983,8 +995,11 @@ pub(crate) fn retry_pause(
     max_tries: u32,
     deadline: Option<tokio::time::Instant>,
 ) -> Option<Duration> {
-    let out_of_time = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-    if !retriable || tries >= max_tries || out_of_time {
+    // The clock only when a retry is otherwise allowed (most tries are not retriable).
+    if !retriable
+        || tries >= max_tries
+        || deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+    {
         return None;
     }
     let label = &*service.label;
@@ -1087,5 +1102,31 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers, gzip"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
+    }
+
+    #[test]
+    fn is_hop_by_hop_names_exactly_te_and_the_hop_by_hop_list() {
+        for name in HOP_BY_HOP.iter().chain(&["te"]) {
+            let name = HeaderName::from_static(name);
+            assert!(is_hop_by_hop(&name), "{name}");
+        }
+        for name in [
+            "host",
+            "content-length",
+            "x-instance",
+            "keep-alivex",
+            "trailers",
+        ] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+    }
+
+    #[test]
+    fn an_h2_uri_is_absolute_with_the_authority_and_path_given() {
+        let authority = http::uri::Authority::from_static("api.example:8080");
+        let path = http::uri::PathAndQuery::from_static("/a/b?c=1");
+        let uri = h2_uri(authority, &path).unwrap();
+        assert_eq!(uri.to_string(), "http://api.example:8080/a/b?c=1");
+        assert_eq!(uri.scheme(), Some(&http::uri::Scheme::HTTP));
     }
 }

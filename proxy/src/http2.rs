@@ -111,11 +111,21 @@ where
     tokio::pin!(idle);
     let mut streams = FuturesUnordered::new();
     let mut closing = false;
+    // Pinned once for the connection: a drain stage's future registers with its token on
+    // its first poll only (see `Drain`), not once per turn of the loop.
+    let soft = drain.soft.cancelled();
+    let hard = drain.hard.cancelled();
+    tokio::pin!(soft, hard);
     loop {
         tokio::select! {
             biased;
-            Some(()) = streams.next(), if !streams.is_empty() => {}
-            next = conn.accept() => match next {
+            // Every stream that can make progress, then the connection (which writes what
+            // they queued and reads what came): one turn of the loop per new stream, not
+            // one per finished stream.
+            next = poll_fn(|cx| {
+                while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+                conn.poll_accept(cx)
+            }) => match next {
                 Some(Ok((req, respond))) => {
                     // Boxed: the set's task then holds a pointer, and the stream's future
                     // (~3 KiB in a release build) is copied once, into the box, instead of
@@ -128,7 +138,7 @@ where
                 }
                 None => break,
             },
-            _ = drain.soft.cancelled(), if !closing => {
+            _ = &mut soft, if !closing => {
                 closing = true;
                 conn.graceful_shutdown();
             }
@@ -141,7 +151,7 @@ where
                 tracing::debug!(peer = %ctx.peer, "HTTP/2 client did not answer a ping");
                 break;
             }
-            _ = drain.hard.cancelled() => break,
+            _ = &mut hard => break,
         }
     }
 }
@@ -187,7 +197,10 @@ async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: Send
         let resp = Box::pin(crate::http::forward(&ctx, route, &backend, req)).await;
         return send_body_response(resp, respond, seen).await;
     }
-    forward(&ctx, route, &backend, head_only, body, respond, seen).await;
+    // The head's parts, not the request: an async fn keeps its arguments for its whole
+    // life, so a `Request` argument taken apart inside would be held twice.
+    let (parts, ()) = head_only.into_parts();
+    forward(&ctx, route, &backend, parts, body, respond, seen).await;
 }
 
 /// The request body for the tries: replayable when retries are on and it is small and
@@ -202,7 +215,7 @@ async fn forward(
     ctx: &ConnCtx,
     route: Option<&RouteState>,
     backend: &Arc<Backend>,
-    head: Request<()>,
+    mut parts: http::request::Parts,
     body: RecvStream,
     mut respond: SendResponse<Bytes>,
     seen: impl FnOnce(u16, Option<std::net::SocketAddr>),
@@ -213,7 +226,6 @@ async fn forward(
         Ok(g) => g,
         Err(why) => return send_body_response(overloaded(why), respond, seen).await,
     };
-    let (mut parts, ()) = head.into_parts();
     let (policy, deadline) = plan(route, service);
     let body = match replay_body(body, policy.attempts > 0, &parts.headers).await {
         Ok(b) => b,
@@ -290,7 +302,10 @@ async fn forward(
         let inflight = InflightGuard(ep.clone());
         let sent = Instant::now();
         // A client that resets its stream while the response is awaited cancels the try.
+        // Biased: the try first, so that its last poll (the response head is in) does not
+        // also take h2's lock to look for a reset and store the waker again.
         let outcome = tokio::select! {
+            biased;
             o = Deadline::new(
                 try_deadline,
                 attempt(
@@ -410,10 +425,13 @@ enum Attempt {
 pin_project_lite::pin_project! {
     /// A try until its deadline (if any): [`Attempt::TimedOut`] once it has passed. A
     /// plain struct rather than an `async fn`, which would hold the try's future twice.
+    /// The timer is held in place (pinned with the try), not boxed: most requests have a
+    /// deadline (the default request timeout), and the box was an allocation each.
     struct Deadline<F> {
         #[pin]
         fut: F,
-        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
     }
 }
 
@@ -421,7 +439,7 @@ impl<F> Deadline<F> {
     fn new(deadline: Option<tokio::time::Instant>, fut: F) -> Deadline<F> {
         Deadline {
             fut,
-            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            sleep: deadline.map(tokio::time::sleep_until),
         }
     }
 }
@@ -434,7 +452,7 @@ impl<F: Future<Output = Attempt>> Future for Deadline<F> {
         if let Poll::Ready(a) = this.fut.poll(cx) {
             return Poll::Ready(a);
         }
-        match this.sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
+        match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(Attempt::TimedOut),
             _ => Poll::Pending,
         }
@@ -481,11 +499,22 @@ async fn attempt(
     body: (Option<&Bytes>, &mut Option<RecvStream>),
     pump: &mut Option<Pump>,
 ) -> Attempt {
+    // The common case, a pooled connection that takes the stream at once, without a
+    // future; the rest (waiting for a connection, dialling) boxed: inline, its future
+    // (with a copy of the head) would make every stream's future larger.
+    let mut head = Some(up);
+    let opened = match clients.open_pooled_h2(ep.addr, &mut head, end_of_stream) {
+        Some(opened) => opened.map_err(H2OpenError::H2),
+        None => match head.take() {
+            Some(up) => Box::pin(clients.open_h2(ep.addr, ep.meshed, up, end_of_stream)).await,
+            None => Err(H2OpenError::H2(Reason::INTERNAL_ERROR.into())),
+        },
+    };
     let H2Stream {
         mut response,
         mut send,
         hold,
-    } = match clients.open_h2(ep.addr, ep.meshed, up, end_of_stream).await {
+    } = match opened {
         Ok(s) => s,
         Err(H2OpenError::Connect(e)) => return Attempt::ConnectFailed(e),
         // The connection had failed or was going away: nothing was sent.
@@ -524,6 +553,9 @@ async fn attempt(
 async fn relay(mut from: RecvStream, mut to: SendStream<Bytes>) {
     loop {
         let next = tokio::select! {
+            // The data first: a chunk that is there is relayed without also taking h2's
+            // lock to look for a reset.
+            biased;
             d = from.data() => d,
             r = poll_fn(|cx| to.poll_reset(cx)) => {
                 tracing::trace!(reason = ?r.ok(), "relay: the receiver reset the stream");
@@ -790,8 +822,10 @@ mod tests {
     }
 
     /// Every stream's future is moved into the connection's set and allocated: it must stay
-    /// small (the rare, large parts — dialling, hyper's forwarding — are boxed). It was
-    /// 7.7 KiB before those were boxed, 3.7 KiB since (debug build).
+    /// small (the rare, large parts — dialling, waiting for a connection, hyper's
+    /// forwarding — are boxed). It was 7.7 KiB before those were boxed, then 3.7–3.9 KiB,
+    /// and 3,864 bytes since the stream opens on a pooled connection without a future
+    /// (debug build).
     #[test]
     fn a_stream_future_stays_small() {
         let size = future_size(serve_stream);

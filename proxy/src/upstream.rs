@@ -632,7 +632,7 @@ impl Clients {
     /// connection's lock). `None`, with `head` left in place, when there is no such
     /// connection; a connection found closing by the stream's opening is taken out of the
     /// pool.
-    fn open_pooled_h2(
+    pub(crate) fn open_pooled_h2(
         &self,
         addr: SocketAddr,
         head: &mut Option<Request<()>>,
