@@ -3,7 +3,8 @@
 //! A client of a plaintext HTTP/1.1 listener has sent (the start of) its request by the
 //! time its connection is accepted (the listener defers accepting until then:
 //! TCP_DEFER_ACCEPT, see `bind` in `lib.rs`; a client silent for a second is accepted
-//! anyway), and the response usually fits in the socket's send buffer. So, as HAProxy does, an accepted socket is read and written directly (non-blocking), and is
+//! anyway), and the response usually fits in the socket's send buffer. So, as HAProxy
+//! does, an accepted socket is read and written directly (non-blocking), and is
 //! registered with tokio's reactor (`epoll_ctl` ADD, and DEL when it closes) only when a
 //! read or a write would block, and then for that direction only at first. A
 //! `Connection: close` request answered at once costs two system calls fewer, and no
