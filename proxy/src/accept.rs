@@ -65,6 +65,12 @@ impl Listener {
     }
 }
 
+impl std::os::fd::AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.get_ref().as_fd()
+    }
+}
+
 /// An accepted TCP connection, registered with the reactor on its first read or write
 /// that would block (see the module's documentation).
 pub struct LazyTcp {

@@ -165,9 +165,9 @@ struct ListenerHandle {
     drain: Drain,
     tracker: TaskTracker,
     direction: Direction,
-    /// A second descriptor of the listening socket, to change its options when its port's
-    /// protocol changes (see [`set_client_first`]).
-    socket: std::net::TcpListener,
+    /// The listening socket, shared with its accept loop: its options change when its
+    /// port's protocol changes (see [`set_client_first`]).
+    listener: Arc<Listener>,
     /// Whether the socket is set up for clients that speak first.
     client_first: bool,
 }
@@ -328,23 +328,24 @@ impl Proxy {
                 // Kept across a change of its port's protocol: a deferred accept left on
                 // a port whose server now speaks first would hold every client a second.
                 if h.client_first != client_first {
-                    set_client_first(&h.socket, *addr, client_first);
+                    set_client_first(&*h.listener, *addr, client_first);
                     h.client_first = client_first;
                 }
                 continue;
             }
             match bind(*addr, client_first) {
-                Ok((l, socket)) => {
+                Ok(l) => {
+                    let listener = Arc::new(l);
                     let h = ListenerHandle {
                         drain: Drain::default(),
                         tracker: TaskTracker::new(),
                         direction: target.direction,
-                        socket,
+                        listener: listener.clone(),
                         client_first,
                     };
                     tokio::spawn(accept_loop(
                         self.shared.clone(),
-                        l,
+                        listener,
                         *addr,
                         h.drain.clone(),
                         h.tracker.clone(),
@@ -399,9 +400,10 @@ impl Proxy {
 }
 
 async fn drain(addr: SocketAddr, h: ListenerHandle, timeout: Duration) {
-    // The second descriptor goes first, so the socket closes as soon as the accept loop
-    // lets go of it: new clients are refused at once, and the address can be bound again.
-    drop(h.socket);
+    // The handle's share of the socket goes first, so it closes as soon as the accept
+    // loop lets go of it: new clients are refused at once, and the address can be bound
+    // again.
+    drop(h.listener);
     h.drain.soft.cancel();
     h.tracker.close();
     if tokio::time::timeout(timeout, h.tracker.wait())
@@ -440,12 +442,7 @@ async fn drain(addr: SocketAddr, h: ListenerHandle, timeout: Duration) {
 /// as before. HAProxy's `defer-accept` bind option and nginx's `deferred` are the same.
 /// Never on raw TCP or `auto` listeners: a server-first protocol (SMTP, MySQL) would wait
 /// that second for a greeting its client never gets.
-///
-/// Returns the listener and a second descriptor of its socket, for [`set_client_first`].
-fn bind(
-    addr: SocketAddr,
-    client_first: bool,
-) -> std::io::Result<(Listener, std::net::TcpListener)> {
+fn bind(addr: SocketAddr, client_first: bool) -> std::io::Result<Listener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -457,14 +454,13 @@ fn bind(
     if client_first {
         set_client_first(&listener, addr, true);
     }
-    let second = listener.try_clone()?;
-    Ok((Listener::new(listener)?, second))
+    Listener::new(listener)
 }
 
 /// Sets up a listening socket for clients that speak first (delayed ACKs, deferred
 /// accepts; see [`bind`]) or not (quick ACKs, accepts on the handshake). Optimisations
 /// only: a listener serves without them, so a failure is logged, not returned.
-fn set_client_first(listener: &std::net::TcpListener, addr: SocketAddr, client_first: bool) {
+fn set_client_first(listener: &impl std::os::fd::AsFd, addr: SocketAddr, client_first: bool) {
     #[cfg(target_os = "linux")]
     {
         if let Err(e) = socket2::SockRef::from(listener).set_tcp_quickack(!client_first) {
@@ -486,7 +482,7 @@ const DEFER_ACCEPT_SECS: u32 = 1;
 
 async fn accept_loop(
     shared: Arc<Shared>,
-    listener: Listener,
+    listener: Arc<Listener>,
     addr: SocketAddr,
     drain: Drain,
     tracker: TaskTracker,
@@ -707,7 +703,7 @@ mod tests {
     /// A listener from `bind` and one connection accepted on it (with its client, which
     /// must stay open while the socket is looked at).
     async fn accept_one(client_first: bool) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
-        let (l, _) = bind("127.0.0.1:0".parse().unwrap(), client_first).unwrap();
+        let l = bind("127.0.0.1:0".parse().unwrap(), client_first).unwrap();
         let addr = l.local_addr().unwrap();
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         // A client-first listener accepts a connection once its client has said something.
