@@ -95,6 +95,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    raise_open_files_limit();
     let registry = prometheus::Registry::new();
     let runtime = runtime(cli.worker_threads)?;
     let _ = (&registry, &runtime);
@@ -137,6 +138,25 @@ fn main() -> anyhow::Result<()> {
         Command::WaitReady(args) => runtime.block_on(sidemesh_controller::cli::wait_ready(args)),
         Command::Discover(args) => runtime.block_on(sidemesh_discover::cli::run(args, registry)),
         Command::Dns(args) => runtime.block_on(dns(*args, registry)),
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard one, as Go programs do at start:
+/// a sidecar holds a listener per service used and two sockets per proxied connection, and
+/// a soft limit of 1,024 (common under systemd and older container runtimes) would refuse
+/// binds and connections long before the hard limit. Never lowers it; a failure is logged
+/// and the process runs with what it has.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-files limit"),
+            Err(error) => {
+                tracing::warn!(%error, soft, hard, "cannot raise the open-files limit")
+            }
+        },
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open-files limit"),
     }
 }
 

@@ -396,3 +396,57 @@ fn access_log_lines_follow_the_ready_line_on_stdout() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--access-log"), "{err}");
 }
+
+/// `(soft, hard)` of "Max open files" in a `/proc/PID/limits` text.
+fn open_files_limits(limits: &str) -> Option<(String, String)> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+}
+
+/// The binary raises its soft open-files limit to the hard one at start (a sidecar holds a
+/// listener per service it uses and two sockets per proxied connection): started under
+/// `ulimit -Sn 256`, the running process reports a soft limit equal to its hard one.
+#[test]
+fn the_soft_open_files_limit_is_raised_to_the_hard_one() {
+    let own = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let (_, hard) = open_files_limits(&own).unwrap();
+    if hard.parse::<u64>().is_ok_and(|h| h <= 256) {
+        return; // Nothing above 256 to raise to in this environment.
+    }
+    let state = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart.yaml");
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -Sn 256 && exec "$0" discover --state "$1" --listen 127.0.0.1:0"#)
+        .arg(env!("CARGO_BIN_EXE_sidemesh"))
+        .arg(state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reap(child);
+    // The ready line: the shell has run `ulimit` and become the sidecar's process, which is
+    // past its start.
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(ready.contains("\"ready\""), "{ready}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).unwrap();
+    let (soft, hard_now) = open_files_limits(&limits).unwrap();
+    assert_eq!(
+        (soft.as_str(), hard_now.as_str()),
+        (hard.as_str(), hard.as_str())
+    );
+}
