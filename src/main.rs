@@ -95,7 +95,19 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    raise_open_files_limit();
+    // The servers only: `job-run` and `job-sidecar` start other programs (an app's command,
+    // the proxy), which would inherit the raised limit (a proxy raises its own).
+    if matches!(
+        cli.command,
+        Command::Proxy(_)
+            | Command::Up(_)
+            | Command::DemoBackend(_)
+            | Command::Controller(_)
+            | Command::Discover(_)
+            | Command::Dns(_)
+    ) {
+        raise_open_files_limit();
+    }
     let registry = prometheus::Registry::new();
     let runtime = runtime(cli.worker_threads)?;
     let _ = (&registry, &runtime);
@@ -145,7 +157,8 @@ fn main() -> anyhow::Result<()> {
 /// a sidecar holds a listener per service used and two sockets per proxied connection, and
 /// a soft limit of 1,024 (common under systemd and older container runtimes) would refuse
 /// binds and connections long before the hard limit. Never lowers it; a failure is logged
-/// and the process runs with what it has.
+/// and the process runs with what it has. Not for the commands that start other programs,
+/// which would inherit it.
 fn raise_open_files_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
