@@ -258,6 +258,8 @@ pub(crate) fn observe(
     logged: Option<&crate::access::Request>,
     upstream: Option<SocketAddr>,
 ) {
+    // One clock read for the histogram and the log line.
+    let elapsed = start.elapsed();
     if let (Some(log), Some(req)) = (&ctx.shared.config.access_log, logged) {
         log.record(
             req,
@@ -268,7 +270,7 @@ pub(crate) fn observe(
                     .and_then(|i| target.routes.get(i))
                     .map_or("default", |r| &*r.name),
                 status,
-                duration: start.elapsed(),
+                duration: elapsed,
                 client: ctx.peer,
                 client_id: ctx.client_id.as_deref(),
                 upstream,
@@ -288,7 +290,7 @@ pub(crate) fn observe(
                     .unwrap_or("default"),
             )
         });
-        rm.observe(status, start.elapsed());
+        rm.observe(status, elapsed);
     }
 }
 
