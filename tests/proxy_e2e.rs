@@ -144,6 +144,14 @@ fn start_proxy(discover: &FakeDiscover, extra: &[&str]) -> Sidemesh {
     Sidemesh::start(&args, &[("DISCOVER_URL", url.as_str())])
 }
 
+/// Waits until the admin server at `admin` answers `/ready` with 200.
+fn wait_ready(admin: &str) {
+    let ready = eventually(WAIT, || {
+        http_get(admin, "/ready").ok().filter(|(s, _)| *s == 200)
+    });
+    assert!(ready.is_some(), "/ready never turned 200");
+}
+
 #[test]
 fn missing_or_malformed_discover_url_is_a_clear_error() {
     for url in [None, Some("not a url"), Some("")] {
@@ -178,6 +186,12 @@ fn proxies_reports_ready_metrics_and_follows_config_changes() {
     assert_eq!(http_get(&admin, "/live").unwrap().0, 200);
     let (status, body) = http_get(&format!("{svc}:80"), "/").unwrap();
     assert_eq!((status, body.as_str()), (200, "alpha"));
+    // The default policy (peak EWMA) measured the answer's latency.
+    let (_, endpoints) = http_get(&admin, "/endpoints").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&endpoints).unwrap();
+    let ep = &v["listeners"][0]["backends"][0]["endpoints"][0];
+    assert_eq!(ep["address"], a.to_string(), "{endpoints}");
+    assert!(ep["latency_ewma_ms"].as_f64().unwrap() > 0.0, "{endpoints}");
 
     *discover.config.lock().unwrap() = config(2, svc, &[b]);
     let switched = eventually(WAIT, || {
@@ -203,12 +217,7 @@ fn sigterm_turns_ready_503_drains_in_flight_and_exits_0() {
     let discover = fake_discover(config(1, svc, &[slow]));
     let mut p = start_proxy(&discover, &["--drain-timeout", "10s"]);
     let admin = p.addr("admin");
-    assert!(
-        eventually(WAIT, || http_get(&admin, "/ready")
-            .ok()
-            .filter(|(s, _)| *s == 200))
-        .is_some()
-    );
+    wait_ready(&admin);
     let target = format!("{svc}:80");
     let inflight = thread::spawn(move || http_get(&target, "/"));
     assert!(eventually(WAIT, || (hits.load(Ordering::Relaxed) == 1).then_some(())).is_some());
@@ -238,12 +247,7 @@ fn metrics_pass_promtool_check() {
     let discover = fake_discover(config(1, svc, &[a]));
     let p = start_proxy(&discover, &[]);
     let admin = p.addr("admin");
-    assert!(
-        eventually(WAIT, || http_get(&admin, "/ready")
-            .ok()
-            .filter(|(s, _)| *s == 200))
-        .is_some()
-    );
+    wait_ready(&admin);
     for _ in 0..5 {
         assert_eq!(http_get(&format!("{svc}:80"), "/").unwrap().0, 200);
     }
@@ -278,6 +282,89 @@ fn metrics_pass_promtool_check() {
         "promtool: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn config_and_endpoints_show_the_running_config_and_live_endpoint_state() {
+    let ip = loopback();
+    let (alive, _) = backend(ip, "alpha", Duration::ZERO);
+    // A port nothing listens on: connects to it fail.
+    let dead = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap();
+    let svc = loopback();
+    let mut cfg: serde_json::Value = serde_json::from_str(&config(7, svc, &[alive, dead])).unwrap();
+    cfg["outbound"][0]["balancer"] = serde_json::json!({"policy": "round_robin"});
+    cfg["outbound"][0]["outlier_detection"] = serde_json::json!({
+        "consecutive_5xx": 0, "consecutive_connect_failures": 1, "base_ejection_ms": 60000
+    });
+    cfg["plugin"] = serde_json::json!({"variables": {"API_KEY": "s3cret-value"}});
+    let discover = fake_discover(cfg.to_string());
+    let p = start_proxy(&discover, &[]);
+    let admin = p.addr("admin");
+    wait_ready(&admin);
+    // Round robin reaches the dead endpoint within two requests; one failed connect
+    // ejects it.
+    for _ in 0..4 {
+        let _ = http_get(&format!("{svc}:80"), "/");
+    }
+
+    let (status, body) = http_get(&admin, "/endpoints").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["version"], 7, "{body}");
+    let listener = v["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["address"] == format!("{svc}:80"))
+        .unwrap_or_else(|| panic!("no listener {svc}:80 in {body}"));
+    assert_eq!(listener["direction"], "outbound");
+    assert_eq!(listener["service"], "shop/cart");
+    assert_eq!(listener["protocol"], "http1");
+    let backends = listener["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 1, "{body}");
+    assert_eq!(backends[0]["policy"], "round_robin");
+    assert_eq!(backends[0]["used_by"], serde_json::json!(["default"]));
+    assert_eq!(backends[0]["healthy"], 1, "{body}");
+    let ep = |addr: SocketAddr| {
+        backends[0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"] == addr.to_string())
+            .cloned()
+            .unwrap_or_else(|| panic!("no endpoint {addr} in {body}"))
+    };
+    let (up, down) = (ep(alive), ep(dead));
+    assert_eq!(up["healthy"], true, "{body}");
+    assert_eq!(up["in_flight"], 0, "{body}");
+    // Round robin measures no latency.
+    assert_eq!(up["latency_ewma_ms"], serde_json::Value::Null, "{body}");
+    assert_eq!(down["healthy"], false, "{body}");
+    assert_eq!(down["ejections"], 1, "{body}");
+    let left = down["ejected_for_ms"].as_u64().unwrap();
+    assert!(left > 0 && left <= 60_000, "{body}");
+
+    let (status, body) = http_get(&admin, "/config").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !body.contains("s3cret-value"),
+        "a plugin variable leaked: {body}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["applied"]["version"], 7, "{body}");
+    assert_eq!(
+        v["applied"]["listening"],
+        serde_json::json!([format!("{svc}:80")]),
+        "{body}"
+    );
+    assert_eq!(v["config"]["version"], 7);
+    assert_eq!(v["config"]["outbound"][0]["name"], "cart");
+    assert_eq!(v["config"]["plugin"]["variables"]["API_KEY"], "(redacted)");
+    assert_eq!(
+        v["certificate"],
+        serde_json::Value::Null,
+        "no TLS in this config"
     );
 }
 

@@ -1,8 +1,10 @@
 //! The sidecar's admin server: `/live` (200 while the process runs), `/ready` (200 once
 //! the first config is applied and all its listeners are bound; 503 before that and while
-//! draining on shutdown), and `/metrics` (the Prometheus text format of the registry).
+//! draining on shutdown), `/metrics` (the Prometheus text format of the registry), and,
+//! to clients on loopback only, `/config` and `/endpoints` ([`crate::introspect`]).
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -17,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Applied;
 
-/// What `/ready` looks at.
+/// What `/ready`, `/config` and `/endpoints` look at.
 #[derive(Clone, Debug)]
 pub struct Readiness {
     /// The data plane's applied config.
@@ -29,6 +31,8 @@ pub struct Readiness {
         Arc<crate::tls::MeshTls>,
         watch::Receiver<Option<sidemesh_api::Snapshot>>,
     )>,
+    /// The data plane's state in force, for `/endpoints`.
+    pub state: Option<crate::StateView>,
 }
 
 impl Readiness {
@@ -87,7 +91,7 @@ pub async fn serve(
 ) {
     let ctx = Arc::new((registry, readiness));
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -102,7 +106,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(route(&ctx.0, &ctx.1, &req)) }
+                async move { Ok::<_, Infallible>(route(&ctx.0, &ctx.1, &req, peer.ip())) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -123,10 +127,40 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
+fn json(body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut text = serde_json::to_vec_pretty(body).unwrap_or_default();
+    text.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// `/config` and `/endpoints` show the mesh's layout (services, endpoint addresses) and
+/// answer only on loopback: from inside the pod, `kubectl exec` or `kubectl port-forward`,
+/// not from the pod network the probes and the scraper come from.
+fn local_only(peer: IpAddr, view: impl FnOnce() -> serde_json::Value) -> Response<Full<Bytes>> {
+    let loopback = match peer {
+        IpAddr::V4(a) => a.is_loopback(),
+        IpAddr::V6(a) => a.is_loopback() || a.to_ipv4_mapped().is_some_and(|a| a.is_loopback()),
+    };
+    if loopback {
+        json(&view())
+    } else {
+        text(
+            StatusCode::FORBIDDEN,
+            "only from loopback: use kubectl exec or kubectl port-forward\n",
+        )
+    }
+}
+
 fn route(
     registry: &prometheus::Registry,
     readiness: &Readiness,
     req: &Request<Incoming>,
+    peer: IpAddr,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
@@ -153,13 +187,45 @@ fn route(
             }
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
-        _ => text(StatusCode::NOT_FOUND, "try /ready, /live or /metrics\n"),
+        "/config" => local_only(peer, || {
+            let snapshot = readiness.tls.as_ref().and_then(|(_, s)| s.borrow().clone());
+            let credentials = readiness.tls.as_ref().and_then(|(t, _)| t.credentials());
+            crate::introspect::config(
+                snapshot.as_ref(),
+                readiness.applied.borrow().as_ref(),
+                credentials.as_deref(),
+            )
+        }),
+        "/endpoints" => local_only(peer, || {
+            let state = readiness.state.as_ref().and_then(crate::StateView::state);
+            crate::introspect::endpoints(state.as_deref())
+        }),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try /ready, /live, /metrics, /config or /endpoints\n",
+        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_views_answer_only_on_loopback() {
+        for (peer, status) in [
+            ("127.0.0.1", 200),
+            ("127.9.8.7", 200),
+            ("::1", 200),
+            ("::ffff:127.0.0.1", 200),
+            ("10.0.0.5", 403),
+            ("::ffff:10.0.0.5", 403),
+            ("fd00::1", 403),
+        ] {
+            let r = local_only(peer.parse().unwrap(), || serde_json::json!({}));
+            assert_eq!(r.status().as_u16(), status, "{peer}");
+        }
+    }
 
     #[test]
     fn with_tls_on_ready_waits_for_the_certificate() {
@@ -181,6 +247,7 @@ mod tests {
             applied,
             draining: Arc::new(AtomicBool::new(false)),
             tls: Some((tls.clone(), snapshots)),
+            state: None,
         };
         let (ready, why) = r.check();
         assert!(!ready && why.contains("certificate"), "{why}");

@@ -216,6 +216,11 @@ impl Balancer {
         self
     }
 
+    /// The balancing policy.
+    pub fn policy(&self) -> BalancePolicy {
+        self.policy
+    }
+
     /// The endpoints, in config order.
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints

@@ -299,6 +299,7 @@ pub async fn start(args: &Args, registry: prometheus::Registry) -> anyhow::Resul
         applied: applied.clone(),
         draining: draining.clone(),
         tls: Some((tls.clone(), snapshots.clone())),
+        state: Some(proxy.view()),
     };
     let stop_admin = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(

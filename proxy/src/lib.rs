@@ -42,6 +42,7 @@ pub mod health;
 pub mod hostile;
 pub mod http;
 pub mod http2;
+pub mod introspect;
 pub mod metrics;
 pub mod register;
 mod relay;
@@ -155,6 +156,23 @@ pub struct Applied {
     pub failed: Vec<SocketAddr>,
 }
 
+/// A read-only view of a [`Proxy`]'s state in force ([`Proxy::view`]).
+#[derive(Clone)]
+pub struct StateView(Arc<Shared>);
+
+impl StateView {
+    /// The state in force, if a config was applied.
+    pub fn state(&self) -> Option<Arc<State>> {
+        self.0.state.load_full()
+    }
+}
+
+impl std::fmt::Debug for StateView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateView").finish_non_exhaustive()
+    }
+}
+
 /// The sidecar's data plane.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -201,6 +219,11 @@ impl Proxy {
     /// current with [`tls::run_identity`].
     pub fn tls(&self) -> Arc<MeshTls> {
         self.shared.tls.clone()
+    }
+
+    /// A read-only view of the state in force, for the admin server's `/endpoints`.
+    pub fn view(&self) -> StateView {
+        StateView(self.shared.clone())
     }
 
     /// Follows what config versions were applied (for readiness and tests).
