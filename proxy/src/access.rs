@@ -5,18 +5,20 @@
 //! (`sidemesh_proxy_access_log_dropped_total`), as Envoy's and Linkerd's access logs do
 //! rather than block traffic.
 //!
-//! Off unless `--access-log json|text` is given. A request's line is written once the
-//! response head has gone to the client (the moment the latency histogram records), so
-//! `duration_ms` is the time to the response head, not to the body's end. A TCP
-//! connection's line is written when it ends, with the bytes moved each way and how it
-//! ended ([`TcpEnd`]).
+//! Off unless `--access-log json|text` is given. A request's line ([`Line`]) is written
+//! when the exchange ends: both bodies done or cut. It has the time to the response head
+//! (what the latency histogram records) and to the end, and the body bytes each way. A
+//! TCP connection's line is written when it ends, with the bytes moved each way and how
+//! it ended ([`TcpEnd`]).
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::{IntCounter, Registry};
 
@@ -70,9 +72,9 @@ impl Request {
         protocol: &'static str,
         request_id: Option<&[u8]>,
         user_agent: Option<&[u8]>,
-    ) -> Box<Request> {
+    ) -> Request {
         let text = |b: &[u8]| -> Box<str> { String::from_utf8_lossy(b).into() };
-        Box::new(Request {
+        Request {
             started: SystemTime::now(),
             method: text(method),
             authority: authority.map(text).unwrap_or_default(),
@@ -80,11 +82,11 @@ impl Request {
             protocol,
             request_id: request_id.map(text),
             user_agent: user_agent.map(text),
-        })
+        }
     }
 
     /// The request of an `http` head.
-    pub(crate) fn of<B>(req: &http::Request<B>) -> Box<Request> {
+    pub(crate) fn of<B>(req: &http::Request<B>) -> Request {
         let h = req.headers();
         let header = |name: &str| h.get(name).map(|v| v.as_bytes());
         let authority = match req.uri().authority() {
@@ -120,14 +122,145 @@ pub struct Outcome<'a> {
     pub route: &'a str,
     /// The status sent to the client.
     pub status: u16,
-    /// Time from the request's start to its response head.
+    /// Time from the request's start to the end of the exchange (both bodies done or cut).
     pub duration: Duration,
+    /// Time from the request's start to its response head.
+    pub response: Duration,
     /// The client's address.
     pub client: SocketAddr,
     /// The client's verified mesh identity (inbound, mutual TLS).
     pub client_id: Option<&'a str>,
     /// The endpoint whose answer the client got (none for the sidecar's own answers).
     pub upstream: Option<SocketAddr>,
+    /// Request body bytes taken from the client (chunk framing not counted).
+    pub received: u64,
+    /// Response body bytes sent to the client (chunk framing not counted).
+    pub sent: u64,
+    /// Whether the response body reached its end (false: cut, by either side).
+    pub complete: bool,
+}
+
+/// Which way body bytes went ([`Line::add`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// From the client (the request body).
+    Received,
+    /// To the client (the response body).
+    Sent,
+}
+
+/// What a request's line says once its response head is out ([`Line::head`]).
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub direction: &'static str,
+    pub service: Arc<str>,
+    /// The route's name; `None`: `default`.
+    pub route: Option<Arc<str>>,
+    pub status: u16,
+    /// Time from the request's start to its response head.
+    pub response: Duration,
+    pub client: SocketAddr,
+    pub client_id: Option<Arc<str>>,
+    pub upstream: Option<SocketAddr>,
+}
+
+/// One request's line in the making, shared (an `Arc`) by what serves the request: its
+/// engine and the bodies it relays. The line is written when the last of them lets go of
+/// it: once both bodies are done or cut, with the bytes each way and the time to that
+/// moment. A request that never got a response head (its client went away first) writes
+/// none, as before a head there is no status to log.
+#[derive(Debug)]
+pub struct Line {
+    log: Arc<AccessLog>,
+    request: Request,
+    start: Instant,
+    head: OnceLock<Head>,
+    received: AtomicU64,
+    sent: AtomicU64,
+    complete: AtomicBool,
+}
+
+impl Line {
+    /// A line for `request`, starting now, to be written to `log`.
+    pub(crate) fn new(log: &Arc<AccessLog>, request: Request) -> Arc<Line> {
+        Arc::new(Line {
+            log: log.clone(),
+            request,
+            start: Instant::now(),
+            head: OnceLock::new(),
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            complete: AtomicBool::new(false),
+        })
+    }
+
+    /// Records the response head (the first one given counts).
+    pub(crate) fn head(&self, head: Head) {
+        let _ = self.head.set(head);
+    }
+
+    /// Counts body bytes.
+    pub(crate) fn add(&self, side: Side, n: u64) {
+        let counter = match side {
+            Side::Received => &self.received,
+            Side::Sent => &self.sent,
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Marks the response as sent to its end (for one without a body: its head).
+    pub(crate) fn completed(&self) {
+        self.complete.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What counts one body's bytes in its request's line: nothing when access logs are off.
+/// For the response body, its end marks the response complete.
+#[derive(Clone, Debug)]
+pub(crate) struct Tally(Option<(Arc<Line>, Side)>);
+
+impl Tally {
+    /// Counts on `line` (if any) as `side`.
+    pub(crate) fn new(line: Option<&Arc<Line>>, side: Side) -> Tally {
+        Tally(line.map(|l| (l.clone(), side)))
+    }
+
+    /// Counts `n` body bytes.
+    pub(crate) fn add(&self, n: usize) {
+        if let Some((line, side)) = &self.0 {
+            line.add(*side, n as u64);
+        }
+    }
+
+    /// The body reached its end.
+    pub(crate) fn end(&self) {
+        if let Some((line, Side::Sent)) = &self.0 {
+            line.completed();
+        }
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        let Some(h) = self.head.get() else { return };
+        self.log.record(
+            &self.request,
+            &Outcome {
+                direction: h.direction,
+                service: &h.service,
+                route: h.route.as_deref().unwrap_or("default"),
+                status: h.status,
+                duration: self.start.elapsed(),
+                response: h.response,
+                client: h.client,
+                client_id: h.client_id.as_deref(),
+                upstream: h.upstream,
+                received: *self.received.get_mut(),
+                sent: *self.sent.get_mut(),
+                complete: *self.complete.get_mut(),
+            },
+        );
+    }
 }
 
 /// The endpoint that answered, carried in a response's extensions from the hyper
@@ -321,6 +454,10 @@ struct JsonLine<'a> {
     protocol: &'a str,
     status: u16,
     duration_ms: f64,
+    response_ms: f64,
+    bytes_received: u64,
+    bytes_sent: u64,
+    complete: bool,
     client: SocketAddr,
     client_id: Option<&'a str>,
     upstream: Option<SocketAddr>,
@@ -341,6 +478,10 @@ fn json_line(req: &Request, o: &Outcome<'_>) -> String {
         protocol: req.protocol,
         status: o.status,
         duration_ms: millis(o.duration),
+        response_ms: millis(o.response),
+        bytes_received: o.received,
+        bytes_sent: o.sent,
+        complete: o.complete,
         client: o.client,
         client_id: o.client_id,
         upstream: o.upstream,
@@ -354,8 +495,8 @@ fn json_line(req: &Request, o: &Outcome<'_>) -> String {
 }
 
 /// `2026-12-05T14:49:23.123Z outbound shop/api default "GET /path HTTP/1.1" 200 1.234ms
-/// authority="api" client=127.0.0.1:5555 client_id=- upstream=10.0.0.7:8080 request_id=-
-/// user_agent="curl/8"`:
+/// response=1.100ms received=0 sent=512 complete=true authority="api" client=127.0.0.1:5555
+/// client_id=- upstream=10.0.0.7:8080 request_id=- user_agent="curl/8"`:
 /// what came from the request is quoted and escaped, so a line is always one line.
 fn text_line(req: &Request, o: &Outcome<'_>) -> String {
     let mut s = String::with_capacity(192);
@@ -372,10 +513,14 @@ fn text_line(req: &Request, o: &Outcome<'_>) -> String {
     escape(&mut s, &req.path);
     let _ = write!(
         s,
-        " {}\" {} {:.3}ms authority=\"",
+        " {}\" {} {:.3}ms response={:.3}ms received={} sent={} complete={} authority=\"",
         req.protocol,
         o.status,
-        millis(o.duration)
+        millis(o.duration),
+        millis(o.response),
+        o.received,
+        o.sent,
+        o.complete
     );
     escape(&mut s, &req.authority);
     let _ = write!(
@@ -522,9 +667,13 @@ mod tests {
             route: "default",
             status: 503,
             duration: Duration::from_micros(1_234),
+            response: Duration::from_micros(1_100),
             client: "127.0.0.1:5555".parse().unwrap(),
             client_id: Some("shop/web"),
             upstream: Some("10.0.0.7:8080".parse().unwrap()),
+            received: 12,
+            sent: 512,
+            complete: true,
         }
     }
 
@@ -572,6 +721,10 @@ mod tests {
         assert_eq!(v["path"], "/a?\"b\"\n");
         assert_eq!(v["status"], 503);
         assert_eq!(v["duration_ms"], 1.234);
+        assert_eq!(v["response_ms"], 1.1);
+        assert_eq!(v["bytes_received"], 12);
+        assert_eq!(v["bytes_sent"], 512);
+        assert_eq!(v["complete"], true);
         assert_eq!(v["client"], "127.0.0.1:5555");
         assert_eq!(v["client_id"], "shop/web");
         assert_eq!(v["upstream"], "10.0.0.7:8080");
@@ -586,7 +739,8 @@ mod tests {
         assert_eq!(
             line,
             "2025-12-05T14:49:23.123Z outbound shop/api default \"GET /a?\\\"b\\\"\\x0a HTTP/1.1\" \
-             503 1.234ms authority=\"api.shop\" client=127.0.0.1:5555 client_id=shop/web \
+             503 1.234ms response=1.100ms received=12 sent=512 complete=true \
+             authority=\"api.shop\" client=127.0.0.1:5555 client_id=shop/web \
              upstream=10.0.0.7:8080 request_id=\"r-1\" user_agent=-\n"
         );
     }
@@ -627,6 +781,68 @@ mod tests {
             stuck.record(&request(), &outcome());
         }
         assert_eq!(stuck.dropped.get(), 3);
+    }
+
+    #[test]
+    fn a_line_is_written_when_its_last_holder_lets_go_and_only_after_a_head() {
+        let (queue, lines) = sync_channel(8);
+        let log = Arc::new(AccessLog {
+            format: Format::Json,
+            queue,
+            dropped: IntCounter::new("d", "d").unwrap(),
+        });
+        // The client went away before any response head: no line.
+        drop(Line::new(&log, request()));
+        assert!(lines.try_recv().is_err());
+
+        let line = Line::new(&log, request());
+        let body = Tally::new(Some(&line), Side::Sent);
+        let upload = Tally::new(Some(&line), Side::Received);
+        line.head(Head {
+            direction: "inbound",
+            service: "shop/web".into(),
+            route: Some("api".into()),
+            status: 200,
+            response: Duration::from_millis(2),
+            client: "127.0.0.1:5555".parse().unwrap(),
+            client_id: None,
+            upstream: None,
+        });
+        upload.add(7);
+        body.add(40);
+        body.add(2);
+        drop((line, upload));
+        assert!(
+            lines.try_recv().is_err(),
+            "the response body still holds it"
+        );
+        body.end();
+        drop(body);
+        let v: serde_json::Value = serde_json::from_str(&lines.try_recv().unwrap()).unwrap();
+        assert_eq!(v["route"], "api");
+        assert_eq!(v["bytes_received"], 7);
+        assert_eq!(v["bytes_sent"], 42);
+        assert_eq!(v["complete"], true);
+        assert_eq!(v["response_ms"], 2.0);
+        // Received-side ends never complete a response.
+        let line = Line::new(&log, request());
+        line.head(Head {
+            direction: "inbound",
+            service: "shop/web".into(),
+            route: None,
+            status: 502,
+            response: Duration::ZERO,
+            client: "127.0.0.1:5555".parse().unwrap(),
+            client_id: None,
+            upstream: None,
+        });
+        Tally::new(Some(&line), Side::Received).end();
+        drop(line);
+        let v: serde_json::Value = serde_json::from_str(&lines.try_recv().unwrap()).unwrap();
+        assert_eq!(
+            (v["route"].as_str(), v["complete"].as_bool()),
+            (Some("default"), Some(false))
+        );
     }
 
     #[test]

@@ -65,14 +65,14 @@ pub(crate) struct ConnCtx {
 }
 
 impl ConnCtx {
-    /// What the access log keeps of `req`, when access logs are on (nothing is copied
+    /// The access log line of `req`, when access logs are on (nothing is copied
     /// otherwise).
-    pub(crate) fn logged<B>(&self, req: &Request<B>) -> Option<Box<crate::access::Request>> {
+    pub(crate) fn logged<B>(&self, req: &Request<B>) -> Option<Arc<crate::access::Line>> {
         self.shared
             .config
             .access_log
             .as_ref()
-            .map(|_| crate::access::Request::of(req))
+            .map(|log| crate::access::Line::new(log, crate::access::Request::of(req)))
     }
 }
 
@@ -183,7 +183,11 @@ where
     let route = index.and_then(|i| target.routes.get(i));
     let resp = match denied {
         Some(r) => r,
-        None => forward(&ctx, route, &backend, req).await,
+        None => {
+            let tally = crate::access::Tally::new(logged.as_ref(), crate::access::Side::Received);
+            let req = req.map(|body| Counted::new(body, tally));
+            forward(&ctx, route, &backend, req).await
+        }
     };
     let status = resp.status().as_u16();
     let upstream = crate::access::Upstream::of(&resp);
@@ -196,7 +200,68 @@ where
         logged.as_deref(),
         upstream,
     );
-    resp
+    match logged {
+        // The line is written when the request and response bodies are both done.
+        Some(line) => {
+            let tally = crate::access::Tally::new(Some(&line), crate::access::Side::Sent);
+            resp.map(|body| Body::new(Counted::new(body, tally)))
+        }
+        None => resp,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body whose data bytes are counted in its request's access log line (with access
+    /// logs on). The body holds its share of the line until it is dropped: done, or cut.
+    pub(crate) struct Counted<B> {
+        #[pin]
+        inner: B,
+        tally: crate::access::Tally,
+    }
+}
+
+impl<B: http_body::Body> Counted<B> {
+    pub(crate) fn new(inner: B, tally: crate::access::Tally) -> Counted<B> {
+        if inner.is_end_stream() {
+            tally.end();
+        }
+        Counted { inner, tally }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.tally.add(bytes::Buf::remaining(data));
+                }
+                // Servers stop polling a body that says it has ended.
+                if frame.is_trailers() || this.inner.is_end_stream() {
+                    this.tally.end();
+                }
+            }
+            Poll::Ready(None) => this.tally.end(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The listener's target in the current config, and for inbound listeners the
@@ -255,27 +320,24 @@ pub(crate) fn observe(
     index: Option<usize>,
     status: u16,
     start: Instant,
-    logged: Option<&crate::access::Request>,
+    logged: Option<&crate::access::Line>,
     upstream: Option<SocketAddr>,
 ) {
     // One clock read for the histogram and the log line.
     let elapsed = start.elapsed();
-    if let (Some(log), Some(req)) = (&ctx.shared.config.access_log, logged) {
-        log.record(
-            req,
-            &crate::access::Outcome {
-                direction: target.direction.as_str(),
-                service: &target.service.name,
-                route: index
-                    .and_then(|i| target.routes.get(i))
-                    .map_or("default", |r| &*r.name),
-                status,
-                duration: elapsed,
-                client: ctx.peer,
-                client_id: ctx.client_id.as_deref(),
-                upstream,
-            },
-        );
+    if let Some(line) = logged {
+        line.head(crate::access::Head {
+            direction: target.direction.as_str(),
+            service: target.service.name.clone(),
+            route: index
+                .and_then(|i| target.routes.get(i))
+                .map(|r| r.name.clone()),
+            status,
+            response: elapsed,
+            client: ctx.peer,
+            client_id: ctx.client_id.clone(),
+            upstream,
+        });
     }
     let slot = index.unwrap_or(target.routes.len());
     if let Some(cell) = target.request_metrics.get(slot) {

@@ -34,6 +34,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Drain;
+use crate::access::{Side, Tally};
 use crate::http::{
     ConnCtx, Ended, Failure, InflightGuard, admit, h2_uri, judge, max_tries, no_endpoints, observe,
     overloaded, pass_identity, plan, prepare_h2_head, resolve, retry_pause, select, try_deadline,
@@ -160,7 +161,8 @@ where
 async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: SendResponse<Bytes>) {
     let start = Instant::now();
     if let Some(r) = crate::hostile::refuse(&req, None) {
-        return send_body_response(r, respond, |_, _| {}).await;
+        let unlogged = |_, _| Tally::new(None, Side::Sent);
+        return send_body_response(r, respond, unlogged).await;
     }
     let logged = ctx.logged(&req);
     let (mut parts, body) = req.into_parts();
@@ -170,6 +172,7 @@ async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: Send
     let head_only = Request::from_parts(parts, ());
     let (index, backend) = select(&target, &head_only);
     let route = index.and_then(|i| target.routes.get(i));
+    // At the response head: counted, and the response body's tally for the access log.
     let seen = |status: u16, upstream: Option<std::net::SocketAddr>| {
         observe(
             &ctx,
@@ -179,8 +182,10 @@ async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: Send
             start,
             logged.as_deref(),
             upstream,
-        )
+        );
+        Tally::new(logged.as_ref(), Side::Sent)
     };
+    let received = Tally::new(logged.as_ref(), Side::Received);
     if let Some(r) = denied {
         return send_body_response(r, respond, seen).await;
     }
@@ -192,7 +197,7 @@ async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: Send
             recv: body,
             data_done: false,
         };
-        let req = Request::from_parts(parts, body);
+        let req = Request::from_parts(parts, crate::http::Counted::new(body, received));
         // Boxed: hyper's forwarding is a large future, and a rare path here.
         let resp = Box::pin(crate::http::forward(&ctx, route, &backend, req)).await;
         return send_body_response(resp, respond, seen).await;
@@ -200,7 +205,16 @@ async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: Send
     // The head's parts, not the request: an async fn keeps its arguments for its whole
     // life, so a `Request` argument taken apart inside would be held twice.
     let (parts, ()) = head_only.into_parts();
-    forward(&ctx, route, &backend, parts, body, respond, seen).await;
+    forward(
+        &ctx,
+        route,
+        &backend,
+        parts,
+        (body, received),
+        respond,
+        seen,
+    )
+    .await;
 }
 
 /// The request body for the tries: replayable when retries are on and it is small and
@@ -216,9 +230,9 @@ async fn forward(
     route: Option<&RouteState>,
     backend: &Arc<Backend>,
     mut parts: http::request::Parts,
-    body: RecvStream,
+    (body, received): (RecvStream, Tally),
     mut respond: SendResponse<Bytes>,
-    seen: impl FnOnce(u16, Option<std::net::SocketAddr>),
+    seen: impl FnOnce(u16, Option<std::net::SocketAddr>) -> Tally,
 ) {
     let m = &ctx.shared.metrics;
     let service = &backend.service;
@@ -236,7 +250,10 @@ async fn forward(
         }
     };
     let (replay, mut stream_body) = match body {
-        ReqBody::Replay(b) => (Some(b), None),
+        ReqBody::Replay(b) => {
+            received.add(b.len());
+            (Some(b), None)
+        }
         ReqBody::Stream(s) => (None, Some(s)),
     };
     let max_tries = max_tries(policy, replay.is_some());
@@ -313,7 +330,7 @@ async fn forward(
                     &ep,
                     up,
                     end_of_stream,
-                    (replay.as_ref(), &mut stream_body),
+                    (replay.as_ref(), &mut stream_body, &received),
                     &mut pump,
                 ),
             ) => o,
@@ -368,7 +385,7 @@ async fn forward(
     if let Some(rw) = route.and_then(|r| r.response_headers.as_ref()) {
         rw.apply(&mut rparts.headers);
     }
-    seen(rparts.status.as_u16(), Some(inflight.0.addr));
+    let sent = seen(rparts.status.as_u16(), Some(inflight.0.addr));
     let end = rbody.is_end_stream();
     let send = match respond.send_response(Response::from_parts(rparts, ()), end) {
         Ok(s) => s,
@@ -380,9 +397,11 @@ async fn forward(
     // Held until the response is done: the service's request slot, the endpoint's
     // in-flight count and the upstream connection's busy mark.
     let _held = (active_guard, inflight, hold);
-    if !end {
+    if end {
+        sent.end();
+    } else {
         // A request body still streaming keeps going while the response flows.
-        beside(&mut pump, relay(rbody, send)).await;
+        beside(&mut pump, relay(rbody, send, sent)).await;
     }
 }
 
@@ -496,7 +515,7 @@ async fn attempt(
     ep: &crate::balance::Endpoint,
     up: Request<()>,
     end_of_stream: bool,
-    body: (Option<&Bytes>, &mut Option<RecvStream>),
+    body: (Option<&Bytes>, &mut Option<RecvStream>, &Tally),
     pump: &mut Option<Pump>,
 ) -> Attempt {
     // The common case, a pooled connection that takes the stream at once, without a
@@ -525,15 +544,15 @@ async fn attempt(
     };
     match body {
         _ if end_of_stream => {}
-        (Some(b), _) => {
+        (Some(b), _, _) => {
             // At most MAX_REPLAY_BODY: buffered by h2 until the window opens.
             if let Err(e) = send.send_data(b.clone(), true) {
                 return Attempt::Failed(e);
             }
         }
-        (None, stream) => {
+        (None, stream, received) => {
             if let Some(from) = stream.take() {
-                *pump = Some(Box::pin(relay(from, send)));
+                *pump = Some(Box::pin(relay(from, send, received.clone())));
             }
         }
     }
@@ -547,10 +566,10 @@ async fn attempt(
     }
 }
 
-/// Relays a stream's DATA and trailers to `to` under flow control until its end. When
-/// `from` fails, `to` is reset; when `to`'s peer resets it, `from` is dropped (and so
-/// reset too, by h2).
-async fn relay(mut from: RecvStream, mut to: SendStream<Bytes>) {
+/// Relays a stream's DATA and trailers to `to` under flow control until its end, counting
+/// the DATA in `tally`. When `from` fails, `to` is reset; when `to`'s peer resets it,
+/// `from` is dropped (and so reset too, by h2).
+async fn relay(mut from: RecvStream, mut to: SendStream<Bytes>, tally: Tally) {
     loop {
         let next = tokio::select! {
             // The data first: a chunk that is there is relayed without also taking h2's
@@ -569,9 +588,10 @@ async fn relay(mut from: RecvStream, mut to: SendStream<Bytes>) {
                 if send_all(&mut to, chunk, eos).await.is_err() {
                     return;
                 }
+                tally.add(n);
                 let _ = from.flow_control().release_capacity(n);
                 if eos {
-                    return;
+                    return tally.end();
                 }
             }
             Some(Err(e)) => return to.send_reset(reset_reason(&e)),
@@ -580,10 +600,14 @@ async fn relay(mut from: RecvStream, mut to: SendStream<Bytes>) {
     }
     match from.trailers().await {
         Ok(Some(t)) => {
-            let _ = to.send_trailers(t);
+            if to.send_trailers(t).is_ok() {
+                tally.end();
+            }
         }
         Ok(None) => {
-            let _ = to.send_data(Bytes::new(), true);
+            if to.send_data(Bytes::new(), true).is_ok() {
+                tally.end();
+            }
         }
         Err(e) => to.send_reset(reset_reason(&e)),
     }
@@ -681,7 +705,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 fn send_body_response<'a>(
     resp: Response<Body>,
     respond: SendResponse<Bytes>,
-    seen: impl FnOnce(u16, Option<std::net::SocketAddr>) + 'a,
+    seen: impl FnOnce(u16, Option<std::net::SocketAddr>) -> Tally + 'a,
 ) -> Pin<Box<impl Future<Output = ()> + 'a>> {
     Box::pin(write_body_response(resp, respond, seen))
 }
@@ -689,17 +713,19 @@ fn send_body_response<'a>(
 async fn write_body_response(
     resp: Response<Body>,
     mut respond: SendResponse<Bytes>,
-    seen: impl FnOnce(u16, Option<std::net::SocketAddr>),
+    seen: impl FnOnce(u16, Option<std::net::SocketAddr>) -> Tally,
 ) {
     let upstream = crate::access::Upstream::of(&resp);
-    let (parts, mut body) = resp.into_parts();
+    let (parts, body) = resp.into_parts();
     let status = parts.status;
     let end = body.is_end_stream();
     let sent = respond.send_response(Response::from_parts(parts, ()), end);
-    seen(status.as_u16(), upstream);
+    let tally = seen(status.as_u16(), upstream);
     let Ok(mut to) = sent else {
         return;
     };
+    // Counts the DATA in the access log line; its end (or an empty body) completes it.
+    let mut body = crate::http::Counted::new(body, tally);
     if end {
         return;
     }

@@ -13,6 +13,15 @@ use sidemesh_proxy::ProxyConfig;
 use sidemesh_proxy::access::{AccessLog, Format, Settings};
 use support::*;
 
+/// An access log writing JSON lines to `path`.
+fn json_log(path: &std::path::Path) -> AccessLog {
+    let settings = Settings {
+        format: Format::Json,
+        path: Some(path.to_owned()),
+    };
+    AccessLog::start(&settings, &prometheus::Registry::new()).unwrap()
+}
+
 /// The JSON lines in `path` once there are `n` of them (within the wait).
 async fn lines(path: &std::path::Path, n: usize) -> Vec<Value> {
     let mut seen = Vec::new();
@@ -35,14 +44,7 @@ async fn logged(h1: sidemesh_proxy::h1::Engine, h2: sidemesh_proxy::http2::Engin
     let ip = loopback();
     let be = backend(ip, "api").await;
     let dir = tempfile::tempdir().unwrap();
-    let log = AccessLog::start(
-        &Settings {
-            format: Format::Json,
-            path: Some(dir.path().join("access.log")),
-        },
-        &prometheus::Registry::new(),
-    )
-    .unwrap();
+    let log = json_log(&dir.path().join("access.log"));
     let (svc1, svc2) = (loopback(), loopback());
     let mut config = outbound_config(1, svc1, 80, "http1", &[be.addr], json!({}));
     let mut second =
@@ -118,7 +120,22 @@ async fn every_engine_writes_a_line_per_request() {
         assert_eq!(one["status"], 200);
         assert_eq!(one["user_agent"], "probe/1");
         assert_eq!(one["request_id"], "r-42");
-        assert!(one["duration_ms"].as_f64().unwrap() >= 0.0);
+        // The backend answers its name: 3 body bytes, all sent; no request body.
+        let (to_end, to_head) = (
+            one["duration_ms"].as_f64().unwrap(),
+            one["response_ms"].as_f64().unwrap(),
+        );
+        assert!(to_end >= to_head && to_head > 0.0, "{one}");
+        assert_eq!(
+            (&one["bytes_received"], &one["bytes_sent"], &one["complete"]),
+            (&json!(0), &json!(3), &json!(true)),
+            "{h1:?}: {one}"
+        );
+        assert_eq!(
+            (&two["bytes_sent"], &two["complete"]),
+            (&json!(3), &json!(true)),
+            "{h2:?}: {two}"
+        );
         assert!(one["client"].as_str().unwrap().starts_with("127."));
         assert!(one["client_id"].is_null());
         assert_eq!(one["upstream"], be_addr.to_string(), "{h1:?}");
@@ -135,6 +152,137 @@ async fn every_engine_writes_a_line_per_request() {
         assert_eq!(three["path"], "/in");
         assert_eq!(three["upstream"], be_addr.to_string());
     }
+}
+
+/// Body bytes are counted each way, as payload (chunk framing not counted), on every
+/// engine: a request body sent with a length and chunked, over HTTP/1.1 and HTTP/2.
+#[tokio::test]
+async fn lines_count_the_body_bytes_each_way() {
+    use sidemesh_proxy::h1::Engine as H1;
+    use sidemesh_proxy::http2::Engine as H2;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (h1, h2) in [(H1::Lean, H2::Lean), (H1::Hyper, H2::Hyper)] {
+        let Logged {
+            dir, svc1, svc2, ..
+        } = &logged(h1, h2).await;
+        // Sized: the backend answers `api:` and the body.
+        let (status, body) = post(&h1_client(), &format!("http://{svc1}/sized"), "hello").await;
+        assert_eq!((status, body.as_str()), (200, "api:hello"));
+        // Chunked, by hand: two chunks of 4 and 6 bytes.
+        let mut c = tokio::net::TcpStream::connect((*svc1, 80)).await.unwrap();
+        c.write_all(
+            b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+              Connection: close\r\n\r\n4\r\nabcd\r\n6\r\nefghij\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, c.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.ends_with("api:abcdefghij"), "{answer}");
+        let (status, body) = post(&h2_client(), &format!("http://{svc2}/h2"), "hey").await;
+        assert_eq!((status, body.as_str()), (200, "api:hey"));
+        // Larger than a replayable body: streamed upstream as it comes.
+        let big = "x".repeat(100 * 1024);
+        let (status, body) = post(&h2_client(), &format!("http://{svc2}/big"), big).await;
+        assert_eq!((status, body.len()), (200, 4 + 100 * 1024));
+
+        let got = lines(&dir.path().join("access.log"), 4).await;
+        let counts: Vec<_> = got
+            .iter()
+            .map(|l| {
+                (
+                    l["path"].as_str().unwrap().to_owned(),
+                    l["bytes_received"].as_u64().unwrap(),
+                    l["bytes_sent"].as_u64().unwrap(),
+                    l["complete"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                ("/sized".to_owned(), 5, 9, true),
+                ("/chunked".to_owned(), 10, 14, true),
+                ("/h2".to_owned(), 3, 7, true),
+                ("/big".to_owned(), 100 * 1024, 4 + 100 * 1024, true),
+            ],
+            "{h1:?}/{h2:?}"
+        );
+    }
+}
+
+/// A response the upstream cuts short is logged as incomplete, with the bytes that got
+/// through.
+#[tokio::test]
+async fn a_cut_response_is_logged_as_incomplete() {
+    use sidemesh_proxy::h1::Engine as H1;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for h1 in [H1::Lean, H1::Hyper] {
+        let ip = loopback();
+        // Promises 100 bytes, sends 10, closes.
+        let cut = raw_server(ip, |mut s| async move {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                .await;
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = json_log(&path);
+        let svc = loopback();
+        let _r = start_with(
+            ProxyConfig {
+                http1_engine: h1,
+                access_log: Some(Arc::new(log)),
+                ..ProxyConfig::default()
+            },
+            &outbound_config(1, svc, 80, "http1", &[cut], json!({})),
+        )
+        .await;
+        let mut c = tokio::net::TcpStream::connect((svc, 80)).await.unwrap();
+        c.write_all(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut answer)).await;
+        let got = lines(&path, 1).await;
+        assert_eq!(got.len(), 1, "{h1:?}: {got:?}");
+        assert_eq!(got[0]["status"], 200, "{h1:?}");
+        assert_eq!(got[0]["complete"], false, "{h1:?}: {}", got[0]);
+        assert_eq!(got[0]["bytes_sent"], 10, "{h1:?}: {}", got[0]);
+    }
+}
+
+/// POSTs `body` to `url`; returns (status, body).
+async fn post(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    url: &str,
+    body: impl Into<bytes::Bytes>,
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let req = hyper::Request::post(url)
+        .body(http_body_util::Full::new(body.into()))
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// A request the sidecar answers itself (no endpoint) is logged with that status.
@@ -169,14 +317,7 @@ async fn a_tcp_connection_is_logged_when_it_ends() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("access.log");
-    let log = AccessLog::start(
-        &Settings {
-            format: Format::Json,
-            path: Some(path.clone()),
-        },
-        &prometheus::Registry::new(),
-    )
-    .unwrap();
+    let log = json_log(&path);
     let svc = loopback();
     let r = start_with(
         ProxyConfig {

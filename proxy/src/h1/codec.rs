@@ -481,6 +481,9 @@ enum Chunk {
 pub(crate) struct Chunked {
     state: Chunk,
     trailer_bytes: usize,
+    /// Payload bytes (chunk data, not framing) consumed since [`BodyState::payload`] last
+    /// took them.
+    data: u64,
 }
 
 impl Default for Chunked {
@@ -488,6 +491,7 @@ impl Default for Chunked {
         Chunked {
             state: Chunk::Size(0, 0),
             trailer_bytes: 0,
+            data: 0,
         }
     }
 }
@@ -504,6 +508,7 @@ impl Chunked {
             if let Chunk::Data(n) = self.state {
                 let take = (data.len() - i).min(usize::try_from(n).unwrap_or(usize::MAX));
                 i += take;
+                self.data += take as u64;
                 let left = n - take as u64;
                 self.state = if left == 0 {
                     Chunk::DataCr
@@ -578,6 +583,15 @@ impl BodyState {
             }
             BodyState::Chunked(c) => c.feed(data),
             BodyState::Close => Ok((data.len(), false)),
+        }
+    }
+
+    /// The payload in the last `wire` bytes [`BodyState::step`] took (for a chunked body,
+    /// its data since the last call, without the chunk framing).
+    pub(crate) fn payload(&mut self, wire: usize) -> u64 {
+        match self {
+            BodyState::Chunked(c) => std::mem::take(&mut c.data),
+            BodyState::Length(_) | BodyState::Close => wire as u64,
         }
     }
 }

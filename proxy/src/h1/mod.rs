@@ -33,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::Drain;
+use crate::access::Side;
 use crate::balance::{Endpoint, request_hash};
 use crate::drain::Fired;
 use crate::hostile::BodyFraming;
@@ -162,8 +163,9 @@ struct Lean {
     /// The upstream connection of the last request, used again when the balancer picks
     /// the same endpoint (connection affinity), with the clients it belongs to.
     held: Option<(RawConn, Clients)>,
-    /// The request being served, as the access log shows it (when there is one).
-    logged: Option<Box<crate::access::Request>>,
+    /// The access log line of the request being served (when access logs are on); let
+    /// go of, and so written, when the request is done.
+    logged: Option<Arc<crate::access::Line>>,
 }
 
 impl Lean {
@@ -181,10 +183,12 @@ impl Lean {
                 Err(exit) => return exit,
             }
             first = false;
-            match self
+            let next = self
                 .request(drain.soft.is_cancelled(), timer.as_mut())
-                .await
-            {
+                .await;
+            // The request is done (or handed to hyper, which logs it itself).
+            self.logged = None;
+            match next {
                 Next::KeepAlive if !drain.soft.is_cancelled() => {}
                 Next::KeepAlive | Next::Close => return Exit::Close,
                 Next::Handoff(why) => return Exit::Handoff(why),
@@ -273,15 +277,16 @@ impl Lean {
         };
         let buf = self.buf.bytes();
         let head = &self.head;
-        if ctx.shared.config.access_log.is_some() {
-            self.logged = Some(crate::access::Request::new(
+        if let Some(log) = &ctx.shared.config.access_log {
+            let request = crate::access::Request::new(
                 head.method.get(buf),
                 head.header(buf, "host").map(str::as_bytes),
                 head.target.get(buf),
                 "HTTP/1.1",
                 head.header(buf, "x-request-id").map(str::as_bytes),
                 head.header(buf, "user-agent").map(str::as_bytes),
-            ));
+            );
+            self.logged = Some(crate::access::Line::new(log, request));
         }
         let (index, backend) = if target.routes.is_empty() {
             (None, target.default_backend.clone())
@@ -360,7 +365,10 @@ impl Lean {
         let mut body_done = match &mut body {
             None => true,
             Some(b) => match gather(b, &mut self.buf, &mut self.out, MAX_REPLAY_BODY) {
-                Ok(done) => done,
+                Ok((done, n)) => {
+                    self.count(Side::Received, n);
+                    done
+                }
                 Err(()) => {
                     let resp = crate::hostile::refusal("bad-chunked-body");
                     let _ = self.answer(resp, true).await;
@@ -474,6 +482,7 @@ impl Lean {
         if (close || framing == ResponseFraming::Close) && whole_body_read(&rbody, &self.ubuf) {
             self.client.last_before_shutdown();
         }
+        let mut sent = 0;
         let result = match &mut rbody {
             None => self
                 .client
@@ -487,13 +496,19 @@ impl Lean {
                     &mut self.ubuf,
                     &mut self.client,
                     &mut self.out,
+                    &mut sent,
                 )
                 .await
             }
         };
         self.out.clear();
+        self.count(Side::Sent, sent);
         match result {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some(line) = &self.logged {
+                    line.completed();
+                }
+            }
             // A cut response is never completed: the client's connection closes.
             Err(_) => return Next::Close,
         }
@@ -559,15 +574,18 @@ impl Lean {
                 if let Some(state) = body.as_mut() {
                     let mut scratch = std::mem::take(&mut self.out);
                     scratch.clear();
+                    let mut received = 0;
                     let r = forward_body(
                         state,
                         &mut self.client,
                         &mut self.buf,
                         &mut conn.io,
                         &mut scratch,
+                        &mut received,
                     )
                     .await;
                     self.out = scratch;
+                    self.count(Side::Received, received);
                     match r {
                         Ok(()) => *body_done = true,
                         Err(BodyError::Read) => return Err(TryError::Client),
@@ -659,6 +677,10 @@ impl Lean {
         let close = !body_read || self.head.close;
         let status = resp.status().as_u16();
         let written = self.answer(resp, close).await;
+        if let (Some(line), Ok(n)) = (&self.logged, &written) {
+            line.add(Side::Sent, *n as u64);
+            line.completed();
+        }
         observe(
             &self.ctx,
             target,
@@ -678,15 +700,16 @@ impl Lean {
     /// Writes a response the sidecar makes itself (errors, refusals). Boxed: it is off the
     /// common path, and its future inline would make every connection's future larger
     /// (and that is copied whole several times per connection).
+    /// Answers the body's length once written.
     fn answer(
         &mut self,
         resp: Response<Body>,
         close: bool,
-    ) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = io::Result<usize>> + Send + '_>> {
         Box::pin(self.answer_inline(resp, close))
     }
 
-    async fn answer_inline(&mut self, resp: Response<Body>, close: bool) -> io::Result<()> {
+    async fn answer_inline(&mut self, resp: Response<Body>, close: bool) -> io::Result<usize> {
         let (parts, mut body) = resp.into_parts();
         // The sidecar's own bodies are small and in memory; still read at most 64 KiB.
         let mut bytes = Vec::new();
@@ -725,7 +748,14 @@ impl Lean {
         }
         let r = self.client.write_all(&self.out).await;
         self.out.clear();
-        r
+        r.map(|()| body.len())
+    }
+
+    /// Counts body bytes in the request's access log line, if it has one.
+    fn count(&self, side: Side, n: u64) {
+        if let Some(line) = &self.logged {
+            line.add(side, n);
+        }
     }
 }
 
@@ -761,41 +791,44 @@ fn whole_body_read(body: &Option<BodyState>, buf: &Buf) -> bool {
 }
 
 /// Moves the body bytes at the start of `buf` into `out` (at most about `limit` bytes);
-/// `Ok(true)` when the body is complete. `Err` when a chunked body breaks its framing.
+/// `Ok((true, _))` when the body is complete, with the payload bytes moved (chunk framing
+/// not counted). `Err` when a chunked body breaks its framing.
 fn gather(
     state: &mut BodyState,
     buf: &mut Buf,
     out: &mut Vec<u8>,
     limit: usize,
-) -> Result<bool, ()> {
+) -> Result<(bool, u64), ()> {
     let avail = buf.bytes();
     let avail = &avail[..avail.len().min(limit)];
     let (n, done) = state.step(avail).map_err(|_| ())?;
     out.extend_from_slice(&avail[..n]);
     buf.consume(n);
-    Ok(done)
+    Ok((done, state.payload(n)))
 }
 
 /// Forwards a body from `src` (bytes already read are in `buf`) to `dst`, starting with
 /// what `out` holds (a head, possibly), until the body's framing ends it. `out` is left
-/// empty.
+/// empty. `moved` counts the payload bytes written (chunk framing not counted).
 async fn forward_body<R, W>(
     state: &mut BodyState,
     src: &mut R,
     buf: &mut Buf,
     dst: &mut W,
     out: &mut Vec<u8>,
+    moved: &mut u64,
 ) -> Result<(), BodyError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     loop {
-        let done = gather(state, buf, out, MAX_UPSTREAM_BUF).map_err(|()| BodyError::Read)?;
+        let (done, n) = gather(state, buf, out, MAX_UPSTREAM_BUF).map_err(|()| BodyError::Read)?;
         if !out.is_empty() {
             dst.write_all(out).await.map_err(|_| BodyError::Write)?;
             out.clear();
         }
+        *moved += n;
         if done {
             return Ok(());
         }
