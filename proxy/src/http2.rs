@@ -382,6 +382,7 @@ async fn forward(
 
     let (mut rparts, rbody) = resp.into_parts();
     crate::http::strip_hop_by_hop(&mut rparts.headers, false);
+    add_date(&mut rparts.headers);
     if let Some(rw) = route.and_then(|r| r.response_headers.as_ref()) {
         rw.apply(&mut rparts.headers);
     }
@@ -684,6 +685,14 @@ async fn replay_body(
     Ok(ReqBody::Replay(all.freeze()))
 }
 
+/// Adds a `Date` to a response that has none: a proxy that forwards a response without
+/// one adds it (RFC 9110 §6.6.1), as hyper's server does on the other engines.
+fn add_date(headers: &mut HeaderMap) {
+    if !headers.contains_key(http::header::DATE) {
+        headers.insert(http::header::DATE, crate::h1::codec::date());
+    }
+}
+
 /// A message's `Content-Length`, when it has exactly one valid one.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
@@ -716,7 +725,8 @@ async fn write_body_response(
     seen: impl FnOnce(u16, Option<std::net::SocketAddr>) -> Tally,
 ) {
     let upstream = crate::access::Upstream::of(&resp);
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    add_date(&mut parts.headers);
     let status = parts.status;
     let end = body.is_end_stream();
     let sent = respond.send_response(Response::from_parts(parts, ()), end);

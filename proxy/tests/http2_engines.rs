@@ -256,6 +256,36 @@ async fn bodies_stream_both_ways_with_trailers() {
     }
 }
 
+/// The scripted upstream sends no `Date`: the sidecar adds one (RFC 9110 §6.6.1), on its
+/// own answers too.
+#[tokio::test]
+async fn a_response_without_a_date_gets_one() {
+    for engine in ENGINES {
+        let (up, _) = upstream(loopback(), 100).await;
+        let (p, svc) = sidecar(engine, &[up], json!({})).await;
+        let mut c = client(svc).await;
+        let (resp, body) = call(&mut c, request("GET", svc, "/"), None).await;
+        assert_eq!(body.unwrap().0, b"ok", "{engine:?}");
+        let date = resp
+            .headers()
+            .get("date")
+            .expect("a date")
+            .to_str()
+            .unwrap();
+        let when = httpdate::parse_http_date(date).unwrap();
+        let off = when
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_else(|e| e.duration());
+        assert!(off < Duration::from_secs(5), "{engine:?}: {date}");
+        // No endpoint: the sidecar's own 503.
+        p.set(&outbound_config(2, svc, 80, "http2", &[], json!({})))
+            .await;
+        let (resp, _) = call(&mut c, request("GET", svc, "/"), None).await;
+        assert_eq!(resp.status(), 503, "{engine:?}");
+        assert!(resp.headers().contains_key("date"), "{engine:?}");
+    }
+}
+
 #[tokio::test]
 async fn large_bodies_cross_under_flow_control() {
     for engine in ENGINES {

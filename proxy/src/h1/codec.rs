@@ -644,8 +644,19 @@ pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// Appends a `Date` header for now (RFC 9110 §6.6.1: a proxy adds one to a response that
 /// has none, as the hyper engine does), formatted at most once a second per thread.
 pub(crate) fn put_date(out: &mut Vec<u8>) {
+    with_date(|v| put_header(out, b"date", v.as_bytes()));
+}
+
+/// The `Date` header's value now (RFC 9110 §6.6.1).
+pub(crate) fn date() -> http::HeaderValue {
+    with_date(http::HeaderValue::clone)
+}
+
+/// Calls `f` with the `Date` value now, formatted once per second per thread.
+fn with_date<R>(f: impl FnOnce(&http::HeaderValue) -> R) -> R {
     thread_local! {
-        static CACHE: std::cell::RefCell<(u64, Vec<u8>)> = const { std::cell::RefCell::new((0, Vec::new())) };
+        static CACHE: std::cell::RefCell<(u64, http::HeaderValue)> =
+            const { std::cell::RefCell::new((0, http::HeaderValue::from_static(""))) };
     }
     let now = std::time::SystemTime::now();
     let secs = now
@@ -655,11 +666,13 @@ pub(crate) fn put_date(out: &mut Vec<u8>) {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != secs || c.1.is_empty() {
-            c.0 = secs;
-            c.1 = httpdate::fmt_http_date(now).into_bytes();
+            // An HTTP date is visible ASCII: always a valid value.
+            if let Ok(v) = http::HeaderValue::try_from(httpdate::fmt_http_date(now)) {
+                *c = (secs, v);
+            }
         }
-        put_header(out, b"date", &c.1);
-    });
+        f(&c.1)
+    })
 }
 
 /// Appends a decimal number.
