@@ -185,7 +185,7 @@ where
         Some(r) => r,
         None => {
             let tally = crate::access::Tally::new(logged.as_ref(), crate::access::Side::Received);
-            let req = req.map(|body| Counted::new(body, tally));
+            let req = req.map(|body| Counted::new(body, tally, None));
             forward(&ctx, route, &backend, req).await
         }
     };
@@ -200,32 +200,89 @@ where
         logged.as_deref(),
         upstream,
     );
-    match logged {
-        // The line is written when the request and response bodies are both done.
-        Some(line) => {
-            let tally = crate::access::Tally::new(Some(&line), crate::access::Side::Sent);
-            resp.map(|body| Body::new(Counted::new(body, tally)))
+    let grpc = GrpcEnd::new(&target, index, resp.headers());
+    if logged.is_none() && grpc.is_none() {
+        return resp;
+    }
+    // The line is written, and a gRPC status counted, when the response body is done.
+    let tally = crate::access::Tally::new(logged.as_ref(), crate::access::Side::Sent);
+    resp.map(|body| Body::new(Counted::new(body, tally, grpc)))
+}
+
+/// The `grpc-status` of a header block (trailers, or the head of a trailers-only
+/// response), if it has a valid one.
+pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u8> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Counts a gRPC response in `sidemesh_proxy_grpc_responses_total` once, when it ends:
+/// by the status of its trailers ([`GrpcEnd::trailers`]), else by its head's (a
+/// trailers-only response), else as `none` (it ended without one, or was cut).
+pub(crate) struct GrpcEnd {
+    target: Arc<Target>,
+    slot: usize,
+    head: Option<u8>,
+    counted: bool,
+}
+
+impl GrpcEnd {
+    /// One for a response with `head`ers of `target`'s route `index`, when the listener is
+    /// a `grpc` port.
+    pub(crate) fn new(
+        target: &Arc<Target>,
+        index: Option<usize>,
+        head: &HeaderMap,
+    ) -> Option<GrpcEnd> {
+        (target.protocol == Protocol::Grpc).then(|| GrpcEnd {
+            target: target.clone(),
+            slot: index.unwrap_or(target.routes.len()),
+            head: grpc_status(head),
+            counted: false,
+        })
+    }
+
+    /// The response's trailers went to the client.
+    pub(crate) fn trailers(&mut self, trailers: &HeaderMap) {
+        self.count(grpc_status(trailers));
+    }
+
+    /// Counts the response with `code` (once; later calls do nothing).
+    pub(crate) fn count(&mut self, code: Option<u8>) {
+        if std::mem::replace(&mut self.counted, true) {
+            return;
         }
-        None => resp,
+        // Resolved when the response head was counted ([`observe`]).
+        let series = self.target.request_metrics.get(self.slot);
+        if let Some(rm) = series.and_then(std::sync::OnceLock::get) {
+            rm.grpc(code);
+        }
+    }
+}
+
+impl Drop for GrpcEnd {
+    fn drop(&mut self) {
+        self.count(self.head);
     }
 }
 
 pin_project_lite::pin_project! {
     /// A body whose data bytes are counted in its request's access log line (with access
-    /// logs on). The body holds its share of the line until it is dropped: done, or cut.
+    /// logs on), and whose trailers' `grpc-status` is counted (a response on a `grpc`
+    /// port). The body holds its share of the line until it is dropped: done, or cut.
     pub(crate) struct Counted<B> {
         #[pin]
         inner: B,
         tally: crate::access::Tally,
+        grpc: Option<GrpcEnd>,
     }
 }
 
 impl<B: http_body::Body> Counted<B> {
-    pub(crate) fn new(inner: B, tally: crate::access::Tally) -> Counted<B> {
+    pub(crate) fn new(inner: B, tally: crate::access::Tally, grpc: Option<GrpcEnd>) -> Counted<B> {
         if inner.is_end_stream() {
             tally.end();
         }
-        Counted { inner, tally }
+        Counted { inner, tally, grpc }
     }
 }
 
@@ -243,6 +300,9 @@ impl<B: http_body::Body> http_body::Body for Counted<B> {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.tally.add(bytes::Buf::remaining(data));
+                }
+                if let (Some(trailers), Some(g)) = (frame.trailers_ref(), this.grpc.as_mut()) {
+                    g.trailers(trailers);
                 }
                 // Servers stop polling a body that says it has ended.
                 if frame.is_trailers() || this.inner.is_end_stream() {
@@ -790,6 +850,7 @@ where
     // The upstream protocol: h2 when the port says so, or (on auto ports) when the client
     // spoke h2; gRPC needs it.
     let use_h2 = upstream_h2(backend.protocol, ctx.mode) && !upgrade;
+    let grpc = backend.protocol == Protocol::Grpc;
     let clients = &service.clients;
 
     let hash = request_hash(service.hash_on.as_ref(), &parts.headers, ctx.peer);
@@ -855,7 +916,7 @@ where
             },
         };
         let ended = match &outcome {
-            Try::Response(r, _) => Ended::Status(r.status()),
+            Try::Response(r, _) => Ended::response(r.status(), r.headers(), grpc),
             Try::ConnectFailed(e) => Ended::ConnectFailed(e),
             Try::Refused => Ended::Refused,
             Try::Reset(e) => {
@@ -985,6 +1046,22 @@ pub(crate) enum Ended<'a> {
     Reset,
     /// The per-try or request deadline passed first.
     TimedOut,
+    /// gRPC: a trailers-only response (HTTP 200) whose head carries this non-zero
+    /// `grpc-status`.
+    Grpc(u8),
+}
+
+impl Ended<'_> {
+    /// How a response head ended a try. On a `grpc` backend (`grpc`), an error status in
+    /// the head of a trailers-only answer is judged by its `grpc-status`.
+    pub(crate) fn response(status: StatusCode, headers: &HeaderMap, grpc: bool) -> Ended<'static> {
+        if grpc && status == StatusCode::OK {
+            if let Some(code) = grpc_status(headers).filter(|&c| c != 0) {
+                return Ended::Grpc(code);
+            }
+        }
+        Ended::Status(status)
+    }
 }
 
 /// Records how a try ended (EWMA latency, outlier detection, metrics) and says whether
@@ -1035,6 +1112,23 @@ pub(crate) fn judge(
                 m.ejections.with_label_values(&[label]).inc();
             }
             retry_on(RetryOn::ConnectFailure)
+        }
+        Ended::Grpc(code) => {
+            if backend.balancer.uses_latency() {
+                ep.stats.observe_since(sent);
+            }
+            // The codes gRPC maps from 500, 503 and 504 (UNKNOWN, DEADLINE_EXCEEDED,
+            // INTERNAL, UNAVAILABLE, DATA_LOSS) count against the endpoint as a 5xx
+            // would; the others are the call's own outcome.
+            let o = if matches!(code, 2 | 4 | 13 | 14 | 15) {
+                Outcome::ServerError
+            } else {
+                Outcome::Success
+            };
+            if record(ep, o, outlier, peers) {
+                m.ejections.with_label_values(&[label]).inc();
+            }
+            policy.retry_on.iter().any(|r| r.grpc_code() == Some(code))
         }
         Ended::Refused => retry_on(RetryOn::RefusedStream),
         Ended::Reset => retry_on(RetryOn::Reset),

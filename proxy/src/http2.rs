@@ -36,9 +36,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::Drain;
 use crate::access::{Side, Tally};
 use crate::http::{
-    ConnCtx, Ended, Failure, InflightGuard, admit, h2_uri, judge, max_tries, no_endpoints, observe,
-    overloaded, pass_identity, plan, prepare_h2_head, resolve, retry_pause, select, try_deadline,
-    upstream_h2,
+    ConnCtx, Counted, Ended, Failure, GrpcEnd, InflightGuard, admit, h2_uri, judge, max_tries,
+    no_endpoints, observe, overloaded, pass_identity, plan, prepare_h2_head, resolve, retry_pause,
+    select, try_deadline, upstream_h2,
 };
 use crate::state::{Backend, RouteState};
 use crate::upstream::{Body, H2Hold, H2OpenError, H2Stream, keepalive};
@@ -161,7 +161,7 @@ where
 async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: SendResponse<Bytes>) {
     let start = Instant::now();
     if let Some(r) = crate::hostile::refuse(&req, None) {
-        let unlogged = |_, _| Tally::new(None, Side::Sent);
+        let unlogged = |_, _, _: &HeaderMap| (Tally::new(None, Side::Sent), None);
         return send_body_response(r, respond, unlogged).await;
     }
     let logged = ctx.logged(&req);
@@ -172,8 +172,9 @@ async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: Send
     let head_only = Request::from_parts(parts, ());
     let (index, backend) = select(&target, &head_only);
     let route = index.and_then(|i| target.routes.get(i));
-    // At the response head: counted, and the response body's tally for the access log.
-    let seen = |status: u16, upstream: Option<std::net::SocketAddr>| {
+    // At the response head: counted; the response body's tally for the access log, and
+    // on a `grpc` port what counts its `grpc-status` at its end.
+    let seen = |status: u16, upstream: Option<std::net::SocketAddr>, head: &HeaderMap| {
         observe(
             &ctx,
             &target,
@@ -183,7 +184,8 @@ async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: Send
             logged.as_deref(),
             upstream,
         );
-        Tally::new(logged.as_ref(), Side::Sent)
+        let grpc = GrpcEnd::new(&target, index, head);
+        (Tally::new(logged.as_ref(), Side::Sent), grpc)
     };
     let received = Tally::new(logged.as_ref(), Side::Received);
     if let Some(r) = denied {
@@ -197,7 +199,7 @@ async fn serve_stream(ctx: Arc<ConnCtx>, req: Request<RecvStream>, respond: Send
             recv: body,
             data_done: false,
         };
-        let req = Request::from_parts(parts, crate::http::Counted::new(body, received));
+        let req = Request::from_parts(parts, Counted::new(body, received, None));
         // Boxed: hyper's forwarding is a large future, and a rare path here.
         let resp = Box::pin(crate::http::forward(&ctx, route, &backend, req)).await;
         return send_body_response(resp, respond, seen).await;
@@ -232,7 +234,7 @@ async fn forward(
     mut parts: http::request::Parts,
     (body, received): (RecvStream, Tally),
     mut respond: SendResponse<Bytes>,
-    seen: impl FnOnce(u16, Option<std::net::SocketAddr>) -> Tally,
+    seen: impl FnOnce(u16, Option<std::net::SocketAddr>, &HeaderMap) -> (Tally, Option<GrpcEnd>),
 ) {
     let m = &ctx.shared.metrics;
     let service = &backend.service;
@@ -257,6 +259,7 @@ async fn forward(
         ReqBody::Stream(s) => (None, Some(s)),
     };
     let max_tries = max_tries(policy, replay.is_some());
+    let grpc = backend.protocol == sidemesh_api::config::Protocol::Grpc;
     let path_and_query = prepare_h2_head(&mut parts, route);
     let head = HashHead {
         headers: &parts.headers,
@@ -350,7 +353,7 @@ async fn forward(
             }
         }
         let ended = match &outcome {
-            Attempt::Response(_, r) => Ended::Status(r.status()),
+            Attempt::Response(_, r) => Ended::response(r.status(), r.headers(), grpc),
             Attempt::ConnectFailed(e) => Ended::ConnectFailed(e),
             Attempt::Failed(e) if e.reason() == Some(Reason::REFUSED_STREAM) => Ended::Refused,
             Attempt::Failed(e) | Attempt::Unprocessed(e) => {
@@ -386,7 +389,11 @@ async fn forward(
     if let Some(rw) = route.and_then(|r| r.response_headers.as_ref()) {
         rw.apply(&mut rparts.headers);
     }
-    let sent = seen(rparts.status.as_u16(), Some(inflight.0.addr));
+    let (sent, grpc) = seen(
+        rparts.status.as_u16(),
+        Some(inflight.0.addr),
+        &rparts.headers,
+    );
     let end = rbody.is_end_stream();
     let send = match respond.send_response(Response::from_parts(rparts, ()), end) {
         Ok(s) => s,
@@ -402,7 +409,7 @@ async fn forward(
         sent.end();
     } else {
         // A request body still streaming keeps going while the response flows.
-        beside(&mut pump, relay(rbody, send, sent)).await;
+        beside(&mut pump, relay(rbody, send, sent, grpc)).await;
     }
 }
 
@@ -553,7 +560,7 @@ async fn attempt(
         }
         (None, stream, received) => {
             if let Some(from) = stream.take() {
-                *pump = Some(Box::pin(relay(from, send, received.clone())));
+                *pump = Some(Box::pin(relay(from, send, received.clone(), None)));
             }
         }
     }
@@ -568,9 +575,14 @@ async fn attempt(
 }
 
 /// Relays a stream's DATA and trailers to `to` under flow control until its end, counting
-/// the DATA in `tally`. When `from` fails, `to` is reset; when `to`'s peer resets it,
-/// `from` is dropped (and so reset too, by h2).
-async fn relay(mut from: RecvStream, mut to: SendStream<Bytes>, tally: Tally) {
+/// the DATA in `tally` (and a response's `grpc-status` in `grpc`). When `from` fails, `to`
+/// is reset; when `to`'s peer resets it, `from` is dropped (and so reset too, by h2).
+async fn relay(
+    mut from: RecvStream,
+    mut to: SendStream<Bytes>,
+    tally: Tally,
+    mut grpc: Option<GrpcEnd>,
+) {
     loop {
         let next = tokio::select! {
             // The data first: a chunk that is there is relayed without also taking h2's
@@ -601,8 +613,12 @@ async fn relay(mut from: RecvStream, mut to: SendStream<Bytes>, tally: Tally) {
     }
     match from.trailers().await {
         Ok(Some(t)) => {
+            let status = grpc.as_mut().map(|g| (g, crate::http::grpc_status(&t)));
             if to.send_trailers(t).is_ok() {
                 tally.end();
+                if let Some((g, code)) = status {
+                    g.count(code);
+                }
             }
         }
         Ok(None) => {
@@ -714,7 +730,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 fn send_body_response<'a>(
     resp: Response<Body>,
     respond: SendResponse<Bytes>,
-    seen: impl FnOnce(u16, Option<std::net::SocketAddr>) -> Tally + 'a,
+    seen: impl FnOnce(u16, Option<std::net::SocketAddr>, &HeaderMap) -> (Tally, Option<GrpcEnd>) + 'a,
 ) -> Pin<Box<impl Future<Output = ()> + 'a>> {
     Box::pin(write_body_response(resp, respond, seen))
 }
@@ -722,20 +738,19 @@ fn send_body_response<'a>(
 async fn write_body_response(
     resp: Response<Body>,
     mut respond: SendResponse<Bytes>,
-    seen: impl FnOnce(u16, Option<std::net::SocketAddr>) -> Tally,
+    seen: impl FnOnce(u16, Option<std::net::SocketAddr>, &HeaderMap) -> (Tally, Option<GrpcEnd>),
 ) {
     let upstream = crate::access::Upstream::of(&resp);
     let (mut parts, body) = resp.into_parts();
     add_date(&mut parts.headers);
-    let status = parts.status;
+    let (tally, grpc) = seen(parts.status.as_u16(), upstream, &parts.headers);
     let end = body.is_end_stream();
-    let sent = respond.send_response(Response::from_parts(parts, ()), end);
-    let tally = seen(status.as_u16(), upstream);
-    let Ok(mut to) = sent else {
+    let Ok(mut to) = respond.send_response(Response::from_parts(parts, ()), end) else {
         return;
     };
-    // Counts the DATA in the access log line; its end (or an empty body) completes it.
-    let mut body = crate::http::Counted::new(body, tally);
+    // Counts the DATA in the access log line (its end, or an empty body, completes it) and
+    // the trailers' `grpc-status`.
+    let mut body = Counted::new(body, tally, grpc);
     if end {
         return;
     }

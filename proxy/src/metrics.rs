@@ -13,6 +13,9 @@ use prometheus::{
 pub struct Metrics {
     /// HTTP requests answered, by direction, service, route and status class.
     pub requests: IntCounterVec,
+    /// gRPC responses (on `grpc` ports), by direction, service, route and the
+    /// `grpc-status` the client got (`none`: the response ended without one, or was cut).
+    pub grpc_responses: IntCounterVec,
     /// Time from request start to response headers, by direction and service.
     pub request_duration: HistogramVec,
     /// TCP connections accepted, by direction and service.
@@ -120,6 +123,11 @@ impl Metrics {
                 "HTTP requests answered.",
                 &["direction", "service", "route", "status_class"],
             )?,
+            grpc_responses: counter(
+                "sidemesh_proxy_grpc_responses_total",
+                "gRPC responses sent to clients on grpc ports, by grpc-status (none: without one).",
+                &["direction", "service", "route", "grpc_status"],
+            )?,
             request_duration,
             tcp_connections: counter(
                 "sidemesh_proxy_tcp_connections_total",
@@ -200,6 +208,17 @@ impl Metrics {
 pub struct RequestMetrics {
     by_class: [prometheus::IntCounter; 5],
     duration: Histogram,
+    /// The gRPC series, each resolved on first use (only `grpc` ports have any).
+    grpc: Box<GrpcSeries>,
+}
+
+/// The `sidemesh_proxy_grpc_responses_total` series of one route.
+#[derive(Debug)]
+struct GrpcSeries {
+    vec: IntCounterVec,
+    labels: [Box<str>; 3],
+    /// Codes 0..=16, then `none`.
+    codes: [std::sync::OnceLock<IntCounter>; 18],
 }
 
 impl RequestMetrics {
@@ -218,7 +237,32 @@ impl RequestMetrics {
                 class("5xx"),
             ],
             duration: m.request_duration.with_label_values(&[direction, service]),
+            grpc: Box::new(GrpcSeries {
+                vec: m.grpc_responses.clone(),
+                labels: [direction.into(), service.into(), route.into()],
+                codes: Default::default(),
+            }),
         }
+    }
+
+    /// Counts one gRPC response by the `grpc-status` its client got (`None`: none). A code
+    /// above 16 counts as 2, `UNKNOWN`, as clients read it.
+    pub fn grpc(&self, code: Option<u8>) {
+        const NAMES: [&str; 18] = [
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+            "16", "none",
+        ];
+        let i = match code {
+            Some(c @ 0..=16) => usize::from(c),
+            Some(_) => 2,
+            None => 17,
+        };
+        let g = &self.grpc;
+        let c = g.codes[i].get_or_init(|| {
+            let [d, s, r] = &g.labels;
+            g.vec.with_label_values(&[&**d, &**s, &**r, NAMES[i]])
+        });
+        c.inc();
     }
 
     /// Counts one answered request.
@@ -234,5 +278,29 @@ impl RequestMetrics {
             c.inc();
         }
         self.duration.observe(took.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_responses_are_counted_by_code_with_bad_codes_as_unknown() {
+        let registry = Registry::new();
+        let m = Metrics::new(&registry).unwrap();
+        let rm = RequestMetrics::new(&m, "outbound", "shop/cart", "default");
+        for code in [Some(0), Some(0), Some(14), Some(99), None] {
+            rm.grpc(code);
+        }
+        let get = |code: &str| {
+            m.grpc_responses
+                .with_label_values(&["outbound", "shop/cart", "default", code])
+                .get()
+        };
+        assert_eq!(
+            [get("0"), get("14"), get("2"), get("none"), get("13")],
+            [2, 1, 1, 1, 0]
+        );
     }
 }

@@ -107,6 +107,26 @@ async fn answer(
             t.insert("grpc-status", "0".parse().unwrap());
             let _ = send.send_trailers(t);
         }
+        // gRPC: `UNAVAILABLE` as a trailers-only answer on the upstream's first stream, then
+        // a normal answer with `grpc-status: 0` in its trailers.
+        // `NOT_FOUND` as a trailers-only answer.
+        "/grpc-14-first" | "/grpc-5-only" if n == 0 || path == "/grpc-5-only" => {
+            let code = if path == "/grpc-5-only" { "5" } else { "14" };
+            let head = Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", code)
+                .body(())
+                .unwrap();
+            let _ = respond.send_response(head, true);
+        }
+        "/grpc-14-first" | "/grpc-13" => {
+            let mut send = respond.send_response(head(200), false).unwrap();
+            let _ = send.send_data(Bytes::from_static(b"reply"), false);
+            let code = if path == "/grpc-13" { "13" } else { "0" };
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", code.parse().unwrap());
+            let _ = send.send_trailers(t);
+        }
         // Part of a body, then a reset.
         "/reset-mid" => {
             let mut send = respond.send_response(head(200), false).unwrap();
@@ -253,6 +273,65 @@ async fn bodies_stream_both_ways_with_trailers() {
         // Five chunks and the empty last one.
         assert_eq!(trailers["x-chunks"], "6", "{engine:?}");
         assert_eq!(trailers["grpc-status"], "0", "{engine:?}");
+    }
+}
+
+/// On a `grpc` port: a trailers-only `UNAVAILABLE` is retried (`retry_on:
+/// [grpc_unavailable]`), and each response the client gets is counted by its
+/// `grpc-status`, `none` for one cut short.
+#[tokio::test]
+async fn grpc_statuses_are_counted_and_a_trailers_only_unavailable_is_retried() {
+    for engine in ENGINES {
+        let (up, seen) = upstream(loopback(), 100).await;
+        let svc = loopback();
+        let retry = json!({"retry": {"attempts": 1, "retry_on": ["grpc_unavailable"]}});
+        let cfg = outbound_config(1, svc, 80, "grpc", &[up], retry);
+        let p = start_h2(loopback(), &cfg, engine).await;
+        let mut c = client(svc).await;
+        let (resp, body) = call(&mut c, request("POST", svc, "/grpc-14-first"), None).await;
+        assert_eq!(resp.status(), 200, "{engine:?}");
+        let (data, trailers) = body.unwrap();
+        assert_eq!(data, b"reply", "{engine:?}");
+        assert_eq!(trailers.unwrap()["grpc-status"], "0", "{engine:?}");
+        assert_eq!(
+            seen.streams.load(Ordering::SeqCst),
+            2,
+            "{engine:?}: one retry"
+        );
+        let (_, body) = call(&mut c, request("POST", svc, "/grpc-13"), None).await;
+        assert_eq!(body.unwrap().1.unwrap()["grpc-status"], "13", "{engine:?}");
+        let (resp, _) = call(&mut c, request("POST", svc, "/grpc-5-only"), None).await;
+        assert_eq!(resp.headers()["grpc-status"], "5", "{engine:?}");
+        let (_, body) = call(&mut c, request("POST", svc, "/reset-mid"), None).await;
+        assert!(body.is_err(), "{engine:?}");
+
+        let count = |code: &str| {
+            p.counter(
+                "sidemesh_proxy_grpc_responses_total",
+                &[("service", "shop/cart"), ("grpc_status", code)],
+            )
+        };
+        let counted = eventually(|| count("none") == 1).await;
+        assert!(
+            counted,
+            "{engine:?}: the cut response is counted when it ends"
+        );
+        assert_eq!(
+            [
+                count("0"),
+                count("5"),
+                count("13"),
+                count("14"),
+                count("none")
+            ],
+            [1, 1, 1, 0, 1],
+            "{engine:?}: the retried try never reached the client"
+        );
+        assert_eq!(
+            p.counter("sidemesh_proxy_retries_total", &[]),
+            1,
+            "{engine:?}"
+        );
     }
 }
 

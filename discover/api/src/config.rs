@@ -616,6 +616,31 @@ pub enum RetryOn {
     ServerError,
     /// The per-try timeout fired.
     PerTryTimeout,
+    /// gRPC (on `grpc` ports): a response whose head carries `grpc-status` 1, `CANCELLED`
+    /// (a trailers-only response, before any of its body reached the client).
+    GrpcCancelled,
+    /// gRPC: `grpc-status` 4, `DEADLINE_EXCEEDED`, in the response head.
+    GrpcDeadlineExceeded,
+    /// gRPC: `grpc-status` 8, `RESOURCE_EXHAUSTED`, in the response head.
+    GrpcResourceExhausted,
+    /// gRPC: `grpc-status` 13, `INTERNAL`, in the response head.
+    GrpcInternal,
+    /// gRPC: `grpc-status` 14, `UNAVAILABLE`, in the response head.
+    GrpcUnavailable,
+}
+
+impl RetryOn {
+    /// The gRPC status code this condition retries, if it is a gRPC one.
+    pub fn grpc_code(self) -> Option<u8> {
+        match self {
+            RetryOn::GrpcCancelled => Some(1),
+            RetryOn::GrpcDeadlineExceeded => Some(4),
+            RetryOn::GrpcResourceExhausted => Some(8),
+            RetryOn::GrpcInternal => Some(13),
+            RetryOn::GrpcUnavailable => Some(14),
+            _ => None,
+        }
+    }
 }
 
 /// Circuit-breaker limits. Zero means unlimited.
