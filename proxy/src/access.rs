@@ -118,14 +118,16 @@ pub struct Outcome<'a> {
     /// The service, `namespace/name`: the one called (outbound) or the workload's own
     /// (inbound).
     pub service: &'a str,
-    /// The route's name, or `default`.
-    pub route: &'a str,
-    /// The status sent to the client.
+    /// The route's name, or `default`; `None` when the request ended before a response
+    /// head (unknown).
+    pub route: Option<&'a str>,
+    /// The status sent to the client; 0 when the client went away before any (Envoy's
+    /// convention).
     pub status: u16,
     /// Time from the request's start to the end of the exchange (both bodies done or cut).
     pub duration: Duration,
-    /// Time from the request's start to its response head.
-    pub response: Duration,
+    /// Time from the request's start to its response head, if one was sent.
+    pub response: Option<Duration>,
     /// The client's address.
     pub client: SocketAddr,
     /// The client's verified mesh identity (inbound, mutual TLS).
@@ -164,34 +166,53 @@ pub(crate) struct Head {
     pub upstream: Option<SocketAddr>,
 }
 
+/// Where a request came in, known before any response ([`Line::new`]): what its line
+/// says when the client goes away before a response head.
+#[derive(Debug)]
+pub(crate) struct Who {
+    pub direction: &'static str,
+    pub service: Arc<str>,
+    pub client: SocketAddr,
+    pub client_id: Option<Arc<str>>,
+}
+
 /// One request's line in the making, shared (an `Arc`) by what serves the request: its
 /// engine and the bodies it relays. The line is written when the last of them lets go of
 /// it: once both bodies are done or cut, with the bytes each way and the time to that
-/// moment. A request that never got a response head (its client went away first) writes
-/// none, as before a head there is no status to log.
+/// moment. A request whose client went away before any response head is logged with
+/// status 0 and no route, as Envoy does.
 #[derive(Debug)]
 pub struct Line {
     log: Arc<AccessLog>,
     request: Request,
+    who: Who,
     start: Instant,
     head: OnceLock<Head>,
     received: AtomicU64,
     sent: AtomicU64,
     complete: AtomicBool,
+    discarded: AtomicBool,
 }
 
 impl Line {
-    /// A line for `request`, starting now, to be written to `log`.
-    pub(crate) fn new(log: &Arc<AccessLog>, request: Request) -> Arc<Line> {
+    /// A line for `request` from `who`, starting now, to be written to `log`.
+    pub(crate) fn new(log: &Arc<AccessLog>, request: Request, who: Who) -> Arc<Line> {
         Arc::new(Line {
             log: log.clone(),
             request,
+            who,
             start: Instant::now(),
             head: OnceLock::new(),
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             complete: AtomicBool::new(false),
+            discarded: AtomicBool::new(false),
         })
+    }
+
+    /// The line will not be written: another engine serves (and logs) the request.
+    pub(crate) fn discard(&self) {
+        self.discarded.store(true, Ordering::Relaxed);
     }
 
     /// Records the response head (the first one given counts).
@@ -242,24 +263,43 @@ impl Tally {
 
 impl Drop for Line {
     fn drop(&mut self) {
-        let Some(h) = self.head.get() else { return };
-        self.log.record(
-            &self.request,
-            &Outcome {
+        if *self.discarded.get_mut() {
+            return;
+        }
+        let (received, sent) = (*self.received.get_mut(), *self.sent.get_mut());
+        let duration = self.start.elapsed();
+        let outcome = match self.head.get() {
+            Some(h) => Outcome {
                 direction: h.direction,
                 service: &h.service,
-                route: h.route.as_deref().unwrap_or("default"),
+                route: Some(h.route.as_deref().unwrap_or("default")),
                 status: h.status,
-                duration: self.start.elapsed(),
-                response: h.response,
+                duration,
+                response: Some(h.response),
                 client: h.client,
                 client_id: h.client_id.as_deref(),
                 upstream: h.upstream,
-                received: *self.received.get_mut(),
-                sent: *self.sent.get_mut(),
+                received,
+                sent,
                 complete: *self.complete.get_mut(),
             },
-        );
+            // The client went away before a response head.
+            None => Outcome {
+                direction: self.who.direction,
+                service: &self.who.service,
+                route: None,
+                status: 0,
+                duration,
+                response: None,
+                client: self.who.client,
+                client_id: self.who.client_id.as_deref(),
+                upstream: None,
+                received,
+                sent,
+                complete: false,
+            },
+        };
+        self.log.record(&self.request, &outcome);
     }
 }
 
@@ -447,14 +487,14 @@ struct JsonLine<'a> {
     start_time: &'a str,
     direction: &'a str,
     service: &'a str,
-    route: &'a str,
+    route: Option<&'a str>,
     method: &'a str,
     authority: &'a str,
     path: &'a str,
     protocol: &'a str,
     status: u16,
     duration_ms: f64,
-    response_ms: f64,
+    response_ms: Option<f64>,
     bytes_received: u64,
     bytes_sent: u64,
     complete: bool,
@@ -478,7 +518,7 @@ fn json_line(req: &Request, o: &Outcome<'_>) -> String {
         protocol: req.protocol,
         status: o.status,
         duration_ms: millis(o.duration),
-        response_ms: millis(o.response),
+        response_ms: o.response.map(millis),
         bytes_received: o.received,
         bytes_sent: o.sent,
         complete: o.complete,
@@ -506,21 +546,28 @@ fn text_line(req: &Request, o: &Outcome<'_>) -> String {
         rfc3339_millis(req.started),
         o.direction,
         o.service,
-        o.route
+        o.route.unwrap_or("-")
     );
     escape(&mut s, &req.method);
     s.push(' ');
     escape(&mut s, &req.path);
     let _ = write!(
         s,
-        " {}\" {} {:.3}ms response={:.3}ms received={} sent={} complete={} authority=\"",
+        " {}\" {} {:.3}ms response=",
         req.protocol,
         o.status,
         millis(o.duration),
-        millis(o.response),
-        o.received,
-        o.sent,
-        o.complete
+    );
+    match o.response {
+        Some(r) => {
+            let _ = write!(s, "{:.3}ms", millis(r));
+        }
+        None => s.push('-'),
+    }
+    let _ = write!(
+        s,
+        " received={} sent={} complete={} authority=\"",
+        o.received, o.sent, o.complete
     );
     escape(&mut s, &req.authority);
     let _ = write!(
@@ -646,6 +693,7 @@ fn rfc3339_millis(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::time::Instant;
 
     fn request() -> Request {
@@ -664,10 +712,10 @@ mod tests {
         Outcome {
             direction: "outbound",
             service: "shop/api",
-            route: "default",
+            route: Some("default"),
             status: 503,
             duration: Duration::from_micros(1_234),
-            response: Duration::from_micros(1_100),
+            response: Some(Duration::from_micros(1_100)),
             client: "127.0.0.1:5555".parse().unwrap(),
             client_id: Some("shop/web"),
             upstream: Some("10.0.0.7:8080".parse().unwrap()),
@@ -791,11 +839,32 @@ mod tests {
             queue,
             dropped: IntCounter::new("d", "d").unwrap(),
         });
-        // The client went away before any response head: no line.
-        drop(Line::new(&log, request()));
+        let who = || Who {
+            direction: "outbound",
+            service: "shop/api".into(),
+            client: "127.0.0.1:4444".parse().unwrap(),
+            client_id: None,
+        };
+        // The client went away before any response head: status 0, no route.
+        let line = Line::new(&log, request(), who());
+        Tally::new(Some(&line), Side::Received).add(3);
+        drop(line);
+        let v: serde_json::Value = serde_json::from_str(&lines.try_recv().unwrap()).unwrap();
+        assert_eq!(
+            (&v["status"], &v["route"], &v["response_ms"], &v["complete"]),
+            (&json!(0), &json!(null), &json!(null), &json!(false))
+        );
+        assert_eq!(
+            (&v["service"], &v["bytes_received"]),
+            (&json!("shop/api"), &json!(3))
+        );
+        // Served by another engine: nothing.
+        let line = Line::new(&log, request(), who());
+        line.discard();
+        drop(line);
         assert!(lines.try_recv().is_err());
 
-        let line = Line::new(&log, request());
+        let line = Line::new(&log, request(), who());
         let body = Tally::new(Some(&line), Side::Sent);
         let upload = Tally::new(Some(&line), Side::Received);
         line.head(Head {
@@ -825,7 +894,7 @@ mod tests {
         assert_eq!(v["complete"], true);
         assert_eq!(v["response_ms"], 2.0);
         // Received-side ends never complete a response.
-        let line = Line::new(&log, request());
+        let line = Line::new(&log, request(), who());
         line.head(Head {
             direction: "inbound",
             service: "shop/web".into(),

@@ -72,7 +72,17 @@ impl ConnCtx {
             .config
             .access_log
             .as_ref()
-            .map(|log| crate::access::Line::new(log, crate::access::Request::of(req)))
+            .map(|log| crate::access::Line::new(log, crate::access::Request::of(req), self.who()))
+    }
+
+    /// Where this connection's requests come in, for their access log lines.
+    pub(crate) fn who(&self) -> crate::access::Who {
+        crate::access::Who {
+            direction: self.target.direction.as_str(),
+            service: self.target.service.name.clone(),
+            client: self.peer,
+            client_id: self.client_id.clone(),
+        }
     }
 }
 

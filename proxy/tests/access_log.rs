@@ -259,6 +259,71 @@ async fn a_cut_response_is_logged_as_incomplete() {
     }
 }
 
+/// An HTTP/2 client that resets its stream before the answer is logged with status 0, as
+/// Envoy logs a downstream disconnect: the slow requests a client gave up on show up.
+#[tokio::test]
+async fn a_request_its_client_gave_up_on_is_logged_with_status_0() {
+    use sidemesh_proxy::http2::Engine as H2;
+    for h2 in [H2::Lean, H2::Hyper] {
+        let ip = loopback();
+        let slow = backend_with(
+            ip,
+            Arc::new(|_req| {
+                Box::pin(async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from("late")))
+                })
+            }),
+        )
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let svc = loopback();
+        let _r = start_with(
+            ProxyConfig {
+                http2_engine: h2,
+                access_log: Some(Arc::new(json_log(&path))),
+                ..ProxyConfig::default()
+            },
+            &outbound_config(1, svc, 80, "http2", &[slow.addr], json!({})),
+        )
+        .await;
+        let s = tokio::net::TcpStream::connect((svc, 80)).await.unwrap();
+        let (c, conn) = h2::client::handshake(s).await.unwrap();
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = hyper::Request::get(format!("http://{svc}/slow"))
+            .body(())
+            .unwrap();
+        let (_resp, mut stream) = c.ready().await.unwrap().send_request(req, true).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stream.send_reset(h2::Reason::CANCEL);
+        let got = lines(&path, 1).await;
+        assert_eq!(got.len(), 1, "{h2:?}: {got:?}");
+        let one = &got[0];
+        assert_eq!(
+            (
+                &one["status"],
+                &one["route"],
+                &one["response_ms"],
+                &one["complete"]
+            ),
+            (&json!(0), &json!(null), &json!(null), &json!(false)),
+            "{h2:?}: {one}"
+        );
+        assert_eq!(
+            (&one["path"], &one["service"]),
+            (&json!("/slow"), &json!("shop/cart"))
+        );
+        assert!(
+            one["duration_ms"].as_f64().unwrap() >= 150.0,
+            "{h2:?}: {one}"
+        );
+        conn.abort();
+    }
+}
+
 /// POSTs `body` to `url`; returns (status, body).
 async fn post(
     client: &hyper_util::client::legacy::Client<

@@ -186,7 +186,11 @@ impl Lean {
             let next = self
                 .request(drain.soft.is_cancelled(), timer.as_mut())
                 .await;
-            // The request is done (or handed to hyper, which logs it itself).
+            // The request is done: its line is written, unless hyper serves it (and
+            // logs it itself).
+            if let (Next::Handoff(_), Some(line)) = (&next, &self.logged) {
+                line.discard();
+            }
             self.logged = None;
             match next {
                 Next::KeepAlive if !drain.soft.is_cancelled() => {}
@@ -286,7 +290,7 @@ impl Lean {
                 head.header(buf, "x-request-id").map(str::as_bytes),
                 head.header(buf, "user-agent").map(str::as_bytes),
             );
-            self.logged = Some(crate::access::Line::new(log, request));
+            self.logged = Some(crate::access::Line::new(log, request, ctx.who()));
         }
         let (index, backend) = if target.routes.is_empty() {
             (None, target.default_backend.clone())
