@@ -215,6 +215,46 @@ async fn lines_count_the_body_bytes_each_way() {
     }
 }
 
+/// A request the lean HTTP/1.1 engine hands to hyper (its route leads to an HTTP/2
+/// backend) gets one line, not one from each engine.
+#[tokio::test]
+async fn a_request_handed_to_hyper_is_logged_once() {
+    let ip = loopback();
+    let be = backend(ip, "api").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let (svc1, svc2) = (loopback(), loopback());
+    let route = json!({"routes": [{
+        "name": "to-h2",
+        "match": {"path": {"prefix": "/h2"}},
+        "backends": [{"service": "shop/cart2", "weight": 1}],
+    }]});
+    let mut config = outbound_config(1, svc1, 80, "http1", &[be.addr], route);
+    let mut second =
+        outbound_config(1, svc2, 80, "http2", &[be.addr], json!({}))["outbound"][0].clone();
+    second["name"] = json!("cart2");
+    config["outbound"].as_array_mut().unwrap().push(second);
+    let _r = start_with(
+        ProxyConfig {
+            access_log: Some(Arc::new(json_log(&path))),
+            ..ProxyConfig::default()
+        },
+        &config,
+    )
+    .await;
+    let (status, _, body) = get(&h1_client(), &format!("http://{svc1}/h2/x"), &[]).await;
+    assert_eq!((status, body.as_str()), (200, "api"));
+    let (status, _, _) = get(&h1_client(), &format!("http://{svc1}/after"), &[]).await;
+    assert_eq!(status, 200);
+    let got = lines(&path, 2).await;
+    let paths: Vec<_> = got.iter().map(|l| l["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["/h2/x", "/after"], "{got:?}");
+    assert_eq!(
+        (&got[0]["route"], &got[0]["status"]),
+        (&json!("to-h2"), &json!(200))
+    );
+}
+
 /// A response the upstream cuts short is logged as incomplete, with the bytes that got
 /// through.
 #[tokio::test]
