@@ -501,6 +501,25 @@ pub(crate) fn error(status: StatusCode, why: &'static str) -> Response<Body> {
     r
 }
 
+/// Injects the route's faults into a request about to go on: waits out a delay that
+/// applies, and gives the answer of an abort that does (`x-sidemesh-error: fault-abort`).
+/// Call it only for a route with faults, and boxed: it is a test feature, off the common
+/// path, and its timer would otherwise make every request's future larger.
+pub(crate) async fn inject_fault(
+    m: &Metrics,
+    label: &str,
+    fault: &crate::state::FaultState,
+) -> Option<Response<Body>> {
+    let (delay, abort) = fault.draw();
+    if let Some(d) = delay {
+        m.faults.with_label_values(&[label, "delay"]).inc();
+        tokio::time::sleep(d).await;
+    }
+    let status = abort?;
+    m.faults.with_label_values(&[label, "abort"]).inc();
+    Some(error(status, "fault-abort"))
+}
+
 /// The `503` for a request a circuit-breaker limit refused, naming the limit.
 pub(crate) fn overloaded(why: &'static str) -> Response<Body> {
     let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "overloaded");
@@ -838,6 +857,11 @@ where
     let m = &ctx.shared.metrics;
     let service = &backend.service;
     let label = &*service.label;
+    if let Some(f) = route.and_then(|r| r.fault.as_ref()) {
+        if let Some(r) = Box::pin(inject_fault(m, &ctx.target.service.label, f)).await {
+            return r;
+        }
+    }
     let active_guard = match admit(m, backend) {
         Ok(g) => g,
         Err(why) => return overloaded(why),

@@ -36,9 +36,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::Drain;
 use crate::access::{Side, Tally};
 use crate::http::{
-    ConnCtx, Counted, Ended, Failure, GrpcEnd, InflightGuard, admit, h2_uri, judge, max_tries,
-    no_endpoints, observe, overloaded, pass_identity, plan, prepare_h2_head, resolve, retry_pause,
-    select, try_deadline, upstream_h2,
+    ConnCtx, Counted, Ended, Failure, GrpcEnd, InflightGuard, admit, h2_uri, inject_fault, judge,
+    max_tries, no_endpoints, observe, overloaded, pass_identity, plan, prepare_h2_head, resolve,
+    retry_pause, select, try_deadline, upstream_h2,
 };
 use crate::state::{Backend, RouteState};
 use crate::upstream::{Body, H2Hold, H2OpenError, H2Stream, keepalive};
@@ -238,6 +238,11 @@ async fn forward(
 ) {
     let m = &ctx.shared.metrics;
     let service = &backend.service;
+    if let Some(f) = route.and_then(|r| r.fault.as_ref()) {
+        if let Some(r) = Box::pin(inject_fault(m, &ctx.target.service.label, f)).await {
+            return send_body_response(r, respond, seen).await;
+        }
+    }
     let active_guard = match admit(m, backend) {
         Ok(g) => g,
         Err(why) => return send_body_response(overloaded(why), respond, seen).await,

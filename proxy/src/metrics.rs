@@ -26,6 +26,8 @@ pub struct Metrics {
     pub tcp_bytes: IntCounterVec,
     /// Retries made, by service.
     pub retries: IntCounterVec,
+    /// Faults injected by routes, by service and kind (`delay`, `abort`).
+    pub faults: IntCounterVec,
     /// Retries refused because the retry budget was spent, by service.
     pub retries_budget_exhausted: IntCounterVec,
     /// Timeouts, by service and kind (`connect`, `request`, `per_try`, `idle`).
@@ -129,6 +131,11 @@ impl Metrics {
                 &["direction", "service", "route", "grpc_status"],
             )?,
             request_duration,
+            faults: counter(
+                "sidemesh_proxy_faults_injected_total",
+                "Faults injected by routes' fault settings.",
+                &["service", "kind"],
+            )?,
             tcp_connections: counter(
                 "sidemesh_proxy_tcp_connections_total",
                 "TCP connections accepted.",

@@ -189,6 +189,50 @@ pub struct RouteState {
     pub request_headers: Option<Rewrite>,
     /// Response header changes.
     pub response_headers: Option<Rewrite>,
+    /// Faults to inject.
+    pub fault: Option<FaultState>,
+}
+
+/// A route's fault injection ([`sidemesh_api::config::Fault`]), shares in requests per
+/// million.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FaultState {
+    /// The delay, and the share of requests it holds.
+    pub delay: Option<(Duration, u32)>,
+    /// The status, and the share of requests answered with it.
+    pub abort: Option<(http::StatusCode, u32)>,
+}
+
+impl FaultState {
+    fn new(f: &sidemesh_api::config::Fault) -> Option<FaultState> {
+        // A validated percentage (0..=100) in requests per million.
+        let share = |percent: f64| (percent * 10_000.0).round() as u32;
+        let state = FaultState {
+            delay: f
+                .delay
+                .as_ref()
+                .map(|d| (Duration::from_millis(d.ms), share(d.percent)))
+                .filter(|(_, s)| *s > 0),
+            abort: f
+                .abort
+                .as_ref()
+                .and_then(|a| Some((http::StatusCode::from_u16(a.status).ok()?, share(a.percent))))
+                .filter(|(_, s)| *s > 0),
+        };
+        (state.delay.is_some() || state.abort.is_some()).then_some(state)
+    }
+
+    /// Draws one request's faults: the delay to wait first, the status to answer with.
+    pub fn draw(&self) -> (Option<Duration>, Option<http::StatusCode>) {
+        fn hit(share: u32) -> bool {
+            use rand::Rng;
+            share >= 1_000_000 || rand::rng().random_range(0..1_000_000) < share
+        }
+        (
+            self.delay.filter(|(_, s)| hit(*s)).map(|(d, _)| d),
+            self.abort.filter(|(_, s)| hit(*s)).map(|(c, _)| c),
+        )
+    }
 }
 
 /// What a listener serves.
@@ -444,6 +488,7 @@ impl State {
                         request_headers: (!request_headers.is_empty()).then_some(request_headers),
                         response_headers: (!response_headers.is_empty())
                             .then_some(response_headers),
+                        fault: r.fault.as_ref().and_then(FaultState::new),
                     });
                 }
                 listeners.insert(

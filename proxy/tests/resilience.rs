@@ -373,3 +373,82 @@ async fn idle_client_connections_are_closed_http_and_tcp() {
         assert!(t0.elapsed() < Duration::from_secs(5), "{proto}");
     }
 }
+
+/// Route faults (Istio's `fault`): an abort answers its status without reaching the
+/// upstream, a delay holds the request first, and a share applies to about that share of
+/// requests; on both HTTP/1.1 engines and both HTTP/2 engines.
+#[tokio::test]
+async fn route_faults_abort_and_delay_their_share_of_requests() {
+    use sidemesh_proxy::h1::Engine as H1;
+    use sidemesh_proxy::http2::Engine as H2;
+    for (protocol, h1, h2) in [
+        ("http1", H1::Lean, H2::Lean),
+        ("http1", H1::Hyper, H2::Lean),
+        ("http2", H1::Lean, H2::Lean),
+        ("http2", H1::Lean, H2::Hyper),
+    ] {
+        let ip = loopback();
+        let be = fixed(ip, "a", 200, Duration::ZERO).await;
+        let svc = loopback();
+        let routes = json!({"routes": [
+            {"name": "abort", "match": {"path": {"prefix": "/abort"}},
+             "fault": {"abort": {"status": 418, "percent": 100}}},
+            {"name": "slow", "match": {"path": {"prefix": "/slow"}},
+             "fault": {"delay": {"ms": 300, "percent": 100}}},
+            {"name": "half", "match": {"path": {"prefix": "/half"}},
+             "fault": {"abort": {"status": 503, "percent": 50}}},
+        ]});
+        let cfg = outbound_config(1, svc, 80, protocol, &[be.addr], routes);
+        let p = start_with(
+            sidemesh_proxy::ProxyConfig {
+                http1_engine: h1,
+                http2_engine: h2,
+                ..sidemesh_proxy::ProxyConfig::default()
+            },
+            &cfg,
+        )
+        .await;
+        let client = if protocol == "http2" {
+            h2_client()
+        } else {
+            h1_client()
+        };
+        let case = format!("{protocol} {h1:?} {h2:?}");
+
+        let (status, _, body) = get(&client, &format!("http://{svc}/abort"), &[]).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (418, "sidemesh: fault-abort\n"),
+            "{case}"
+        );
+        assert_eq!(
+            be.hits.load(Ordering::SeqCst),
+            0,
+            "{case}: the abort never went upstream"
+        );
+
+        let t = Instant::now();
+        let (status, backend, _) = get(&client, &format!("http://{svc}/slow"), &[]).await;
+        assert_eq!((status, backend.as_str()), (200, "a"), "{case}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{case}: {:?}",
+            t.elapsed()
+        );
+
+        let mut aborted = 0;
+        for _ in 0..200 {
+            let (status, _, _) = get(&client, &format!("http://{svc}/half"), &[]).await;
+            assert!(status == 200 || status == 503, "{case}: {status}");
+            aborted += usize::from(status == 503);
+        }
+        // Binomial(200, 0.5): outside 60..=140 with a probability below 1e-8.
+        assert!(
+            (60..=140).contains(&aborted),
+            "{case}: {aborted} of 200 aborted"
+        );
+        let count = |kind| p.counter("sidemesh_proxy_faults_injected_total", &[("kind", kind)]);
+        assert_eq!(count("abort"), 1 + aborted as u64, "{case}");
+        assert_eq!(count("delay"), 1, "{case}");
+    }
+}

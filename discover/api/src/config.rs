@@ -318,6 +318,43 @@ pub struct Route {
     /// Headers added to or removed from the response.
     #[serde(default)]
     pub response_headers: HeaderRewrite,
+    /// Faults injected into this route's requests, to test how callers cope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+/// Faults injected into a route's requests by the calling sidecar (as Istio's `fault`): a
+/// delay before the request goes on, an answer with an error status instead of sending it,
+/// or both, each for a share of the requests.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Hold requests this long before sending them on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    /// Answer requests with this status instead of sending them on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// A delay fault.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultDelay {
+    /// The delay, in milliseconds (1..=3600000).
+    pub ms: u64,
+    /// The share of requests delayed, 0..=100 (fractions allowed, e.g. 0.5).
+    pub percent: f64,
+}
+
+/// An abort fault.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultAbort {
+    /// The status answered (200..=599).
+    pub status: u16,
+    /// The share of requests answered so, 0..=100 (fractions allowed).
+    pub percent: f64,
 }
 
 /// Conditions on a request. All that are given must hold.

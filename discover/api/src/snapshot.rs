@@ -21,6 +21,8 @@ use crate::port::{OuterPort, ServicePort};
 const REGEX_SIZE_LIMIT: usize = 64 * 1024;
 /// The largest timeout accepted anywhere, in milliseconds (one day).
 const MAX_TIMEOUT_MS: u64 = 86_400_000;
+/// Longest injected delay: an hour.
+const MAX_FAULT_DELAY_MS: u64 = 3_600_000;
 /// The largest weight of an endpoint or a route backend.
 pub const MAX_WEIGHT: u32 = 10_000;
 
@@ -359,6 +361,16 @@ impl Validator {
         }
     }
 
+    /// A share in percent: a finite number within 0..=100.
+    fn percent(&mut self, path: &str, v: f64) {
+        if !(v.is_finite() && (0.0..=100.0).contains(&v)) {
+            self.err(
+                path,
+                format!("must be a percentage within 0..=100, got {v}"),
+            );
+        }
+    }
+
     fn config(&mut self, c: &SidecarConfig) -> Vec<Vec<RouteMatcher>> {
         self.check("identity.namespace", check_label(&c.identity.namespace));
         self.check("identity.service", check_label(&c.identity.service));
@@ -653,6 +665,16 @@ impl Validator {
         }
         self.rewrite(&format!("{at}.request_headers"), &r.request_headers);
         self.rewrite(&format!("{at}.response_headers"), &r.response_headers);
+        if let Some(f) = &r.fault {
+            if let Some(d) = &f.delay {
+                self.range(&format!("{at}.fault.delay.ms"), d.ms, 1, MAX_FAULT_DELAY_MS);
+                self.percent(&format!("{at}.fault.delay.percent"), d.percent);
+            }
+            if let Some(a) = &f.abort {
+                self.range(&format!("{at}.fault.abort.status"), a.status, 200, 599);
+                self.percent(&format!("{at}.fault.abort.percent"), a.percent);
+            }
+        }
         if self.errors.len() != before {
             return None;
         }
@@ -1173,6 +1195,31 @@ mod tests {
                 e.iter().any(|x| x.starts_with(w)),
                 "missing {w:?} in {e:#?}"
             );
+        }
+    }
+
+    #[test]
+    fn route_faults_are_checked() {
+        let mut v = base();
+        v["outbound"][0]["routes"][0]["fault"] = json!({
+            "delay": {"ms": 100, "percent": 12.5},
+            "abort": {"status": 503, "percent": 100},
+        });
+        let s = parse(v.clone()).unwrap();
+        let f = s.outbound()[0].routes[0].fault.clone().unwrap();
+        assert_eq!(f.delay.map(|d| (d.ms, d.percent)), Some((100, 12.5)));
+        v["outbound"][0]["routes"][0]["fault"] = json!({
+            "delay": {"ms": 0, "percent": 101},
+            "abort": {"status": 99, "percent": -1},
+        });
+        let e = errors(v);
+        for w in [
+            "outbound[0].routes[0].fault.delay.ms: must be within 1..=3600000, got 0",
+            "outbound[0].routes[0].fault.delay.percent: must be a percentage within 0..=100, got 101",
+            "outbound[0].routes[0].fault.abort.status: must be within 200..=599, got 99",
+            "outbound[0].routes[0].fault.abort.percent: must be a percentage within 0..=100, got -1",
+        ] {
+            assert!(e.iter().any(|x| x == w), "missing {w:?} in {e:#?}");
         }
     }
 

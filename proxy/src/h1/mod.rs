@@ -314,6 +314,14 @@ impl Lean {
                 .await;
         }
         let m = &ctx.shared.metrics;
+        if let Some(f) = route.and_then(|r| r.fault.as_ref()) {
+            let label = &ctx.target.service.label;
+            if let Some(resp) = Box::pin(crate::http::inject_fault(m, label, f)).await {
+                return self
+                    .answer_early(resp, has_body, &target, index, start)
+                    .await;
+            }
+        }
         let _active = match admit(m, &backend) {
             Ok(g) => g,
             Err(why) => {
