@@ -236,27 +236,30 @@ impl Line {
 }
 
 /// What counts one body's bytes in its request's line: nothing when access logs are off.
-/// For the response body, its end marks the response complete.
+/// For the response body, its end marks the response complete. One pointer wide (boxed
+/// when there is a line): a stream's future holds several, and is moved whole.
 #[derive(Clone, Debug)]
-pub(crate) struct Tally(Option<(Arc<Line>, Side)>);
+pub(crate) struct Tally(Option<Box<(Arc<Line>, Side)>>);
 
 impl Tally {
     /// Counts on `line` (if any) as `side`.
     pub(crate) fn new(line: Option<&Arc<Line>>, side: Side) -> Tally {
-        Tally(line.map(|l| (l.clone(), side)))
+        Tally(line.map(|l| Box::new((l.clone(), side))))
     }
 
     /// Counts `n` body bytes.
     pub(crate) fn add(&self, n: usize) {
-        if let Some((line, side)) = &self.0 {
-            line.add(*side, n as u64);
+        if let Some(t) = &self.0 {
+            t.0.add(t.1, n as u64);
         }
     }
 
     /// The body reached its end.
     pub(crate) fn end(&self) {
-        if let Some((line, Side::Sent)) = &self.0 {
-            line.completed();
+        if let Some(t) = &self.0 {
+            if t.1 == Side::Sent {
+                t.0.completed();
+            }
         }
     }
 }

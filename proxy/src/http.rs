@@ -227,8 +227,11 @@ pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u8> {
 
 /// Counts a gRPC response in `sidemesh_proxy_grpc_responses_total` once, when it ends:
 /// by the status of its trailers ([`GrpcEnd::trailers`]), else by its head's (a
-/// trailers-only response), else as `none` (it ended without one, or was cut).
-pub(crate) struct GrpcEnd {
+/// trailers-only response), else as `none` (it ended without one, or was cut). Boxed: a
+/// stream's future holds an `Option` of it, one pointer wide when there is none.
+pub(crate) struct GrpcEnd(Box<GrpcCount>);
+
+struct GrpcCount {
     target: Arc<Target>,
     slot: usize,
     head: Option<u8>,
@@ -238,16 +241,19 @@ pub(crate) struct GrpcEnd {
 impl GrpcEnd {
     /// One for a response with `head`ers of `target`'s route `index`, when the listener is
     /// a `grpc` port.
+    #[inline]
     pub(crate) fn new(
         target: &Arc<Target>,
         index: Option<usize>,
         head: &HeaderMap,
     ) -> Option<GrpcEnd> {
-        (target.protocol == Protocol::Grpc).then(|| GrpcEnd {
-            target: target.clone(),
-            slot: index.unwrap_or(target.routes.len()),
-            head: grpc_status(head),
-            counted: false,
+        (target.protocol == Protocol::Grpc).then(|| {
+            GrpcEnd(Box::new(GrpcCount {
+                target: target.clone(),
+                slot: index.unwrap_or(target.routes.len()),
+                head: grpc_status(head),
+                counted: false,
+            }))
         })
     }
 
@@ -258,11 +264,12 @@ impl GrpcEnd {
 
     /// Counts the response with `code` (once; later calls do nothing).
     pub(crate) fn count(&mut self, code: Option<u8>) {
-        if std::mem::replace(&mut self.counted, true) {
+        let c = &mut *self.0;
+        if std::mem::replace(&mut c.counted, true) {
             return;
         }
         // Resolved when the response head was counted ([`observe`]).
-        let series = self.target.request_metrics.get(self.slot);
+        let series = c.target.request_metrics.get(c.slot);
         if let Some(rm) = series.and_then(std::sync::OnceLock::get) {
             rm.grpc(code);
         }
@@ -271,7 +278,7 @@ impl GrpcEnd {
 
 impl Drop for GrpcEnd {
     fn drop(&mut self) {
-        self.count(self.head);
+        self.count(self.0.head);
     }
 }
 

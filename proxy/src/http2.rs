@@ -709,7 +709,8 @@ async fn replay_body(
 /// Adds a `Date` to a response that has none: a proxy that forwards a response without
 /// one adds it (RFC 9110 §6.6.1), as hyper's server does on the other engines.
 fn add_date(headers: &mut HeaderMap) {
-    if !headers.contains_key(http::header::DATE) {
+    // A scan of the few names of a response head costs a fraction of a hashed lookup.
+    if !headers.keys().any(|name| name == http::header::DATE) {
         headers.insert(http::header::DATE, crate::h1::codec::date());
     }
 }
