@@ -289,6 +289,9 @@ async fn serve_stream(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let inflight = InflightGuard(ep.clone());
         let sent = Instant::now();
+        // Held here, not in the try's future: that future is moved into its `Deadline` and
+        // the select, and a copy of the head in it would make each move larger.
+        let mut head = Some(up);
         // A client that resets its stream while the response is awaited cancels the try.
         // Biased: the try first, so that its last poll (the response head is in) does not
         // also take h2's lock to look for a reset and store the waker again.
@@ -299,7 +302,7 @@ async fn serve_stream(
                 attempt(
                     &service.clients,
                     &ep,
-                    up,
+                    &mut head,
                     end_of_stream,
                     (replay.as_ref(), &mut stream_body),
                     &mut pump,
@@ -484,12 +487,13 @@ impl<F: Future> Future for Beside<'_, F> {
     }
 }
 
-/// One try: opens the upstream stream, sends the body (all of a replayable one; a streamed
-/// one goes into `pump`, relayed from now on) and waits for the response head.
+/// One try: opens the upstream stream with `head` (taken from it once it is sent), sends
+/// the body (all of a replayable one; a streamed one goes into `pump`, relayed from now
+/// on) and waits for the response head.
 async fn attempt(
     clients: &crate::upstream::Clients,
     ep: &crate::balance::Endpoint,
-    up: Request<()>,
+    head: &mut Option<Request<()>>,
     end_of_stream: bool,
     body: (Option<&Bytes>, &mut Option<RecvStream>),
     pump: &mut Option<Pump>,
@@ -497,8 +501,7 @@ async fn attempt(
     // The common case, a pooled connection that takes the stream at once, without a
     // future; the rest (waiting for a connection, dialling) boxed: inline, its future
     // (with a copy of the head) would make every stream's future larger.
-    let mut head = Some(up);
-    let opened = match clients.open_pooled_h2(ep.addr, &mut head, end_of_stream) {
+    let opened = match clients.open_pooled_h2(ep.addr, head, end_of_stream) {
         Some(opened) => opened.map_err(H2OpenError::H2),
         None => match head.take() {
             Some(up) => Box::pin(clients.open_h2(ep.addr, ep.meshed, up, end_of_stream)).await,
