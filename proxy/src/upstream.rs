@@ -13,7 +13,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -374,20 +374,79 @@ pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Completes when a ping on an HTTP/2 connection goes unanswered for
 /// [`KEEPALIVE_TIMEOUT`]: pings are sent after [`KEEPALIVE_INTERVAL`] without traffic (on
-/// `io`), and only while `wanted` says so. Never completes without a `PingPong`.
-pub(crate) async fn keepalive(pp: Option<h2::PingPong>, io: &AtomicU64, wanted: impl Fn() -> bool) {
-    let Some(mut pp) = pp else {
-        return std::future::pending().await;
-    };
+/// `io`), and only while `wanted` says so. The connection's `PingPong` comes through
+/// `pings` (see [`PingHandoff`]); never completes when the connection has none to give.
+pub(crate) async fn keepalive(pings: &PingHandoff, io: &AtomicU64, wanted: impl Fn() -> bool) {
+    keepalive_every(pings, io, wanted, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT).await
+}
+
+async fn keepalive_every(
+    pings: &PingHandoff,
+    io: &AtomicU64,
+    wanted: impl Fn() -> bool,
+    interval: Duration,
+    timeout: Duration,
+) {
+    let mut pp = None;
     loop {
-        crate::tcp::idle_watch(io, KEEPALIVE_INTERVAL).await;
+        crate::tcp::idle_watch(io, interval).await;
         if !wanted() {
             continue;
         }
-        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pp.ping(h2::Ping::opaque())).await {
+        if pp.is_none() {
+            pp = poll_fn(|cx| pings.poll_take(cx)).await;
+        }
+        let Some(pp) = pp.as_mut() else {
+            return std::future::pending().await;
+        };
+        match tokio::time::timeout(timeout, pp.ping(h2::Ping::opaque())).await {
             Ok(Ok(_)) => {}
             _ => return,
         }
+    }
+}
+
+/// Passes an HTTP/2 connection's `PingPong` to its [`keepalive`] when that first needs it,
+/// i.e. once the connection has gone [`KEEPALIVE_INTERVAL`] without traffic. h2 hands the
+/// `PingPong` out once, and from then on registers the connection task's waker for it on
+/// every poll of the connection (~0.1k instructions a poll, two polls per proxied h2c
+/// request on each side): a connection that is never idle that long never pays for it.
+///
+/// The connection's owner calls [`PingHandoff::offer`] where it polls the connection (the
+/// only place that can borrow it); [`keepalive`], polled by the same task, asks and wakes
+/// the task so that the next poll of the connection hands it over.
+#[derive(Default)]
+pub(crate) struct PingHandoff {
+    asked: AtomicBool,
+    /// `Some(None)`: the connection had no `PingPong` to give.
+    given: Mutex<Option<Option<h2::PingPong>>>,
+}
+
+impl PingHandoff {
+    /// Gives the connection's `PingPong` (`take`) if [`keepalive`] asked for it.
+    pub(crate) fn offer(&self, take: impl FnOnce() -> Option<h2::PingPong>) {
+        if self.asked.load(Ordering::Relaxed) {
+            self.asked.store(false, Ordering::Relaxed);
+            if let Ok(mut given) = self.given.lock() {
+                *given = Some(take());
+            }
+        }
+    }
+
+    /// The connection's `PingPong` once given (`None`: it has none); until then asks for it
+    /// and wakes the task, whose next poll of the connection gives it.
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<h2::PingPong>> {
+        match self.given.lock() {
+            Ok(mut given) => {
+                if let Some(pp) = given.take() {
+                    return Poll::Ready(pp);
+                }
+            }
+            Err(_) => return Poll::Ready(None),
+        }
+        self.asked.store(true, Ordering::Relaxed);
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -733,7 +792,7 @@ impl Clients {
         let idle = self.connector.idle_timeout();
         let watch = activity.clone();
         let pools = Arc::downgrade(&self.pools);
-        let ping = conn.ping_pong();
+        let pings = PingHandoff::default();
         tokio::spawn(async move {
             let _slot = slot;
             let idle_out = async {
@@ -745,6 +804,7 @@ impl Clients {
             let busy = || watch.busy.load(Ordering::Acquire) > 0;
             // The connection, noting the endpoint's stream limit as its SETTINGS come.
             let run = poll_fn(|cx| {
+                pings.offer(|| conn.ping_pong());
                 let r = Pin::new(&mut conn).poll(cx);
                 seen_limit.store(conn.max_concurrent_send_streams(), Ordering::Relaxed);
                 r
@@ -756,7 +816,7 @@ impl Clients {
                     }
                 }
                 _ = idle_out => {}
-                _ = keepalive(ping, &watch.io, busy) => {
+                _ = keepalive(&pings, &watch.io, busy) => {
                     tracing::debug!(%addr, "upstream HTTP/2 connection did not answer a ping");
                 }
             }
@@ -988,6 +1048,66 @@ struct Checkout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Serves one HTTP/2 connection as both engines' connection loops do (the `PingPong`
+    /// offered where the connection is polled, keep-alive beside it) against a client that
+    /// answers pings or not: whether keep-alive gave up on the client within `within`, and
+    /// whether it had taken the connection's `PingPong` by then.
+    async fn keepalive_gives_up(client_answers: bool, within: Duration) -> (bool, bool) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let client = tokio::spawn(async move {
+            let (_send, conn) = h2::client::handshake(a).await.unwrap();
+            if client_answers {
+                let _ = conn.await;
+            } else {
+                // Held, never polled: no PONG comes back.
+                let _conn = conn;
+                std::future::pending::<()>().await;
+            }
+        });
+        let mut conn = h2::server::handshake(b).await.unwrap();
+        let pings = PingHandoff::default();
+        let quiet = AtomicU64::new(0);
+        let run = poll_fn(|cx| {
+            pings.offer(|| conn.ping_pong());
+            conn.poll_accept(cx).map(|_| ())
+        });
+        let alive = keepalive_every(
+            &pings,
+            &quiet,
+            || true,
+            Duration::from_millis(40),
+            Duration::from_millis(150),
+        );
+        let gave_up = tokio::time::timeout(within, async {
+            tokio::select! {
+                () = run => panic!("the connection ended"),
+                () = alive => true,
+            }
+        })
+        .await
+        .unwrap_or(false);
+        client.abort();
+        (gave_up, conn.ping_pong().is_none())
+    }
+
+    #[tokio::test]
+    async fn keepalive_pings_an_idle_connection_and_gives_up_without_a_pong() {
+        // Pinged after ~40-60 ms of quiet, given up 150 ms later.
+        assert_eq!(
+            keepalive_gives_up(false, Duration::from_secs(5)).await,
+            (true, true)
+        );
+    }
+
+    #[tokio::test]
+    async fn keepalive_keeps_a_connection_that_answers_its_pings() {
+        // A dozen or so pings in 800 ms, each answered.
+        assert_eq!(
+            keepalive_gives_up(true, Duration::from_millis(800)).await,
+            (false, true)
+        );
+    }
 
     #[tokio::test]
     async fn connection_limit_and_pending_limit() {
