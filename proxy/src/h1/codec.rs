@@ -323,8 +323,8 @@ impl RequestHead {
 
 /// An absolute-form request target with the `http` scheme, split into its authority and
 /// its path and query (which start with `/`). `None` for anything else, which the hyper
-/// engine keeps: other schemes, an empty path (`http://host?q`), user information
-/// (`user@host`) or any character a host name, an IP literal and a port do not use.
+/// engine keeps (and answers as it did): other schemes, an empty path (`http://host?q`),
+/// and an authority that is not a plain [`host_and_port`] (user information, say).
 fn absolute_http(target: &str) -> Option<(&str, &str)> {
     let scheme = target.get(..7)?;
     if !scheme.eq_ignore_ascii_case("http://") {
@@ -333,11 +333,39 @@ fn absolute_http(target: &str) -> Option<(&str, &str)> {
     let rest = &target[7..];
     let end = rest.find('/')?;
     let authority = &rest[..end];
-    let plain = |b: u8| b.is_ascii_alphanumeric() || b"-._~:[]".contains(&b);
-    if authority.is_empty() || !authority.bytes().all(plain) {
-        return None;
-    }
-    Some((authority, &rest[end..]))
+    host_and_port(authority).then(|| (authority, &rest[end..]))
+}
+
+/// Whether `a` is a host name or IPv4 address (letters, digits, `-._~`), or an IPv6
+/// literal in brackets, with an optional port (1 to 65535 as digits).
+fn host_and_port(a: &str) -> bool {
+    let (host, port) = match a.strip_prefix('[') {
+        Some(rest) => {
+            let Some((ip, after)) = rest.split_once(']') else {
+                return false;
+            };
+            let port = match after {
+                "" => None,
+                p => match p.strip_prefix(':') {
+                    Some(p) => Some(p),
+                    None => return false,
+                },
+            };
+            let ip_char = |b: u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
+            (!ip.is_empty() && ip.bytes().all(ip_char), port)
+        }
+        None => {
+            let (h, p) = match a.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (a, None),
+            };
+            let name_char = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+            (!h.is_empty() && h.bytes().all(name_char), p)
+        }
+    };
+    host && port.is_none_or(|p| {
+        p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|n| n > 0)
+    })
 }
 
 /// A parsed request head with the buffer it points into, for the hashing policies.
@@ -884,6 +912,15 @@ mod tests {
             (h.target.get(raw), h.host(raw)),
             (&b"/"[..], Some("[::1]:80"))
         );
+        for ok in [
+            "10.0.0.1",
+            "a-b.c_d~e",
+            "x:1",
+            "x:65535",
+            "[::ffff:10.0.0.1]",
+        ] {
+            assert!(host_and_port(ok), "{ok}");
+        }
         // Origin form: no authority, the host is `Host`'s.
         let (p, h) = parse(GET);
         assert_eq!(
@@ -939,7 +976,7 @@ mod tests {
 
     #[test]
     fn bad_bytes_and_unusual_heads_go_to_the_hyper_engine() {
-        let cases: [&[u8]; 16] = [
+        let cases: [&[u8]; 24] = [
             b"GET / HTTP/1.1\r\nX-A: a\0b\r\n\r\n",
             b"GET / HTTP/1.1\r\nX-A: a\rb\r\n\r\n",
             b"GET / HTTP/1.1\r\nX-A: a\r\n b\r\n\r\n",
@@ -956,6 +993,14 @@ mod tests {
             b"GET http://u@x/ HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET ftp://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
             b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://x:/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://x:y/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://a:1:2/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://x:65536/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://x:+80/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://[zz]/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://[::1]x/ HTTP/1.1\r\nHost: x\r\n\r\n",
         ];
         for bytes in cases {
             assert!(
