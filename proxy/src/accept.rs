@@ -262,8 +262,19 @@ impl AsyncRead for LazyTcp {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => return Poll::Pending,
                 };
+                let (room, before) = (buf.remaining(), buf.filled().len());
                 // Err: it would block; the readiness is cleared, wait for the next.
                 if let Ok(r) = ready.try_io(|fd| read_into(fd.get_ref(), buf)) {
+                    // A read that took less than the room it had drained the socket (a
+                    // stream socket's read takes all that is queued, up to the room): the
+                    // readiness is cleared, as tokio's `TcpStream` does, so the next read
+                    // waits for the next event instead of learning that from a read that
+                    // would block (one syscall per keep-alive request). Closed states are
+                    // not cleared: an end of stream that came with the bytes still reads.
+                    let n = buf.filled().len() - before;
+                    if r.is_ok() && n > 0 && n < room {
+                        ready.clear_ready();
+                    }
                     return Poll::Ready(r);
                 }
             },
@@ -433,6 +444,39 @@ mod tests {
             .unwrap();
         assert!(rest.is_empty());
         task.await.unwrap();
+    }
+
+    /// A short read clears the readiness (no read that would block after it), and loses
+    /// neither the bytes that come later nor an end of stream that came with the bytes.
+    #[tokio::test]
+    async fn a_short_read_waits_for_the_next_bytes_and_keeps_the_end() {
+        let (mut server, mut client) = pair().await;
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let mut got = Vec::new();
+            loop {
+                let n = server.read(&mut buf).await.unwrap();
+                assert!(matches!(server.state, State::Reading(_)));
+                if n == 0 {
+                    return got;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        });
+        // Registered for reading first (its first read would block), then pieces with
+        // pauses, the last with the FIN.
+        for part in [&b"one"[..], b"two"] {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(part).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.write_all(b"end").await.unwrap();
+        client.shutdown().await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("a wake-up was lost")
+            .unwrap();
+        assert_eq!(got, b"onetwoend");
     }
 
     /// The end of the stream reads as 0 bytes, unregistered.

@@ -36,6 +36,10 @@ pub fn h1_request(data: &[u8]) {
         data.len()
     );
     assert!(head.target.get(data).starts_with(b"/"));
+    if let Some(a) = head.authority {
+        within(a.get(data), &data[..len]);
+        assert!(!a.get(data).is_empty() && head.header(data, "host").is_some());
+    }
     assert!(!head.method.get(data).is_empty());
     for (name, value) in &head.headers {
         within(name.get(data), &data[..len]);

@@ -1,8 +1,9 @@
 //! The HTTP/1.1 engines side by side on real sockets: each case runs against the lean
 //! engine and the hyper engine, with a scripted upstream that answers by request path.
 //! Cut responses are never completed, bodies keep their framing, interim and bodiless
-//! responses are framed right, pipelined requests are answered in order, and connections
-//! to the upstream are reused.
+//! responses are framed right, pipelined requests are answered in order, connections to
+//! the upstream are reused, and absolute-form targets are routed by their authority and
+//! forwarded in origin form.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -135,10 +136,15 @@ fn request_in(buf: &[u8]) -> Option<(String, Vec<u8>, usize)> {
 }
 
 async fn sidecar(engine: Engine) -> (Running, Upstream, Ipv4Addr) {
+    sidecar_with(engine, json!({})).await
+}
+
+/// [`sidecar`] with `extra` in the service's config (routes, say).
+async fn sidecar_with(engine: Engine, extra: serde_json::Value) -> (Running, Upstream, Ipv4Addr) {
     let ip = loopback();
     let up = upstream(ip).await;
     let svc = loopback();
-    let cfg = outbound_config(1, svc, 80, "http1", &[up.addr], json!({}));
+    let cfg = outbound_config(1, svc, 80, "http1", &[up.addr], extra);
     let p = start_with(
         ProxyConfig {
             inbound_address: ip.into(),
@@ -166,6 +172,14 @@ async fn exchange(svc: Ipv4Addr, bytes: &[u8], quiet: Duration) -> (String, bool
         }
     };
     (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// The bodies of the `200` responses in `resp`, in order (each read up to the next).
+fn bodies_of(resp: &str) -> Vec<&str> {
+    resp.split("HTTP/1.1 200 OK")
+        .skip(1)
+        .map(|r| r.rsplit("\r\n\r\n").next().unwrap())
+        .collect()
 }
 
 const QUIET: Duration = Duration::from_millis(500);
@@ -286,11 +300,7 @@ async fn pipelined_requests_are_answered_in_order_on_one_upstream_connection() {
         req.extend_from_slice(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
         let (resp, closed) = exchange(svc, &req, Duration::from_secs(3)).await;
         assert!(closed, "{engine:?}: Connection: close was not honoured");
-        let bodies: Vec<&str> = resp
-            .split("HTTP/1.1 200 OK")
-            .skip(1)
-            .map(|r| r.rsplit("\r\n\r\n").next().unwrap())
-            .collect();
+        let bodies = bodies_of(&resp);
         let want: Vec<String> = (0..20)
             .map(|i| format!("/n{i}"))
             .chain(["hello".to_owned()])
@@ -319,6 +329,51 @@ async fn upgrades_expect_and_http10_still_work_through_the_hand_off() {
             "{engine:?}: {resp}"
         );
         assert!(resp.ends_with("/old"), "{engine:?}: {resp}");
+    }
+}
+
+#[tokio::test]
+async fn absolute_form_targets_are_routed_by_their_authority_and_sent_in_origin_form() {
+    for engine in ENGINES {
+        let routes = json!({"routes": [{"name": "api", "match": {"host": "api.shop"},
+            "request_headers": {"set": {"x-routed": "api"}}}]});
+        let (_p, up, svc) = sidecar_with(engine, routes).await;
+        // The authority routes, not `Host`; then an origin-form request with the same
+        // `Host` on the same connection is not routed; then a scheme in capitals.
+        let (resp, closed) = exchange(
+            svc,
+            b"GET http://api.shop:80/abs?q=1 HTTP/1.1\r\nHost: other\r\n\r\n\
+              GET /plain HTTP/1.1\r\nHost: other\r\n\r\n\
+              GET HTTP://x.shop/caps HTTP/1.1\r\nHost: x.shop\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(closed, "{engine:?}: {resp}");
+        let bodies = bodies_of(&resp);
+        assert_eq!(
+            bodies,
+            ["/abs?q=1", "/plain", "/caps"],
+            "{engine:?}: {resp}"
+        );
+        let got = String::from_utf8_lossy(&up.received.lock().unwrap()).to_lowercase();
+        let heads: Vec<&str> = got.split("\r\n\r\n").filter(|h| !h.is_empty()).collect();
+        assert_eq!(heads.len(), 3, "{engine:?}: {got}");
+        assert!(
+            heads[0].starts_with("get /abs?q=1 http/1.1\r\n"),
+            "{engine:?}: {got}"
+        );
+        assert!(
+            heads[0].contains("host: other") && heads[0].contains("x-routed: api"),
+            "{engine:?}: {got}"
+        );
+        assert!(
+            heads[1].starts_with("get /plain ") && !heads[1].contains("x-routed"),
+            "{engine:?}: {got}"
+        );
+        assert!(
+            heads[2].starts_with("get /caps ") && heads[2].contains("host: x.shop"),
+            "{engine:?}: {got}"
+        );
     }
 }
 
@@ -355,9 +410,8 @@ fn steady_state_requests_do_not_allocate() {
         let c = TcpStream::connect((svc, 80)).await.unwrap();
         (p, c)
     });
-    let req = b"GET /n HTTP/1.1\r\nHost: x\r\n\r\n";
     let mut buf = [0u8; 4096];
-    let mut exchange = |n: usize| {
+    let mut exchange = |req: &[u8], n: usize| {
         rt.block_on(async {
             for _ in 0..n {
                 client.write_all(req).await.unwrap();
@@ -373,15 +427,22 @@ fn steady_state_requests_do_not_allocate() {
             }
         })
     };
-    exchange(200);
-    let info = allocation_counter::measure(|| exchange(1000));
-    eprintln!(
-        "lean engine: {} allocations for 1000 requests",
-        info.count_total
-    );
-    assert!(
-        info.count_total < 20,
-        "{} allocations for 1000 requests",
-        info.count_total
-    );
+    // Origin form, then absolute form (as a client configured with a proxy sends).
+    for req in [
+        &b"GET /n HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"GET http://x/n HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        exchange(req, 200);
+        let info = allocation_counter::measure(|| exchange(req, 1000));
+        let form = String::from_utf8_lossy(&req[4..10]);
+        eprintln!(
+            "lean engine, {form}...: {} allocations for 1000 requests",
+            info.count_total
+        );
+        assert!(
+            info.count_total < 20,
+            "{form}...: {} allocations for 1000 requests",
+            info.count_total
+        );
+    }
 }

@@ -189,6 +189,10 @@ async fn next(rx: &Mutex<tokio::sync::mpsc::UnboundedReceiver<Instant>>) -> Opti
     rx.lock().await.recv().await
 }
 
+/// A GET of `http://addr/`. Over HTTP/1.1 hyper's connection writes the URI as given, so
+/// the target goes out in absolute form (`GET http://addr/ HTTP/1.1`, as to a proxy), with
+/// a `Host` header: until 2026-12-05 that sent every request of the sidecar's `h1_2k` rows
+/// to its hyper engine instead of the lean one (`docs/proxy.md`, "Fixed-rate HTTP/1.1").
 fn request(addr: SocketAddr, h2: bool) -> http::Request<Empty<Bytes>> {
     let mut r = http::Request::get(format!("http://{addr}/"));
     if !h2 {

@@ -192,8 +192,12 @@ pub(crate) struct RequestHead {
     /// Length of the head in bytes.
     pub(crate) len: usize,
     pub(crate) method: Span,
-    /// The request target (origin form: it starts with `/`).
+    /// The request target in origin form (it starts with `/`): as sent, or the path and
+    /// query of an absolute-form target.
     pub(crate) target: Span,
+    /// The authority of an absolute-form target (`http://authority/path`, as clients send
+    /// to a proxy; RFC 9112 §3.2.2), which routing takes as the request's host.
+    pub(crate) authority: Option<Span>,
     /// Header lines (name, value).
     pub(crate) headers: Vec<(Span, Span)>,
     /// How the body is framed.
@@ -212,8 +216,9 @@ pub(crate) enum Parsed {
     /// A head the lean engine handles.
     Complete,
     /// A head (or bytes) the lean engine leaves to the hyper engine: an upgrade, `Expect`,
-    /// HTTP/1.0, a target not in origin form, or anything it cannot parse (hyper then
-    /// answers it as it always did).
+    /// HTTP/1.0, a target in neither origin form nor [`absolute_http`]'s absolute form (or
+    /// an absolute one without `Host`), or anything it cannot parse (hyper then answers it
+    /// as it always did).
     Decline(&'static str),
     /// Ambiguous framing: answer `400` and close.
     Refuse(&'static str),
@@ -253,12 +258,20 @@ impl RequestHead {
         let (Some(method), Some(path)) = (req.method, req.path) else {
             return Parsed::Decline("unparsable");
         };
-        if method == "CONNECT" || !path.starts_with('/') {
+        if method == "CONNECT" {
             return Parsed::Decline("target-form");
         }
+        let (authority, path) = if path.starts_with('/') {
+            (None, path)
+        } else if let Some((authority, path)) = absolute_http(path) {
+            (Some(Span::of(buf, authority.as_bytes())), path)
+        } else {
+            return Parsed::Decline("target-form");
+        };
         self.len = len;
         self.method = Span::of(buf, method.as_bytes());
         self.target = Span::of(buf, path.as_bytes());
+        self.authority = authority;
         self.headers.clear();
         self.close = false;
         self.connection = false;
@@ -281,7 +294,21 @@ impl RequestHead {
             Ok(f) => self.framing = f,
             Err(why) => return Parsed::Refuse(why),
         }
+        // The upstream gets the origin form and the client's `Host`, as from the hyper
+        // engine, which makes one from the authority when there is none: left to it.
+        if authority.is_some() && self.header(buf, "host").is_none() {
+            return Parsed::Decline("absolute-form-without-host");
+        }
         Parsed::Complete
+    }
+
+    /// The request's host as routing sees it: an absolute-form target's authority, else
+    /// the `Host` header (as the hyper engine's `http::select`).
+    pub(crate) fn host<'a>(&self, buf: &'a [u8]) -> Option<&'a str> {
+        match self.authority {
+            Some(a) => std::str::from_utf8(a.get(buf)).ok(),
+            None => self.header(buf, "host"),
+        }
     }
 
     /// The first value of header `name` (lower case) as text, like `HeaderValue::to_str`.
@@ -292,6 +319,53 @@ impl RequestHead {
             .find(|(n, _)| n.get(buf).eq_ignore_ascii_case(name.as_bytes()))?;
         visible_str(v.get(buf))
     }
+}
+
+/// An absolute-form request target with the `http` scheme, split into its authority and
+/// its path and query (which start with `/`). `None` for anything else, which the hyper
+/// engine keeps (and answers as it did): other schemes, an empty path (`http://host?q`),
+/// and an authority that is not a plain [`host_and_port`] (user information, say).
+fn absolute_http(target: &str) -> Option<(&str, &str)> {
+    let scheme = target.get(..7)?;
+    if !scheme.eq_ignore_ascii_case("http://") {
+        return None;
+    }
+    let rest = &target[7..];
+    let end = rest.find('/')?;
+    let authority = &rest[..end];
+    host_and_port(authority).then(|| (authority, &rest[end..]))
+}
+
+/// Whether `a` is a host name or IPv4 address (letters, digits, `-._~`), or an IPv6
+/// literal in brackets, with an optional port (1 to 65535 as digits).
+fn host_and_port(a: &str) -> bool {
+    let (host, port) = match a.strip_prefix('[') {
+        Some(rest) => {
+            let Some((ip, after)) = rest.split_once(']') else {
+                return false;
+            };
+            let port = match after {
+                "" => None,
+                p => match p.strip_prefix(':') {
+                    Some(p) => Some(p),
+                    None => return false,
+                },
+            };
+            let ip_char = |b: u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
+            (!ip.is_empty() && ip.bytes().all(ip_char), port)
+        }
+        None => {
+            let (h, p) = match a.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (a, None),
+            };
+            let name_char = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+            (!h.is_empty() && h.bytes().all(name_char), p)
+        }
+    };
+    host && port.is_none_or(|p| {
+        p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|n| n > 0)
+    })
 }
 
 /// A parsed request head with the buffer it points into, for the hashing policies.
@@ -851,6 +925,38 @@ mod tests {
     }
 
     #[test]
+    fn absolute_form_targets_are_taken_with_their_authority() {
+        let raw = b"GET http://api.shop:8080/a?b=1 HTTP/1.1\r\nHost: other\r\n\r\n";
+        let (p, h) = parse(raw);
+        assert_eq!(p, Parsed::Complete);
+        assert_eq!(h.target.get(raw), b"/a?b=1");
+        assert_eq!(h.authority.map(|a| a.get(raw)), Some(&b"api.shop:8080"[..]));
+        assert_eq!(h.host(raw), Some("api.shop:8080"));
+        let raw = b"GET HTTP://[::1]:80/ HTTP/1.1\r\nHost: x\r\n\r\n";
+        let (p, h) = parse(raw);
+        assert_eq!(p, Parsed::Complete);
+        assert_eq!(
+            (h.target.get(raw), h.host(raw)),
+            (&b"/"[..], Some("[::1]:80"))
+        );
+        for ok in [
+            "10.0.0.1",
+            "a-b.c_d~e",
+            "x:1",
+            "x:65535",
+            "[::ffff:10.0.0.1]",
+        ] {
+            assert!(host_and_port(ok), "{ok}");
+        }
+        // Origin form: no authority, the host is `Host`'s.
+        let (p, h) = parse(GET);
+        assert_eq!(
+            (p, h.authority, h.host(GET)),
+            (Parsed::Complete, None, Some("svc"))
+        );
+    }
+
+    #[test]
     fn pipelined_heads_parse_one_after_another() {
         let two = [
             GET,
@@ -897,7 +1003,7 @@ mod tests {
 
     #[test]
     fn bad_bytes_and_unusual_heads_go_to_the_hyper_engine() {
-        let cases: [&[u8]; 9] = [
+        let cases: [&[u8]; 24] = [
             b"GET / HTTP/1.1\r\nX-A: a\0b\r\n\r\n",
             b"GET / HTTP/1.1\r\nX-A: a\rb\r\n\r\n",
             b"GET / HTTP/1.1\r\nX-A: a\r\n b\r\n\r\n",
@@ -907,6 +1013,21 @@ mod tests {
             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             b"GET http://x/ HTTP/1.1\r\n\r\n",
+            b"GET https://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://x HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://x?q=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http:///a HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://u@x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET ftp://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://x:/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://x:y/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://a:1:2/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://x:65536/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://x:+80/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://[zz]/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://[::1]x/ HTTP/1.1\r\nHost: x\r\n\r\n",
         ];
         for bytes in cases {
             assert!(

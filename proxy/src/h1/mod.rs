@@ -10,6 +10,9 @@
 //! strictly on the way); a response cut by the upstream is never completed towards the
 //! client: its connection is closed instead.
 //!
+//! A request target in absolute form (`GET http://host/path`, as clients configured with
+//! a proxy send) is taken too: routed by its authority, forwarded in origin form.
+//!
 //! At a request boundary, anything unusual (an upgrade, `Expect`, HTTP/1.0, a head it
 //! cannot parse, an HTTP/2 upstream) goes to the hyper engine: the bytes read so far are
 //! put back in front of the stream ([`Rewind`]) and [`crate::http::serve`] takes the
@@ -284,7 +287,7 @@ impl Lean {
         if let Some(log) = &ctx.shared.config.access_log {
             let request = crate::access::Request::new(
                 head.method.get(buf),
-                head.header(buf, "host").map(str::as_bytes),
+                head.host(buf).map(str::as_bytes),
                 head.target.get(buf),
                 "HTTP/1.1",
                 head.header(buf, "x-request-id").map(str::as_bytes),
@@ -298,7 +301,7 @@ impl Lean {
             let method = std::str::from_utf8(head.method.get(buf)).unwrap_or("");
             let full_target = std::str::from_utf8(head.target.get(buf)).unwrap_or("/");
             let path = full_target.split_once('?').map_or(full_target, |(p, _)| p);
-            select_route(&target, method, head.header(buf, "host"), path, |name| {
+            select_route(&target, method, head.host(buf), path, |name| {
                 head.header(buf, name)
             })
         };
