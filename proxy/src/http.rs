@@ -778,18 +778,19 @@ where
 }
 
 /// Rewrites a request head for upstream (hop-by-hop headers out, `Host` from the
-/// authority when missing, the route's header rewrite in) and returns its path and query.
+/// authority, the route's header rewrite in) and returns its path and query. A request
+/// that names an authority (an absolute-form target, or HTTP/2's `:authority`) gets it as
+/// its `Host`, in place of one the client sent (RFC 9112 §3.2.2, RFC 9113 §8.3.1): the
+/// upstream sees the host the request was routed by.
 pub(crate) fn prepare_head(
     parts: &mut http::request::Parts,
     route: Option<&RouteState>,
     upgrade: bool,
 ) -> http::uri::PathAndQuery {
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(a) = parts.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                parts.headers.insert(header::HOST, v);
-            }
+    if let Some(a) = parts.uri.authority() {
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            parts.headers.insert(header::HOST, v);
         }
     }
     rewrite_head(parts, route)

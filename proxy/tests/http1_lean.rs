@@ -362,10 +362,15 @@ async fn absolute_form_targets_are_routed_by_their_authority_and_sent_in_origin_
             heads[0].starts_with("get /abs?q=1 http/1.1\r\n"),
             "{engine:?}: {got}"
         );
+        // The target's authority is the Host sent on (RFC 9112 §3.2.2), once.
         assert!(
-            heads[0].contains("host: other") && heads[0].contains("x-routed: api"),
+            heads[0].contains("host: api.shop:80\r\n")
+                && !heads[0].contains("host: other")
+                && heads[0].contains("x-routed: api"),
             "{engine:?}: {got}"
         );
+        assert_eq!(heads[0].matches("host:").count(), 1, "{engine:?}: {got}");
+        assert!(heads[1].contains("host: other"), "{engine:?}: {got}");
         assert!(
             heads[1].starts_with("get /plain ") && !heads[1].contains("x-routed"),
             "{engine:?}: {got}"

@@ -871,6 +871,12 @@ fn write_request_head(
     out.push(b' ');
     out.extend_from_slice(head.target.get(buf));
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    // An absolute-form target's authority is the request's host: a proxy sends it as the
+    // `Host`, not the client's (RFC 9112 §3.2.2), so the upstream sees the host the
+    // request was routed by.
+    if let Some(a) = head.authority {
+        put_header(out, b"host", a.get(buf));
+    }
     let mut te_trailers = false;
     for (n, v) in &head.headers {
         let (name, value) = (n.get(buf), v.get(buf));
@@ -878,7 +884,8 @@ fn write_request_head(
             te_trailers |= codec::has_token(value, b"trailers");
             continue;
         }
-        if is_hop_by_hop(name)
+        if (head.authority.is_some() && name.eq_ignore_ascii_case(b"host"))
+            || is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"content-length")
             || (inbound && name.eq_ignore_ascii_case(crate::tls::CLIENT_ID_HEADER.as_bytes()))
             || (head.connection && named_by_connection(buf, &head.headers, name))
