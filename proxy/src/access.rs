@@ -151,18 +151,18 @@ pub(crate) enum Side {
     Sent,
 }
 
-/// What a request's line says once its response head is out ([`Line::head`]).
+/// What a request's line adds once its response head is out ([`Line::head`]); the rest is
+/// the line's [`Who`].
 #[derive(Debug)]
 pub(crate) struct Head {
-    pub direction: &'static str,
+    /// The service of the config that served it (the one of [`Who`] unless a reload
+    /// changed it).
     pub service: Arc<str>,
     /// The route's name; `None`: `default`.
     pub route: Option<Arc<str>>,
     pub status: u16,
     /// Time from the request's start to its response head.
     pub response: Duration,
-    pub client: SocketAddr,
-    pub client_id: Option<Arc<str>>,
     pub upstream: Option<SocketAddr>,
 }
 
@@ -195,13 +195,19 @@ pub struct Line {
 }
 
 impl Line {
-    /// A line for `request` from `who`, starting now, to be written to `log`.
-    pub(crate) fn new(log: &Arc<AccessLog>, request: Request, who: Who) -> Arc<Line> {
+    /// A line for `request` from `who`, which started at `start` (the instant the response
+    /// time is measured from too), to be written to `log`.
+    pub(crate) fn new(
+        log: &Arc<AccessLog>,
+        request: Request,
+        who: Who,
+        start: Instant,
+    ) -> Arc<Line> {
         Arc::new(Line {
             log: log.clone(),
             request,
             who,
-            start: Instant::now(),
+            start,
             head: OnceLock::new(),
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
@@ -271,36 +277,22 @@ impl Drop for Line {
         }
         let (received, sent) = (*self.received.get_mut(), *self.sent.get_mut());
         let duration = self.start.elapsed();
-        let outcome = match self.head.get() {
-            Some(h) => Outcome {
-                direction: h.direction,
-                service: &h.service,
-                route: Some(h.route.as_deref().unwrap_or("default")),
-                status: h.status,
-                duration,
-                response: Some(h.response),
-                client: h.client,
-                client_id: h.client_id.as_deref(),
-                upstream: h.upstream,
-                received,
-                sent,
-                complete: *self.complete.get_mut(),
-            },
-            // The client went away before a response head.
-            None => Outcome {
-                direction: self.who.direction,
-                service: &self.who.service,
-                route: None,
-                status: 0,
-                duration,
-                response: None,
-                client: self.who.client,
-                client_id: self.who.client_id.as_deref(),
-                upstream: None,
-                received,
-                sent,
-                complete: false,
-            },
+        let who = &self.who;
+        // Without a head, the client went away before a response.
+        let head = self.head.get();
+        let outcome = Outcome {
+            direction: who.direction,
+            service: head.map_or(&who.service, |h| &h.service),
+            route: head.map(|h| h.route.as_deref().unwrap_or("default")),
+            status: head.map_or(0, |h| h.status),
+            duration,
+            response: head.map(|h| h.response),
+            client: who.client,
+            client_id: who.client_id.as_deref(),
+            upstream: head.and_then(|h| h.upstream),
+            received,
+            sent,
+            complete: head.is_some() && *self.complete.get_mut(),
         };
         self.log.record(&self.request, &outcome);
     }
@@ -849,7 +841,7 @@ mod tests {
             client_id: None,
         };
         // The client went away before any response head: status 0, no route.
-        let line = Line::new(&log, request(), who());
+        let line = Line::new(&log, request(), who(), Instant::now());
         Tally::new(Some(&line), Side::Received).add(3);
         drop(line);
         let v: serde_json::Value = serde_json::from_str(&lines.try_recv().unwrap()).unwrap();
@@ -862,22 +854,19 @@ mod tests {
             (&json!("shop/api"), &json!(3))
         );
         // Served by another engine: nothing.
-        let line = Line::new(&log, request(), who());
+        let line = Line::new(&log, request(), who(), Instant::now());
         line.discard();
         drop(line);
         assert!(lines.try_recv().is_err());
 
-        let line = Line::new(&log, request(), who());
+        let line = Line::new(&log, request(), who(), Instant::now());
         let body = Tally::new(Some(&line), Side::Sent);
         let upload = Tally::new(Some(&line), Side::Received);
         line.head(Head {
-            direction: "inbound",
             service: "shop/web".into(),
             route: Some("api".into()),
             status: 200,
             response: Duration::from_millis(2),
-            client: "127.0.0.1:5555".parse().unwrap(),
-            client_id: None,
             upstream: None,
         });
         upload.add(7);
@@ -897,15 +886,12 @@ mod tests {
         assert_eq!(v["complete"], true);
         assert_eq!(v["response_ms"], 2.0);
         // Received-side ends never complete a response.
-        let line = Line::new(&log, request(), who());
+        let line = Line::new(&log, request(), who(), Instant::now());
         line.head(Head {
-            direction: "inbound",
             service: "shop/web".into(),
             route: None,
             status: 502,
             response: Duration::ZERO,
-            client: "127.0.0.1:5555".parse().unwrap(),
-            client_id: None,
             upstream: None,
         });
         Tally::new(Some(&line), Side::Received).end();

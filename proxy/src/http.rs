@@ -65,14 +65,16 @@ pub(crate) struct ConnCtx {
 }
 
 impl ConnCtx {
-    /// The access log line of `req`, when access logs are on (nothing is copied
-    /// otherwise).
-    pub(crate) fn logged<B>(&self, req: &Request<B>) -> Option<Arc<crate::access::Line>> {
-        self.shared
-            .config
-            .access_log
-            .as_ref()
-            .map(|log| crate::access::Line::new(log, crate::access::Request::of(req), self.who()))
+    /// The access log line of `req`, which started at `start`, when access logs are on
+    /// (nothing is copied otherwise).
+    pub(crate) fn logged<B>(
+        &self,
+        req: &Request<B>,
+        start: Instant,
+    ) -> Option<Arc<crate::access::Line>> {
+        let log = self.shared.config.access_log.as_ref()?;
+        let request = crate::access::Request::of(req);
+        Some(crate::access::Line::new(log, request, self.who(), start))
     }
 
     /// Where this connection's requests come in, for their access log lines.
@@ -185,7 +187,7 @@ where
     B::Error: Into<BoxError>,
 {
     let start = Instant::now();
-    let logged = ctx.logged(&req);
+    let logged = ctx.logged(&req, start);
     let (target, authz) = resolve(&ctx);
     pass_identity(&target, req.headers_mut(), &authz);
     let denied = authz.err().map(|r| *r);
@@ -404,15 +406,12 @@ pub(crate) fn observe(
     let elapsed = start.elapsed();
     if let Some(line) = logged {
         line.head(crate::access::Head {
-            direction: target.direction.as_str(),
             service: target.service.name.clone(),
             route: index
                 .and_then(|i| target.routes.get(i))
                 .map(|r| r.name.clone()),
             status,
             response: elapsed,
-            client: ctx.peer,
-            client_id: ctx.client_id.clone(),
             upstream,
         });
     }

@@ -169,7 +169,7 @@ async fn serve_stream(
         let unlogged = |_, _, _: &HeaderMap| (Tally::new(None, Side::Sent), None);
         return send_body_response(r, respond, unlogged).await;
     }
-    let logged = ctx.logged(&req);
+    let logged = ctx.logged(&req, start);
     let (mut parts, body) = req.into_parts();
     let (target, authz) = resolve(&ctx);
     pass_identity(&target, &mut parts.headers, &authz);

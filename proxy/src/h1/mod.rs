@@ -293,7 +293,7 @@ impl Lean {
                 head.header(buf, "x-request-id").map(str::as_bytes),
                 head.header(buf, "user-agent").map(str::as_bytes),
             );
-            self.logged = Some(crate::access::Line::new(log, request, ctx.who()));
+            self.logged = Some(crate::access::Line::new(log, request, ctx.who(), start));
         }
         let (index, backend) = if target.routes.is_empty() {
             (None, target.default_backend.clone())
