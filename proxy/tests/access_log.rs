@@ -13,13 +13,46 @@ use sidemesh_proxy::ProxyConfig;
 use sidemesh_proxy::access::{AccessLog, Format, Settings};
 use support::*;
 
-/// An access log writing JSON lines to `path`.
-fn json_log(path: &std::path::Path) -> AccessLog {
+/// A sidecar on `config` with JSON access logs to a file in a new directory.
+async fn with_log(config: ProxyConfig, json: &Value) -> WithLog {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
     let settings = Settings {
         format: Format::Json,
-        path: Some(path.to_owned()),
+        path: Some(path.clone()),
     };
-    AccessLog::start(&settings, &prometheus::Registry::new()).unwrap()
+    let log = AccessLog::start(&settings, &prometheus::Registry::new()).unwrap();
+    let config = ProxyConfig {
+        access_log: Some(Arc::new(log)),
+        ..config
+    };
+    WithLog {
+        r: start_with(config, json).await,
+        path,
+        _dir: dir,
+    }
+}
+
+/// What [`with_log`] started: the sidecar, and its log file (removed with it).
+struct WithLog {
+    r: Running,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// An outbound HTTP/1.1 service `shop/cart` at `svc1` (with `extra`, e.g. routes) and an
+/// h2c one, `shop/cart2` at `svc2`, both in front of `be`.
+fn two_services(
+    svc1: std::net::Ipv4Addr,
+    svc2: std::net::Ipv4Addr,
+    be: std::net::SocketAddr,
+    extra: Value,
+) -> Value {
+    let mut config = outbound_config(1, svc1, 80, "http1", &[be], extra);
+    let mut second = outbound_config(1, svc2, 80, "http2", &[be], json!({}))["outbound"][0].clone();
+    second["name"] = json!("cart2");
+    config["outbound"].as_array_mut().unwrap().push(second);
+    config
 }
 
 /// The JSON lines in `path` once there are `n` of them (within the wait).
@@ -43,24 +76,17 @@ async fn lines(path: &std::path::Path, n: usize) -> Vec<Value> {
 async fn logged(h1: sidemesh_proxy::h1::Engine, h2: sidemesh_proxy::http2::Engine) -> Logged {
     let ip = loopback();
     let be = backend(ip, "api").await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = json_log(&dir.path().join("access.log"));
     let (svc1, svc2) = (loopback(), loopback());
-    let mut config = outbound_config(1, svc1, 80, "http1", &[be.addr], json!({}));
-    let mut second =
-        outbound_config(1, svc2, 80, "http2", &[be.addr], json!({}))["outbound"][0].clone();
-    second["name"] = json!("cart2");
-    config["outbound"].as_array_mut().unwrap().push(second);
+    let mut config = two_services(svc1, svc2, be.addr, json!({}));
     let outer = free_port(ip);
     config["inbound"] = json!([{"port": be.addr.port(), "port_outer": outer, "protocol": "http1"}]);
-    let r = start_with(
+    let WithLog { r, path, _dir: dir } = with_log(
         ProxyConfig {
             inbound_address: ip.into(),
             app_address: ip.into(),
             drain_timeout: Duration::from_secs(5),
             http1_engine: h1,
             http2_engine: h2,
-            access_log: Some(Arc::new(log)),
             ..ProxyConfig::default()
         },
         &config,
@@ -69,7 +95,8 @@ async fn logged(h1: sidemesh_proxy::h1::Engine, h2: sidemesh_proxy::http2::Engin
     Logged {
         be,
         r,
-        dir,
+        path,
+        _dir: dir,
         svc1,
         svc2,
         inbound: std::net::SocketAddr::new(ip.into(), outer),
@@ -80,7 +107,8 @@ async fn logged(h1: sidemesh_proxy::h1::Engine, h2: sidemesh_proxy::http2::Engin
 struct Logged {
     be: Backend,
     r: Running,
-    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
     svc1: std::net::Ipv4Addr,
     svc2: std::net::Ipv4Addr,
     inbound: std::net::SocketAddr,
@@ -92,7 +120,7 @@ async fn every_engine_writes_a_line_per_request() {
     use sidemesh_proxy::http2::Engine as H2;
     for (h1, h2) in [(H1::Lean, H2::Lean), (H1::Hyper, H2::Hyper)] {
         let Logged {
-            dir,
+            path,
             svc1,
             svc2,
             inbound,
@@ -107,7 +135,7 @@ async fn every_engine_writes_a_line_per_request() {
         assert_eq!(status, 200);
         let (status, _, _) = get(&h1_client(), &format!("http://{inbound}/in"), &[]).await;
         assert_eq!(status, 200);
-        let got = lines(&dir.path().join("access.log"), 3).await;
+        let got = lines(path, 3).await;
         assert_eq!(got.len(), 3, "{h1:?}/{h2:?}: {got:?}");
         let (one, two, three) = (&got[0], &got[1], &got[2]);
         assert_eq!(one["direction"], "outbound");
@@ -163,7 +191,7 @@ async fn lines_count_the_body_bytes_each_way() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     for (h1, h2) in [(H1::Lean, H2::Lean), (H1::Hyper, H2::Hyper)] {
         let Logged {
-            dir, svc1, svc2, ..
+            path, svc1, svc2, ..
         } = &logged(h1, h2).await;
         // Sized: the backend answers `api:` and the body.
         let (status, body) = post(&h1_client(), &format!("http://{svc1}/sized"), "hello").await;
@@ -190,7 +218,7 @@ async fn lines_count_the_body_bytes_each_way() {
         let (status, body) = post(&h2_client(), &format!("http://{svc2}/big"), big).await;
         assert_eq!((status, body.len()), (200, 4 + 100 * 1024));
 
-        let got = lines(&dir.path().join("access.log"), 4).await;
+        let got = lines(path, 4).await;
         let counts: Vec<_> = got
             .iter()
             .map(|l| {
@@ -221,32 +249,19 @@ async fn lines_count_the_body_bytes_each_way() {
 async fn a_request_handed_to_hyper_is_logged_once() {
     let ip = loopback();
     let be = backend(ip, "api").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("access.log");
     let (svc1, svc2) = (loopback(), loopback());
     let route = json!({"routes": [{
         "name": "to-h2",
         "match": {"path": {"prefix": "/h2"}},
         "backends": [{"service": "shop/cart2", "weight": 1}],
     }]});
-    let mut config = outbound_config(1, svc1, 80, "http1", &[be.addr], route);
-    let mut second =
-        outbound_config(1, svc2, 80, "http2", &[be.addr], json!({}))["outbound"][0].clone();
-    second["name"] = json!("cart2");
-    config["outbound"].as_array_mut().unwrap().push(second);
-    let _r = start_with(
-        ProxyConfig {
-            access_log: Some(Arc::new(json_log(&path))),
-            ..ProxyConfig::default()
-        },
-        &config,
-    )
-    .await;
+    let config = two_services(svc1, svc2, be.addr, route);
+    let WithLog { path, .. } = &with_log(ProxyConfig::default(), &config).await;
     let (status, _, body) = get(&h1_client(), &format!("http://{svc1}/h2/x"), &[]).await;
     assert_eq!((status, body.as_str()), (200, "api"));
     let (status, _, _) = get(&h1_client(), &format!("http://{svc1}/after"), &[]).await;
     assert_eq!(status, 200);
-    let got = lines(&path, 2).await;
+    let got = lines(path, 2).await;
     let paths: Vec<_> = got.iter().map(|l| l["path"].as_str().unwrap()).collect();
     assert_eq!(paths, ["/h2/x", "/after"], "{got:?}");
     assert_eq!(
@@ -272,26 +287,20 @@ async fn a_cut_response_is_logged_as_incomplete() {
                 .await;
         })
         .await;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("access.log");
-        let log = json_log(&path);
         let svc = loopback();
-        let _r = start_with(
-            ProxyConfig {
-                http1_engine: h1,
-                access_log: Some(Arc::new(log)),
-                ..ProxyConfig::default()
-            },
-            &outbound_config(1, svc, 80, "http1", &[cut], json!({})),
-        )
-        .await;
+        let config = ProxyConfig {
+            http1_engine: h1,
+            ..ProxyConfig::default()
+        };
+        let cfg = outbound_config(1, svc, 80, "http1", &[cut], json!({}));
+        let WithLog { path, .. } = &with_log(config, &cfg).await;
         let mut c = tokio::net::TcpStream::connect((svc, 80)).await.unwrap();
         c.write_all(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
         let mut answer = Vec::new();
         let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut answer)).await;
-        let got = lines(&path, 1).await;
+        let got = lines(path, 1).await;
         assert_eq!(got.len(), 1, "{h1:?}: {got:?}");
         assert_eq!(got[0]["status"], 200, "{h1:?}");
         assert_eq!(got[0]["complete"], false, "{h1:?}: {}", got[0]);
@@ -316,18 +325,13 @@ async fn a_request_its_client_gave_up_on_is_logged_with_status_0() {
             }),
         )
         .await;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("access.log");
         let svc = loopback();
-        let _r = start_with(
-            ProxyConfig {
-                http2_engine: h2,
-                access_log: Some(Arc::new(json_log(&path))),
-                ..ProxyConfig::default()
-            },
-            &outbound_config(1, svc, 80, "http2", &[slow.addr], json!({})),
-        )
-        .await;
+        let config = ProxyConfig {
+            http2_engine: h2,
+            ..ProxyConfig::default()
+        };
+        let cfg = outbound_config(1, svc, 80, "http2", &[slow.addr], json!({}));
+        let WithLog { path, .. } = &with_log(config, &cfg).await;
         let s = tokio::net::TcpStream::connect((svc, 80)).await.unwrap();
         let (c, conn) = h2::client::handshake(s).await.unwrap();
         let conn = tokio::spawn(async move {
@@ -339,7 +343,7 @@ async fn a_request_its_client_gave_up_on_is_logged_with_status_0() {
         let (_resp, mut stream) = c.ready().await.unwrap().send_request(req, true).unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         stream.send_reset(h2::Reason::CANCEL);
-        let got = lines(&path, 1).await;
+        let got = lines(path, 1).await;
         assert_eq!(got.len(), 1, "{h2:?}: {got:?}");
         let one = &got[0];
         assert_eq!(
@@ -393,12 +397,12 @@ async fn post(
 /// A request the sidecar answers itself (no endpoint) is logged with that status.
 #[tokio::test]
 async fn a_request_the_sidecar_answers_itself_is_logged_with_its_status() {
-    let Logged { r, dir, svc1, .. } = &logged(Default::default(), Default::default()).await;
+    let Logged { r, path, svc1, .. } = &logged(Default::default(), Default::default()).await;
     r.set(&outbound_config(2, *svc1, 80, "http1", &[], json!({})))
         .await;
     let (status, _, _) = get(&h1_client(), &format!("http://{svc1}/none"), &[]).await;
     assert_eq!(status, 503);
-    let got = lines(&dir.path().join("access.log"), 1).await;
+    let got = lines(path, 1).await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["status"], 503);
     assert_eq!(got[0]["path"], "/none");
@@ -420,18 +424,9 @@ async fn a_tcp_connection_is_logged_when_it_ends() {
         }
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("access.log");
-    let log = json_log(&path);
     let svc = loopback();
-    let r = start_with(
-        ProxyConfig {
-            access_log: Some(Arc::new(log)),
-            ..ProxyConfig::default()
-        },
-        &outbound_config(1, svc, 9000, "tcp", &[echo], json!({})),
-    )
-    .await;
+    let cfg = outbound_config(1, svc, 9000, "tcp", &[echo], json!({}));
+    let WithLog { r, path, .. } = &with_log(ProxyConfig::default(), &cfg).await;
     let mut c = tokio::net::TcpStream::connect((svc, 9000)).await.unwrap();
     c.write_all(b"hello, echo").await.unwrap();
     let mut back = [0u8; 11];
@@ -445,7 +440,7 @@ async fn a_tcp_connection_is_logged_when_it_ends() {
         .await
         .unwrap()
         .unwrap();
-    let got = lines(&path, 1).await;
+    let got = lines(path, 1).await;
     assert_eq!(got.len(), 1, "{got:?}");
     let one = &got[0];
     assert_eq!(one["protocol"], "TCP");
@@ -463,7 +458,7 @@ async fn a_tcp_connection_is_logged_when_it_ends() {
     let mut c = tokio::net::TcpStream::connect((svc, 9000)).await.unwrap();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
-    let got = lines(&path, 2).await;
+    let got = lines(path, 2).await;
     assert_eq!(got[1]["end"], "no_endpoints", "{got:?}");
     assert!(got[1]["upstream"].is_null());
 }
