@@ -205,19 +205,9 @@ async fn auto_detects_http1_h2_and_tcp_including_server_first() {
     let cfg = outbound_config(2, svc2, 25, "auto", &[banner], json!({}));
     let p2 = start(ip, &cfg).await;
     let mut s = TcpStream::connect((svc2, 25)).await.unwrap();
-    let mut buf = [0u8; 11];
-    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf, b"220 ready\r\n");
+    expect(&mut s, b"220 ready\r\n").await;
     s.write_all(b"QUIT").await.unwrap();
-    let mut buf = [0u8; 4];
-    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf, b"QUIT");
+    expect(&mut s, b"QUIT").await;
     drop(p2);
 }
 
@@ -247,12 +237,7 @@ async fn a_port_turned_from_http_to_tcp_serves_server_first_clients_at_once() {
         .await;
     let started = std::time::Instant::now();
     let mut s = TcpStream::connect((svc, 25)).await.unwrap();
-    let mut buf = [0u8; 11];
-    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf, b"220 ready\r\n");
+    expect(&mut s, b"220 ready\r\n").await;
     // A deferred accept holds a silent client until the kernel's first SYN-ACK
     // retransmission (1 s); taken at once, it is milliseconds.
     let took = started.elapsed();
@@ -422,4 +407,14 @@ async fn grpc_trailers_reach_the_client() {
     for engine in [Engine::Lean, Engine::Hyper] {
         grpc_trailers_reach_the_client_on(engine).await;
     }
+}
+
+/// Reads exactly `want.len()` bytes from `s` (within the wait) and checks they are `want`.
+async fn expect(s: &mut TcpStream, want: &[u8]) {
+    let mut buf = vec![0u8; want.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(buf, want);
 }
