@@ -243,7 +243,7 @@ async fn serve_stream(
         ReqBody::Stream(s) => (None, Some(s)),
     };
     let max_tries = max_tries(policy, replay.is_some());
-    let grpc = backend.protocol == sidemesh_api::config::Protocol::Grpc;
+    let grpc_backend = backend.protocol == sidemesh_api::config::Protocol::Grpc;
     let path_and_query = prepare_h2_head(&mut parts, route);
     let head = HashHead {
         headers: &parts.headers,
@@ -340,7 +340,7 @@ async fn serve_stream(
             }
         }
         let ended = match &outcome {
-            Attempt::Response(_, r) => Ended::response(r.status(), r.headers(), grpc),
+            Attempt::Response(_, r) => Ended::response(r.status(), r.headers(), grpc_backend),
             Attempt::ConnectFailed(e) => Ended::ConnectFailed(e),
             Attempt::Failed(e) if e.reason() == Some(Reason::REFUSED_STREAM) => Ended::Refused,
             Attempt::Failed(e) | Attempt::Unprocessed(e) => {
